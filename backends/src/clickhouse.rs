@@ -1,0 +1,209 @@
+//! ClickHouse settings and a client that has proved the server answers.
+
+use std::time::Duration;
+
+use url::Url;
+
+use crate::{redacted_address, BackendError, Service};
+
+/// The environment variable naming the ClickHouse URL; errors name it.
+pub const URL_SETTING: &str = "BIOFEED_CLICKHOUSE_URL";
+
+/// Where ClickHouse is, who we are there, and how long to wait for it.
+#[derive(Clone, clap::Args)]
+pub struct ClickHouseSettings {
+    /// ClickHouse HTTP interface URL (points, rollups, session metrics).
+    #[arg(
+        long = "clickhouse-url", id = "clickhouse_url",
+        value_name = "URL",
+        env = "BIOFEED_CLICKHOUSE_URL",
+        default_value = "http://127.0.0.1:8123",
+        value_parser = parse_clickhouse_url
+    )]
+    pub url: Url,
+
+    /// ClickHouse user.
+    #[arg(
+        long = "clickhouse-user",
+        id = "clickhouse_user",
+        value_name = "USER",
+        env = "BIOFEED_CLICKHOUSE_USER",
+        default_value = "default"
+    )]
+    pub user: String,
+
+    /// ClickHouse password (empty for none). Never logged.
+    #[arg(
+        long = "clickhouse-password",
+        id = "clickhouse_password",
+        value_name = "PASSWORD",
+        env = "BIOFEED_CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub password: String,
+
+    /// ClickHouse database that holds biofeed's tables; `biofeed migrate` creates it.
+    #[arg(
+        long = "clickhouse-database", id = "clickhouse_database",
+        value_name = "NAME",
+        env = "BIOFEED_CLICKHOUSE_DATABASE",
+        default_value = "biofeed",
+        value_parser = parse_identifier
+    )]
+    pub database: String,
+
+    /// How long to wait for ClickHouse to answer before failing.
+    #[arg(
+        long = "clickhouse-connect-timeout", id = "clickhouse_connect_timeout",
+        value_name = "DURATION",
+        env = "BIOFEED_CLICKHOUSE_CONNECT_TIMEOUT",
+        default_value = "5s",
+        value_parser = crate::parse_duration
+    )]
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClickHouseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseSettings")
+            .field("url", &redacted_address(&self.url))
+            .field("user", &self.user)
+            .field("database", &self.database)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A ClickHouse server that answered, with the version it reported.
+#[derive(Clone)]
+pub struct ClickHouse {
+    server: clickhouse::Client,
+    database: String,
+    version: String,
+}
+
+impl ClickHouse {
+    /// A client whose queries run in biofeed's database.
+    pub fn client(&self) -> clickhouse::Client {
+        self.server.clone().with_database(&self.database)
+    }
+
+    /// A client without a default database, for statements such as `CREATE DATABASE`.
+    pub fn server_client(&self) -> &clickhouse::Client {
+        &self.server
+    }
+
+    /// biofeed's database name.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The server's version string, e.g. `18.16.1`.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The server's major version (18 for the Debian package, 24+ for current releases).
+    pub fn major_version(&self) -> u32 {
+        self.version
+            .split('.')
+            .next()
+            .and_then(|major| major.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl ClickHouseSettings {
+    /// Asks the server for its version within the connect timeout.
+    #[tracing::instrument(skip(self), fields(address = %redacted_address(&self.url)))]
+    pub async fn connect(&self) -> Result<ClickHouse, BackendError> {
+        // Validation of row types is off: ClickHouse 18.16 (Debian's package) rejects the
+        // setting the crate uses for it ("Unknown setting describe_include_subcolumns").
+        let server = clickhouse::Client::default()
+            .with_url(self.url.as_str())
+            .with_user(&self.user)
+            .with_password(&self.password)
+            .with_validation(false);
+        let address = redacted_address(&self.url);
+        let probe = server.query("SELECT version()").fetch_one::<String>();
+        let version = match tokio::time::timeout(self.connect_timeout, probe).await {
+            Ok(Ok(version)) => version,
+            Ok(Err(e)) => {
+                return Err(BackendError::Failed {
+                    service: Service::ClickHouse,
+                    setting: URL_SETTING,
+                    address,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(BackendError::Timeout {
+                    service: Service::ClickHouse,
+                    setting: URL_SETTING,
+                    address,
+                    timeout: self.connect_timeout,
+                })
+            }
+        };
+        Ok(ClickHouse {
+            server,
+            database: self.database.clone(),
+            version,
+        })
+    }
+}
+
+/// Accepts only `http://` or `https://` URLs with a host.
+pub fn parse_clickhouse_url(value: &str) -> Result<Url, String> {
+    let url = Url::parse(value).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme must be http:// or https:// (ClickHouse's HTTP interface), not {}://",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".to_owned());
+    }
+    Ok(url)
+}
+
+/// Accepts a plain SQL identifier: ASCII letters, digits and `_`, not starting with a digit.
+pub fn parse_identifier(value: &str) -> Result<String, String> {
+    let valid = !value.is_empty()
+        && value.len() <= 64
+        && !value.starts_with(|c: char| c.is_ascii_digit())
+        && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "'{value}' is not a plain identifier (letters, digits and _, at most 64, not starting with a digit)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clickhouse_urls_are_checked_before_use() {
+        assert!(parse_clickhouse_url("http://127.0.0.1:8123").is_ok());
+        assert!(parse_clickhouse_url("tcp://127.0.0.1:9000")
+            .unwrap_err()
+            .contains("scheme"));
+        assert!(parse_clickhouse_url("127.0.0.1:8123").is_err());
+    }
+
+    #[test]
+    fn identifiers_keep_sql_out() {
+        assert!(parse_identifier("biofeed_test_1").is_ok());
+        assert!(parse_identifier("bio-feed").is_err());
+        assert!(parse_identifier("x; DROP TABLE points").is_err());
+        assert!(parse_identifier("1abc").is_err());
+        assert!(parse_identifier("").is_err());
+    }
+}

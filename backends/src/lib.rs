@@ -1,0 +1,124 @@
+//! Connection settings and bounded-time connections to the three backing services.
+//!
+//! Every biofeed process talks to some of Postgres, ClickHouse and Kafka. This crate owns how:
+//! the settings (clap arguments, each with its `BIOFEED_…` environment variable and a loopback
+//! default that matches `compose/local`), their validation before any connection is tried, and
+//! connecting with a bounded timeout so that a wrong address fails within seconds with an error
+//! that names the setting and the address tried.
+//!
+//! Architecture invariants: owns no table and no topic and knows nothing of the data; it hands
+//! out connected clients and nothing else. Credentials never appear in its errors or logs.
+
+mod address;
+pub mod clickhouse;
+pub mod kafka;
+pub mod postgres;
+
+use std::time::Duration;
+
+pub use address::redacted_address;
+
+/// Which backing service an error is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// PostgreSQL: users, sessions, failed jobs.
+    Postgres,
+    /// ClickHouse: points and rollups.
+    ClickHouse,
+    /// Kafka: the points topic and its dead letters.
+    Kafka,
+}
+
+impl std::fmt::Display for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Service::Postgres => "postgres",
+            Service::ClickHouse => "clickhouse",
+            Service::Kafka => "kafka",
+        })
+    }
+}
+
+/// A backing service could not be used. The message names the service, the setting that chose
+/// its address, and the address tried (without credentials).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The service did not answer within the connect timeout.
+    #[error("{service} at {address} (setting {setting}) did not answer within {timeout:?}")]
+    Timeout {
+        /// The service.
+        service: Service,
+        /// The environment variable that holds the address.
+        setting: &'static str,
+        /// The address tried, credentials removed.
+        address: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The service answered with an error, or the connection failed outright.
+    #[error("{service} at {address} (setting {setting}) failed: {reason}")]
+    Failed {
+        /// The service.
+        service: Service,
+        /// The environment variable that holds the address.
+        setting: &'static str,
+        /// The address tried, credentials removed.
+        address: String,
+        /// What went wrong, as the client library said it.
+        reason: String,
+    },
+}
+
+impl BackendError {
+    /// Whether trying again later can help. Both cases are about a service being away or
+    /// misaddressed, which an operator or time can fix, so callers that loop may retry.
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+
+    /// The service the error is about.
+    pub fn service(&self) -> Service {
+        match self {
+            BackendError::Timeout { service, .. } | BackendError::Failed { service, .. } => {
+                *service
+            }
+        }
+    }
+}
+
+/// Parses a positive duration such as `5s`, `1500ms`, `2min` or `7days` for duration settings.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let parsed = humantime::parse_duration(value).map_err(|e| {
+        format!("'{value}' is not a duration ({e}); write e.g. 5s, 1500ms, 2min, 7days")
+    })?;
+    if parsed.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_their_units() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2min"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7days"), Ok(Duration::from_secs(7 * 86_400)));
+    }
+
+    #[test]
+    fn bad_durations_say_what_is_wrong() {
+        assert!(parse_duration("5 parsecs")
+            .unwrap_err()
+            .contains("not a duration"));
+        assert!(parse_duration("soon")
+            .unwrap_err()
+            .contains("not a duration"));
+        assert!(parse_duration("0s")
+            .unwrap_err()
+            .contains("longer than zero"));
+    }
+}

@@ -1,0 +1,356 @@
+//! ClickHouse migrations: SQL files applied in order, each recorded with its checksum.
+//!
+//! ClickHouse has no transactions, so a file is applied statement by statement and recorded in
+//! `schema_migrations` only after its last statement succeeded; statements use `IF NOT EXISTS`
+//! so that a file interrupted half-way can be run again. A file whose checksum differs from the
+//! recorded one was edited after it was applied, and the runner refuses to go on.
+//!
+//! Every statement must run on Debian's ClickHouse 18.16 and on current releases: no
+//! DateTime64, codecs, TTL or LowCardinality in these files.
+
+use std::path::Path;
+
+use biofeed_backends::clickhouse::ClickHouse;
+use sha2::{Digest, Sha256};
+
+use crate::{ItemState, MigrateError, State, StepReport};
+
+/// The migration files compiled into the binary, in the order they apply. A unit test checks
+/// that this list and the `migrations/clickhouse` folder agree.
+const EMBEDDED: &[(&str, &str)] = &[
+    (
+        "0001_points.sql",
+        include_str!("../clickhouse/0001_points.sql"),
+    ),
+    (
+        "0002_session_facts.sql",
+        include_str!("../clickhouse/0002_session_facts.sql"),
+    ),
+    (
+        "0003_analyst_views.sql",
+        include_str!("../clickhouse/0003_analyst_views.sql"),
+    ),
+];
+
+/// The runner's own bookkeeping table, in biofeed's database.
+const BOOKKEEPING: &str = "schema_migrations";
+
+/// One migration file.
+#[derive(Debug, Clone)]
+pub struct Migration {
+    /// The number the file name starts with.
+    pub version: u32,
+    /// The file name.
+    pub name: String,
+    /// The statements, in order.
+    pub statements: Vec<String>,
+    /// SHA-256 of the file's bytes, hex.
+    pub checksum: String,
+}
+
+/// An ordered set of ClickHouse migrations.
+#[derive(Debug, Clone)]
+pub struct ClickHouseMigrations {
+    migrations: Vec<Migration>,
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct AppliedRow {
+    version: u32,
+    name: String,
+    checksum: String,
+}
+
+impl ClickHouseMigrations {
+    /// The migrations compiled into this binary.
+    pub fn embedded() -> Result<Self, MigrateError> {
+        Self::from_files(
+            EMBEDDED
+                .iter()
+                .map(|(name, sql)| (name.to_string(), sql.to_string())),
+        )
+    }
+
+    /// The `*.sql` files of a folder, e.g. to check a folder before building it in.
+    pub fn from_dir(dir: &Path) -> Result<Self, MigrateError> {
+        let unreadable = |reason: String| MigrateError::BadFile {
+            name: dir.display().to_string(),
+            reason,
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| unreadable(e.to_string()))? {
+            let path = entry.map_err(|e| unreadable(e.to_string()))?.path();
+            if path.extension().is_some_and(|e| e == "sql") {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let sql = std::fs::read_to_string(&path).map_err(|e| unreadable(e.to_string()))?;
+                files.push((name, sql));
+            }
+        }
+        Self::from_files(files)
+    }
+
+    fn from_files(files: impl IntoIterator<Item = (String, String)>) -> Result<Self, MigrateError> {
+        let mut migrations = Vec::new();
+        for (name, sql) in files {
+            let bad = |reason: &str| MigrateError::BadFile {
+                name: name.clone(),
+                reason: reason.to_owned(),
+            };
+            let version = name
+                .split_once('_')
+                .and_then(|(number, _)| number.parse::<u32>().ok())
+                .ok_or_else(|| bad("name must be <number>_<words>.sql"))?;
+            let statements = split_statements(&sql);
+            if statements.is_empty() {
+                return Err(bad("holds no statement"));
+            }
+            let checksum = hex::encode(Sha256::digest(sql.as_bytes()));
+            migrations.push(Migration {
+                version,
+                name,
+                statements,
+                checksum,
+            });
+        }
+        migrations.sort_by_key(|m| m.version);
+        if let Some(pair) = migrations.windows(2).find(|w| w[0].version == w[1].version) {
+            return Err(MigrateError::BadFile {
+                name: pair[1].name.clone(),
+                reason: format!("has the same version as {}", pair[0].name),
+            });
+        }
+        Ok(Self { migrations })
+    }
+
+    /// The migrations, in the order they apply.
+    pub fn migrations(&self) -> &[Migration] {
+        &self.migrations
+    }
+
+    /// Creates biofeed's database when missing and applies every pending migration in order.
+    #[tracing::instrument(skip_all, fields(database = ch.database()))]
+    pub async fn migrate(&self, ch: &ClickHouse) -> Result<StepReport, MigrateError> {
+        let bookkeeping_failed = |source| MigrateError::ClickHouse {
+            name: BOOKKEEPING.to_owned(),
+            source,
+        };
+        ch.server_client()
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {}", ch.database()))
+            .execute()
+            .await
+            .map_err(bookkeeping_failed)?;
+        let client = ch.client();
+        client
+            .query(&format!(
+                "CREATE TABLE IF NOT EXISTS {BOOKKEEPING} \
+                 (version UInt32, name String, checksum String, applied_at DateTime) \
+                 ENGINE = MergeTree ORDER BY version"
+            ))
+            .execute()
+            .await
+            .map_err(bookkeeping_failed)?;
+        let applied = self.check_applied(ch).await?;
+        let mut items = Vec::new();
+        for migration in &self.migrations {
+            if applied.iter().any(|a| a.version == migration.version) {
+                items.push(item(migration, State::Present));
+                continue;
+            }
+            for statement in &migration.statements {
+                client.query(statement).execute().await.map_err(|source| {
+                    MigrateError::ClickHouse {
+                        name: migration.name.clone(),
+                        source,
+                    }
+                })?;
+            }
+            client
+                .query(&format!(
+                    "INSERT INTO {BOOKKEEPING} (version, name, checksum, applied_at) VALUES (?, ?, ?, now())"
+                ))
+                .bind(migration.version)
+                .bind(&migration.name)
+                .bind(&migration.checksum)
+                .execute()
+                .await
+                .map_err(bookkeeping_failed)?;
+            tracing::info!(migration = %migration.name, "applied clickhouse migration");
+            items.push(item(migration, State::Applied));
+        }
+        Ok(StepReport {
+            store: "clickhouse",
+            items,
+        })
+    }
+
+    /// Reports which migrations are applied, changing nothing.
+    #[tracing::instrument(skip_all, fields(database = ch.database()))]
+    pub async fn status(&self, ch: &ClickHouse) -> Result<StepReport, MigrateError> {
+        let applied = self.check_applied(ch).await?;
+        let items = self
+            .migrations
+            .iter()
+            .map(|m| {
+                let done = applied.iter().any(|a| a.version == m.version);
+                item(m, if done { State::Present } else { State::Pending })
+            })
+            .collect();
+        Ok(StepReport {
+            store: "clickhouse",
+            items,
+        })
+    }
+
+    /// Reads what is recorded and refuses edited or unknown migrations.
+    async fn check_applied(&self, ch: &ClickHouse) -> Result<Vec<AppliedRow>, MigrateError> {
+        let failed = |source| MigrateError::ClickHouse {
+            name: BOOKKEEPING.to_owned(),
+            source,
+        };
+        let exists: u8 = ch
+            .server_client()
+            .query("SELECT count() > 0 FROM system.tables WHERE database = ? AND name = ?")
+            .bind(ch.database())
+            .bind(BOOKKEEPING)
+            .fetch_one()
+            .await
+            .map_err(failed)?;
+        if exists == 0 {
+            return Ok(Vec::new());
+        }
+        let applied: Vec<AppliedRow> = ch
+            .client()
+            .query(&format!(
+                "SELECT version, name, checksum FROM {BOOKKEEPING} ORDER BY version"
+            ))
+            .fetch_all()
+            .await
+            .map_err(failed)?;
+        for row in &applied {
+            match self.migrations.iter().find(|m| m.version == row.version) {
+                None => {
+                    return Err(MigrateError::UnknownApplied {
+                        version: row.version,
+                        name: row.name.clone(),
+                    })
+                }
+                Some(m) if m.checksum != row.checksum => {
+                    return Err(MigrateError::Tampered {
+                        name: m.name.clone(),
+                        recorded: row.checksum.clone(),
+                        current: m.checksum.clone(),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(applied)
+    }
+}
+
+fn item(migration: &Migration, state: State) -> ItemState {
+    ItemState {
+        name: migration.name.trim_end_matches(".sql").to_owned(),
+        state,
+        detail: String::new(),
+    }
+}
+
+/// Splits a file into statements at `;` outside quotes and comments, dropping comment-only
+/// pieces. ClickHouse's HTTP interface takes one statement per request.
+fn split_statements(sql: &str) -> Vec<String> {
+    let mut statements = Vec::new();
+    let mut current = String::new();
+    let mut chars = sql.chars().peekable();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match quote {
+            Some(q) => {
+                current.push(c);
+                if c == '\\' {
+                    if let Some(escaped) = chars.next() {
+                        current.push(escaped);
+                    }
+                } else if c == q {
+                    quote = None;
+                }
+            }
+            None => match c {
+                '\'' | '"' | '`' => {
+                    quote = Some(c);
+                    current.push(c);
+                }
+                '-' if chars.peek() == Some(&'-') => {
+                    // A comment runs to the end of the line; keep the line break.
+                    for skipped in chars.by_ref() {
+                        if skipped == '\n' {
+                            current.push('\n');
+                            break;
+                        }
+                    }
+                }
+                ';' => statements.push(std::mem::take(&mut current)),
+                _ => current.push(c),
+            },
+        }
+    }
+    statements.push(current);
+    statements
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_outside_quotes_and_comments() {
+        let sql = "-- a comment; with a semicolon\nCREATE TABLE a (x String DEFAULT ';');\n\nSELECT 'it''s';\n-- trailing\n";
+        assert_eq!(
+            split_statements(sql),
+            vec!["CREATE TABLE a (x String DEFAULT ';')", "SELECT 'it''s'"]
+        );
+    }
+
+    #[test]
+    fn embedded_list_matches_the_folder() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clickhouse");
+        let on_disk = ClickHouseMigrations::from_dir(&dir).unwrap();
+        let embedded = ClickHouseMigrations::embedded().unwrap();
+        let names = |set: &ClickHouseMigrations| {
+            set.migrations()
+                .iter()
+                .map(|m| (m.name.clone(), m.checksum.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&on_disk),
+            names(&embedded),
+            "add new files to EMBEDDED"
+        );
+    }
+
+    #[test]
+    fn bad_files_are_named() {
+        let err =
+            ClickHouseMigrations::from_files([("points.sql".to_owned(), "SELECT 1".to_owned())])
+                .unwrap_err();
+        assert!(err.to_string().contains("points.sql"));
+        let err = ClickHouseMigrations::from_files([
+            ("0001_a.sql".to_owned(), "SELECT 1".to_owned()),
+            ("0001_b.sql".to_owned(), "SELECT 2".to_owned()),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("same version"));
+        let err =
+            ClickHouseMigrations::from_files([("0002_c.sql".to_owned(), "-- nothing".to_owned())])
+                .unwrap_err();
+        assert!(err.to_string().contains("no statement"));
+    }
+}

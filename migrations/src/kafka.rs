@@ -1,0 +1,224 @@
+//! Kafka topics: the points topic and its dead letters, created when missing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use biofeed_backends::kafka::{KafkaSettings, TopicNames};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::{ItemState, MigrateError, State, StepReport};
+
+/// How the topics are laid out: partitions, replication and retention.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicLayout {
+    /// Partitions of the points topic: the most consumers that can share the work. Only used
+    /// when the topic is created; growing it later would move sessions between partitions.
+    #[arg(
+        long = "points-partitions", id = "points_partitions",
+        value_name = "N",
+        env = "BIOFEED_POINTS_PARTITIONS",
+        default_value_t = 6,
+        value_parser = clap::value_parser!(i32).range(1..=10_000)
+    )]
+    pub points_partitions: i32,
+
+    /// How long Kafka keeps points: the replay window (Kafka is not the archive).
+    #[arg(
+        long = "points-retention", id = "points_retention",
+        value_name = "DURATION",
+        env = "BIOFEED_POINTS_RETENTION",
+        default_value = "7days",
+        value_parser = biofeed_backends::parse_duration
+    )]
+    pub points_retention: Duration,
+
+    /// How long Kafka keeps dead letters, time to fix and re-drive them.
+    #[arg(
+        long = "dlq-retention", id = "dlq_retention",
+        value_name = "DURATION",
+        env = "BIOFEED_DLQ_RETENTION",
+        default_value = "30days",
+        value_parser = biofeed_backends::parse_duration
+    )]
+    pub dlq_retention: Duration,
+
+    /// Replicas of each partition (1 for a single broker; 3 in production).
+    #[arg(
+        long = "kafka-replication-factor", id = "kafka_replication_factor",
+        value_name = "N",
+        env = "BIOFEED_KAFKA_REPLICATION_FACTOR",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(i32).range(1..=16)
+    )]
+    pub replication_factor: i32,
+}
+
+struct Wanted<'a> {
+    name: &'a str,
+    partitions: i32,
+    retention_ms: String,
+}
+
+fn wanted<'a>(topics: &'a TopicNames, layout: &TopicLayout) -> [Wanted<'a>; 2] {
+    [
+        Wanted {
+            name: &topics.points,
+            partitions: layout.points_partitions,
+            retention_ms: layout.points_retention.as_millis().to_string(),
+        },
+        Wanted {
+            // Dead letters are few; one partition keeps them in arrival order for re-drive.
+            name: &topics.dlq,
+            partitions: 1,
+            retention_ms: layout.dlq_retention.as_millis().to_string(),
+        },
+    ]
+}
+
+/// Creates the topics that are missing and sets every topic's retention to the configured one.
+/// An existing topic keeps its partitions.
+#[tracing::instrument(skip_all)]
+pub async fn ensure_topics(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topics: &TopicNames,
+    layout: &TopicLayout,
+    kafka: &KafkaSettings,
+) -> Result<StepReport, MigrateError> {
+    let options = AdminOptions::new().operation_timeout(Some(kafka.connect_timeout));
+    let wanted = wanted(topics, layout);
+    let new_topics: Vec<NewTopic> = wanted
+        .iter()
+        .map(|w| {
+            NewTopic::new(
+                w.name,
+                w.partitions,
+                TopicReplication::Fixed(layout.replication_factor),
+            )
+            .set("retention.ms", &w.retention_ms)
+            .set("compression.type", "producer")
+        })
+        .collect();
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|e| kafka_error(&topics.points, e))?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(kafka_error(&name, code)),
+        }
+    }
+    // Retention may have changed in the settings since the topic was created.
+    let retention: Vec<AlterConfig> = wanted
+        .iter()
+        .map(|w| {
+            AlterConfig::new(ResourceSpecifier::Topic(w.name)).set("retention.ms", &w.retention_ms)
+        })
+        .collect();
+    for result in admin
+        .alter_configs(&retention, &options)
+        .await
+        .map_err(|e| kafka_error(&topics.points, e))?
+    {
+        if let Err((resource, code)) = result {
+            return Err(kafka_error(&format!("{resource:?}"), code));
+        }
+    }
+    let mut report = topic_status(admin, topics, kafka).await?;
+    for item in &mut report.items {
+        if created.contains(&item.name) {
+            item.state = State::Applied;
+            tracing::info!(topic = %item.name, detail = %item.detail, "created kafka topic");
+        }
+    }
+    Ok(report)
+}
+
+/// Reports whether each topic exists, with its partitions and retention.
+#[tracing::instrument(skip_all)]
+pub async fn topic_status(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topics: &TopicNames,
+    kafka: &KafkaSettings,
+) -> Result<StepReport, MigrateError> {
+    let options = AdminOptions::new().request_timeout(Some(kafka.connect_timeout));
+    let mut items = Vec::new();
+    for name in [&topics.points, &topics.dlq] {
+        let partitions = partition_count(admin, name, kafka.connect_timeout).await?;
+        let item = match partitions {
+            None => ItemState {
+                name: name.clone(),
+                state: State::Pending,
+                detail: "missing".to_owned(),
+            },
+            Some(partitions) => {
+                let configs = admin
+                    .describe_configs(&[ResourceSpecifier::Topic(name)], &options)
+                    .await
+                    .map_err(|e| kafka_error(name, e))?;
+                let retention_ms = configs
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|resource| resource.entries)
+                    .find(|entry| entry.name == "retention.ms")
+                    .and_then(|entry| entry.value)
+                    .and_then(|v| v.parse::<u64>().ok());
+                let retention = retention_ms
+                    .map(|ms| humanize(Duration::from_millis(ms)))
+                    .unwrap_or_else(|| "unknown".to_owned());
+                ItemState {
+                    name: name.clone(),
+                    state: State::Present,
+                    detail: format!("{partitions} partitions, retention {retention}"),
+                }
+            }
+        };
+        items.push(item);
+    }
+    Ok(StepReport {
+        store: "kafka",
+        items,
+    })
+}
+
+/// The topic's partition count, or `None` when the topic does not exist.
+pub async fn partition_count(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<usize>, MigrateError> {
+    // librdkafka's metadata call blocks; keep it off the async workers.
+    let (admin, name) = (Arc::clone(admin), topic.to_owned());
+    let metadata =
+        tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(Some(&name), timeout))
+            .await
+            .map_err(|e| kafka_error(topic, e))?
+            .map_err(|e| kafka_error(topic, e))?;
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(None);
+    };
+    match found.error() {
+        None => Ok(Some(found.partitions().len())),
+        Some(code) if RDKafkaErrorCode::from(code) == RDKafkaErrorCode::UnknownTopicOrPartition => {
+            Ok(None)
+        }
+        Some(code) => Err(kafka_error(topic, RDKafkaErrorCode::from(code))),
+    }
+}
+
+fn humanize(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
+fn kafka_error(topic: &str, error: impl std::fmt::Display) -> MigrateError {
+    MigrateError::Kafka {
+        topic: topic.to_owned(),
+        reason: error.to_string(),
+    }
+}

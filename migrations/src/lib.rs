@@ -1,0 +1,208 @@
+//! Versioned migrations for everything biofeed stores: Postgres tables, ClickHouse tables and
+//! views, and the Kafka topics.
+//!
+//! `biofeed migrate` runs [`migrate`]: Postgres first (sqlx, the SQL files of
+//! `migrations/postgres` embedded in the binary), then ClickHouse (the SQL files of
+//! `migrations/clickhouse`, applied in order by [`clickhouse::ClickHouseMigrations`], which records
+//! each file's version and checksum and refuses a file edited after it was applied), then Kafka
+//! (the points topic and its dead-letter topic, created when missing). Every step is idempotent.
+//!
+//! Architecture invariants: this crate changes the *shape* of storage and never reads or writes
+//! data rows (seed rows in SQL files aside). A crate owns its tables; the SQL for them lives here
+//! so that the order of all changes is in one place.
+
+pub mod clickhouse;
+pub mod kafka;
+pub mod postgres;
+
+use biofeed_backends::clickhouse::ClickHouseSettings;
+use biofeed_backends::kafka::{KafkaSettings, TopicNames};
+use biofeed_backends::postgres::PostgresSettings;
+use biofeed_backends::BackendError;
+
+pub use kafka::TopicLayout;
+
+/// Everything `biofeed migrate` needs to know.
+#[derive(Debug, Clone)]
+pub struct MigrateSettings {
+    /// Where Postgres is.
+    pub postgres: PostgresSettings,
+    /// Where ClickHouse is.
+    pub clickhouse: ClickHouseSettings,
+    /// Where Kafka is.
+    pub kafka: KafkaSettings,
+    /// The topics' names.
+    pub topics: TopicNames,
+    /// The topics' partitions and retention.
+    pub layout: TopicLayout,
+}
+
+/// A migration could not be applied or inspected.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// A backing service was unreachable or failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// sqlx refused or failed a Postgres migration.
+    #[error("postgres migration failed: {0}")]
+    Postgres(#[from] sqlx::migrate::MigrateError),
+    /// A Postgres query failed while reading migration state.
+    #[error("postgres query failed: {0}")]
+    PostgresQuery(#[from] sqlx::Error),
+    /// A ClickHouse migration file was changed after it was applied.
+    #[error(
+        "clickhouse migration {name} was edited after it was applied (recorded checksum {recorded}, \
+         file now {current}): restore the file and put the change in a new migration"
+    )]
+    Tampered {
+        /// The file name.
+        name: String,
+        /// The checksum recorded when it was applied.
+        recorded: String,
+        /// The checksum of the file now.
+        current: String,
+    },
+    /// ClickHouse has a migration applied that this build does not know.
+    #[error("clickhouse has migration {version} ({name}) applied, which this build does not know: run a newer biofeed")]
+    UnknownApplied {
+        /// The recorded version.
+        version: u32,
+        /// The recorded name.
+        name: String,
+    },
+    /// A ClickHouse migration file is malformed (bad name, empty, duplicate version).
+    #[error("clickhouse migration file {name}: {reason}")]
+    BadFile {
+        /// The file name.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A ClickHouse statement failed.
+    #[error("clickhouse migration {name} failed: {source}")]
+    ClickHouse {
+        /// The file name, or `schema_migrations` for the runner's own bookkeeping.
+        name: String,
+        /// What ClickHouse said.
+        source: ::clickhouse::error::Error,
+    },
+    /// A Kafka topic could not be created or inspected.
+    #[error("kafka topic {topic}: {reason}")]
+    Kafka {
+        /// The topic.
+        topic: String,
+        /// What Kafka said.
+        reason: String,
+    },
+}
+
+impl MigrateError {
+    /// Whether an operator must change something before a retry can succeed (an edited or
+    /// unknown migration), as opposed to a service being away or failing.
+    pub fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            MigrateError::Tampered { .. }
+                | MigrateError::UnknownApplied { .. }
+                | MigrateError::BadFile { .. }
+                | MigrateError::Postgres(
+                    sqlx::migrate::MigrateError::VersionMismatch(_)
+                        | sqlx::migrate::MigrateError::VersionMissing(_)
+                        | sqlx::migrate::MigrateError::Dirty(_)
+                )
+        )
+    }
+}
+
+/// What one store's migration step did or found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepReport {
+    /// `postgres`, `clickhouse` or `kafka`.
+    pub store: &'static str,
+    /// One line per migration or topic.
+    pub items: Vec<ItemState>,
+}
+
+/// The state of one migration or topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemState {
+    /// The migration's `version_name`, or the topic's name.
+    pub name: String,
+    /// What happened to it, or what it is.
+    pub state: State,
+    /// A detail for people, e.g. a topic's partitions and retention.
+    pub detail: String,
+}
+
+/// Whether a migration or topic was applied now, was there already, or still waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Applied (or created) by this run.
+    Applied,
+    /// Already applied (or present) before this run.
+    Present,
+    /// Not applied (or missing); only `--status` reports this.
+    Pending,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Applied => "applied now",
+            State::Present => "applied",
+            State::Pending => "pending",
+        })
+    }
+}
+
+impl StepReport {
+    /// How many items this run applied or created.
+    pub fn applied(&self) -> usize {
+        self.items
+            .iter()
+            .filter(|i| i.state == State::Applied)
+            .count()
+    }
+
+    /// How many items still wait.
+    pub fn pending(&self) -> usize {
+        self.items
+            .iter()
+            .filter(|i| i.state == State::Pending)
+            .count()
+    }
+}
+
+/// Applies every pending migration: Postgres, then ClickHouse, then Kafka. Idempotent.
+///
+/// Each service is connected to (and must answer within its connect timeout) before anything
+/// is changed anywhere, so that a wrong address fails fast and leaves nothing half done.
+#[tracing::instrument(skip_all)]
+pub async fn migrate(settings: &MigrateSettings) -> Result<Vec<StepReport>, MigrateError> {
+    let pg = settings.postgres.connect().await?;
+    let ch = settings.clickhouse.connect().await?;
+    let admin = settings.kafka.connect_admin().await?;
+    let postgres = postgres::migrate(&pg).await?;
+    pg.close().await;
+    let clickhouse = clickhouse::ClickHouseMigrations::embedded()?
+        .migrate(&ch)
+        .await?;
+    let kafka =
+        kafka::ensure_topics(&admin, &settings.topics, &settings.layout, &settings.kafka).await?;
+    Ok(vec![postgres, clickhouse, kafka])
+}
+
+/// Reports what is applied and what is pending, changing nothing.
+#[tracing::instrument(skip_all)]
+pub async fn status(settings: &MigrateSettings) -> Result<Vec<StepReport>, MigrateError> {
+    let pg = settings.postgres.connect().await?;
+    let ch = settings.clickhouse.connect().await?;
+    let admin = settings.kafka.connect_admin().await?;
+    let postgres = postgres::status(&pg).await?;
+    pg.close().await;
+    let clickhouse = clickhouse::ClickHouseMigrations::embedded()?
+        .status(&ch)
+        .await?;
+    let kafka = kafka::topic_status(&admin, &settings.topics, &settings.kafka).await?;
+    Ok(vec![postgres, clickhouse, kafka])
+}
