@@ -1,1 +1,11 @@
-//! placeholder
+//! Integration tests of the `biofeed` binary against the real Postgres, ClickHouse and Kafka that
+//! `compose/local up` starts. Each test makes its own Postgres database, ClickHouse database and
+//! Kafka topics (random names), so tests run in parallel and leave the shared ones alone.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test here
+
+mod compose_file;
+mod helpers;
+mod migrate;
+mod services;
+mod settings;

@@ -1,0 +1,14 @@
+# The biofeed binary in a small Debian image. Built by compose/docker-compose.yml; works alone:
+#   docker build -t biofeed . && docker run --rm biofeed --help
+FROM rust:1.95-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake zlib1g-dev && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked --bin biofeed
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 biofeed
+COPY --from=build /src/target/release/biofeed /usr/local/bin/biofeed
+USER biofeed
+ENTRYPOINT ["biofeed"]

@@ -1,0 +1,112 @@
+//! Test helpers: isolated stores per test, and running the real binary.
+
+use std::process::Output;
+use std::time::Duration;
+
+use biofeed::cli::{Cli, Command};
+use biofeed_migrations::MigrateSettings;
+use clap::Parser;
+
+/// The settings the binary would use with no arguments: `BIOFEED_…` from the environment
+/// (`compose/local test` exports them) or the loopback defaults.
+pub fn default_settings() -> MigrateSettings {
+    let cli = Cli::try_parse_from(["biofeed", "migrate"]).expect("default settings parse");
+    let Command::Migrate(args) = cli.command;
+    MigrateSettings {
+        postgres: args.postgres,
+        clickhouse: args.clickhouse,
+        kafka: args.kafka,
+        topics: args.topics,
+        layout: args.layout,
+    }
+}
+
+/// A fresh Postgres database, ClickHouse database and pair of topic names for one test.
+pub struct Isolated {
+    /// The settings pointing at this test's own database and topics.
+    pub settings: MigrateSettings,
+    /// The suffix that makes this test's names unique.
+    pub id: String,
+}
+
+impl Isolated {
+    /// Creates the Postgres database (ClickHouse's database and the topics are created by
+    /// `biofeed migrate`, which is what the tests exercise).
+    pub async fn new() -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let mut settings = default_settings();
+        let admin = settings.postgres.connect().await.expect("postgres answers");
+        let database = format!("biofeed_test_{id}");
+        sqlx::query(&format!("CREATE DATABASE {database}"))
+            .execute(&admin)
+            .await
+            .expect("create test database");
+        admin.close().await;
+        settings.postgres = settings.postgres.with_database(&database);
+        settings.clickhouse.database = database;
+        settings.topics.points = format!("biofeed.test.{id}.points");
+        settings.topics.dlq = format!("biofeed.test.{id}.dlq");
+        Self { settings, id }
+    }
+
+    /// The environment that points the binary at this test's stores.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let s = &self.settings;
+        vec![
+            ("BIOFEED_POSTGRES_URL", s.postgres.url.to_string()),
+            ("BIOFEED_CLICKHOUSE_URL", s.clickhouse.url.to_string()),
+            ("BIOFEED_CLICKHOUSE_DATABASE", s.clickhouse.database.clone()),
+            ("BIOFEED_KAFKA_BROKERS", s.kafka.brokers.clone()),
+            ("BIOFEED_POINTS_TOPIC", s.topics.points.clone()),
+            ("BIOFEED_DLQ_TOPIC", s.topics.dlq.clone()),
+            ("BIOFEED_LOG", "warn".to_owned()),
+        ]
+    }
+
+    /// Runs `biofeed <args>` against this test's stores.
+    pub async fn biofeed(&self, args: &[&str]) -> Run {
+        run_biofeed(args, &self.env()).await
+    }
+}
+
+/// What a run of the binary did.
+pub struct Run {
+    /// The exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// How long any single run may take before the test calls it a hang. Far above every connect
+/// timeout the tests set; it is a watchdog, not a speed assertion.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// Runs the real binary with extra environment variables.
+pub async fn run_biofeed(args: &[&str], env: &[(&str, String)]) -> Run {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
+    command.args(args).kill_on_drop(true);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output: Output = tokio::time::timeout(WATCHDOG, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("biofeed {args:?} hung for {WATCHDOG:?}"))
+        .expect("biofeed runs");
+    Run {
+        code: output.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}

@@ -1,0 +1,285 @@
+//! `biofeed migrate` and `--status` against the real services.
+
+use std::path::Path;
+
+use biofeed_migrations::clickhouse::ClickHouseMigrations;
+use biofeed_migrations::kafka::partition_count;
+use biofeed_migrations::{MigrateError, State};
+
+use crate::helpers::Isolated;
+
+#[tokio::test]
+async fn migrate_applies_everything_once_and_status_tells_the_truth() {
+    let test = Isolated::new().await;
+    let partitions = [
+        ("BIOFEED_POINTS_PARTITIONS", "3".to_owned()),
+        ("BIOFEED_POINTS_RETENTION", "2days".to_owned()),
+    ];
+    let env = || {
+        test.env()
+            .into_iter()
+            .chain(partitions.iter().cloned())
+            .collect::<Vec<_>>()
+    };
+
+    let before = crate::helpers::run_biofeed(&["migrate", "--status"], &env()).await;
+    assert_eq!(before.code, 0, "{before:?}");
+    assert!(before.stdout.contains("postgres: 2 pending"), "{before:?}");
+    assert!(
+        before.stdout.contains("clickhouse: 3 pending"),
+        "{before:?}"
+    );
+    assert!(before.stdout.contains("kafka: 2 pending"), "{before:?}");
+    assert!(
+        before.stdout.contains(&test.settings.topics.points),
+        "{before:?}"
+    );
+
+    let first = crate::helpers::run_biofeed(&["migrate"], &env()).await;
+    assert_eq!(first.code, 0, "{first:?}");
+    assert!(
+        first.stdout.contains("postgres: 2 applied now"),
+        "{first:?}"
+    );
+    assert!(
+        first.stdout.contains("clickhouse: 3 applied now"),
+        "{first:?}"
+    );
+    assert!(first.stdout.contains("kafka: 2 applied now"), "{first:?}");
+
+    let second = crate::helpers::run_biofeed(&["migrate"], &env()).await;
+    assert_eq!(second.code, 0, "{second:?}");
+    for store in ["postgres", "clickhouse", "kafka"] {
+        assert!(
+            second.stdout.contains(&format!("{store}: up to date")),
+            "{second:?}"
+        );
+    }
+    assert!(!second.stdout.contains("applied now"), "{second:?}");
+
+    let after = crate::helpers::run_biofeed(&["migrate", "--status"], &env()).await;
+    assert_eq!(after.code, 0, "{after:?}");
+    for store in ["postgres", "clickhouse", "kafka"] {
+        assert!(
+            after.stdout.contains(&format!("{store}: 0 pending")),
+            "{after:?}"
+        );
+    }
+    assert!(
+        after.stdout.contains("3 partitions, retention 2days"),
+        "{after:?}"
+    );
+
+    // The Postgres seed model is there, with its seed rows, exactly once.
+    let pg = test.settings.postgres.connect().await.unwrap();
+    let roles: Vec<String> = sqlx::query_scalar("SELECT name FROM roles ORDER BY id")
+        .fetch_all(&pg)
+        .await
+        .unwrap();
+    assert_eq!(
+        roles,
+        ["user", "guardian", "practitioner", "admin", "analyst"]
+    );
+    let data_types: Vec<String> = sqlx::query_scalar("SELECT name FROM data_types ORDER BY name")
+        .fetch_all(&pg)
+        .await
+        .unwrap();
+    for expected in ["eeg", "rr_interval", "spo2", "ppg"] {
+        assert!(
+            data_types.iter().any(|d| d == expected),
+            "{expected} seeded: {data_types:?}"
+        );
+    }
+    for table in [
+        "users",
+        "user_data_keys",
+        "roles",
+        "permissions",
+        "role_permissions",
+        "groups",
+        "exercises",
+        "data_types",
+        "exercise_data_types",
+        "sessions",
+        "session_data_types",
+        "devices",
+        "failed_jobs",
+        "audit_log",
+    ] {
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(table)
+            .fetch_one(&pg)
+            .await
+            .unwrap();
+        assert!(exists.is_some(), "table {table} exists");
+    }
+
+    // The ClickHouse tables and views are there.
+    let ch = test.settings.clickhouse.connect().await.unwrap();
+    let tables: Vec<String> = ch
+        .server_client()
+        .query("SELECT name FROM system.tables WHERE database = ? ORDER BY name")
+        .bind(ch.database())
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "analyst_points",
+            "completed_sessions",
+            "points",
+            "schema_migrations",
+            "session_facts"
+        ]
+    );
+
+    // The topics exist with the configured partitions.
+    let admin = test.settings.kafka.connect_admin().await.unwrap();
+    let timeout = test.settings.kafka.connect_timeout;
+    assert_eq!(
+        partition_count(&admin, &test.settings.topics.points, timeout)
+            .await
+            .unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        partition_count(&admin, &test.settings.topics.dlq, timeout)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn the_points_table_collapses_a_replayed_row_into_the_original() {
+    let test = Isolated::new().await;
+    let run = test.biofeed(&["migrate"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let ch = test.settings.clickhouse.connect().await.unwrap();
+    let client = ch.client();
+    let insert = "INSERT INTO points (user_id, session_id, data_type, t_us, values, ingested_at) VALUES \
+        ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-0000000000aa', 'eeg', 1000, [1.5, 2.5], now()), \
+        ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-0000000000aa', 'eeg', 2000, [3.5, 4.5], now())";
+    // The same frame twice, as a retry or a replay would write it.
+    client.query(insert).execute().await.unwrap();
+    client.query(insert).execute().await.unwrap();
+    let exact: u64 = client
+        .query("SELECT count() FROM points FINAL")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(exact, 2);
+
+    // Analysts see only completed sessions.
+    let in_view: u64 = client
+        .query("SELECT count() FROM analyst_points")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(in_view, 0, "the session is not known to be completed yet");
+    client
+        .query(
+            "INSERT INTO session_facts (session_id, user_id, exercise, status, started_at, ended_at, version) VALUES \
+             ('00000000-0000-0000-0000-0000000000aa', '00000000-0000-0000-0000-000000000001', 'alpha_neurofeedback', \
+              'completed', now(), now(), 1)",
+        )
+        .execute()
+        .await
+        .unwrap();
+    let in_view: u64 = client
+        .query("SELECT count() FROM analyst_points")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(in_view, 2);
+}
+
+/// Copies `migrations/clickhouse` into a fresh folder of this test's.
+fn copy_of_migrations(test: &Isolated, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("biofeed-{name}-{}", test.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/clickhouse");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+fn edit(file: &Path, from: &str, to: &str) {
+    let sql = std::fs::read_to_string(file).unwrap();
+    assert!(sql.contains(from), "{} contains {from}", file.display());
+    std::fs::write(file, sql.replace(from, to)).unwrap();
+}
+
+#[tokio::test]
+async fn an_edited_clickhouse_migration_is_refused_by_name() {
+    let test = Isolated::new().await;
+    let ch = test.settings.clickhouse.connect().await.unwrap();
+    let dir = copy_of_migrations(&test, "edited");
+    let report = ClickHouseMigrations::from_dir(&dir)
+        .unwrap()
+        .migrate(&ch)
+        .await
+        .unwrap();
+    assert!(report.items.iter().all(|i| i.state == State::Applied));
+
+    edit(
+        &dir.join("0002_session_facts.sql"),
+        "ORDER BY session_id",
+        "ORDER BY (session_id, user_id)",
+    );
+    let err = ClickHouseMigrations::from_dir(&dir)
+        .unwrap()
+        .migrate(&ch)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, MigrateError::Tampered { ref name, .. } if name == "0002_session_facts.sql"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("0002_session_facts.sql was edited after it was applied"),
+        "{err}"
+    );
+    // Status refuses too, rather than calling an edited database up to date.
+    let err = ClickHouseMigrations::from_dir(&dir)
+        .unwrap()
+        .status(&ch)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MigrateError::Tampered { .. }), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_binary_refuses_a_database_migrated_from_other_files() {
+    // A database migrated from a version of 0001_points.sql that differs from the one built
+    // into the binary: for the binary, its file was edited after it was applied.
+    let test = Isolated::new().await;
+    let ch = test.settings.clickhouse.connect().await.unwrap();
+    let dir = copy_of_migrations(&test, "other");
+    edit(
+        &dir.join("0001_points.sql"),
+        "ingested_at DateTime\n",
+        "ingested_at DateTime DEFAULT now()\n",
+    );
+    ClickHouseMigrations::from_dir(&dir)
+        .unwrap()
+        .migrate(&ch)
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let run = test.biofeed(&["migrate"]).await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("0001_points.sql was edited after it was applied"),
+        "{run:?}"
+    );
+    let status = test.biofeed(&["migrate", "--status"]).await;
+    assert_eq!(status.code, 4, "{status:?}");
+}

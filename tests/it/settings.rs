@@ -1,0 +1,180 @@
+//! Bad or unreachable settings fail fast, naming the setting and the address tried.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::helpers::{run_biofeed, Isolated};
+
+/// A loopback port where a socket accepts connections and never says a word: the worst kind of
+/// unreachable server, which only a timeout can catch. Counts the connections it accepted.
+async fn silent_server() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    (address, accepted)
+}
+
+/// A loopback port nobody listens on: connections are refused.
+async fn closed_port() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    address
+}
+
+fn with(
+    env: Vec<(&'static str, String)>,
+    key: &'static str,
+    value: String,
+) -> Vec<(&'static str, String)> {
+    env.into_iter()
+        .filter(|(k, _)| *k != key)
+        .chain([(key, value)])
+        .collect()
+}
+
+#[tokio::test]
+async fn a_silent_service_fails_within_its_timeout_naming_the_setting() {
+    let test = Isolated::new().await;
+    let (silent, _) = silent_server().await;
+    let cases = [
+        (
+            "BIOFEED_POSTGRES_URL",
+            format!("postgres://biofeed:hunter2@{silent}/biofeed"),
+            "BIOFEED_POSTGRES_CONNECT_TIMEOUT",
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_URL",
+            format!("http://{silent}"),
+            "BIOFEED_CLICKHOUSE_CONNECT_TIMEOUT",
+        ),
+        (
+            "BIOFEED_KAFKA_BROKERS",
+            silent.clone(),
+            "BIOFEED_KAFKA_CONNECT_TIMEOUT",
+        ),
+    ];
+    for (setting, value, timeout_setting) in cases {
+        let env = with(test.env(), setting, value);
+        let env = with(env, timeout_setting, "1s".to_owned());
+        let run = run_biofeed(&["migrate"], &env).await;
+        assert_eq!(run.code, 3, "{setting}: {run:?}");
+        assert!(run.stderr.contains(setting), "{setting} named: {run:?}");
+        assert!(run.stderr.contains(&silent), "address named: {run:?}");
+        assert!(
+            !run.stderr.contains("hunter2"),
+            "no password in errors: {run:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_refused_connection_fails_at_once_naming_the_setting() {
+    let test = Isolated::new().await;
+    let closed = closed_port().await;
+    let cases = [
+        (
+            "BIOFEED_POSTGRES_URL",
+            format!("postgres://biofeed:hunter2@{closed}/biofeed"),
+        ),
+        ("BIOFEED_CLICKHOUSE_URL", format!("http://{closed}")),
+        ("BIOFEED_KAFKA_BROKERS", closed.clone()),
+    ];
+    for (setting, value) in cases {
+        let run = run_biofeed(&["migrate"], &with(test.env(), setting, value)).await;
+        assert_eq!(run.code, 3, "{setting}: {run:?}");
+        assert!(run.stderr.contains(setting), "{setting} named: {run:?}");
+        assert!(run.stderr.contains(&closed), "address named: {run:?}");
+        assert!(
+            !run.stderr.contains("hunter2"),
+            "no password in errors: {run:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn malformed_settings_are_rejected_before_any_connection() {
+    let test = Isolated::new().await;
+    // Every service points at a server that counts connections; one setting is malformed.
+    let (listening, accepted) = silent_server().await;
+    let reachable = vec![
+        (
+            "BIOFEED_POSTGRES_URL",
+            format!("postgres://biofeed:biofeed@{listening}/biofeed"),
+        ),
+        ("BIOFEED_CLICKHOUSE_URL", format!("http://{listening}")),
+        ("BIOFEED_KAFKA_BROKERS", listening.clone()),
+        ("BIOFEED_LOG", "warn".to_owned()),
+    ];
+    let cases = [
+        ("BIOFEED_POSTGRES_URL", "postgres//nohost", "--postgres-url"),
+        (
+            "BIOFEED_POSTGRES_URL",
+            "mysql://h:3306/db",
+            "--postgres-url",
+        ),
+        (
+            "BIOFEED_POSTGRES_URL",
+            "postgres://127.0.0.1:5432",
+            "--postgres-url",
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_URL",
+            "127.0.0.1:8123",
+            "--clickhouse-url",
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_URL",
+            "tcp://127.0.0.1:9000",
+            "--clickhouse-url",
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_DATABASE",
+            "biofeed; DROP TABLE points",
+            "--clickhouse-database",
+        ),
+        ("BIOFEED_KAFKA_BROKERS", "kafka:", "--kafka-brokers"),
+        (
+            "BIOFEED_KAFKA_BROKERS",
+            "127.0.0.1:70000",
+            "--kafka-brokers",
+        ),
+        ("BIOFEED_POINTS_TOPIC", "points topic", "--points-topic"),
+        ("BIOFEED_POINTS_PARTITIONS", "0", "--points-partitions"),
+        ("BIOFEED_POINTS_RETENTION", "forever", "--points-retention"),
+        (
+            "BIOFEED_POSTGRES_CONNECT_TIMEOUT",
+            "0s",
+            "--postgres-connect-timeout",
+        ),
+        ("BIOFEED_LOG", "info,[", "BIOFEED_LOG"),
+    ];
+    for (setting, value, named) in cases {
+        let run = run_biofeed(
+            &["migrate"],
+            &with(reachable.clone(), setting, value.to_owned()),
+        )
+        .await;
+        assert_eq!(run.code, 2, "{setting}={value}: {run:?}");
+        assert!(
+            run.stderr.contains(named),
+            "{setting}={value} names {named}: {run:?}"
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "no connection was tried"
+    );
+    drop(test);
+}
