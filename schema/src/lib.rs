@@ -1,16 +1,24 @@
 //! The biofeed data contract, shared by every other crate.
 //!
-//! Owns: the names of the Kafka topics, the Avro schemas of what travels on them (added with the
-//! ingest issue), the validated newtypes (`SessionId`, `DataTypeName`, `Micros`, …) and the
-//! ClickHouse row types.
+//! Owns: the names of the Kafka topics, the Avro schema of what travels on them
+//! (`avro/sensor_frame.v1.avsc`, readable by any language), the Rust [`SensorFrame`] with its
+//! single-object encoding and the [`registry`] of every schema version the code knows, and the
+//! validated newtypes built only through `parse`.
 //!
 //! Architecture invariant: `schema` is the leaf of the workspace. It does no I/O and depends on
 //! none of our other crates, so that the contract can be read, tested and reused on its own.
 
+pub mod codec;
+pub mod frame;
+pub mod registry;
+
+pub use codec::{decode, encode, encode_into, DecodeError};
+pub use frame::{DataTypeName, FrameError, SensorFrame};
+
 /// Kafka topic names, as created by `biofeed migrate` unless overridden in the settings.
 pub mod topics {
     /// The topic devices' frames are published to: key = session id, value = Avro single-object
-    /// encoded `SensorFrame`.
+    /// encoded [`SensorFrame`](crate::SensorFrame).
     pub const POINTS: &str = "biofeed.points.v1";
     /// Dead letters: the original bytes of frames that could not be decoded or stored, with
     /// headers saying why, where from and when.
