@@ -5,11 +5,14 @@
 
 use std::process::ExitCode;
 
+use biofeed_accounts::{devices, users, AccountKeys, Accounts, AccountsError};
 use biofeed_backends::clickhouse::ClickHouseSettings;
 use biofeed_backends::kafka::{KafkaSettings, TopicNames};
 use biofeed_backends::postgres::PostgresSettings;
+use biofeed_ingest_gateway::GatewaySettings;
 use biofeed_migrations::{MigrateError, MigrateSettings, StepReport, TopicLayout};
 use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
 
 use crate::telemetry::{self, LogFormat};
 
@@ -69,6 +72,94 @@ pub enum Command {
     /// applied is refused (exit 4). With --status, reports what is applied and changes nothing.
     #[command(after_help = AFTER_HELP)]
     Migrate(MigrateArgs),
+
+    /// Run the HTTP ingest gateway: devices open sessions and post points, which are answered
+    /// 202 only once Kafka has them. Serves /healthz, /readyz, /metrics and /openapi.json.
+    ///
+    /// Stops on SIGTERM or Ctrl-C after finishing the requests in flight.
+    #[command(after_help = AFTER_HELP)]
+    Gateway(GatewaySettings),
+
+    /// Administration: users and devices.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// `biofeed admin …`.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Users (the accounts issue adds list and erase).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Devices and their tokens.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+/// `biofeed admin user …`.
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create a user; prints the new user's id. The email is stored only encrypted and as a
+    /// keyed blind index.
+    #[command(after_help = AFTER_HELP)]
+    Create {
+        /// The user's email.
+        #[arg(long)]
+        email: String,
+        /// The role: user, guardian, practitioner, admin or analyst.
+        #[arg(long, default_value = "user")]
+        role: String,
+        /// Where Postgres is.
+        #[command(flatten, next_help_heading = "Postgres")]
+        postgres: PostgresSettings,
+        /// PII keys.
+        #[command(flatten, next_help_heading = "Keys")]
+        keys: AccountKeys,
+    },
+}
+
+/// `biofeed admin device …`.
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device for a user and print its bearer token. The token is shown this once:
+    /// only its hash is stored.
+    #[command(after_help = AFTER_HELP)]
+    Create {
+        /// The user, by email.
+        #[arg(long, conflicts_with = "user_id", required_unless_present = "user_id")]
+        user: Option<String>,
+        /// The user, by id (when several users share an email).
+        #[arg(long)]
+        user_id: Option<Uuid>,
+        /// The device's model, e.g. "Polar H10".
+        #[arg(long, default_value = "")]
+        model: String,
+        /// Where Postgres is.
+        #[command(flatten, next_help_heading = "Postgres")]
+        postgres: PostgresSettings,
+        /// PII keys (the blind-index key finds the user by email).
+        #[command(flatten, next_help_heading = "Keys")]
+        keys: AccountKeys,
+    },
+    /// Revoke a device: its token stops working (within the gateway's auth cache TTL).
+    #[command(after_help = AFTER_HELP)]
+    Revoke {
+        /// The device's id.
+        device_id: Uuid,
+        /// Where Postgres is.
+        #[command(flatten, next_help_heading = "Postgres")]
+        postgres: PostgresSettings,
+    },
+    /// List devices: ids, users, models and dates, no tokens.
+    #[command(after_help = AFTER_HELP)]
+    List {
+        /// Only this user's devices.
+        #[arg(long)]
+        user_id: Option<Uuid>,
+        /// Where Postgres is.
+        #[command(flatten, next_help_heading = "Postgres")]
+        postgres: PostgresSettings,
+    },
 }
 
 /// Arguments of `biofeed migrate`.
@@ -108,6 +199,8 @@ impl Cli {
         }
         match self.command {
             Command::Migrate(args) => run_migrate(args).await,
+            Command::Gateway(settings) => exit_with(biofeed_ingest_gateway::run(settings).await),
+            Command::Admin(command) => exit_with(run_admin(command).await),
         }
     }
 }
@@ -136,6 +229,97 @@ async fn run_migrate(args: MigrateArgs) -> ExitCode {
             ExitCode::from(migrate_exit_code(&e))
         }
     }
+}
+
+/// Maps a command's outcome to an exit code, printing the error.
+fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let unavailable = e.chain().any(|cause| {
+                cause.is::<biofeed_backends::BackendError>()
+                    || cause
+                        .downcast_ref::<AccountsError>()
+                        .is_some_and(|a| matches!(a, AccountsError::Postgres(_)))
+            });
+            ExitCode::from(if unavailable {
+                exit::UNAVAILABLE
+            } else {
+                exit::FAILURE
+            })
+        }
+    }
+}
+
+async fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
+    match command {
+        AdminCommand::User(UserCommand::Create {
+            email,
+            role,
+            postgres,
+            keys,
+        }) => {
+            let accounts = Accounts {
+                pool: postgres.connect().await?,
+                keys,
+            };
+            let email = users::Email::parse(&email)?;
+            let id = users::create_user(&accounts, &email, &role).await?;
+            println!("{id}");
+        }
+        AdminCommand::Device(DeviceCommand::Create {
+            user,
+            user_id,
+            model,
+            postgres,
+            keys,
+        }) => {
+            let accounts = Accounts {
+                pool: postgres.connect().await?,
+                keys,
+            };
+            let user_id = match (user_id, user) {
+                (Some(id), _) => id,
+                (None, Some(email)) => {
+                    users::one_by_email(&accounts, &users::Email::parse(&email)?).await?
+                }
+                (None, None) => anyhow::bail!("name the user with --user or --user-id"),
+            };
+            let device = devices::create_device(&accounts.pool, user_id, &model).await?;
+            eprintln!(
+                "device {} created for user {user_id}; its token is shown only now:",
+                device.id
+            );
+            println!("{}", device.token);
+        }
+        AdminCommand::Device(DeviceCommand::Revoke {
+            device_id,
+            postgres,
+        }) => {
+            devices::revoke_device(&postgres.connect().await?, device_id).await?;
+            eprintln!("device {device_id} revoked");
+        }
+        AdminCommand::Device(DeviceCommand::List { user_id, postgres }) => {
+            let rows = devices::list_devices(&postgres.connect().await?, user_id).await?;
+            println!(
+                "{:<36}  {:<36}  {:<20}  {:<20}  {:<20}  model",
+                "device", "user", "created", "last seen", "revoked"
+            );
+            for d in rows {
+                println!(
+                    "{:<36}  {:<36}  {:<20}  {:<20}  {:<20}  {}",
+                    d.id,
+                    d.user_id,
+                    d.created_at,
+                    d.last_seen_at.as_deref().unwrap_or("-"),
+                    d.revoked_at.as_deref().unwrap_or("-"),
+                    d.model
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn migrate_exit_code(error: &MigrateError) -> u8 {

@@ -76,6 +76,7 @@ fn compose_local_prints_only_settings_the_cli_knows() {
         .filter(|word| {
             word.starts_with("BIOFEED_")
                 && !word.starts_with("BIOFEED_LOCAL_")
+                && !word.starts_with("BIOFEED_TEST_")
                 && *word != "BIOFEED_STATE_DIR"
         })
         .collect();

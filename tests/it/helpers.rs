@@ -11,7 +11,9 @@ use clap::Parser;
 /// (`compose/local test` exports them) or the loopback defaults.
 pub fn default_settings() -> MigrateSettings {
     let cli = Cli::try_parse_from(["biofeed", "migrate"]).expect("default settings parse");
-    let Command::Migrate(args) = cli.command;
+    let Command::Migrate(args) = cli.command else {
+        unreachable!("parsed a migrate command")
+    };
     MigrateSettings {
         postgres: args.postgres,
         clickhouse: args.clickhouse,

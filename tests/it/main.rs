@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test here
 
 mod compose_file;
+mod gateway;
+mod gateway_app;
 mod helpers;
 mod migrate;
 mod services;

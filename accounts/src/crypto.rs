@@ -1,0 +1,327 @@
+//! PII encryption: AES-256-GCM under a data key per user, the data keys wrapped by a versioned
+//! master key, and a keyed blind index (HMAC-SHA256) for looking a user up by email.
+//!
+//! Every ciphertext binds its place through the associated data `table/column/row id`, so a
+//! value copied to another row or column fails to decrypt instead of passing as that row's. A
+//! fresh random 96-bit nonce is drawn for every value; the stored form is `nonce || ciphertext`.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::Sha256;
+use uuid::Uuid;
+
+const NONCE_LEN: usize = 12;
+
+/// A key problem. Messages never contain key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A key setting is not base64 of 32 bytes.
+    #[error(
+        "{setting} must be base64 of exactly 32 random bytes (e.g. `openssl rand -base64 32`)"
+    )]
+    Malformed {
+        /// The environment variable.
+        setting: &'static str,
+    },
+    /// A ciphertext did not authenticate: tampered, moved, or under another key.
+    #[error("a {what} failed to decrypt: it was altered, moved or sealed under another key")]
+    Tampered {
+        /// What was being opened, e.g. `users.email_ct`.
+        what: String,
+    },
+    /// A data key was wrapped under a master key version this process does not have.
+    #[error("data key wrapped under master key version {0}, which this process was not given")]
+    UnknownMasterVersion(i32),
+}
+
+/// The keys of the accounts crate, from settings.
+#[derive(Clone, clap::Args)]
+pub struct AccountKeys {
+    /// Master key wrapping every user's data key: base64 of 32 random bytes. Keep it in a
+    /// secret store; losing it loses every user's PII.
+    #[arg(
+        long = "master-key",
+        id = "master_key",
+        value_name = "BASE64",
+        env = "BIOFEED_MASTER_KEY",
+        hide_env_values = true,
+        value_parser = parse_master_key
+    )]
+    pub master_key: Key32,
+
+    /// Version number of the master key, stored beside each wrapped data key so keys can rotate.
+    #[arg(
+        long = "master-key-version",
+        id = "master_key_version",
+        value_name = "N",
+        env = "BIOFEED_MASTER_KEY_VERSION",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(i32).range(1..)
+    )]
+    pub master_key_version: i32,
+
+    /// Key of the email blind index (HMAC-SHA256): base64 of 32 random bytes, distinct from the
+    /// master key.
+    #[arg(
+        long = "blind-index-key",
+        id = "blind_index_key",
+        value_name = "BASE64",
+        env = "BIOFEED_BLIND_INDEX_KEY",
+        hide_env_values = true,
+        value_parser = parse_blind_index_key
+    )]
+    pub blind_index_key: Key32,
+}
+
+impl std::fmt::Debug for AccountKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountKeys")
+            .field("master_key_version", &self.master_key_version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// 32 bytes of key material. Debug output shows nothing of it.
+#[derive(Clone)]
+pub struct Key32([u8; 32]);
+
+impl std::fmt::Debug for Key32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key32(…)")
+    }
+}
+
+impl Key32 {
+    /// A fresh random key.
+    pub fn random() -> Self {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        Self(key)
+    }
+
+    /// The key as base64, for generating settings (tests, `compose/local`).
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+
+    fn parse(value: &str, setting: &'static str) -> Result<Self, KeyError> {
+        STANDARD
+            .decode(value.trim())
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .map(Self)
+            .ok_or(KeyError::Malformed { setting })
+    }
+}
+
+fn parse_master_key(value: &str) -> Result<Key32, String> {
+    Key32::parse(value, "BIOFEED_MASTER_KEY").map_err(|e| e.to_string())
+}
+
+fn parse_blind_index_key(value: &str) -> Result<Key32, String> {
+    Key32::parse(value, "BIOFEED_BLIND_INDEX_KEY").map_err(|e| e.to_string())
+}
+
+/// Where a sealed value lives; bound into its ciphertext as associated data.
+#[derive(Debug, Clone, Copy)]
+pub struct Place<'a> {
+    /// The table.
+    pub table: &'a str,
+    /// The column.
+    pub column: &'a str,
+    /// The row's id.
+    pub row: Uuid,
+}
+
+impl Place<'_> {
+    fn aad(&self) -> Vec<u8> {
+        format!("{}/{}/{}", self.table, self.column, self.row).into_bytes()
+    }
+
+    fn name(&self) -> String {
+        format!("{}.{}", self.table, self.column)
+    }
+}
+
+/// A user's own data key, unwrapped, in memory only while it is used.
+pub struct DataKey(Key32);
+
+impl AccountKeys {
+    /// Fresh random keys (tests and first set-up).
+    pub fn generate() -> Self {
+        Self {
+            master_key: Key32::random(),
+            master_key_version: 1,
+            blind_index_key: Key32::random(),
+        }
+    }
+
+    /// The blind index of an email: HMAC-SHA256 of its trimmed, lowercased form.
+    pub fn email_blind_index(&self, email: &str) -> Vec<u8> {
+        #[allow(clippy::expect_used)] // HMAC takes keys of any length
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.blind_index_key.0)
+            .expect("hmac accepts 32-byte keys");
+        mac.update(email.trim().to_lowercase().as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    /// A new data key for `user`, and its wrapped form for `user_data_keys`.
+    pub fn new_data_key(&self, user: Uuid) -> (DataKey, Vec<u8>) {
+        let key = Key32::random();
+        let wrapped = seal(&self.master_key, &wrap_place(user), &key.0);
+        (DataKey(key), wrapped)
+    }
+
+    /// Unwraps a stored data key.
+    pub fn unwrap_data_key(
+        &self,
+        user: Uuid,
+        wrapped: &[u8],
+        version: i32,
+    ) -> Result<DataKey, KeyError> {
+        if version != self.master_key_version {
+            return Err(KeyError::UnknownMasterVersion(version));
+        }
+        let bytes = open(&self.master_key, &wrap_place(user), wrapped)?;
+        let key = <[u8; 32]>::try_from(bytes).map_err(|_| KeyError::Tampered {
+            what: "user_data_keys.wrapped_key".to_owned(),
+        })?;
+        Ok(DataKey(Key32(key)))
+    }
+}
+
+impl DataKey {
+    /// Encrypts a value for its place.
+    pub fn seal(&self, place: Place<'_>, plaintext: &[u8]) -> Vec<u8> {
+        seal(&self.0, &place, plaintext)
+    }
+
+    /// Decrypts a value sealed for this place; anything else is [`KeyError::Tampered`].
+    pub fn open(&self, place: Place<'_>, sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
+        open(&self.0, &place, sealed)
+    }
+}
+
+fn wrap_place(user: Uuid) -> Place<'static> {
+    Place {
+        table: "user_data_keys",
+        column: "wrapped_key",
+        row: user,
+    }
+}
+
+fn seal(key: &Key32, place: &Place<'_>, plaintext: &[u8]) -> Vec<u8> {
+    let cipher = Aes256Gcm::new((&key.0).into());
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let aad = place.aad();
+    #[allow(clippy::expect_used)] // encryption fails only beyond 64 GiB per value
+    let ciphertext = cipher
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
+        .expect("AES-GCM encrypts values below 64 GiB");
+    let mut out = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ciphertext);
+    out
+}
+
+fn open(key: &Key32, place: &Place<'_>, sealed: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let tampered = || KeyError::Tampered { what: place.name() };
+    if sealed.len() < NONCE_LEN {
+        return Err(tampered());
+    }
+    let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
+    let cipher = Aes256Gcm::new((&key.0).into());
+    cipher
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad: &place.aad(),
+            },
+        )
+        .map_err(|_| tampered())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn place(row: u128) -> Place<'static> {
+        Place {
+            table: "users",
+            column: "email_ct",
+            row: Uuid::from_u128(row),
+        }
+    }
+
+    #[test]
+    fn sealed_values_open_only_in_their_place() {
+        let keys = AccountKeys::generate();
+        let (key, wrapped) = keys.new_data_key(Uuid::from_u128(1));
+        let sealed = key.seal(place(1), b"ada@example.org");
+        assert_eq!(key.open(place(1), &sealed).unwrap(), b"ada@example.org");
+        // Moved to another row: refused, not garbage.
+        assert!(matches!(
+            key.open(place(2), &sealed),
+            Err(KeyError::Tampered { .. })
+        ));
+        // Flipped bit: refused.
+        let mut flipped = sealed.clone();
+        flipped[20] ^= 1;
+        assert!(matches!(
+            key.open(place(1), &flipped),
+            Err(KeyError::Tampered { .. })
+        ));
+        // The same value sealed twice differs (fresh nonce).
+        assert_ne!(key.seal(place(1), b"x"), key.seal(place(1), b"x"));
+        // The wrapped key unwraps for its user only.
+        let again = keys
+            .unwrap_data_key(Uuid::from_u128(1), &wrapped, 1)
+            .unwrap();
+        assert_eq!(again.open(place(1), &sealed).unwrap(), b"ada@example.org");
+        assert!(keys
+            .unwrap_data_key(Uuid::from_u128(2), &wrapped, 1)
+            .is_err());
+        assert!(matches!(
+            keys.unwrap_data_key(Uuid::from_u128(1), &wrapped, 2),
+            Err(KeyError::UnknownMasterVersion(2))
+        ));
+    }
+
+    #[test]
+    fn the_blind_index_is_keyed_and_normalised() {
+        let keys = AccountKeys::generate();
+        assert_eq!(
+            keys.email_blind_index(" Ada@Example.org"),
+            keys.email_blind_index("ada@example.org")
+        );
+        assert_ne!(
+            keys.email_blind_index("ada@example.org"),
+            keys.email_blind_index("bob@example.org")
+        );
+        let other = AccountKeys::generate();
+        assert_ne!(
+            keys.email_blind_index("ada@example.org"),
+            other.email_blind_index("ada@example.org")
+        );
+    }
+
+    #[test]
+    fn malformed_keys_name_the_setting_and_show_no_material() {
+        let err = parse_master_key("c2hvcnQ=").unwrap_err();
+        assert!(err.contains("BIOFEED_MASTER_KEY"));
+        assert!(!err.contains("c2hvcnQ"));
+        assert!(parse_blind_index_key(&Key32::random().to_base64()).is_ok());
+    }
+}

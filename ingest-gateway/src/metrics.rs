@@ -1,0 +1,107 @@
+//! Prometheus metrics of the gateway, served at `/metrics`.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a handled request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route pattern, e.g. `/v1/sessions/{id}/points`.
+    pub route: String,
+    /// The HTTP method.
+    pub method: String,
+    /// The status code.
+    pub status: u16,
+}
+
+/// Why points were rejected.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The problem code, e.g. `invalid-value`.
+    pub reason: String,
+}
+
+/// Every metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by route, method and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Points (sample instants) acknowledged by Kafka.
+    pub points_accepted: Counter,
+    /// Points refused, by reason.
+    pub points_rejected: Family<ReasonLabels, Counter>,
+    /// Frames re-posted with an id already accepted.
+    pub duplicate_frames: Counter,
+    /// Seconds from handing a frame to the producer to Kafka's acknowledgement.
+    pub produce_latency: Histogram,
+    /// Point requests being handled now.
+    pub in_flight: Gauge<i64, AtomicI64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("biofeed_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            requests.clone(),
+        );
+        let points_accepted = Counter::default();
+        registry.register(
+            "points_accepted",
+            "points acknowledged by Kafka",
+            points_accepted.clone(),
+        );
+        let points_rejected = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "points_rejected",
+            "points refused, by reason",
+            points_rejected.clone(),
+        );
+        let duplicate_frames = Counter::default();
+        registry.register(
+            "duplicate_frames",
+            "frames re-posted with an already accepted id",
+            duplicate_frames.clone(),
+        );
+        let produce_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "produce_latency_seconds",
+            "time until Kafka acknowledged a frame",
+            produce_latency.clone(),
+        );
+        let in_flight = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "in_flight_requests",
+            "point requests being handled",
+            in_flight.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            points_accepted,
+            points_rejected,
+            duplicate_frames,
+            produce_latency,
+            in_flight,
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "could not encode metrics");
+        }
+        out
+    }
+}

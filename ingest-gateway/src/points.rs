@@ -1,0 +1,465 @@
+//! `POST /v1/sessions/{id}/points`: a frame as JSON or as Avro, checked against the session and
+//! the data type, then published to Kafka; answered 202 only after Kafka acknowledged it.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::Json;
+use biofeed_schema::{DataTypeName, SensorFrame};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::auth::DeviceAuth;
+use crate::body::{parse_json, read_body};
+use crate::metrics::ReasonLabels;
+use crate::problem::{ApiError, Problem};
+use crate::sessions::{parse_session_id, session_facts};
+use crate::AppState;
+
+/// A frame as JSON: one data type's samples, one row of channel values per timestamp.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JsonFrame {
+    /// Chosen by the device; re-posting a frame with the same id is accepted once.
+    pub frame_id: Uuid,
+    /// The data type, one the session declared.
+    pub data_type: String,
+    /// Each sample's time, µs since the Unix epoch, ascending.
+    pub timestamps_us: Vec<i64>,
+    /// One row per sample, one number per channel, e.g. `[[812.0], [798.5]]` for RR intervals.
+    #[schema(value_type = Vec<Vec<f32>>)]
+    pub values: SampleRows,
+}
+
+/// Sample rows parsed straight into one flat, sample-major vector.
+#[derive(Debug, Default)]
+pub struct SampleRows {
+    /// The values, `width` per row.
+    pub flat: Vec<f32>,
+    /// Numbers per row (0 when there are no rows).
+    pub width: usize,
+    /// Number of rows.
+    pub rows: usize,
+}
+
+impl<'de> Deserialize<'de> for SampleRows {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Rows;
+        impl<'de> Visitor<'de> for Rows {
+            type Value = SampleRows;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of rows, each an array of numbers")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<SampleRows, A::Error> {
+                let mut rows = SampleRows::default();
+                while let Some(row) = seq.next_element_seed(Row(&mut rows.flat))? {
+                    if rows.rows == 0 {
+                        rows.width = row;
+                    } else if row != rows.width {
+                        return Err(de::Error::custom(format_args!(
+                            "values row {} has {row} numbers but row 0 has {}",
+                            rows.rows, rows.width
+                        )));
+                    }
+                    rows.rows += 1;
+                }
+                Ok(rows)
+            }
+        }
+        struct Row<'a>(&'a mut Vec<f32>);
+        impl<'de> de::DeserializeSeed<'de> for Row<'_> {
+            type Value = usize;
+            fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<usize, D::Error> {
+                deserializer.deserialize_seq(self)
+            }
+        }
+        impl<'de> Visitor<'de> for Row<'_> {
+            type Value = usize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of numbers")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+                let mut n = 0;
+                while let Some(value) = seq.next_element::<f32>()? {
+                    self.0.push(value);
+                    n += 1;
+                }
+                Ok(n)
+            }
+        }
+        deserializer.deserialize_seq(Rows)
+    }
+}
+
+/// The answer to an accepted frame.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FrameAccepted {
+    /// The frame.
+    pub frame_id: Uuid,
+    /// Sample instants (points) in it.
+    pub points: usize,
+    /// True when this frame id was accepted before; nothing was published again.
+    pub duplicate: bool,
+}
+
+/// Accepts a frame of points for an open session of the device's user.
+///
+/// Send JSON (`application/json`, shape `JsonFrame`) or Avro (`application/avro`: a
+/// single-object encoded `SensorFrame`, see `schema/avro/sensor_frame.v1.avsc`; its
+/// `session_id` must be this session, and the gateway sets `user_id`, `device_id` and
+/// `received_at_us`). Bodies may be compressed (`Content-Encoding: gzip` or `zstd`).
+#[utoipa::path(
+    post, path = "/v1/sessions/{id}/points", tag = "points",
+    params(("id" = Uuid, Path, description = "the session")),
+    request_body(content(
+        (JsonFrame = "application/json"),
+        (Vec<u8> = "application/avro"),
+    )),
+    responses(
+        (status = 202, description = "Kafka has the frame", body = FrameAccepted),
+        (status = 200, description = "this frame id was already accepted", body = FrameAccepted),
+        (status = 400, description = "malformed JSON or Avro", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no, unknown or revoked device token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such session of this user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the session is closed", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "body or frame too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "unsupported content type or encoding", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a value breaks a rule; `field` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "in-flight limit reached; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Kafka cannot take the frame; retry after Retry-After", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("device_token" = []))
+)]
+pub async fn post_points(
+    State(state): State<AppState>,
+    DeviceAuth(device): DeviceAuth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<FrameAccepted>), ApiError> {
+    let inner = &state.inner;
+    let Ok(_permit) = inner.in_flight.clone().try_acquire_owned() else {
+        reject(&state, &ApiError::TooManyRequests, 0);
+        return Err(ApiError::TooManyRequests);
+    };
+    inner.metrics.in_flight.inc();
+    let result = accept(&state, device, &id, &headers, body).await;
+    inner.metrics.in_flight.dec();
+    if let Err((e, points)) = &result {
+        reject(&state, e, *points);
+    }
+    result.map_err(|(e, _)| e)
+}
+
+fn reject(state: &AppState, error: &ApiError, points: usize) {
+    let (_, code) = error.status_and_code();
+    state
+        .inner
+        .metrics
+        .points_rejected
+        .get_or_create(&ReasonLabels {
+            reason: code.to_owned(),
+        })
+        .inc_by(points.max(1) as u64);
+}
+
+/// The work of `post_points`; errors carry how many points they cost (for the metrics).
+async fn accept(
+    state: &AppState,
+    device: biofeed_accounts::devices::DeviceIdentity,
+    id: &str,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<FrameAccepted>), (ApiError, usize)> {
+    let inner = &state.inner;
+    let session_id = parse_session_id(id).map_err(|e| (e, 0))?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_default();
+    let is_avro = match content_type.as_str() {
+        "application/json" => false,
+        "application/avro" | "avro/binary" | "application/vnd.apache.avro+binary" => true,
+        other => {
+            return Err((
+                ApiError::UnsupportedMediaType(format!(
+                    "Content-Type '{}' is not supported: send application/json or application/avro",
+                    other.escape_debug()
+                )),
+                0,
+            ))
+        }
+    };
+    let bytes = read_body(headers, body, inner.limits.max_body_bytes)
+        .await
+        .map_err(|e| (e, 0))?;
+    let received_at_us = now_us();
+    let frame = if is_avro {
+        let mut frame = biofeed_schema::decode(&bytes).map_err(|e| {
+            (
+                ApiError::malformed(format!("the Avro body is not a SensorFrame: {e}")),
+                0,
+            )
+        })?;
+        if frame.session_id != session_id {
+            return Err((
+                ApiError::invalid("session_id", "differs from the session in the path"),
+                frame.samples(),
+            ));
+        }
+        frame.user_id = device.user_id;
+        frame.device_id = device.device_id;
+        frame.received_at_us = received_at_us;
+        frame
+    } else {
+        let json: JsonFrame = parse_json(&bytes).map_err(|e| (e, 0))?;
+        from_json(json, session_id, device, received_at_us)?
+    };
+    let points = frame.samples();
+    let fail = |e: ApiError| (e, points);
+
+    if points > inner.limits.max_samples_per_frame {
+        return Err(fail(ApiError::TooLarge(format!(
+            "the frame has {points} samples; at most {} are allowed",
+            inner.limits.max_samples_per_frame
+        ))));
+    }
+    let facts = session_facts(state, device.user_id, session_id)
+        .await
+        .map_err(fail)?
+        .ok_or_else(|| fail(ApiError::NotFound("session")))?;
+    if !facts.open {
+        return Err(fail(ApiError::Conflict(
+            "the session is closed: it takes no more points".to_owned(),
+        )));
+    }
+    let spec = facts
+        .data_types
+        .iter()
+        .find(|d| d.name == frame.data_type)
+        .ok_or_else(|| {
+            fail(ApiError::invalid(
+                "data_type",
+                "is not one of the data types the session declared",
+            ))
+        })?;
+    frame
+        .check_shape()
+        .map_err(|e| fail(shape_problem(e, frame.channels)))?;
+    if frame.channels != spec.channels {
+        return Err(fail(ApiError::invalid(
+            "values",
+            format!(
+                "has {} channels per sample; {} has {}",
+                frame.channels, spec.name, spec.channels
+            ),
+        )));
+    }
+    check_values(&frame, spec.min_value, spec.max_value).map_err(fail)?;
+    let skew_us = i64::try_from(inner.limits.max_clock_skew.as_micros()).unwrap_or(i64::MAX);
+    check_times(
+        &frame,
+        facts.started_at_us.saturating_sub(skew_us),
+        received_at_us.saturating_add(skew_us),
+    )
+    .map_err(fail)?;
+
+    // Accepted once: a re-post of an accepted frame id is answered without publishing again.
+    let seen_key = (session_id, frame.frame_id);
+    let entry = inner.frames_seen.entry(seen_key).or_insert(());
+    if !entry.is_fresh() {
+        inner.metrics.duplicate_frames.inc();
+        return Ok((
+            StatusCode::OK,
+            Json(FrameAccepted {
+                frame_id: frame.frame_id,
+                points,
+                duplicate: true,
+            }),
+        ));
+    }
+    let payload = biofeed_schema::encode(&frame);
+    let mut key = Uuid::encode_buffer();
+    let key = session_id.hyphenated().encode_lower(&mut key);
+    if let Err(e) = inner.publisher.publish(key, &payload, &inner.metrics).await {
+        // Not accepted after all: a retry of this frame must be able to publish it.
+        inner.frames_seen.invalidate(&seen_key);
+        return Err(fail(e));
+    }
+    inner.metrics.points_accepted.inc_by(points as u64);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(FrameAccepted {
+            frame_id: frame.frame_id,
+            points,
+            duplicate: false,
+        }),
+    ))
+}
+
+fn from_json(
+    json: JsonFrame,
+    session_id: Uuid,
+    device: biofeed_accounts::devices::DeviceIdentity,
+    received_at_us: i64,
+) -> Result<SensorFrame, (ApiError, usize)> {
+    let points = json.timestamps_us.len();
+    let data_type = DataTypeName::parse(&json.data_type).map_err(|_| {
+        (
+            ApiError::invalid("data_type", "is not a data type name"),
+            points,
+        )
+    })?;
+    if json.values.rows != points {
+        return Err((
+            ApiError::invalid(
+                "values",
+                format!(
+                    "has {} rows but timestamps_us has {points}: one row per timestamp",
+                    json.values.rows
+                ),
+            ),
+            points,
+        ));
+    }
+    let t0_us = json.timestamps_us.first().copied().unwrap_or(0);
+    let offsets_us = json
+        .timestamps_us
+        .iter()
+        .map(|t| t.checked_sub(t0_us))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            (
+                ApiError::invalid("timestamps_us", "spans more than an i64 of microseconds"),
+                points,
+            )
+        })?;
+    let channels = u16::try_from(json.values.width).map_err(|_| {
+        (
+            ApiError::invalid("values", "has more than 65535 channels per sample"),
+            points,
+        )
+    })?;
+    Ok(SensorFrame {
+        frame_id: json.frame_id,
+        session_id,
+        user_id: device.user_id,
+        device_id: device.device_id,
+        data_type,
+        channels: if points == 0 { 1 } else { channels },
+        received_at_us,
+        t0_us,
+        offsets_us,
+        values: json.values.flat,
+    })
+}
+
+fn shape_problem(error: biofeed_schema::FrameError, channels: u16) -> ApiError {
+    use biofeed_schema::FrameError;
+    match error {
+        FrameError::Empty => ApiError::invalid("timestamps_us", "the frame has no samples"),
+        FrameError::NoChannels => ApiError::invalid("values", "samples have no values"),
+        FrameError::ShapeMismatch { .. } => {
+            ApiError::invalid("values", format!("{error} (channels {channels})"))
+        }
+        FrameError::Unordered { index, .. } => {
+            ApiError::invalid(format!("timestamps_us/{index}"), error.to_string())
+        }
+        FrameError::TimeOverflow { index } => {
+            ApiError::invalid(format!("timestamps_us/{index}"), error.to_string())
+        }
+    }
+}
+
+/// Values must be finite and inside the data type's range.
+fn check_values(frame: &SensorFrame, min: f32, max: f32) -> Result<(), ApiError> {
+    // The common case is one tight pass; the slow path only runs to name the culprit.
+    if frame
+        .values
+        .iter()
+        .all(|v| v.is_finite() && *v >= min && *v <= max)
+    {
+        return Ok(());
+    }
+    let channels = usize::from(frame.channels);
+    let (i, v) = frame
+        .values
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v >= min && **v <= max))
+        .map(|(i, v)| (i, *v))
+        .unwrap_or((0, f32::NAN));
+    let field = format!("values/{}/{}", i / channels, i % channels);
+    if v.is_finite() {
+        Err(ApiError::invalid(
+            field,
+            format!(
+                "{v} is outside the valid range {min}..={max} of {}",
+                frame.data_type
+            ),
+        ))
+    } else {
+        Err(ApiError::invalid(field, "is not a finite number"))
+    }
+}
+
+/// Sample times must lie inside the session: not before it started, not in the future (both
+/// with the allowed clock skew).
+fn check_times(frame: &SensorFrame, earliest_us: i64, latest_us: i64) -> Result<(), ApiError> {
+    let first = frame.t0_us;
+    let last = frame
+        .time_us(frame.samples().saturating_sub(1))
+        .unwrap_or(first);
+    if first < earliest_us {
+        return Err(ApiError::invalid(
+            "timestamps_us/0",
+            "is before the session started",
+        ));
+    }
+    if last > latest_us {
+        return Err(ApiError::invalid(
+            format!("timestamps_us/{}", frame.samples().saturating_sub(1)),
+            "is in the future beyond the allowed clock skew",
+        ));
+    }
+    Ok(())
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_rows_flatten_and_insist_on_equal_widths() {
+        let rows: SampleRows = serde_json::from_str("[[1, 2], [3, 4.5], [5, 6]]").unwrap();
+        assert_eq!(
+            (rows.flat, rows.width, rows.rows),
+            (vec![1.0, 2.0, 3.0, 4.5, 5.0, 6.0], 2, 3)
+        );
+        let err = serde_json::from_str::<SampleRows>("[[1, 2], [3]]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("values row 1 has 1 numbers but row 0 has 2"),
+            "{err}"
+        );
+        assert!(serde_json::from_str::<SampleRows>("[[1, \"x\"]]").is_err());
+    }
+}

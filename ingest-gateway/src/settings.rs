@@ -1,0 +1,68 @@
+//! The gateway's settings: where it listens, its limits, and the services it uses.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use biofeed_accounts::AccountKeys;
+use biofeed_backends::kafka::{KafkaSettings, TopicNames};
+use biofeed_backends::parse_duration;
+use biofeed_backends::postgres::PostgresSettings;
+
+/// Everything `biofeed gateway` needs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewaySettings {
+    /// Address the HTTP server listens on.
+    #[arg(
+        long = "listen",
+        id = "gateway_listen",
+        value_name = "ADDR",
+        env = "BIOFEED_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: SocketAddr,
+
+    /// Largest request body, in bytes, after decompression; larger bodies get 413.
+    #[arg(long = "max-body-bytes", id = "gateway_max_body", value_name = "BYTES", env = "BIOFEED_GATEWAY_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=(1 << 30)))]
+    pub max_body_bytes: u64,
+
+    /// Most samples in one frame; larger frames get 413.
+    #[arg(long = "max-samples-per-frame", id = "gateway_max_samples", value_name = "N", env = "BIOFEED_GATEWAY_MAX_SAMPLES_PER_FRAME", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_samples_per_frame: u32,
+
+    /// Most point requests handled at once; beyond it the gateway answers 429 (backpressure
+    /// instead of unbounded memory: at most this many bodies of max-body-bytes are held).
+    #[arg(long = "max-in-flight", id = "gateway_max_in_flight", value_name = "N", env = "BIOFEED_GATEWAY_MAX_IN_FLIGHT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_in_flight: u32,
+
+    /// How far in the future a sample's timestamp may be (device clocks drift).
+    #[arg(long = "max-clock-skew", id = "gateway_max_clock_skew", value_name = "DURATION", env = "BIOFEED_GATEWAY_MAX_CLOCK_SKEW", default_value = "5s", value_parser = parse_duration)]
+    pub max_clock_skew: Duration,
+
+    /// How long a session may stay open; after it, the jobs runner expires it and purges its points.
+    #[arg(long = "session-deadline", id = "gateway_session_deadline", value_name = "DURATION", env = "BIOFEED_SESSION_DEADLINE", default_value = "4h", value_parser = parse_duration)]
+    pub session_deadline: Duration,
+
+    /// How long a device token's check is cached; a revoked token stops working within this time.
+    #[arg(long = "auth-cache-ttl", id = "gateway_auth_cache_ttl", value_name = "DURATION", env = "BIOFEED_GATEWAY_AUTH_CACHE_TTL", default_value = "2s", value_parser = parse_duration)]
+    pub auth_cache_ttl: Duration,
+
+    /// How long to wait for Kafka to acknowledge a frame before answering 503.
+    #[arg(long = "produce-timeout", id = "gateway_produce_timeout", value_name = "DURATION", env = "BIOFEED_GATEWAY_PRODUCE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub produce_timeout: Duration,
+
+    /// Where Postgres is.
+    #[command(flatten, next_help_heading = "Postgres")]
+    pub postgres: PostgresSettings,
+
+    /// Where Kafka is.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub kafka: KafkaSettings,
+
+    /// The topics' names.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub topics: TopicNames,
+
+    /// PII keys.
+    #[command(flatten, next_help_heading = "Keys")]
+    pub keys: AccountKeys,
+}

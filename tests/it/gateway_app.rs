@@ -1,0 +1,196 @@
+//! A real gateway for tests: started in-process on a free port against this test's own
+//! Postgres database and topics, with a user, a device and a reader of the points topic.
+
+use std::time::Duration;
+
+use biofeed::cli::{Cli, Command};
+use biofeed_accounts::{devices, users, AccountKeys, Accounts};
+use biofeed_ingest_gateway::Application;
+use clap::Parser;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::helpers::Isolated;
+
+/// A running gateway and what it needs.
+pub struct TestGateway {
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub url: String,
+    /// The HTTP client.
+    pub http: reqwest::Client,
+    /// The test's stores.
+    pub stores: Isolated,
+    /// The keys the gateway uses.
+    pub keys: AccountKeys,
+    /// A user with a device.
+    pub user: Uuid,
+    /// That device's token.
+    pub token: String,
+    /// That device's id.
+    pub device: Uuid,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Extra gateway options for one test, as command-line arguments.
+pub type Options<'a> = &'a [&'a str];
+
+impl TestGateway {
+    /// Migrates a fresh set of stores and starts a gateway on them.
+    pub async fn spawn(options: Options<'_>) -> Self {
+        let stores = Isolated::new().await;
+        biofeed_migrations::migrate(&stores.settings)
+            .await
+            .expect("migrate");
+        let brokers = stores.settings.kafka.brokers.clone();
+        Self::spawn_on(stores, &brokers, options).await
+    }
+
+    /// Starts a gateway on migrated stores, with Kafka at `brokers`.
+    pub async fn spawn_on(stores: Isolated, brokers: &str, options: Options<'_>) -> Self {
+        let keys = AccountKeys::generate();
+        let master = keys.master_key.to_base64();
+        let blind = keys.blind_index_key.to_base64();
+        let postgres = stores.settings.postgres.url.to_string();
+        let mut args = vec![
+            "biofeed",
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--postgres-url",
+            &postgres,
+            "--kafka-brokers",
+            brokers,
+            "--points-topic",
+            &stores.settings.topics.points,
+            "--master-key",
+            &master,
+            "--blind-index-key",
+            &blind,
+            "--auth-cache-ttl",
+            "200ms",
+        ];
+        args.extend_from_slice(options);
+        let cli = Cli::try_parse_from(args).expect("gateway arguments parse");
+        let Command::Gateway(settings) = cli.command else {
+            unreachable!("parsed a gateway command")
+        };
+        let app = Application::build(settings).await.expect("gateway starts");
+        let url = format!("http://{}", app.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(app.run_until(async move {
+            let _ = stopped.await;
+        }));
+
+        let accounts = Accounts {
+            pool: stores.settings.postgres.connect().await.unwrap(),
+            keys: keys.clone(),
+        };
+        let email =
+            users::Email::parse(&format!("device-owner-{}@example.org", stores.id)).unwrap();
+        let user = users::create_user(&accounts, &email, "user").await.unwrap();
+        let device = devices::create_device(&accounts.pool, user, "test strap")
+            .await
+            .unwrap();
+        Self {
+            url,
+            http: reqwest::Client::new(),
+            stores,
+            keys,
+            user,
+            token: device.token,
+            device: device.id,
+            shutdown: Some(stop),
+        }
+    }
+
+    /// The test's accounts handle.
+    pub async fn accounts(&self) -> Accounts {
+        Accounts {
+            pool: self.stores.settings.postgres.connect().await.unwrap(),
+            keys: self.keys.clone(),
+        }
+    }
+
+    /// A POST with the device's token.
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+    }
+
+    /// Opens a session streaming `data_types` for `exercise`; returns its id.
+    pub async fn open_session(&self, exercise: &str, data_types: &[&str]) -> Uuid {
+        let response = self
+            .post("/v1/sessions")
+            .json(&serde_json::json!({ "exercise": exercise, "data_types": data_types }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        let body: serde_json::Value = response.json().await.unwrap();
+        body["session_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Every message now in the points topic, as (key, value).
+    pub async fn topic_messages(&self) -> Vec<(String, Vec<u8>)> {
+        read_topic(
+            &self.stores.settings.kafka.brokers,
+            &self.stores.settings.topics.points,
+        )
+        .await
+    }
+}
+
+/// Reads a topic from the beginning until no message arrives for a second.
+pub async fn read_topic(brokers: &str, topic: &str) -> Vec<(String, Vec<u8>)> {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("test-reader-{}", Uuid::new_v4()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(5))
+            .unwrap();
+        let partitions = metadata.topics()[0].partitions().len();
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            assignment
+                .add_partition_offset(&topic, p as i32, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&assignment).unwrap();
+        let mut messages = Vec::new();
+        while let Some(message) = consumer.poll(Duration::from_secs(2)) {
+            let message = message.unwrap();
+            messages.push((
+                String::from_utf8(message.key().unwrap_or_default().to_vec()).unwrap(),
+                message.payload().unwrap_or_default().to_vec(),
+            ));
+        }
+        messages
+    })
+    .await
+    .unwrap()
+}
+
+/// Microseconds since the epoch, now.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
