@@ -9,5 +9,6 @@ mod gateway;
 mod gateway_app;
 mod helpers;
 mod migrate;
+mod private_kafka;
 mod services;
 mod settings;
