@@ -83,6 +83,22 @@ pub enum Command {
     /// Administration: users and devices.
     #[command(subcommand)]
     Admin(AdminCommand),
+
+    /// Benchmarks; each prints, as its last line, one JSON object with its figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `biofeed bench …`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Points per second through the gateway (JSON and Avro, 1 and 8 channels) against
+    /// producing the same frames straight into Kafka; request latency p50/p99.
+    ///
+    /// Needs Postgres and Kafka migrated (`biofeed migrate`); makes and afterwards deletes a
+    /// bench user and topic of its own.
+    #[command(after_help = AFTER_HELP)]
+    Gateway(biofeed_ingest_gateway::bench::BenchGatewaySettings),
 }
 
 /// `biofeed admin …`.
@@ -201,6 +217,9 @@ impl Cli {
             Command::Migrate(args) => run_migrate(args).await,
             Command::Gateway(settings) => exit_with(biofeed_ingest_gateway::run(settings).await),
             Command::Admin(command) => exit_with(run_admin(command).await),
+            Command::Bench(BenchCommand::Gateway(settings)) => {
+                exit_with(biofeed_ingest_gateway::bench::run(settings).await)
+            }
         }
     }
 }

@@ -15,6 +15,7 @@
 //! `accounts`) and never writes to ClickHouse. Nothing personal goes to Kafka or the logs.
 
 pub mod auth;
+pub mod bench;
 pub mod body;
 pub mod catalog;
 pub mod metrics;

@@ -31,7 +31,7 @@ impl Publisher {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", "lz4")
-            .set("linger.ms", "5")
+            .set("linger.ms", "1")
             .set("batch.size", "1048576")
             .set("queue.buffering.max.kbytes", "262144")
             .set("message.max.bytes", "16000000")

@@ -29,8 +29,10 @@ fn repo_file(path: &str) -> String {
 
 #[test]
 fn docker_compose_sets_only_settings_the_cli_knows() {
-    let compose: serde_yaml_ng::Value =
+    let mut compose: serde_yaml_ng::Value =
         serde_yaml_ng::from_str(&repo_file("compose/docker-compose.yml")).unwrap();
+    // `<<: *biofeed-env` merges the shared settings into a service's environment.
+    compose.apply_merge().unwrap();
     let services = compose["services"].as_mapping().expect("services");
     let known = known_settings();
     let mut used = BTreeSet::new();

@@ -846,13 +846,28 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
     let mut kafka = crate::private_kafka::PrivateKafka::start().await;
     let mut stores = crate::helpers::Isolated::new().await;
     stores.settings.kafka.brokers = kafka.brokers();
-    biofeed_migrations::migrate(&stores.settings).await.expect("migrate");
+    biofeed_migrations::migrate(&stores.settings)
+        .await
+        .expect("migrate");
     let brokers = kafka.brokers();
-    let gw = TestGateway::spawn_on(stores, &brokers, &["--produce-timeout", "2s", "--max-in-flight", "1"]).await;
+    let gw = TestGateway::spawn_on(
+        stores,
+        &brokers,
+        &["--produce-timeout", "2s", "--max-in-flight", "1"],
+    )
+    .await;
     let session = gw.open_session("hrv_biofeedback", &["rr_interval"]).await;
     let points = format!("/v1/sessions/{session}/points");
     let (before_id, before) = json_frame("rr_interval", 5, 1, 800.0);
-    assert_eq!(gw.post(&points).json(&before).send().await.unwrap().status(), 202);
+    assert_eq!(
+        gw.post(&points)
+            .json(&before)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
 
     kafka.kill();
     // While one request waits for Kafka, the in-flight budget (1) is used up: 429.
@@ -860,12 +875,16 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
     let pending = tokio::spawn(gw.post(&points).json(&waiting).send());
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let (_, extra) = json_frame("rr_interval", 5, 1, 820.0);
-    let (status, body, headers) = problem(gw.post(&points).json(&extra).send().await.unwrap()).await;
+    let (status, body, headers) =
+        problem(gw.post(&points).json(&extra).send().await.unwrap()).await;
     assert_eq!(status, 429, "{body}");
     assert!(headers.contains_key("retry-after"));
     let (status, body, headers) = problem(pending.await.unwrap().unwrap()).await;
     assert_eq!(status, 503, "{body}");
-    assert!(headers.get("retry-after").is_some(), "503 says when to retry");
+    assert!(
+        headers.get("retry-after").is_some(),
+        "503 says when to retry"
+    );
 
     // More attempts while Kafka is away: never a 2xx.
     for _ in 0..2 {
@@ -873,7 +892,12 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
         let (status, body, _) = problem(gw.post(&points).json(&frame).send().await.unwrap()).await;
         assert_eq!(status, 503, "{body}");
     }
-    let ready = gw.http.get(format!("{}/readyz", gw.url)).send().await.unwrap();
+    let ready = gw
+        .http
+        .get(format!("{}/readyz", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 503);
 
     // Kafka back: the same gateway accepts again, without a restart.
@@ -881,18 +905,32 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
     let (after_id, after) = json_frame("rr_interval", 5, 1, 840.0);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let status = gw.post(&points).json(&after).send().await.unwrap().status().as_u16();
+        let status = gw
+            .post(&points)
+            .json(&after)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
         if status == 202 {
             break;
         }
         assert!(matches!(status, 503 | 429), "unexpected {status}");
-        assert!(tokio::time::Instant::now() < deadline, "the gateway never recovered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never recovered"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    let ids: Vec<Uuid> = crate::gateway_app::read_topic(&brokers, &gw.stores.settings.topics.points)
-        .await
-        .iter()
-        .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
-        .collect();
-    assert!(ids.contains(&before_id) && ids.contains(&after_id), "{ids:?}");
+    let ids: Vec<Uuid> =
+        crate::gateway_app::read_topic(&brokers, &gw.stores.settings.topics.points)
+            .await
+            .iter()
+            .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
+            .collect();
+    assert!(
+        ids.contains(&before_id) && ids.contains(&after_id),
+        "{ids:?}"
+    );
 }

@@ -18,7 +18,11 @@ pub struct PrivateKafka {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn repo() -> &'static Path {
@@ -32,26 +36,53 @@ impl PrivateKafka {
             .map(PathBuf::from)
             .unwrap_or_else(|_| repo().join(".state/kafka/classpath"));
         let classpath = std::fs::read_to_string(&classpath_file)
-            .unwrap_or_else(|e| panic!("{} (written by compose/local up): {e}", classpath_file.display()))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{} (written by compose/local up): {e}",
+                    classpath_file.display()
+                )
+            })
             .trim()
             .to_owned();
-        let dir = std::env::temp_dir().join(format!("biofeed-kafka-{}", uuid::Uuid::new_v4().simple()));
+        let dir =
+            std::env::temp_dir().join(format!("biofeed-kafka-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let (port, controller) = (free_port(), free_port());
         let config = std::fs::read_to_string(repo().join("compose/kafka/server.properties.in"))
             .unwrap()
-            .replace("@STATE@/kafka/data", &dir.join("data").display().to_string())
+            .replace(
+                "@STATE@/kafka/data",
+                &dir.join("data").display().to_string(),
+            )
             .replace("@BROKER_PORT@", &port.to_string())
             .replace("@CONTROLLER_PORT@", &controller.to_string());
         std::fs::write(dir.join("server.properties"), config).unwrap();
-        let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes());
+        let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(uuid::Uuid::new_v4().as_bytes());
         let format = Command::new("java")
-            .args(["-cp", &classpath, "kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
+            .args([
+                "-cp",
+                &classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                &cluster_id,
+                "-c",
+            ])
             .arg(dir.join("server.properties"))
             .output()
             .unwrap();
-        assert!(format.status.success(), "{}", String::from_utf8_lossy(&format.stderr));
-        let mut kafka = Self { dir, port, classpath, child: None };
+        assert!(
+            format.status.success(),
+            "{}",
+            String::from_utf8_lossy(&format.stderr)
+        );
+        let mut kafka = Self {
+            dir,
+            port,
+            classpath,
+            child: None,
+        };
         kafka.launch().await;
         kafka
     }
@@ -65,7 +96,10 @@ impl PrivateKafka {
         let log = std::fs::File::create(self.dir.join("kafka.log")).unwrap();
         let child = Command::new("java")
             .args(["-Xms128m", "-Xmx512m"])
-            .arg(format!("-Dlog4j2.configurationFile={}", repo().join("compose/kafka/log4j2.properties").display()))
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                repo().join("compose/kafka/log4j2.properties").display()
+            ))
             .args(["-cp", &self.classpath, "kafka.Kafka"])
             .arg(self.dir.join("server.properties"))
             .stdout(log.try_clone().unwrap())
@@ -83,14 +117,20 @@ impl PrivateKafka {
                     .set("bootstrap.servers", &brokers)
                     .create()
                     .unwrap();
-                consumer.fetch_metadata(None, Duration::from_secs(1)).is_ok_and(|m| !m.brokers().is_empty())
+                consumer
+                    .fetch_metadata(None, Duration::from_secs(1))
+                    .is_ok_and(|m| !m.brokers().is_empty())
             })
             .await
             .unwrap();
             if up {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "private kafka did not start; see {}", self.dir.display());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private kafka did not start; see {}",
+                self.dir.display()
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
