@@ -80,6 +80,21 @@ pub enum Command {
     #[command(after_help = AFTER_HELP)]
     Gateway(GatewaySettings),
 
+    /// Consume the points topic into ClickHouse: batches by rows, bytes and age; offsets
+    /// committed only after ClickHouse has the rows; undecodable or invalid frames to the
+    /// dead-letter topic; frames of erased users dropped. Run more for more throughput (up to
+    /// the topic's partitions).
+    ///
+    /// On SIGTERM or Ctrl-C: writes and commits the batch in hand, then exits 0.
+    #[command(after_help = AFTER_HELP)]
+    Consume(ConsumeArgs),
+
+    /// Read a time range of the points topic (or, with --dlq, the dead letters) again into
+    /// ClickHouse. Safe beside running consumers: rows written again collapse into the
+    /// originals. Prints progress and a summary.
+    #[command(after_help = AFTER_HELP)]
+    Replay(biofeed_consumers::ReplaySettings),
+
     /// Administration: users and devices.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -99,6 +114,22 @@ pub enum BenchCommand {
     /// bench user and topic of its own.
     #[command(after_help = AFTER_HELP)]
     Gateway(biofeed_ingest_gateway::bench::BenchGatewaySettings),
+}
+
+/// Arguments of `biofeed consume`.
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// Address of the consumer's Prometheus endpoint (/metrics).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "BIOFEED_CONSUMER_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: std::net::SocketAddr,
+    /// The consumer's settings.
+    #[command(flatten)]
+    pub settings: biofeed_consumers::ConsumeSettings,
 }
 
 /// `biofeed admin …`.
@@ -216,6 +247,8 @@ impl Cli {
         match self.command {
             Command::Migrate(args) => run_migrate(args).await,
             Command::Gateway(settings) => exit_with(biofeed_ingest_gateway::run(settings).await),
+            Command::Consume(args) => exit_with(run_consume(args).await),
+            Command::Replay(settings) => exit_with(run_replay(settings).await),
             Command::Admin(command) => exit_with(run_admin(command).await),
             Command::Bench(BenchCommand::Gateway(settings)) => {
                 exit_with(biofeed_ingest_gateway::bench::run(settings).await)
@@ -269,6 +302,60 @@ fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
             })
         }
     }
+}
+
+async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    biofeed_consumers::stop_on_signal(std::sync::Arc::clone(&stop));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    // The registry is filled before it is shared with the endpoint.
+    let consumer = {
+        let settings = args.settings;
+        let stop = std::sync::Arc::clone(&stop);
+        let pending = biofeed_consumers::prepare(settings, &mut registry).await?;
+        let registry = std::sync::Arc::new(registry);
+        let endpoint = tokio::spawn(biofeed_ingest_gateway::metrics_endpoint::serve(
+            args.metrics_listen,
+            registry,
+            async move {
+                let _ = metrics_stopped.await;
+            },
+        ));
+        let outcome = pending.run(stop).await;
+        let _ = metrics_stop.send(());
+        let _ = endpoint.await;
+        outcome
+    };
+    let summary = consumer?;
+    eprintln!(
+        "stopped: {} rows written, {} frames dead-lettered, {} frames of erased users dropped",
+        summary.rows, summary.dead_lettered, summary.dropped_erased
+    );
+    Ok(())
+}
+
+async fn run_replay(settings: biofeed_consumers::ReplaySettings) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} replay [{bar:40}] {pos}/{len} messages ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress_bar = bar.clone();
+    let summary = biofeed_consumers::replay(settings, move |done, total| {
+        progress_bar.set_length(total);
+        progress_bar.set_position(done);
+    })
+    .await?;
+    bar.finish_and_clear();
+    eprintln!(
+        "replayed {} messages: {} frames and {} points written, {} skipped (still failing the checks), {} frames of erased users dropped",
+        summary.messages, summary.frames, summary.points, summary.skipped, summary.dropped_erased
+    );
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
 }
 
 async fn run_admin(command: AdminCommand) -> anyhow::Result<()> {

@@ -1,8 +1,248 @@
 //! Kafka to ClickHouse: the writer that turns frames into `points` rows.
 //!
-//! Owns the consume loop on `biofeed.points.v1`, batching, offset commits, the dead-letter topic
-//! `biofeed.points.dlq` and replay. Filled in by the consumers issue.
+//! Data path: `biofeed.points.v1` → [`consume`] (a consumer group; each message judged by
+//! [`checks`]: decoded, well shaped, known data type, values in range, user not erased) → a
+//! batch bounded by rows, bytes and age → [`sink`] (one RowBinary INSERT through the `clickhouse`
+//! crate, retried with backoff while ClickHouse fails) → offsets committed. Messages failing the
+//! checks go to `biofeed.points.dlq` ([`dead_letters`]) before their offset is committed; frames of
+//! erased users are dropped and counted. [`replay`] re-reads a time range or the dead letters.
 //!
-//! Architecture invariants: the only crate that consumes Kafka; it commits an offset only after
-//! ClickHouse acknowledged the rows of that offset, and never touches Postgres tables other than
-//! reading the erasure list.
+//! Owns the consumption of the points topic, the dead-letter topic's contents and the rows of
+//! ClickHouse's `points` table (its SQL lives in `migrations/clickhouse`).
+//!
+//! Architecture invariants: the only crate that consumes Kafka; commits an offset only after
+//! ClickHouse acknowledged the rows (or Kafka the dead letter) of every message before it; reads
+//! Postgres (data types, erasure list) but never writes it; never speaks HTTP.
+
+pub mod checks;
+pub mod consume;
+pub mod dead_letters;
+pub mod metrics;
+pub mod replay;
+pub mod rows;
+pub mod sink;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use biofeed_backends::clickhouse::ClickHouseSettings;
+use biofeed_backends::kafka::{KafkaSettings, TopicNames};
+use biofeed_backends::postgres::PostgresSettings;
+use biofeed_backends::{parse_duration, BackendError};
+use prometheus_client::registry::Registry;
+
+pub use consume::ConsumeSummary;
+pub use replay::ReplaySummary;
+
+use crate::checks::Checks;
+use crate::dead_letters::DeadLetters;
+use crate::metrics::ConsumerMetrics;
+use crate::sink::PointsSink;
+
+/// A consume or replay run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// A backing service was unreachable at start.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// Kafka failed.
+    #[error("kafka: {0}")]
+    Kafka(String),
+    /// ClickHouse failed (replay gives up; consume retries instead).
+    #[error("clickhouse: {0}")]
+    ClickHouse(String),
+    /// Postgres failed while reading data types or the erasure list.
+    #[error("postgres: {0}")]
+    Postgres(sqlx::Error),
+    /// Shutdown came while ClickHouse was failing: the batch was not written and its offsets not
+    /// committed; the frames will be read again.
+    #[error("stopped while clickhouse was failing: {frames} frames not written; their offsets were not committed, so they will be read again")]
+    Abandoned {
+        /// Frames not written.
+        frames: usize,
+    },
+}
+
+/// When a batch is written.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct BatchLimits {
+    /// Write the batch when it holds this many rows (points).
+    #[arg(
+        long = "batch-max-rows",
+        id = "batch_max_rows",
+        value_name = "N",
+        env = "BIOFEED_BATCH_MAX_ROWS",
+        default_value_t = 1_000_000
+    )]
+    pub max_rows: usize,
+    /// Write the batch when its frames take this many bytes (bounds memory).
+    #[arg(long = "batch-max-bytes", id = "batch_max_bytes", value_name = "BYTES", env = "BIOFEED_BATCH_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_bytes: usize,
+    /// Write the batch when its oldest frame has waited this long.
+    #[arg(long = "batch-max-age", id = "batch_max_age", value_name = "DURATION", env = "BIOFEED_BATCH_MAX_AGE", default_value = "1s", value_parser = parse_duration)]
+    pub max_age: Duration,
+}
+
+/// Settings of `biofeed consume`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsumeSettings {
+    /// Consumer group: consumers with the same group share the partitions.
+    #[arg(
+        long = "group",
+        id = "consumer_group",
+        value_name = "NAME",
+        env = "BIOFEED_CONSUMER_GROUP",
+        default_value = "biofeed-consumers"
+    )]
+    pub group: String,
+    /// How often the data types and the erasure list are re-read from Postgres.
+    #[arg(long = "refresh", id = "consumer_refresh", value_name = "DURATION", env = "BIOFEED_CONSUMER_REFRESH", default_value = "10s", value_parser = parse_duration)]
+    pub refresh: Duration,
+    /// Batching.
+    #[command(flatten)]
+    pub batch: BatchLimits,
+    /// Where Postgres is.
+    #[command(flatten, next_help_heading = "Postgres")]
+    pub postgres: PostgresSettings,
+    /// Where ClickHouse is.
+    #[command(flatten, next_help_heading = "ClickHouse")]
+    pub clickhouse: ClickHouseSettings,
+    /// Where Kafka is.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub kafka: KafkaSettings,
+    /// The topics' names.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub topics: TopicNames,
+}
+
+/// Settings of `biofeed replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplaySettings {
+    /// Replay messages from this time on (RFC 3339, e.g. 2026-11-24T08:00:00Z); default: the
+    /// oldest retained.
+    #[arg(long, value_name = "TIME", value_parser = replay::parse_time)]
+    pub from: Option<i64>,
+    /// Replay messages before this time (RFC 3339); default: up to the end at start.
+    #[arg(long, value_name = "TIME", value_parser = replay::parse_time)]
+    pub to: Option<i64>,
+    /// Only this partition.
+    #[arg(long, value_name = "N")]
+    pub partition: Option<i32>,
+    /// Re-drive the dead-letter topic instead of the points topic (after fixing what made the
+    /// frames fail).
+    #[arg(long)]
+    pub dlq: bool,
+    /// Batching.
+    #[command(flatten)]
+    pub batch: BatchLimits,
+    /// Where Postgres is.
+    #[command(flatten, next_help_heading = "Postgres")]
+    pub postgres: PostgresSettings,
+    /// Where ClickHouse is.
+    #[command(flatten, next_help_heading = "ClickHouse")]
+    pub clickhouse: ClickHouseSettings,
+    /// Where Kafka is.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub kafka: KafkaSettings,
+    /// The topics' names.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub topics: TopicNames,
+}
+
+/// A consumer connected to its services with its metrics registered, ready to run.
+pub struct PreparedConsumer {
+    parts: consume::LoopParts,
+    config: rdkafka::ClientConfig,
+    topic: String,
+}
+
+/// Connects to Postgres, ClickHouse and Kafka (failing fast, naming the setting) and registers
+/// the consumer's metrics in `registry`.
+pub async fn prepare(
+    settings: ConsumeSettings,
+    registry: &mut Registry,
+) -> Result<PreparedConsumer, ConsumeError> {
+    let pool = settings.postgres.connect().await?;
+    let ch = settings.clickhouse.connect().await?;
+    settings.kafka.connect_admin().await?;
+    let parts = consume::LoopParts {
+        rt: tokio::runtime::Handle::current(),
+        sink: PointsSink::new(ch.client(), "points"),
+        dead: DeadLetters::new(&settings.kafka, &settings.topics.dlq)
+            .map_err(|e| ConsumeError::Kafka(e.to_string()))?,
+        pool,
+        metrics: ConsumerMetrics::register(registry),
+        limits: settings.batch,
+        refresh: settings.refresh,
+        shutdown: Arc::new(AtomicBool::new(false)),
+    };
+    let mut config = settings.kafka.client_config();
+    config
+        .set("client.id", "biofeed-consumer")
+        .set("group.id", &settings.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("max.poll.interval.ms", "600000")
+        .set("queued.max.messages.kbytes", "65536")
+        .set("fetch.max.bytes", "52428800");
+    Ok(PreparedConsumer {
+        parts,
+        config,
+        topic: settings.topics.points.clone(),
+    })
+}
+
+impl PreparedConsumer {
+    /// Consumes until `shutdown` is set, then writes and commits what it holds.
+    pub async fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<ConsumeSummary, ConsumeError> {
+        self.parts.shutdown = shutdown;
+        let (parts, config, topic) = (self.parts, self.config, self.topic);
+        tokio::task::spawn_blocking(move || consume::consume_loop(parts, config, &topic))
+            .await
+            .map_err(|e| ConsumeError::Kafka(format!("the consume thread failed: {e}")))?
+    }
+}
+
+/// Replays, reporting progress as (messages read, messages in range).
+pub async fn replay(
+    settings: ReplaySettings,
+    progress: impl Fn(u64, u64) + Send + 'static,
+) -> Result<ReplaySummary, ConsumeError> {
+    let pool = settings.postgres.connect().await?;
+    let ch = settings.clickhouse.connect().await?;
+    settings.kafka.connect_admin().await?;
+    let checks = Checks::load(&pool).await.map_err(ConsumeError::Postgres)?;
+    let sink = PointsSink::new(ch.client(), "points");
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        replay::replay_blocking(rt, &settings, sink, checks, &progress)
+    })
+    .await
+    .map_err(|e| ConsumeError::Kafka(format!("the replay thread failed: {e}")))?
+}
+
+/// Sets `flag` on SIGTERM or Ctrl-C.
+pub fn stop_on_signal(flag: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            } else {
+                let _ = ctrl_c.await;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("stopping: writing and committing the batch in hand");
+        flag.store(true, Ordering::Relaxed);
+    });
+}

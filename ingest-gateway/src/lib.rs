@@ -19,6 +19,7 @@ pub mod bench;
 pub mod body;
 pub mod catalog;
 pub mod metrics;
+pub mod metrics_endpoint;
 pub mod points;
 pub mod problem;
 pub mod publisher;

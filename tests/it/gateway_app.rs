@@ -152,8 +152,19 @@ impl TestGateway {
     }
 }
 
-/// Reads a topic from the beginning until no message arrives for a second.
-pub async fn read_topic(brokers: &str, topic: &str) -> Vec<(String, Vec<u8>)> {
+/// A message read back from a topic.
+pub struct TopicMessage {
+    /// Its key, as text.
+    pub key: String,
+    /// Its value.
+    pub payload: Vec<u8>,
+    /// Its headers, as text.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads a topic from the beginning until no message arrives for two seconds.
+pub async fn read_messages(brokers: &str, topic: &str) -> Vec<TopicMessage> {
+    use rdkafka::message::Headers;
     let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -176,15 +187,38 @@ pub async fn read_topic(brokers: &str, topic: &str) -> Vec<(String, Vec<u8>)> {
         let mut messages = Vec::new();
         while let Some(message) = consumer.poll(Duration::from_secs(2)) {
             let message = message.unwrap();
-            messages.push((
-                String::from_utf8(message.key().unwrap_or_default().to_vec()).unwrap(),
-                message.payload().unwrap_or_default().to_vec(),
-            ));
+            let headers = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| {
+                            (
+                                x.key.to_owned(),
+                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            messages.push(TopicMessage {
+                key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+                payload: message.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
         }
         messages
     })
     .await
     .unwrap()
+}
+
+/// Every message of a topic as (key, value).
+pub async fn read_topic(brokers: &str, topic: &str) -> Vec<(String, Vec<u8>)> {
+    read_messages(brokers, topic)
+        .await
+        .into_iter()
+        .map(|m| (m.key, m.payload))
+        .collect()
 }
 
 /// Microseconds since the epoch, now.

@@ -5,10 +5,12 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test here
 
 mod compose_file;
+mod consumers;
 mod gateway;
 mod gateway_app;
 mod helpers;
 mod migrate;
+mod private_clickhouse;
 mod private_kafka;
 mod services;
 mod settings;

@@ -24,7 +24,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
 
     let before = crate::helpers::run_biofeed(&["migrate", "--status"], &env()).await;
     assert_eq!(before.code, 0, "{before:?}");
-    assert!(before.stdout.contains("postgres: 2 pending"), "{before:?}");
+    assert!(before.stdout.contains("postgres: 3 pending"), "{before:?}");
     assert!(
         before.stdout.contains("clickhouse: 3 pending"),
         "{before:?}"
@@ -38,7 +38,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     let first = crate::helpers::run_biofeed(&["migrate"], &env()).await;
     assert_eq!(first.code, 0, "{first:?}");
     assert!(
-        first.stdout.contains("postgres: 2 applied now"),
+        first.stdout.contains("postgres: 3 applied now"),
         "{first:?}"
     );
     assert!(
@@ -105,6 +105,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
         "devices",
         "failed_jobs",
         "audit_log",
+        "erased_users",
     ] {
         let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
             .bind(table)

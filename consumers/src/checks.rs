@@ -1,0 +1,104 @@
+//! What a consumer checks before writing a frame: it decodes, it is well shaped, its data type is
+//! known with that channel count and its values lie in range; and its user is not erased.
+//! Frames failing a check are dead letters; frames of erased users are dropped.
+
+use std::collections::{HashMap, HashSet};
+
+use biofeed_schema::SensorFrame;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// A known data type's shape and range.
+#[derive(Debug, Clone, Copy)]
+struct Spec {
+    channels: u16,
+    min: f32,
+    max: f32,
+}
+
+/// The data types and the erasure list, read from Postgres and refreshed periodically.
+#[derive(Debug, Default)]
+pub struct Checks {
+    data_types: HashMap<String, Spec>,
+    erased: HashSet<Uuid>,
+}
+
+/// What to do with a message.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Write it.
+    Write(SensorFrame),
+    /// Its user is erased: drop it, count it.
+    Erased,
+    /// Dead-letter it, with the reason (which names fields and values, never personal data).
+    Dead(String),
+}
+
+impl Checks {
+    /// Reads the data types and the erasure list.
+    pub async fn load(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        let rows: Vec<(String, i16, f32, f32)> =
+            sqlx::query_as("SELECT name, channels, min_value, max_value FROM data_types")
+                .fetch_all(pool)
+                .await?;
+        let data_types = rows
+            .into_iter()
+            .filter_map(|(name, channels, min, max)| {
+                Some((
+                    name,
+                    Spec {
+                        channels: u16::try_from(channels).ok()?,
+                        min,
+                        max,
+                    },
+                ))
+            })
+            .collect();
+        let erased: Vec<Uuid> = sqlx::query_scalar("SELECT user_id FROM erased_users")
+            .fetch_all(pool)
+            .await?;
+        Ok(Self {
+            data_types,
+            erased: erased.into_iter().collect(),
+        })
+    }
+
+    /// How many users are on the erasure list.
+    pub fn erased_users(&self) -> usize {
+        self.erased.len()
+    }
+
+    /// Judges one message's payload.
+    pub fn judge(&self, payload: &[u8]) -> Verdict {
+        let frame = match biofeed_schema::decode(payload) {
+            Ok(frame) => frame,
+            Err(e) => return Verdict::Dead(format!("undecodable: {e}")),
+        };
+        if self.erased.contains(&frame.user_id) {
+            return Verdict::Erased;
+        }
+        if let Err(e) = frame.check_shape() {
+            return Verdict::Dead(format!("misshapen: {e}"));
+        }
+        let Some(spec) = self.data_types.get(frame.data_type.as_str()) else {
+            return Verdict::Dead(format!("unknown data type {}", frame.data_type));
+        };
+        if spec.channels != frame.channels {
+            return Verdict::Dead(format!(
+                "{} has {} channels, the frame {}",
+                frame.data_type, spec.channels, frame.channels
+            ));
+        }
+        if let Some(i) = frame
+            .values
+            .iter()
+            .position(|v| !(v.is_finite() && *v >= spec.min && *v <= spec.max))
+        {
+            return Verdict::Dead(format!(
+                "value {i} of {} is outside {}..={} or not finite",
+                frame.data_type, spec.min, spec.max
+            ));
+        }
+        Verdict::Write(frame)
+    }
+}

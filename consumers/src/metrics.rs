@@ -1,0 +1,98 @@
+//! Prometheus metrics of the consumer.
+
+use std::sync::atomic::AtomicI64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A partition, for lag.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+}
+
+/// The consumer's metrics.
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    /// Rows written to ClickHouse (rate = rows/s).
+    pub rows_written: Counter,
+    /// Frames written.
+    pub frames_written: Counter,
+    /// Rows per insert.
+    pub batch_rows: Histogram,
+    /// Seconds per insert, retries included.
+    pub insert_latency: Histogram,
+    /// Failed insert attempts (each retried).
+    pub insert_failures: Counter,
+    /// Frames sent to the dead-letter topic.
+    pub dead_lettered: Counter,
+    /// Frames dropped because their user is erased.
+    pub dropped_erased: Counter,
+    /// Messages behind the end of each partition.
+    pub lag: Family<PartitionLabels, Gauge<i64, AtomicI64>>,
+}
+
+impl ConsumerMetrics {
+    /// Creates the metrics and registers them under `biofeed_consumer_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let registry = registry.sub_registry_with_prefix("biofeed_consumer");
+        let metrics = Self {
+            rows_written: Counter::default(),
+            frames_written: Counter::default(),
+            batch_rows: Histogram::new(exponential_buckets(100.0, 4.0, 10)),
+            insert_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            insert_failures: Counter::default(),
+            dead_lettered: Counter::default(),
+            dropped_erased: Counter::default(),
+            lag: Family::default(),
+        };
+        registry.register(
+            "rows_written",
+            "rows written to ClickHouse",
+            metrics.rows_written.clone(),
+        );
+        registry.register(
+            "frames_written",
+            "frames written to ClickHouse",
+            metrics.frames_written.clone(),
+        );
+        registry.register(
+            "batch_rows",
+            "rows per ClickHouse insert",
+            metrics.batch_rows.clone(),
+        );
+        registry.register(
+            "insert_latency_seconds",
+            "time per insert, retries included",
+            metrics.insert_latency.clone(),
+        );
+        registry.register(
+            "insert_failures",
+            "failed insert attempts, each retried",
+            metrics.insert_failures.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "frames sent to the dead-letter topic",
+            metrics.dead_lettered.clone(),
+        );
+        registry.register(
+            "dropped_erased",
+            "frames dropped because their user is erased",
+            metrics.dropped_erased.clone(),
+        );
+        registry.register(
+            "lag",
+            "messages behind the end of the partition",
+            metrics.lag.clone(),
+        );
+        metrics
+    }
+}

@@ -1,0 +1,238 @@
+//! `biofeed replay`: read a time range of the points topic (or the dead-letter topic) again and
+//! write it to ClickHouse. Safe beside the running consumers: it reads with a group of its own,
+//! commits nothing, and rows it writes again collapse into the originals.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use biofeed_schema::SensorFrame;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+use crate::checks::{Checks, Verdict};
+use crate::sink::PointsSink;
+use crate::{ConsumeError, ReplaySettings};
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReplaySummary {
+    /// Messages read.
+    pub messages: u64,
+    /// Frames written to ClickHouse.
+    pub frames: u64,
+    /// Points (rows) written.
+    pub points: u64,
+    /// Messages skipped because they still fail the checks (they are in the dead-letter topic
+    /// already; replay does not dead-letter them twice).
+    pub skipped: u64,
+    /// Frames dropped because their user is erased.
+    pub dropped_erased: u64,
+}
+
+/// Parses an RFC 3339 time (`2026-11-24T08:00:00Z`) into milliseconds since the epoch.
+pub fn parse_time(value: &str) -> Result<i64, String> {
+    let time = humantime::parse_rfc3339_weak(value).map_err(|e| {
+        format!("'{value}' is not an RFC 3339 time such as 2026-11-24T08:00:00Z ({e})")
+    })?;
+    let millis = time
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| format!("'{value}' is before 1970"))?
+        .as_millis();
+    i64::try_from(millis).map_err(|_| format!("'{value}' is too far in the future"))
+}
+
+/// The range of one partition to read: `[start, end)`.
+struct Range {
+    partition: i32,
+    start: i64,
+    end: i64,
+}
+
+/// Runs on a blocking thread; `progress` is told each message read out of the total.
+pub(crate) fn replay_blocking(
+    rt: Handle,
+    settings: &ReplaySettings,
+    sink: PointsSink,
+    checks: Checks,
+    progress: &dyn Fn(u64, u64),
+) -> Result<ReplaySummary, ConsumeError> {
+    let topic = if settings.dlq {
+        &settings.topics.dlq
+    } else {
+        &settings.topics.points
+    };
+    let kafka = |e: rdkafka::error::KafkaError| ConsumeError::Kafka(e.to_string());
+    let consumer: BaseConsumer = settings
+        .kafka
+        .client_config()
+        .set(
+            "group.id",
+            format!("biofeed-replay-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .map_err(kafka)?;
+    let timeout = settings.kafka.connect_timeout.max(Duration::from_secs(5));
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(kafka)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .filter(|p| settings.partition.is_none_or(|only| only == *p))
+        .collect();
+    if partitions.is_empty() {
+        return Err(ConsumeError::Kafka(match settings.partition {
+            Some(p) => format!("topic {topic} has no partition {p}"),
+            None => format!("topic {topic} does not exist"),
+        }));
+    }
+
+    // Where each partition starts and ends: by timestamp, or the whole retained log.
+    let by_time = |millis: i64| -> Result<HashMap<i32, i64>, ConsumeError> {
+        let mut query = TopicPartitionList::new();
+        for p in &partitions {
+            query
+                .add_partition_offset(topic, *p, Offset::Offset(millis))
+                .map_err(kafka)?;
+        }
+        let answer = consumer.offsets_for_times(query, timeout).map_err(kafka)?;
+        Ok(answer
+            .elements()
+            .iter()
+            .map(|e| {
+                (
+                    e.partition(),
+                    match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => i64::MAX,
+                    },
+                )
+            })
+            .collect())
+    };
+    let starts = settings.from.map(by_time).transpose()?;
+    let ends = settings.to.map(by_time).transpose()?;
+    let mut ranges = Vec::new();
+    for p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, timeout)
+            .map_err(kafka)?;
+        let start = starts
+            .as_ref()
+            .and_then(|s| s.get(p).copied())
+            .unwrap_or(low)
+            .clamp(low, high);
+        let end = ends
+            .as_ref()
+            .and_then(|e| e.get(p).copied())
+            .unwrap_or(high)
+            .clamp(start, high);
+        if end > start {
+            ranges.push(Range {
+                partition: *p,
+                start,
+                end,
+            });
+        }
+    }
+    let total: u64 = ranges.iter().map(|r| (r.end - r.start) as u64).sum();
+    let mut summary = ReplaySummary::default();
+    if ranges.is_empty() {
+        return Ok(summary);
+    }
+    let mut assignment = TopicPartitionList::new();
+    for r in &ranges {
+        assignment
+            .add_partition_offset(topic, r.partition, Offset::Offset(r.start))
+            .map_err(kafka)?;
+    }
+    consumer.assign(&assignment).map_err(kafka)?;
+
+    let mut done: HashMap<i32, bool> = ranges.iter().map(|r| (r.partition, false)).collect();
+    let ends: HashMap<i32, i64> = ranges.iter().map(|r| (r.partition, r.end)).collect();
+    let mut batch: Vec<SensorFrame> = Vec::new();
+    let mut batch_rows = 0usize;
+    let mut idle_since = std::time::Instant::now();
+    while done.values().any(|d| !d) {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                idle_since = std::time::Instant::now();
+                let end = ends.get(&message.partition()).copied().unwrap_or(0);
+                if message.offset() >= end {
+                    done.insert(message.partition(), true);
+                    continue;
+                }
+                if message.offset() + 1 >= end {
+                    done.insert(message.partition(), true);
+                }
+                summary.messages += 1;
+                match checks.judge(message.payload().unwrap_or_default()) {
+                    Verdict::Write(frame) => {
+                        batch_rows += frame.samples();
+                        batch.push(frame);
+                    }
+                    Verdict::Erased => summary.dropped_erased += 1,
+                    Verdict::Dead(reason) => {
+                        tracing::info!(
+                            reason,
+                            partition = message.partition(),
+                            offset = message.offset(),
+                            "skipping a frame that still fails the checks"
+                        );
+                        summary.skipped += 1;
+                    }
+                }
+                progress(summary.messages, total);
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "kafka error during replay"),
+            None => {
+                // Messages deleted by retention mid-range leave gaps; stop waiting eventually.
+                if idle_since.elapsed() > Duration::from_secs(30) {
+                    return Err(ConsumeError::Kafka(
+                        "no messages for 30 s before the end of the range".to_owned(),
+                    ));
+                }
+            }
+        }
+        if batch_rows >= settings.batch.max_rows || (!batch.is_empty() && done.values().all(|d| *d))
+        {
+            write(&rt, &sink, &mut batch, &mut summary)?;
+            batch_rows = 0;
+        }
+    }
+    write(&rt, &sink, &mut batch, &mut summary)?;
+    Ok(summary)
+}
+
+fn write(
+    rt: &Handle,
+    sink: &PointsSink,
+    batch: &mut Vec<SensorFrame>,
+    summary: &mut ReplaySummary,
+) -> Result<(), ConsumeError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let rows = rt
+        .block_on(sink.insert(batch))
+        .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
+    summary.frames += batch.len() as u64;
+    summary.points += rows;
+    batch.clear();
+    Ok(())
+}
+
+/// Now, in milliseconds since the epoch (for tests and defaults).
+pub fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,478 @@
+//! `biofeed consume` and `biofeed replay`, run as the real binary against real Kafka and
+//! ClickHouse (private instances where a test stops one).
+
+use std::time::Duration;
+
+use biofeed_schema::{DataTypeName, SensorFrame};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use uuid::Uuid;
+
+use crate::helpers::Isolated;
+
+/// A consumer process of the real binary.
+struct ConsumerProcess {
+    child: tokio::process::Child,
+}
+
+impl ConsumerProcess {
+    fn start(env: &[(&'static str, String)]) -> Self {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
+        command
+            .arg("consume")
+            .env("BIOFEED_CONSUMER_METRICS_LISTEN", "127.0.0.1:0")
+            .env("BIOFEED_BATCH_MAX_AGE", "200ms")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Self {
+            child: command.spawn().unwrap(),
+        }
+    }
+
+    /// SIGTERM, then the exit code and standard error.
+    async fn stop(self) -> (i32, String) {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let output = tokio::time::timeout(Duration::from_secs(60), self.child.wait_with_output())
+            .await
+            .expect("the consumer stops after SIGTERM")
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// SIGKILL: no chance to flush or commit.
+    async fn kill9(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// The environment for this test's consumer: its stores plus its own consumer group.
+fn consumer_env(
+    stores: &Isolated,
+    extra: &[(&'static str, String)],
+) -> Vec<(&'static str, String)> {
+    let mut env = stores.env();
+    env.push((
+        "BIOFEED_CONSUMER_GROUP",
+        format!("test-group-{}", stores.id),
+    ));
+    env.push(("BIOFEED_CONSUMER_REFRESH", "1s".to_owned()));
+    for (k, v) in extra {
+        env.retain(|(key, _)| key != k);
+        env.push((k, v.clone()));
+    }
+    env
+}
+
+/// `count` frames of `samples` RR intervals each, in `sessions` sessions, values distinct.
+fn frames(user: Uuid, sessions: usize, count: usize, samples: usize) -> Vec<SensorFrame> {
+    let session_ids: Vec<Uuid> = (0..sessions).map(|_| Uuid::new_v4()).collect();
+    let t0 = 1_764_000_000_000_000i64;
+    (0..count)
+        .map(|i| SensorFrame {
+            frame_id: Uuid::new_v4(),
+            session_id: session_ids[i % sessions],
+            user_id: user,
+            device_id: Uuid::nil(),
+            data_type: DataTypeName::parse("rr_interval").unwrap(),
+            channels: 1,
+            received_at_us: t0,
+            t0_us: t0 + (i / sessions) as i64 * 1_000_000_000,
+            offsets_us: (0..samples as i64).map(|s| s * 1_000).collect(),
+            values: (0..samples)
+                .map(|s| 300.0 + ((i * samples + s) % 2000) as f32)
+                .collect(),
+        })
+        .collect()
+}
+
+async fn produce(
+    brokers: &str,
+    topic: &str,
+    payloads: impl IntoIterator<Item = (String, Vec<u8>)>,
+) {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let mut deliveries = Vec::new();
+    for (key, payload) in payloads {
+        let delivery = producer
+            .send_result(FutureRecord::to(topic).key(&key).payload(&payload))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        deliveries.push(delivery);
+    }
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+async fn produce_frames(stores: &Isolated, frames: &[SensorFrame]) {
+    produce(
+        &stores.settings.kafka.brokers,
+        &stores.settings.topics.points,
+        frames
+            .iter()
+            .map(|f| (f.session_id.to_string(), biofeed_schema::encode(f))),
+    )
+    .await;
+}
+
+async fn clickhouse_count(stores: &Isolated, sql: &str) -> u64 {
+    let ch = stores.settings.clickhouse.connect().await.unwrap();
+    ch.client().query(sql).fetch_one::<u64>().await.unwrap()
+}
+
+/// Waits until `SELECT count() FROM points FINAL` reaches `expected` (a watchdog, not a timing).
+async fn wait_for_points(stores: &Isolated, expected: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = clickhouse_count(stores, "SELECT count() FROM points FINAL").await;
+        if now == expected {
+            return;
+        }
+        assert!(now < expected, "more points than sent: {now} > {expected}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {now} of {expected} points arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn points_of(frames: &[SensorFrame]) -> u64 {
+    frames.iter().map(|f| f.samples() as u64).sum()
+}
+
+async fn migrated() -> Isolated {
+    let stores = Isolated::new().await;
+    biofeed_migrations::migrate(&stores.settings)
+        .await
+        .expect("migrate");
+    stores
+}
+
+#[derive(clickhouse::Row, serde::Deserialize, Debug, PartialEq)]
+struct StoredRow {
+    #[serde(with = "clickhouse::serde::uuid")]
+    user_id: Uuid,
+    #[serde(with = "clickhouse::serde::uuid")]
+    session_id: Uuid,
+    data_type: String,
+    t_us: i64,
+    values: Vec<f32>,
+}
+
+#[tokio::test]
+async fn every_point_sent_is_stored_once_and_exactly_as_sent() {
+    let stores = migrated().await;
+    let user = Uuid::new_v4();
+    let sent = frames(user, 3, 30, 100);
+    produce_frames(&stores, &sent).await;
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(&sent)).await;
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+
+    let ch = stores.settings.clickhouse.connect().await.unwrap();
+    let mut stored: Vec<StoredRow> = ch
+        .client()
+        .query("SELECT user_id, session_id, data_type, t_us, values FROM points FINAL")
+        .fetch_all()
+        .await
+        .unwrap();
+    let mut expected: Vec<StoredRow> = sent
+        .iter()
+        .flat_map(|f| {
+            (0..f.samples()).map(move |i| StoredRow {
+                user_id: f.user_id,
+                session_id: f.session_id,
+                data_type: f.data_type.to_string(),
+                t_us: f.time_us(i).unwrap(),
+                values: f.sample(i).unwrap().to_vec(),
+            })
+        })
+        .collect();
+    let key = |r: &StoredRow| (r.session_id, r.t_us);
+    stored.sort_by_key(key);
+    expected.sort_by_key(key);
+    assert_eq!(stored, expected);
+}
+
+#[tokio::test]
+async fn a_consumer_killed_mid_batch_and_restarted_still_stores_exactly_n() {
+    let stores = migrated().await;
+    let sent = frames(Uuid::new_v4(), 6, 400, 250);
+    produce_frames(&stores, &sent).await;
+    // Small batches so that the kill lands between an insert and its commit, or mid-insert.
+    let env = consumer_env(&stores, &[("BIOFEED_BATCH_MAX_ROWS", "5000".to_owned())]);
+    let consumer = ConsumerProcess::start(&env);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while clickhouse_count(&stores, "SELECT count() FROM points").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumer never wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.kill9().await;
+    let partial = clickhouse_count(&stores, "SELECT count() FROM points FINAL").await;
+    assert!(
+        partial < points_of(&sent),
+        "killed before the end ({partial})"
+    );
+
+    let consumer = ConsumerProcess::start(&env);
+    wait_for_points(&stores, points_of(&sent)).await;
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
+        points_of(&sent)
+    );
+}
+
+#[tokio::test]
+async fn clickhouse_away_for_twenty_seconds_loses_nothing_and_dead_letters_nothing() {
+    let mut clickhouse = crate::private_clickhouse::PrivateClickHouse::start().await;
+    let mut stores = Isolated::new().await;
+    stores.settings.clickhouse.url = clickhouse.url().parse().unwrap();
+    biofeed_migrations::migrate(&stores.settings)
+        .await
+        .expect("migrate");
+    let sent = frames(Uuid::new_v4(), 4, 200, 250);
+    let (first, second) = sent.split_at(100);
+    produce_frames(&stores, first).await;
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(first)).await;
+
+    clickhouse.kill();
+    produce_frames(&stores, second).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    clickhouse.restart().await;
+
+    wait_for_points(&stores, points_of(&sent)).await;
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("0 frames dead-lettered"), "{stderr}");
+    let dlq =
+        crate::gateway_app::read_topic(&stores.settings.kafka.brokers, &stores.settings.topics.dlq)
+            .await;
+    assert!(dlq.is_empty());
+}
+
+#[tokio::test]
+async fn a_kafka_restart_mid_stream_loses_nothing() {
+    let mut kafka = crate::private_kafka::PrivateKafka::start().await;
+    let mut stores = Isolated::new().await;
+    stores.settings.kafka.brokers = kafka.brokers();
+    biofeed_migrations::migrate(&stores.settings)
+        .await
+        .expect("migrate");
+    let sent = frames(Uuid::new_v4(), 4, 200, 250);
+    let (first, second) = sent.split_at(100);
+    produce_frames(&stores, first).await;
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(first)).await;
+
+    kafka.restart().await;
+    produce_frames(&stores, second).await;
+    wait_for_points(&stores, points_of(&sent)).await;
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test]
+async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once_after_the_fix() {
+    let stores = migrated().await;
+    let user = Uuid::new_v4();
+    let good = frames(user, 2, 20, 50);
+    // A frame of a data type nobody registered yet, and bytes that are no frame at all.
+    let mut unknown = frames(user, 1, 1, 10).remove(0);
+    unknown.data_type = DataTypeName::parse("emg").unwrap();
+    let mut payloads: Vec<(String, Vec<u8>)> = good
+        .iter()
+        .map(|f| (f.session_id.to_string(), biofeed_schema::encode(f)))
+        .collect();
+    payloads.insert(
+        7,
+        (
+            unknown.session_id.to_string(),
+            biofeed_schema::encode(&unknown),
+        ),
+    );
+    payloads.insert(12, ("garbage".to_owned(), b"not a frame".to_vec()));
+    produce(
+        &stores.settings.kafka.brokers,
+        &stores.settings.topics.points,
+        payloads,
+    )
+    .await;
+
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(&good)).await;
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("2 frames dead-lettered"), "{stderr}");
+
+    // Both poison messages are in the DLQ, with their reasons and origin.
+    let dlq = dead_letters(&stores).await;
+    assert_eq!(dlq.len(), 2);
+    let reasons: Vec<&str> = dlq.iter().map(|d| d.0.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("unknown data type emg")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("undecodable")),
+        "{reasons:?}"
+    );
+    assert!(dlq
+        .iter()
+        .all(|d| d.1 == stores.settings.topics.points && d.2.is_some()));
+
+    // The fix: register the data type. Then re-drive the dead letters, twice.
+    let pg = stores.settings.postgres.connect().await.unwrap();
+    sqlx::query("INSERT INTO data_types (id, name, description, unit, channels, min_value, max_value) VALUES (100, 'emg', 'electromyogram', 'µV', 1, 0, 5000)")
+        .execute(&pg)
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let run = stores.biofeed(&["replay", "--dlq"]).await;
+        assert_eq!(run.code, 0, "{run:?}");
+        let summary: serde_json::Value =
+            serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(
+            (
+                summary["messages"].as_u64(),
+                summary["frames"].as_u64(),
+                summary["skipped"].as_u64()
+            ),
+            (Some(2), Some(1), Some(1)),
+            "{run:?}"
+        );
+    }
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
+        points_of(&good) + 10
+    );
+    assert_eq!(
+        clickhouse_count(
+            &stores,
+            "SELECT count() FROM points FINAL WHERE data_type = 'emg'"
+        )
+        .await,
+        10
+    );
+}
+
+/// (reason, source topic, source offset) of each dead letter.
+async fn dead_letters(stores: &Isolated) -> Vec<(String, String, Option<i64>)> {
+    crate::gateway_app::read_messages(&stores.settings.kafka.brokers, &stores.settings.topics.dlq)
+        .await
+        .into_iter()
+        .map(|m| {
+            let header = |name: &str| {
+                m.headers
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            (
+                header("biofeed.error").unwrap_or_default(),
+                header("biofeed.source.topic").unwrap_or_default(),
+                header("biofeed.source.offset").and_then(|o| o.parse().ok()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn replaying_the_whole_topic_changes_no_count_and_no_value() {
+    let stores = migrated().await;
+    let sent = frames(Uuid::new_v4(), 3, 60, 200);
+    produce_frames(&stores, &sent).await;
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(&sent)).await;
+
+    let fingerprint = "SELECT count(), sum(arraySum(values)), min(t_us), max(t_us), uniqExact(session_id) FROM points FINAL";
+    let ch = stores.settings.clickhouse.connect().await.unwrap();
+    let before: (u64, f64, i64, i64, u64) =
+        ch.client().query(fingerprint).fetch_one().await.unwrap();
+    // Replay while the consumer still runs.
+    let run = stores
+        .biofeed(&["replay", "--from", "2020-01-01T00:00:00Z"])
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("replayed {} messages", sent.len())),
+        "{run:?}"
+    );
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    let after: (u64, f64, i64, i64, u64) =
+        ch.client().query(fingerprint).fetch_one().await.unwrap();
+    assert_eq!(before, after);
+    assert_eq!(after.0, points_of(&sent));
+
+    // Bad replay arguments are refused before anything is read.
+    for (args, named) in [
+        (vec!["replay", "--from", "yesterday"], "--from"),
+        (vec!["replay", "--partition", "x"], "--partition"),
+    ] {
+        let run = stores.biofeed(&args).await;
+        assert_eq!(run.code, 2, "{run:?}");
+        assert!(run.stderr.contains(named), "{run:?}");
+    }
+    let run = stores.biofeed(&["replay", "--partition", "99"]).await;
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("no partition 99"), "{run:?}");
+}
+
+#[tokio::test]
+async fn frames_of_erased_users_are_dropped_on_consume_and_on_replay() {
+    let stores = migrated().await;
+    let (kept, erased) = (Uuid::new_v4(), Uuid::new_v4());
+    let pg = stores.settings.postgres.connect().await.unwrap();
+    sqlx::query("INSERT INTO erased_users (user_id) VALUES ($1)")
+        .bind(erased)
+        .execute(&pg)
+        .await
+        .unwrap();
+    let keep = frames(kept, 2, 10, 50);
+    let drop = frames(erased, 2, 10, 50);
+    produce_frames(&stores, &keep).await;
+    produce_frames(&stores, &drop).await;
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(&keep)).await;
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("10 frames of erased users dropped"),
+        "{stderr}"
+    );
+    let run = stores.biofeed(&["replay"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let summary: serde_json::Value =
+        serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["dropped_erased"], 10);
+    let erased_rows = clickhouse_count(
+        &stores,
+        &format!("SELECT count() FROM points WHERE user_id = toUUID('{erased}')"),
+    )
+    .await;
+    assert_eq!(erased_rows, 0);
+}

@@ -1,0 +1,116 @@
+//! A ClickHouse server of one test's own, for tests that stop it without disturbing the shared
+//! one: the same binary and configuration template as `compose/local`, on free ports, in a
+//! temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A ClickHouse server process of this test's.
+pub struct PrivateClickHouse {
+    dir: PathBuf,
+    http_port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl PrivateClickHouse {
+    /// Starts a server; returns when it answers queries.
+    pub async fn start() -> Self {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir =
+            std::env::temp_dir().join(format!("biofeed-ch-{}", uuid::Uuid::new_v4().simple()));
+        for sub in [
+            "clickhouse/data",
+            "clickhouse/tmp",
+            "clickhouse/user_files",
+            "clickhouse/format_schemas",
+            "clickhouse/log",
+        ] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let http_port = free_port();
+        let config = std::fs::read_to_string(repo.join("compose/clickhouse/config.xml.in"))
+            .unwrap()
+            .replace("@STATE@", &dir.display().to_string())
+            .replace("@HTTP_PORT@", &http_port.to_string())
+            .replace("@TCP_PORT@", &free_port().to_string())
+            .replace("@INTERSERVER_PORT@", &free_port().to_string());
+        std::fs::write(dir.join("clickhouse/config.xml"), config).unwrap();
+        std::fs::copy(
+            repo.join("compose/clickhouse/users.xml"),
+            dir.join("clickhouse/users.xml"),
+        )
+        .unwrap();
+        let mut server = Self {
+            dir,
+            http_port,
+            child: None,
+        };
+        server.launch().await;
+        server
+    }
+
+    /// The HTTP URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    async fn launch(&mut self) {
+        let config = self.dir.join("clickhouse/config.xml");
+        let child = Command::new("clickhouse-server")
+            .arg(format!("--config-file={}", config.display()))
+            .current_dir(self.dir.join("clickhouse"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("clickhouse-server runs (compose/local up installs it)");
+        self.child = Some(child);
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let answer = client
+                .get(format!("{}/?query=SELECT%201", self.url()))
+                .send()
+                .await;
+            if answer.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "private clickhouse did not start; see {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Kills the server outright.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
