@@ -114,6 +114,12 @@ pub enum BenchCommand {
     /// bench user and topic of its own.
     #[command(after_help = AFTER_HELP)]
     Gateway(biofeed_ingest_gateway::bench::BenchGatewaySettings),
+
+    /// Points per second one consumer drains from Kafka into ClickHouse, against ClickHouse's
+    /// own Kafka table engine with a materialized view on the same points; bytes per point on
+    /// disk. Makes and afterwards drops a database and topics of its own.
+    #[command(after_help = AFTER_HELP)]
+    Consume(biofeed_consumers::bench::BenchConsumeSettings),
 }
 
 /// Arguments of `biofeed consume`.
@@ -252,6 +258,9 @@ impl Cli {
             Command::Admin(command) => exit_with(run_admin(command).await),
             Command::Bench(BenchCommand::Gateway(settings)) => {
                 exit_with(biofeed_ingest_gateway::bench::run(settings).await)
+            }
+            Command::Bench(BenchCommand::Consume(settings)) => {
+                exit_with(biofeed_consumers::bench::run(settings).await)
             }
         }
     }

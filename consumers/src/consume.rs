@@ -25,7 +25,17 @@ use crate::metrics::{ConsumerMetrics, PartitionLabels};
 use crate::sink::PointsSink;
 use crate::{BatchLimits, ConsumeError};
 
+/// A batch being inserted by a background task while the next one fills.
+struct InFlight {
+    task: tokio::task::JoinHandle<Option<u64>>,
+    frames: usize,
+    offsets: HashMap<(String, i32), i64>,
+    started: Instant,
+}
+
 /// Frames read but not yet in ClickHouse, and the offsets that become committable with them.
+/// At most `inserts_in_flight` batches are being inserted (ClickHouse 18.16 parses and sorts an
+/// insert on one thread, so two in flight use both cores of a small machine) plus one filling.
 struct Pipeline {
     rt: Handle,
     sink: PointsSink,
@@ -40,8 +50,12 @@ struct Pipeline {
     oldest: Option<Instant>,
     /// Next offset to commit per (topic, partition).
     pending: HashMap<(String, i32), i64>,
+    /// Batches ClickHouse is taking, oldest first; their offsets are committed in this order.
+    in_flight: std::collections::VecDeque<InFlight>,
     /// Set when ClickHouse could not be reached at shutdown.
     abandoned: bool,
+    /// Frames not written because of that.
+    frames_abandoned: usize,
 }
 
 impl Pipeline {
@@ -83,61 +97,118 @@ impl Pipeline {
             || (self.frames.is_empty() && !self.pending.is_empty())
     }
 
-    /// Writes the batch (retrying while ClickHouse fails) and commits its offsets. Returns false
-    /// when shutdown came while ClickHouse was still failing: nothing is committed then.
+    /// Hands the batch to a background insert (retried while ClickHouse fails) and goes on
+    /// reading; first waits for the previous batch's insert and commits its offsets. Returns
+    /// false when shutdown came while ClickHouse was still failing: nothing more is committed.
     fn flush<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
-        if !self.frames.is_empty() {
-            let started = Instant::now();
-            let paused = consumer.assignment().ok();
-            let mut paused_fetching = false;
-            let shutdown = Arc::clone(&self.shutdown);
-            let metrics = self.metrics.clone();
-            let written = self.rt.block_on(self.sink.insert_until_done(
-                &self.frames,
+        while self.in_flight.len() >= usize::from(self.limits.inserts_in_flight)
+            || (self.frames.is_empty() && !self.in_flight.is_empty())
+        {
+            if !self.finish_in_flight(consumer) {
+                return false;
+            }
+        }
+        if self.frames.is_empty() {
+            // Only dead letters or dropped frames since the last commit.
+            let pending = std::mem::take(&mut self.pending);
+            self.commit(consumer, &pending);
+            return true;
+        }
+        let frames = std::mem::take(&mut self.frames);
+        let count = frames.len();
+        let sink = self.sink.clone();
+        let shutdown = Arc::clone(&self.shutdown);
+        let metrics = self.metrics.clone();
+        let task = self.rt.spawn(async move {
+            sink.insert_until_done(
+                &frames,
                 || shutdown.load(Ordering::Relaxed),
                 |e, attempt| {
                     metrics.insert_failures.inc();
                     tracing::warn!(error = %e, attempt, "clickhouse insert failed; holding the batch and retrying");
-                    // Stop fetching while the batch is held, so memory stays bounded.
-                    if !paused_fetching {
-                        if let Some(assignment) = &paused {
-                            paused_fetching = consumer.pause(assignment).is_ok();
-                        }
-                    }
                 },
-            ));
-            if paused_fetching {
-                if let Some(assignment) = &paused {
-                    let _ = consumer.resume(assignment);
-                }
-            }
-            let Some(rows) = written else {
-                self.abandoned = true;
-                return false;
-            };
-            self.metrics
-                .insert_latency
-                .observe(started.elapsed().as_secs_f64());
-            self.metrics.batch_rows.observe(rows as f64);
-            self.metrics.rows_written.inc_by(rows);
-            self.metrics.frames_written.inc_by(self.frames.len() as u64);
-        }
-        if !self.pending.is_empty() {
-            let mut offsets = TopicPartitionList::new();
-            for ((topic, partition), next) in &self.pending {
-                let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next));
-            }
-            if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
-                // The rows are in ClickHouse; the messages will be read again and collapse there.
-                tracing::warn!(error = %e, "offset commit failed; the batch will be re-read and deduplicated");
-            }
-        }
-        self.frames.clear();
-        self.pending.clear();
+            )
+            .await
+        });
+        self.in_flight.push_back(InFlight {
+            task,
+            frames: count,
+            offsets: std::mem::take(&mut self.pending),
+            started: Instant::now(),
+        });
         self.rows = 0;
         self.bytes = 0;
         self.oldest = None;
         true
+    }
+
+    /// Writes everything held and commits it: before partitions move, and at shutdown.
+    fn drain<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        if !self.flush(consumer) {
+            return false;
+        }
+        while !self.in_flight.is_empty() {
+            if !self.finish_in_flight(consumer) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whether the oldest insert has finished, so that its offsets can be committed.
+    fn oldest_finished(&self) -> bool {
+        self.in_flight.front().is_some_and(|f| f.task.is_finished())
+    }
+
+    /// Waits for the oldest batch being inserted, pausing fetching meanwhile if it is slow
+    /// (ClickHouse failing), then commits its offsets.
+    fn finish_in_flight<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        let Some(in_flight) = self.in_flight.pop_front() else {
+            return true;
+        };
+        let paused = if in_flight.task.is_finished() {
+            None
+        } else {
+            consumer
+                .assignment()
+                .ok()
+                .filter(|a| consumer.pause(a).is_ok())
+        };
+        let written = self.rt.block_on(in_flight.task).unwrap_or(None);
+        if let Some(assignment) = &paused {
+            let _ = consumer.resume(assignment);
+        }
+        let Some(rows) = written else {
+            self.abandoned = true;
+            self.frames_abandoned += in_flight.frames;
+            return false;
+        };
+        self.metrics
+            .insert_latency
+            .observe(in_flight.started.elapsed().as_secs_f64());
+        self.metrics.batch_rows.observe(rows as f64);
+        self.metrics.rows_written.inc_by(rows);
+        self.metrics.frames_written.inc_by(in_flight.frames as u64);
+        self.commit(consumer, &in_flight.offsets);
+        true
+    }
+
+    fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        pending: &HashMap<(String, i32), i64>,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), next) in pending {
+            let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next));
+        }
+        if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
+            // The rows are in ClickHouse; the messages will be read again and collapse there.
+            tracing::warn!(error = %e, "offset commit failed; the batch will be re-read and deduplicated");
+        }
     }
 }
 
@@ -161,7 +232,7 @@ impl ConsumerContext for FlushOnRevoke {
                 partitions = partitions.count(),
                 "partitions revoked: flushing the batch first"
             );
-            lock(&self.pipeline).flush(consumer);
+            lock(&self.pipeline).drain(consumer);
         }
     }
 }
@@ -211,7 +282,9 @@ pub(crate) fn consume_loop(
         bytes: 0,
         oldest: None,
         pending: HashMap::new(),
+        in_flight: std::collections::VecDeque::new(),
         abandoned: false,
+        frames_abandoned: 0,
     }));
     let consumer: BaseConsumer<FlushOnRevoke> = config
         .create_with_context(FlushOnRevoke {
@@ -233,6 +306,17 @@ pub(crate) fn consume_loop(
         }
         {
             let mut p = lock(&pipeline);
+            // Commit a finished insert at once; start the next one when its batch is due.
+            let mut failed = false;
+            while p.oldest_finished() {
+                if !p.finish_in_flight(&consumer) {
+                    failed = true;
+                    break;
+                }
+            }
+            if failed {
+                break;
+            }
             if p.due() && !p.flush(&consumer) {
                 break;
             }

@@ -14,6 +14,7 @@
 //! ClickHouse acknowledged the rows (or Kafka the dead letter) of every message before it; reads
 //! Postgres (data types, erasure list) but never writes it; never speaks HTTP.
 
+pub mod bench;
 pub mod checks;
 pub mod consume;
 pub mod dead_letters;
@@ -79,6 +80,9 @@ pub struct BatchLimits {
     /// Write the batch when its frames take this many bytes (bounds memory).
     #[arg(long = "batch-max-bytes", id = "batch_max_bytes", value_name = "BYTES", env = "BIOFEED_BATCH_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_bytes: usize,
+    /// Batches being inserted at once (their offsets are still committed in order).
+    #[arg(long = "inserts-in-flight", id = "inserts_in_flight", value_name = "N", env = "BIOFEED_INSERTS_IN_FLIGHT", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub inserts_in_flight: u16,
     /// Write the batch when its oldest frame has waited this long.
     #[arg(long = "batch-max-age", id = "batch_max_age", value_name = "DURATION", env = "BIOFEED_BATCH_MAX_AGE", default_value = "1s", value_parser = parse_duration)]
     pub max_age: Duration,
@@ -195,6 +199,11 @@ pub async fn prepare(
 }
 
 impl PreparedConsumer {
+    /// The consumer's metrics (shared with the registry it was prepared with).
+    pub fn metrics(&self) -> &ConsumerMetrics {
+        &self.parts.metrics
+    }
+
     /// Consumes until `shutdown` is set, then writes and commits what it holds.
     pub async fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<ConsumeSummary, ConsumeError> {
         self.parts.shutdown = shutdown;

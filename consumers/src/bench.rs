@@ -1,0 +1,337 @@
+//! `biofeed bench consume`: how fast one consumer drains a topic into ClickHouse, against
+//! ClickHouse's own Kafka table engine with a materialized view ingesting the same points.
+//!
+//! The run makes a ClickHouse database and two topics of its own. It preloads the frames (Avro)
+//! into one topic and the same points as JSONEachRow (the closest format ClickHouse 18.16's
+//! Kafka engine reads; one message per frame, a row per line) into the other. Then it times one
+//! `biofeed consume` pipeline from start until every row is in `points`, and the Kafka engine
+//! from the moment its materialized view exists until every row is in an equivalent table. It
+//! prints both rates, their ratio and the bytes per point on disk, and drops what it made.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use biofeed_schema::{DataTypeName, SensorFrame};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::ConsumeSettings;
+
+/// Settings of `biofeed bench consume`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchConsumeSettings {
+    /// Frames to preload.
+    #[arg(long, env = "BIOFEED_BENCH_FRAMES", default_value_t = 16_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub frames: u32,
+    /// Samples per frame.
+    #[arg(long, env = "BIOFEED_BENCH_SAMPLES", default_value_t = 250, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub samples: u32,
+    /// Channels per sample: 1 (ECG) or 8 (EEG).
+    #[arg(long, env = "BIOFEED_BENCH_CHANNEL_COUNT", default_value_t = 1)]
+    pub channels: u16,
+    /// Sessions the frames are spread over.
+    #[arg(long, env = "BIOFEED_BENCH_SESSIONS", default_value_t = 64)]
+    pub sessions: u32,
+    /// Skip the Kafka-engine peer.
+    #[arg(long)]
+    pub no_peer: bool,
+    /// Where the services are and how the consumer batches.
+    #[command(flatten)]
+    pub consume: ConsumeSettings,
+}
+
+/// The figures.
+#[derive(Debug, Serialize)]
+pub struct ConsumeBenchReport {
+    /// Points loaded.
+    pub points: u64,
+    /// Points per second through one biofeed consumer.
+    pub consumer_points_per_s: f64,
+    /// Points per second through the Kafka table engine and a materialized view.
+    pub kafka_engine_points_per_s: Option<f64>,
+    /// consumer / Kafka engine.
+    pub ratio: Option<f64>,
+    /// Bytes on disk per point in `points` (compressed, after the insert).
+    pub bytes_per_point: f64,
+    /// Avro bytes per point in Kafka.
+    pub kafka_bytes_per_point: f64,
+    /// Seconds the consumer took.
+    pub consumer_seconds: f64,
+    /// Seconds the Kafka engine took.
+    pub kafka_engine_seconds: Option<f64>,
+}
+
+/// Runs the benchmark; the last line printed is one JSON object.
+pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
+    let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let mut consume = settings.consume.clone();
+    consume.clickhouse.database = format!("biofeed_bench_{id}");
+    consume.topics.points = format!("biofeed.bench.{id}.points");
+    consume.topics.dlq = format!("biofeed.bench.{id}.dlq");
+    consume.group = format!("biofeed-bench-{id}");
+    let json_topic = format!("biofeed.bench.{id}.json");
+    let ch = consume.clickhouse.connect().await?;
+    biofeed_migrations::clickhouse::ClickHouseMigrations::embedded()?
+        .migrate(&ch)
+        .await?;
+    let admin: AdminClient<DefaultClientContext> = consume.kafka.client_config().create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let topics = [&consume.topics.points, &consume.topics.dlq, &json_topic];
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 6, TopicReplication::Fixed(1)))
+        .collect();
+    admin
+        .create_topics(&new, &options)
+        .await
+        .context("creating the bench topics")?;
+
+    let outcome = measure(&settings, &consume, &json_topic, &ch).await;
+
+    let _ = ch
+        .server_client()
+        .query(&format!("DROP DATABASE IF EXISTS {}", ch.database()))
+        .execute()
+        .await;
+    let names: Vec<&str> = topics.iter().map(|t| t.as_str()).collect();
+    let _ = admin.delete_topics(&names, &options).await;
+    let report = outcome?;
+    eprintln!(
+        "one consumer: {:.0} points/s ({:.2} s); kafka engine + materialized view: {}; ratio {}; {:.2} bytes/point on disk, {:.2} in Kafka",
+        report.consumer_points_per_s,
+        report.consumer_seconds,
+        report.kafka_engine_points_per_s.map_or("skipped".to_owned(), |p| format!("{p:.0} points/s")),
+        report.ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
+        report.bytes_per_point,
+        report.kafka_bytes_per_point,
+    );
+    println!(
+        "{}",
+        serde_json::json!({ "bench": "consume", "report": report,
+        "consumer_points_per_s": report.consumer_points_per_s,
+        "kafka_engine_points_per_s": report.kafka_engine_points_per_s,
+        "ratio": report.ratio, "bytes_per_point": report.bytes_per_point })
+    );
+    Ok(())
+}
+
+fn bench_frames(settings: &BenchConsumeSettings) -> anyhow::Result<Vec<SensorFrame>> {
+    let (data_type, channels) = match settings.channels {
+        1 => ("ecg", 1u16),
+        8 => ("eeg", 8),
+        other => anyhow::bail!("--channels {other}: the bench loads 1 (ecg) or 8 (eeg)"),
+    };
+    let user = Uuid::new_v4();
+    let sessions: Vec<Uuid> = (0..settings.sessions.max(1))
+        .map(|_| Uuid::new_v4())
+        .collect();
+    let t0 = 1_764_000_000_000_000i64;
+    let samples = settings.samples as usize;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    Ok((0..settings.frames as usize)
+        .map(|i| {
+            let n = samples * usize::from(channels);
+            let values = (0..n)
+                .map(|j| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((j as f32) * 0.05).sin() * 2.0 + (state % 1000) as f32 / 1000.0 - 0.5
+                })
+                .collect();
+            SensorFrame {
+                frame_id: Uuid::new_v4(),
+                session_id: sessions[i % sessions.len()],
+                user_id: user,
+                device_id: Uuid::nil(),
+                data_type: DataTypeName::parse(data_type)
+                    .unwrap_or_else(|_| unreachable!("constant names are valid")),
+                channels,
+                received_at_us: t0,
+                t0_us: t0 + (i / sessions.len()) as i64 * samples as i64 * 1_000,
+                offsets_us: (0..samples as i64).map(|s| s * 1_000).collect(),
+                values,
+            }
+        })
+        .collect())
+}
+
+async fn preload(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: impl Iterator<Item = (String, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    let mut in_flight = std::collections::VecDeque::new();
+    for (key, payload) in messages {
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
+                Ok(delivery) => {
+                    in_flight.push_back(delivery);
+                    break;
+                }
+                Err(_) => match in_flight.pop_front() {
+                    Some(oldest) => {
+                        oldest.await?.map_err(|(e, _)| e)?;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(10)).await,
+                },
+            }
+        }
+    }
+    for delivery in in_flight {
+        delivery.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(())
+}
+
+fn json_rows(frame: &SensorFrame) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in 0..frame.samples() {
+        let row = serde_json::json!({
+            "user_id": frame.user_id, "session_id": frame.session_id, "data_type": frame.data_type.as_str(),
+            "t_us": frame.time_us(i), "values": frame.sample(i), "ingested_at": "2026-11-24 00:00:00",
+        });
+        if serde_json::to_writer(&mut out, &row).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    out
+}
+
+async fn measure(
+    settings: &BenchConsumeSettings,
+    consume: &ConsumeSettings,
+    json_topic: &str,
+    ch: &biofeed_backends::clickhouse::ClickHouse,
+) -> anyhow::Result<ConsumeBenchReport> {
+    let frames = bench_frames(settings)?;
+    let points: u64 = frames.iter().map(|f| f.samples() as u64).sum();
+    let producer: FutureProducer = consume
+        .kafka
+        .client_config()
+        .set("linger.ms", "20")
+        .set("batch.size", "4194304")
+        .set("compression.type", "lz4")
+        .set("message.max.bytes", "16000000")
+        .create()?;
+    let encoded: Vec<(String, Vec<u8>)> = frames
+        .iter()
+        .map(|f| (f.session_id.to_string(), biofeed_schema::encode(f)))
+        .collect();
+    let kafka_bytes = encoded.iter().map(|(_, v)| v.len() as f64).sum::<f64>() / points as f64;
+    eprintln!("preloading {} frames ({points} points)", frames.len());
+    preload(&producer, &consume.topics.points, encoded.into_iter()).await?;
+    if !settings.no_peer {
+        preload(
+            &producer,
+            json_topic,
+            frames
+                .iter()
+                .map(|f| (f.session_id.to_string(), json_rows(f))),
+        )
+        .await?;
+    }
+    drop(frames);
+
+    // One biofeed consumer, from start to the last row.
+    let mut registry = prometheus_client::registry::Registry::default();
+    let started = Instant::now();
+    let prepared = crate::prepare(consume.clone(), &mut registry).await?;
+    let written = prepared.metrics().rows_written.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            while written.get() < points {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    prepared.run(Arc::clone(&stop)).await?;
+    watcher.await?;
+    let consumer_seconds = started.elapsed().as_secs_f64();
+    let stored: u64 = ch
+        .client()
+        .query("SELECT count() FROM points")
+        .fetch_one()
+        .await?;
+    anyhow::ensure!(
+        stored >= points,
+        "only {stored} of {points} rows reached ClickHouse"
+    );
+    let bytes: u64 = ch
+        .server_client()
+        .query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = ? AND table = 'points' AND active")
+        .bind(ch.database())
+        .fetch_one()
+        .await?;
+
+    // The peer: ClickHouse reads the JSON topic itself.
+    let (kafka_engine_seconds, kafka_engine_points_per_s) = if settings.no_peer {
+        (None, None)
+    } else {
+        let client = ch.client();
+        client
+            .query("CREATE TABLE points_peer AS points ENGINE = MergeTree PARTITION BY toYYYYMM(toDateTime(intDiv(t_us, 1000000))) ORDER BY (user_id, session_id, data_type, t_us)")
+            .execute()
+            .await?;
+        client
+            .query(&format!(
+                "CREATE TABLE points_queue (user_id UUID, session_id UUID, data_type String, t_us Int64, values Array(Float32), ingested_at DateTime) \
+                 ENGINE = Kafka('{}', '{json_topic}', 'biofeed-bench-peer-{}', 'JSONEachRow')",
+                consume.kafka.brokers,
+                Uuid::new_v4().simple()
+            ))
+            .execute()
+            .await?;
+        let started = Instant::now();
+        client.query("CREATE MATERIALIZED VIEW points_peer_mv TO points_peer AS SELECT * FROM points_queue").execute().await?;
+        // ClickHouse 18.16's Kafka engine may hold its last partial block until more messages
+        // come; so the peer is done when every row arrived, or when 99% did and nothing more
+        // arrives for 5 s. Its rate counts the rows it loaded up to its last progress.
+        let deadline = Duration::from_secs(600);
+        let (mut loaded, mut last_progress) = (0u64, started.elapsed());
+        loop {
+            let n: u64 = client
+                .query("SELECT count() FROM points_peer")
+                .fetch_one()
+                .await?;
+            if n > loaded {
+                (loaded, last_progress) = (n, started.elapsed());
+            }
+            let stalled = started.elapsed() - last_progress > Duration::from_secs(5);
+            if loaded >= points || (stalled && loaded * 100 >= points * 99) {
+                break;
+            }
+            anyhow::ensure!(
+                started.elapsed() < deadline,
+                "the Kafka engine loaded only {loaded} of {points} points in {deadline:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if loaded < points {
+            eprintln!("the Kafka engine held back its last {} rows; its rate counts the {loaded} it loaded", points - loaded);
+        }
+        let seconds = last_progress.as_secs_f64();
+        client.query("DROP TABLE points_peer_mv").execute().await?;
+        client.query("DROP TABLE points_queue").execute().await?;
+        (Some(seconds), Some(loaded as f64 / seconds))
+    };
+    let consumer_points_per_s = points as f64 / consumer_seconds;
+    Ok(ConsumeBenchReport {
+        points,
+        consumer_points_per_s,
+        kafka_engine_points_per_s,
+        ratio: kafka_engine_points_per_s.map(|p| consumer_points_per_s / p),
+        bytes_per_point: bytes as f64 / points as f64,
+        kafka_bytes_per_point: kafka_bytes,
+        consumer_seconds,
+        kafka_engine_seconds,
+    })
+}
