@@ -6,9 +6,8 @@
 use std::process::ExitCode;
 
 use biofeed_accounts::{devices, users, AccountKeys, Accounts, AccountsError};
-use biofeed_backends::clickhouse::ClickHouseSettings;
-use biofeed_backends::kafka::{KafkaSettings, TopicNames};
 use biofeed_backends::postgres::PostgresSettings;
+use biofeed_backends::StoreSettings;
 use biofeed_ingest_gateway::GatewaySettings;
 use biofeed_migrations::{MigrateError, MigrateSettings, StepReport, TopicLayout};
 use clap::{Args, Parser, Subcommand};
@@ -222,21 +221,9 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub status: bool,
 
-    /// Where Postgres is.
-    #[command(flatten, next_help_heading = "Postgres")]
-    pub postgres: PostgresSettings,
-
-    /// Where ClickHouse is.
-    #[command(flatten, next_help_heading = "ClickHouse")]
-    pub clickhouse: ClickHouseSettings,
-
-    /// Where Kafka is.
-    #[command(flatten, next_help_heading = "Kafka")]
-    pub kafka: KafkaSettings,
-
-    /// The topics' names.
-    #[command(flatten, next_help_heading = "Kafka")]
-    pub topics: TopicNames,
+    /// Where the services are, and the topics' names.
+    #[command(flatten)]
+    pub stores: StoreSettings,
 
     /// The topics' partitions and retention.
     #[command(flatten, next_help_heading = "Kafka topics")]
@@ -268,10 +255,7 @@ impl Cli {
 
 async fn run_migrate(args: MigrateArgs) -> ExitCode {
     let settings = MigrateSettings {
-        postgres: args.postgres,
-        clickhouse: args.clickhouse,
-        kafka: args.kafka,
-        topics: args.topics,
+        stores: args.stores,
         layout: args.layout,
     };
     let outcome = if args.status {

@@ -18,6 +18,24 @@ use std::time::Duration;
 
 pub use address::redacted_address;
 
+/// Where all three backing services are, and the topics' names: what a process that touches
+/// every store (migrate, consume, replay) is given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreSettings {
+    /// Where Postgres is.
+    #[command(flatten, next_help_heading = "Postgres")]
+    pub postgres: postgres::PostgresSettings,
+    /// Where ClickHouse is.
+    #[command(flatten, next_help_heading = "ClickHouse")]
+    pub clickhouse: clickhouse::ClickHouseSettings,
+    /// Where Kafka is.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub kafka: kafka::KafkaSettings,
+    /// The topics' names.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub topics: kafka::TopicNames,
+}
+
 /// Which backing service an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {

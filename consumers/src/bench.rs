@@ -70,18 +70,22 @@ pub struct ConsumeBenchReport {
 pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
     let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
     let mut consume = settings.consume.clone();
-    consume.clickhouse.database = format!("biofeed_bench_{id}");
-    consume.topics.points = format!("biofeed.bench.{id}.points");
-    consume.topics.dlq = format!("biofeed.bench.{id}.dlq");
+    consume.stores.clickhouse.database = format!("biofeed_bench_{id}");
+    consume.stores.topics.points = format!("biofeed.bench.{id}.points");
+    consume.stores.topics.dlq = format!("biofeed.bench.{id}.dlq");
     consume.group = format!("biofeed-bench-{id}");
     let json_topic = format!("biofeed.bench.{id}.json");
-    let ch = consume.clickhouse.connect().await?;
+    let ch = consume.stores.clickhouse.connect().await?;
     biofeed_migrations::clickhouse::ClickHouseMigrations::embedded()?
         .migrate(&ch)
         .await?;
-    let admin: AdminClient<DefaultClientContext> = consume.kafka.client_config().create()?;
+    let admin: AdminClient<DefaultClientContext> = consume.stores.kafka.client_config().create()?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let topics = [&consume.topics.points, &consume.topics.dlq, &json_topic];
+    let topics = [
+        &consume.stores.topics.points,
+        &consume.stores.topics.dlq,
+        &json_topic,
+    ];
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|t| NewTopic::new(t, 6, TopicReplication::Fixed(1)))
@@ -212,6 +216,7 @@ async fn measure(
     let frames = bench_frames(settings)?;
     let points: u64 = frames.iter().map(|f| f.samples() as u64).sum();
     let producer: FutureProducer = consume
+        .stores
         .kafka
         .client_config()
         .set("linger.ms", "20")
@@ -225,7 +230,12 @@ async fn measure(
         .collect();
     let kafka_bytes = encoded.iter().map(|(_, v)| v.len() as f64).sum::<f64>() / points as f64;
     eprintln!("preloading {} frames ({points} points)", frames.len());
-    preload(&producer, &consume.topics.points, encoded.into_iter()).await?;
+    preload(
+        &producer,
+        &consume.stores.topics.points,
+        encoded.into_iter(),
+    )
+    .await?;
     if !settings.no_peer {
         preload(
             &producer,
@@ -285,7 +295,7 @@ async fn measure(
             .query(&format!(
                 "CREATE TABLE points_queue (user_id UUID, session_id UUID, data_type String, t_us Int64, values Array(Float32), ingested_at DateTime) \
                  ENGINE = Kafka('{}', '{json_topic}', 'biofeed-bench-peer-{}', 'JSONEachRow')",
-                consume.kafka.brokers,
+                consume.stores.kafka.brokers,
                 Uuid::new_v4().simple()
             ))
             .execute()

@@ -27,10 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use biofeed_backends::clickhouse::ClickHouseSettings;
-use biofeed_backends::kafka::{KafkaSettings, TopicNames};
-use biofeed_backends::postgres::PostgresSettings;
-use biofeed_backends::{parse_duration, BackendError};
+use biofeed_backends::{parse_duration, BackendError, StoreSettings};
 use prometheus_client::registry::Registry;
 
 pub use consume::ConsumeSummary;
@@ -106,18 +103,9 @@ pub struct ConsumeSettings {
     /// Batching.
     #[command(flatten)]
     pub batch: BatchLimits,
-    /// Where Postgres is.
-    #[command(flatten, next_help_heading = "Postgres")]
-    pub postgres: PostgresSettings,
-    /// Where ClickHouse is.
-    #[command(flatten, next_help_heading = "ClickHouse")]
-    pub clickhouse: ClickHouseSettings,
-    /// Where Kafka is.
-    #[command(flatten, next_help_heading = "Kafka")]
-    pub kafka: KafkaSettings,
-    /// The topics' names.
-    #[command(flatten, next_help_heading = "Kafka")]
-    pub topics: TopicNames,
+    /// Where the services are, and the topics' names.
+    #[command(flatten)]
+    pub stores: StoreSettings,
 }
 
 /// Settings of `biofeed replay`.
@@ -140,18 +128,9 @@ pub struct ReplaySettings {
     /// Batching.
     #[command(flatten)]
     pub batch: BatchLimits,
-    /// Where Postgres is.
-    #[command(flatten, next_help_heading = "Postgres")]
-    pub postgres: PostgresSettings,
-    /// Where ClickHouse is.
-    #[command(flatten, next_help_heading = "ClickHouse")]
-    pub clickhouse: ClickHouseSettings,
-    /// Where Kafka is.
-    #[command(flatten, next_help_heading = "Kafka")]
-    pub kafka: KafkaSettings,
-    /// The topics' names.
-    #[command(flatten, next_help_heading = "Kafka")]
-    pub topics: TopicNames,
+    /// Where the services are, and the topics' names.
+    #[command(flatten)]
+    pub stores: StoreSettings,
 }
 
 /// A consumer connected to its services with its metrics registered, ready to run.
@@ -167,13 +146,13 @@ pub async fn prepare(
     settings: ConsumeSettings,
     registry: &mut Registry,
 ) -> Result<PreparedConsumer, ConsumeError> {
-    let pool = settings.postgres.connect().await?;
-    let ch = settings.clickhouse.connect().await?;
-    settings.kafka.connect_admin().await?;
+    let pool = settings.stores.postgres.connect().await?;
+    let ch = settings.stores.clickhouse.connect().await?;
+    settings.stores.kafka.connect_admin().await?;
     let parts = consume::LoopParts {
         rt: tokio::runtime::Handle::current(),
         sink: PointsSink::new(ch.client(), "points"),
-        dead: DeadLetters::new(&settings.kafka, &settings.topics.dlq)
+        dead: DeadLetters::new(&settings.stores.kafka, &settings.stores.topics.dlq)
             .map_err(|e| ConsumeError::Kafka(e.to_string()))?,
         pool,
         metrics: ConsumerMetrics::register(registry),
@@ -181,7 +160,7 @@ pub async fn prepare(
         refresh: settings.refresh,
         shutdown: Arc::new(AtomicBool::new(false)),
     };
-    let mut config = settings.kafka.client_config();
+    let mut config = settings.stores.kafka.client_config();
     config
         .set("client.id", "biofeed-consumer")
         .set("group.id", &settings.group)
@@ -194,7 +173,7 @@ pub async fn prepare(
     Ok(PreparedConsumer {
         parts,
         config,
-        topic: settings.topics.points.clone(),
+        topic: settings.stores.topics.points.clone(),
     })
 }
 
@@ -219,9 +198,9 @@ pub async fn replay(
     settings: ReplaySettings,
     progress: impl Fn(u64, u64) + Send + 'static,
 ) -> Result<ReplaySummary, ConsumeError> {
-    let pool = settings.postgres.connect().await?;
-    let ch = settings.clickhouse.connect().await?;
-    settings.kafka.connect_admin().await?;
+    let pool = settings.stores.postgres.connect().await?;
+    let ch = settings.stores.clickhouse.connect().await?;
+    settings.stores.kafka.connect_admin().await?;
     let checks = Checks::load(&pool).await.map_err(ConsumeError::Postgres)?;
     let sink = PointsSink::new(ch.client(), "points");
     let rt = tokio::runtime::Handle::current();

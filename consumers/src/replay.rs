@@ -60,12 +60,13 @@ pub(crate) fn replay_blocking(
     progress: &dyn Fn(u64, u64),
 ) -> Result<ReplaySummary, ConsumeError> {
     let topic = if settings.dlq {
-        &settings.topics.dlq
+        &settings.stores.topics.dlq
     } else {
-        &settings.topics.points
+        &settings.stores.topics.points
     };
     let kafka = |e: rdkafka::error::KafkaError| ConsumeError::Kafka(e.to_string());
     let consumer: BaseConsumer = settings
+        .stores
         .kafka
         .client_config()
         .set(
@@ -76,7 +77,11 @@ pub(crate) fn replay_blocking(
         .set("enable.auto.offset.store", "false")
         .create()
         .map_err(kafka)?;
-    let timeout = settings.kafka.connect_timeout.max(Duration::from_secs(5));
+    let timeout = settings
+        .stores
+        .kafka
+        .connect_timeout
+        .max(Duration::from_secs(5));
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
         .map_err(kafka)?;

@@ -15,24 +15,15 @@ pub mod clickhouse;
 pub mod kafka;
 pub mod postgres;
 
-use biofeed_backends::clickhouse::ClickHouseSettings;
-use biofeed_backends::kafka::{KafkaSettings, TopicNames};
-use biofeed_backends::postgres::PostgresSettings;
-use biofeed_backends::BackendError;
+use biofeed_backends::{BackendError, StoreSettings};
 
 pub use kafka::TopicLayout;
 
 /// Everything `biofeed migrate` needs to know.
 #[derive(Debug, Clone)]
 pub struct MigrateSettings {
-    /// Where Postgres is.
-    pub postgres: PostgresSettings,
-    /// Where ClickHouse is.
-    pub clickhouse: ClickHouseSettings,
-    /// Where Kafka is.
-    pub kafka: KafkaSettings,
-    /// The topics' names.
-    pub topics: TopicNames,
+    /// Where the services are, and the topics' names.
+    pub stores: StoreSettings,
     /// The topics' partitions and retention.
     pub layout: TopicLayout,
 }
@@ -179,30 +170,36 @@ impl StepReport {
 /// is changed anywhere, so that a wrong address fails fast and leaves nothing half done.
 #[tracing::instrument(skip_all)]
 pub async fn migrate(settings: &MigrateSettings) -> Result<Vec<StepReport>, MigrateError> {
-    let pg = settings.postgres.connect().await?;
-    let ch = settings.clickhouse.connect().await?;
-    let admin = settings.kafka.connect_admin().await?;
+    let pg = settings.stores.postgres.connect().await?;
+    let ch = settings.stores.clickhouse.connect().await?;
+    let admin = settings.stores.kafka.connect_admin().await?;
     let postgres = postgres::migrate(&pg).await?;
     pg.close().await;
     let clickhouse = clickhouse::ClickHouseMigrations::embedded()?
         .migrate(&ch)
         .await?;
-    let kafka =
-        kafka::ensure_topics(&admin, &settings.topics, &settings.layout, &settings.kafka).await?;
+    let kafka = kafka::ensure_topics(
+        &admin,
+        &settings.stores.topics,
+        &settings.layout,
+        &settings.stores.kafka,
+    )
+    .await?;
     Ok(vec![postgres, clickhouse, kafka])
 }
 
 /// Reports what is applied and what is pending, changing nothing.
 #[tracing::instrument(skip_all)]
 pub async fn status(settings: &MigrateSettings) -> Result<Vec<StepReport>, MigrateError> {
-    let pg = settings.postgres.connect().await?;
-    let ch = settings.clickhouse.connect().await?;
-    let admin = settings.kafka.connect_admin().await?;
+    let pg = settings.stores.postgres.connect().await?;
+    let ch = settings.stores.clickhouse.connect().await?;
+    let admin = settings.stores.kafka.connect_admin().await?;
     let postgres = postgres::status(&pg).await?;
     pg.close().await;
     let clickhouse = clickhouse::ClickHouseMigrations::embedded()?
         .status(&ch)
         .await?;
-    let kafka = kafka::topic_status(&admin, &settings.topics, &settings.kafka).await?;
+    let kafka =
+        kafka::topic_status(&admin, &settings.stores.topics, &settings.stores.kafka).await?;
     Ok(vec![postgres, clickhouse, kafka])
 }

@@ -121,8 +121,8 @@ async fn produce(
 
 async fn produce_frames(stores: &Isolated, frames: &[SensorFrame]) {
     produce(
-        &stores.settings.kafka.brokers,
-        &stores.settings.topics.points,
+        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.topics.points,
         frames
             .iter()
             .map(|f| (f.session_id.to_string(), biofeed_schema::encode(f))),
@@ -131,7 +131,7 @@ async fn produce_frames(stores: &Isolated, frames: &[SensorFrame]) {
 }
 
 async fn clickhouse_count(stores: &Isolated, sql: &str) -> u64 {
-    let ch = stores.settings.clickhouse.connect().await.unwrap();
+    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
     ch.client().query(sql).fetch_one::<u64>().await.unwrap()
 }
 
@@ -186,7 +186,7 @@ async fn every_point_sent_is_stored_once_and_exactly_as_sent() {
     let (code, stderr) = consumer.stop().await;
     assert_eq!(code, 0, "{stderr}");
 
-    let ch = stores.settings.clickhouse.connect().await.unwrap();
+    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
     let mut stored: Vec<StoredRow> = ch
         .client()
         .query("SELECT user_id, session_id, data_type, t_us, values FROM points FINAL")
@@ -248,7 +248,7 @@ async fn a_consumer_killed_mid_batch_and_restarted_still_stores_exactly_n() {
 async fn clickhouse_away_for_twenty_seconds_loses_nothing_and_dead_letters_nothing() {
     let mut clickhouse = crate::private_clickhouse::PrivateClickHouse::start().await;
     let mut stores = Isolated::new().await;
-    stores.settings.clickhouse.url = clickhouse.url().parse().unwrap();
+    stores.settings.stores.clickhouse.url = clickhouse.url().parse().unwrap();
     biofeed_migrations::migrate(&stores.settings)
         .await
         .expect("migrate");
@@ -267,9 +267,11 @@ async fn clickhouse_away_for_twenty_seconds_loses_nothing_and_dead_letters_nothi
     let (code, stderr) = consumer.stop().await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("0 frames dead-lettered"), "{stderr}");
-    let dlq =
-        crate::gateway_app::read_topic(&stores.settings.kafka.brokers, &stores.settings.topics.dlq)
-            .await;
+    let dlq = crate::gateway_app::read_topic(
+        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.topics.dlq,
+    )
+    .await;
     assert!(dlq.is_empty());
 }
 
@@ -277,7 +279,7 @@ async fn clickhouse_away_for_twenty_seconds_loses_nothing_and_dead_letters_nothi
 async fn a_kafka_restart_mid_stream_loses_nothing() {
     let mut kafka = crate::private_kafka::PrivateKafka::start().await;
     let mut stores = Isolated::new().await;
-    stores.settings.kafka.brokers = kafka.brokers();
+    stores.settings.stores.kafka.brokers = kafka.brokers();
     biofeed_migrations::migrate(&stores.settings)
         .await
         .expect("migrate");
@@ -315,8 +317,8 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
     );
     payloads.insert(12, ("garbage".to_owned(), b"not a frame".to_vec()));
     produce(
-        &stores.settings.kafka.brokers,
-        &stores.settings.topics.points,
+        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.topics.points,
         payloads,
     )
     .await;
@@ -341,10 +343,10 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
     );
     assert!(dlq
         .iter()
-        .all(|d| d.1 == stores.settings.topics.points && d.2.is_some()));
+        .all(|d| d.1 == stores.settings.stores.topics.points && d.2.is_some()));
 
     // The fix: register the data type. Then re-drive the dead letters, twice.
-    let pg = stores.settings.postgres.connect().await.unwrap();
+    let pg = stores.settings.stores.postgres.connect().await.unwrap();
     sqlx::query("INSERT INTO data_types (id, name, description, unit, channels, min_value, max_value) VALUES (100, 'emg', 'electromyogram', 'µV', 1, 0, 5000)")
         .execute(&pg)
         .await
@@ -380,23 +382,26 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
 
 /// (reason, source topic, source offset) of each dead letter.
 async fn dead_letters(stores: &Isolated) -> Vec<(String, String, Option<i64>)> {
-    crate::gateway_app::read_messages(&stores.settings.kafka.brokers, &stores.settings.topics.dlq)
-        .await
-        .into_iter()
-        .map(|m| {
-            let header = |name: &str| {
-                m.headers
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            };
-            (
-                header("biofeed.error").unwrap_or_default(),
-                header("biofeed.source.topic").unwrap_or_default(),
-                header("biofeed.source.offset").and_then(|o| o.parse().ok()),
-            )
-        })
-        .collect()
+    crate::gateway_app::read_messages(
+        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.topics.dlq,
+    )
+    .await
+    .into_iter()
+    .map(|m| {
+        let header = |name: &str| {
+            m.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        (
+            header("biofeed.error").unwrap_or_default(),
+            header("biofeed.source.topic").unwrap_or_default(),
+            header("biofeed.source.offset").and_then(|o| o.parse().ok()),
+        )
+    })
+    .collect()
 }
 
 #[tokio::test]
@@ -408,7 +413,7 @@ async fn replaying_the_whole_topic_changes_no_count_and_no_value() {
     wait_for_points(&stores, points_of(&sent)).await;
 
     let fingerprint = "SELECT count(), sum(arraySum(values)), min(t_us), max(t_us), uniqExact(session_id) FROM points FINAL";
-    let ch = stores.settings.clickhouse.connect().await.unwrap();
+    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
     let before: (u64, f64, i64, i64, u64) =
         ch.client().query(fingerprint).fetch_one().await.unwrap();
     // Replay while the consumer still runs.
@@ -446,7 +451,7 @@ async fn replaying_the_whole_topic_changes_no_count_and_no_value() {
 async fn frames_of_erased_users_are_dropped_on_consume_and_on_replay() {
     let stores = migrated().await;
     let (kept, erased) = (Uuid::new_v4(), Uuid::new_v4());
-    let pg = stores.settings.postgres.connect().await.unwrap();
+    let pg = stores.settings.stores.postgres.connect().await.unwrap();
     sqlx::query("INSERT INTO erased_users (user_id) VALUES ($1)")
         .bind(erased)
         .execute(&pg)

@@ -578,7 +578,7 @@ async fn sessions_close_once_and_then_take_no_points() {
     .await;
     assert_eq!(status, 409);
 
-    let pool = gw.stores.settings.postgres.connect().await.unwrap();
+    let pool = gw.stores.settings.stores.postgres.connect().await.unwrap();
     let (status, feedback): (String, Value) =
         sqlx::query_as("SELECT status, feedback FROM sessions WHERE id = $1")
             .bind(session)
@@ -770,7 +770,7 @@ async fn the_cli_makes_users_and_devices_whose_tokens_work() {
     assert_eq!(response.status(), 201);
 
     // Postgres holds neither the token nor the email nor the location in clear.
-    let pool = gw.stores.settings.postgres.connect().await.unwrap();
+    let pool = gw.stores.settings.stores.postgres.connect().await.unwrap();
     let dump: String = sqlx::query_scalar(
         "SELECT string_agg(t::text, ' ') FROM (SELECT u::text AS t FROM users u UNION ALL SELECT d::text FROM devices d
          UNION ALL SELECT s::text FROM sessions s) x",
@@ -845,7 +845,7 @@ async fn health_readiness_metrics_and_openapi_are_served() {
 async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
     let mut kafka = crate::private_kafka::PrivateKafka::start().await;
     let mut stores = crate::helpers::Isolated::new().await;
-    stores.settings.kafka.brokers = kafka.brokers();
+    stores.settings.stores.kafka.brokers = kafka.brokers();
     biofeed_migrations::migrate(&stores.settings)
         .await
         .expect("migrate");
@@ -924,7 +924,7 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let ids: Vec<Uuid> =
-        crate::gateway_app::read_topic(&brokers, &gw.stores.settings.topics.points)
+        crate::gateway_app::read_topic(&brokers, &gw.stores.settings.stores.topics.points)
             .await
             .iter()
             .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)

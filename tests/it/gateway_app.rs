@@ -52,7 +52,7 @@ impl TestGateway {
         biofeed_migrations::migrate(&stores.settings)
             .await
             .expect("migrate");
-        let brokers = stores.settings.kafka.brokers.clone();
+        let brokers = stores.settings.stores.kafka.brokers.clone();
         Self::spawn_on(stores, &brokers, options).await
     }
 
@@ -61,7 +61,7 @@ impl TestGateway {
         let keys = AccountKeys::generate();
         let master = keys.master_key.to_base64();
         let blind = keys.blind_index_key.to_base64();
-        let postgres = stores.settings.postgres.url.to_string();
+        let postgres = stores.settings.stores.postgres.url.to_string();
         let mut args = vec![
             "biofeed",
             "gateway",
@@ -72,7 +72,7 @@ impl TestGateway {
             "--kafka-brokers",
             brokers,
             "--points-topic",
-            &stores.settings.topics.points,
+            &stores.settings.stores.topics.points,
             "--master-key",
             &master,
             "--blind-index-key",
@@ -93,7 +93,7 @@ impl TestGateway {
         }));
 
         let accounts = Accounts {
-            pool: stores.settings.postgres.connect().await.unwrap(),
+            pool: stores.settings.stores.postgres.connect().await.unwrap(),
             keys: keys.clone(),
         };
         let email =
@@ -117,7 +117,14 @@ impl TestGateway {
     /// The test's accounts handle.
     pub async fn accounts(&self) -> Accounts {
         Accounts {
-            pool: self.stores.settings.postgres.connect().await.unwrap(),
+            pool: self
+                .stores
+                .settings
+                .stores
+                .postgres
+                .connect()
+                .await
+                .unwrap(),
             keys: self.keys.clone(),
         }
     }
@@ -145,8 +152,8 @@ impl TestGateway {
     /// Every message now in the points topic, as (key, value).
     pub async fn topic_messages(&self) -> Vec<(String, Vec<u8>)> {
         read_topic(
-            &self.stores.settings.kafka.brokers,
-            &self.stores.settings.topics.points,
+            &self.stores.settings.stores.kafka.brokers,
+            &self.stores.settings.stores.topics.points,
         )
         .await
     }

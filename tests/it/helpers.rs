@@ -15,10 +15,7 @@ pub fn default_settings() -> MigrateSettings {
         unreachable!("parsed a migrate command")
     };
     MigrateSettings {
-        postgres: args.postgres,
-        clickhouse: args.clickhouse,
-        kafka: args.kafka,
-        topics: args.topics,
+        stores: args.stores,
         layout: args.layout,
     }
 }
@@ -37,23 +34,28 @@ impl Isolated {
     pub async fn new() -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
         let mut settings = default_settings();
-        let admin = settings.postgres.connect().await.expect("postgres answers");
+        let admin = settings
+            .stores
+            .postgres
+            .connect()
+            .await
+            .expect("postgres answers");
         let database = format!("biofeed_test_{id}");
         sqlx::query(&format!("CREATE DATABASE {database}"))
             .execute(&admin)
             .await
             .expect("create test database");
         admin.close().await;
-        settings.postgres = settings.postgres.with_database(&database);
-        settings.clickhouse.database = database;
-        settings.topics.points = format!("biofeed.test.{id}.points");
-        settings.topics.dlq = format!("biofeed.test.{id}.dlq");
+        settings.stores.postgres = settings.stores.postgres.with_database(&database);
+        settings.stores.clickhouse.database = database;
+        settings.stores.topics.points = format!("biofeed.test.{id}.points");
+        settings.stores.topics.dlq = format!("biofeed.test.{id}.dlq");
         Self { settings, id }
     }
 
     /// The environment that points the binary at this test's stores.
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        let s = &self.settings;
+        let s = &self.settings.stores;
         vec![
             ("BIOFEED_POSTGRES_URL", s.postgres.url.to_string()),
             ("BIOFEED_CLICKHOUSE_URL", s.clickhouse.url.to_string()),
@@ -111,4 +113,13 @@ pub async fn run_biofeed(args: &[&str], env: &[(&str, String)]) -> Run {
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
+}
+
+/// A loopback port free at the moment of asking, for a private server of a test's.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -31,7 +31,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     );
     assert!(before.stdout.contains("kafka: 2 pending"), "{before:?}");
     assert!(
-        before.stdout.contains(&test.settings.topics.points),
+        before.stdout.contains(&test.settings.stores.topics.points),
         "{before:?}"
     );
 
@@ -71,7 +71,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     );
 
     // The Postgres seed model is there, with its seed rows, exactly once.
-    let pg = test.settings.postgres.connect().await.unwrap();
+    let pg = test.settings.stores.postgres.connect().await.unwrap();
     let roles: Vec<String> = sqlx::query_scalar("SELECT name FROM roles ORDER BY id")
         .fetch_all(&pg)
         .await
@@ -116,7 +116,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     }
 
     // The ClickHouse tables and views are there.
-    let ch = test.settings.clickhouse.connect().await.unwrap();
+    let ch = test.settings.stores.clickhouse.connect().await.unwrap();
     let tables: Vec<String> = ch
         .server_client()
         .query("SELECT name FROM system.tables WHERE database = ? ORDER BY name")
@@ -136,16 +136,16 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     );
 
     // The topics exist with the configured partitions.
-    let admin = test.settings.kafka.connect_admin().await.unwrap();
-    let timeout = test.settings.kafka.connect_timeout;
+    let admin = test.settings.stores.kafka.connect_admin().await.unwrap();
+    let timeout = test.settings.stores.kafka.connect_timeout;
     assert_eq!(
-        partition_count(&admin, &test.settings.topics.points, timeout)
+        partition_count(&admin, &test.settings.stores.topics.points, timeout)
             .await
             .unwrap(),
         Some(3)
     );
     assert_eq!(
-        partition_count(&admin, &test.settings.topics.dlq, timeout)
+        partition_count(&admin, &test.settings.stores.topics.dlq, timeout)
             .await
             .unwrap(),
         Some(1)
@@ -157,7 +157,7 @@ async fn the_points_table_collapses_a_replayed_row_into_the_original() {
     let test = Isolated::new().await;
     let run = test.biofeed(&["migrate"]).await;
     assert_eq!(run.code, 0, "{run:?}");
-    let ch = test.settings.clickhouse.connect().await.unwrap();
+    let ch = test.settings.stores.clickhouse.connect().await.unwrap();
     let client = ch.client();
     let insert = "INSERT INTO points (user_id, session_id, data_type, t_us, values, ingested_at) VALUES \
         ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-0000000000aa', 'eeg', 1000, [1.5, 2.5], now()), \
@@ -217,7 +217,7 @@ fn edit(file: &Path, from: &str, to: &str) {
 #[tokio::test]
 async fn an_edited_clickhouse_migration_is_refused_by_name() {
     let test = Isolated::new().await;
-    let ch = test.settings.clickhouse.connect().await.unwrap();
+    let ch = test.settings.stores.clickhouse.connect().await.unwrap();
     let dir = copy_of_migrations(&test, "edited");
     let report = ClickHouseMigrations::from_dir(&dir)
         .unwrap()
@@ -260,7 +260,7 @@ async fn the_binary_refuses_a_database_migrated_from_other_files() {
     // A database migrated from a version of 0001_points.sql that differs from the one built
     // into the binary: for the binary, its file was edited after it was applied.
     let test = Isolated::new().await;
-    let ch = test.settings.clickhouse.connect().await.unwrap();
+    let ch = test.settings.stores.clickhouse.connect().await.unwrap();
     let dir = copy_of_migrations(&test, "other");
     edit(
         &dir.join("0001_points.sql"),

@@ -6,19 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::helpers::free_port;
+
 /// A ClickHouse server process of this test's.
 pub struct PrivateClickHouse {
     dir: PathBuf,
     http_port: u16,
     child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl PrivateClickHouse {

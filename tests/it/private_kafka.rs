@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::helpers::free_port;
+
 use base64::Engine;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
@@ -15,14 +17,6 @@ pub struct PrivateKafka {
     port: u16,
     classpath: String,
     child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn repo() -> &'static Path {

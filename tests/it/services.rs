@@ -5,6 +5,7 @@ use crate::helpers::default_settings;
 #[tokio::test]
 async fn postgres_answers_a_query() {
     let pool = default_settings()
+        .stores
         .postgres
         .connect()
         .await
@@ -19,6 +20,7 @@ async fn postgres_answers_a_query() {
 #[tokio::test]
 async fn clickhouse_answers_a_query() {
     let ch = default_settings()
+        .stores
         .clickhouse
         .connect()
         .await
@@ -35,7 +37,7 @@ async fn clickhouse_answers_a_query() {
 
 #[tokio::test]
 async fn kafka_answers_a_metadata_request() {
-    let settings = default_settings().kafka;
+    let settings = default_settings().stores.kafka;
     let admin = settings.connect_admin().await.expect("kafka answers");
     let metadata = tokio::task::spawn_blocking(move || {
         admin.inner().fetch_metadata(None, settings.connect_timeout)
