@@ -114,7 +114,17 @@ impl Pipeline {
             self.commit(consumer, &pending);
             return true;
         }
-        let frames = std::mem::take(&mut self.frames);
+        let mut frames = std::mem::take(&mut self.frames);
+        // In the table's sort order, ClickHouse's sort of the insert block is a cheap pass
+        // (it parses and sorts each insert on one thread, which bounds a consumer's speed).
+        frames.sort_unstable_by(|a, b| {
+            (a.user_id, a.session_id, &a.data_type, a.t0_us).cmp(&(
+                b.user_id,
+                b.session_id,
+                &b.data_type,
+                b.t0_us,
+            ))
+        });
         let count = frames.len();
         let sink = self.sink.clone();
         let shutdown = Arc::clone(&self.shutdown);

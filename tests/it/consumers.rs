@@ -19,7 +19,6 @@ impl ConsumerProcess {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
         command
             .arg("consume")
-            .env("BIOFEED_CONSUMER_METRICS_LISTEN", "127.0.0.1:0")
             .env("BIOFEED_BATCH_MAX_AGE", "200ms")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -67,6 +66,7 @@ fn consumer_env(
         format!("test-group-{}", stores.id),
     ));
     env.push(("BIOFEED_CONSUMER_REFRESH", "1s".to_owned()));
+    env.push(("BIOFEED_CONSUMER_METRICS_LISTEN", "127.0.0.1:0".to_owned()));
     for (k, v) in extra {
         env.retain(|(key, _)| key != k);
         env.push((k, v.clone()));
@@ -181,8 +181,36 @@ async fn every_point_sent_is_stored_once_and_exactly_as_sent() {
     let user = Uuid::new_v4();
     let sent = frames(user, 3, 30, 100);
     produce_frames(&stores, &sent).await;
-    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    let metrics = format!("127.0.0.1:{}", crate::helpers::free_port());
+    let consumer = ConsumerProcess::start(&consumer_env(
+        &stores,
+        &[("BIOFEED_CONSUMER_METRICS_LISTEN", metrics.clone())],
+    ));
     wait_for_points(&stores, points_of(&sent)).await;
+    // The consumer's own count, at its Prometheus endpoint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let expected = format!("biofeed_consumer_rows_written_total {}", points_of(&sent));
+    loop {
+        let text = reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        // Lag is sampled every 5 s; the row count as soon as the insert returns.
+        if text.contains(&expected) && text.contains("biofeed_consumer_lag{") {
+            assert!(
+                text.contains("biofeed_consumer_dead_lettered_total 0"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{expected} never shown: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let (code, stderr) = consumer.stop().await;
     assert_eq!(code, 0, "{stderr}");
 
