@@ -1,7 +1,9 @@
 # The biofeed binary in a small Debian image. Built by compose/docker-compose.yml; works alone:
 #   docker build -t biofeed . && docker run --rm biofeed --help
 FROM rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake zlib1g-dev && rm -rf /var/lib/apt/lists/*
+# librdkafka is built from source by rdkafka-sys with its configure script (make, a C compiler
+# and zlib headers, all in the rust image).
+RUN apt-get update && apt-get install -y --no-install-recommends zlib1g-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked --bin biofeed
