@@ -1,6 +1,5 @@
 //! Users: created with their email encrypted and blind-indexed, found by email.
 
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::crypto::Place;
@@ -156,16 +155,6 @@ pub async fn seal_for_user(
     let (wrapped, version) = row.ok_or(AccountsError::NoSuchUser)?;
     let key = accounts.keys.unwrap_data_key(user, &wrapped, version)?;
     Ok(key.seal(place, plaintext))
-}
-
-/// Whether a live user exists.
-pub async fn exists(pool: &PgPool, user: Uuid) -> Result<bool, AccountsError> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1 AND deleted_at IS NULL)",
-    )
-    .bind(user)
-    .fetch_one(pool)
-    .await?)
 }
 
 #[cfg(test)]

@@ -69,11 +69,6 @@ impl PostgresSettings {
         }
     }
 
-    /// The database name in the URL.
-    pub fn database(&self) -> &str {
-        self.url.path().trim_start_matches('/')
-    }
-
     /// Opens a pool and proves it works with one connection, within the connect timeout.
     #[tracing::instrument(skip(self), fields(address = %redacted_address(&self.url)))]
     pub async fn connect(&self) -> Result<PgPool, BackendError> {

@@ -3,7 +3,7 @@
 //! commits nothing, and rows it writes again collapse into the originals.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use biofeed_schema::SensorFrame;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -232,12 +232,4 @@ fn write(
     summary.points += rows;
     batch.clear();
     Ok(())
-}
-
-/// Now, in milliseconds since the epoch (for tests and defaults).
-pub fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
