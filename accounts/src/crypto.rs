@@ -49,7 +49,7 @@ pub struct AccountKeys {
         value_name = "BASE64",
         env = "BIOFEED_MASTER_KEY",
         hide_env_values = true,
-        value_parser = parse_master_key
+        value_parser = SecretKeyParser("BIOFEED_MASTER_KEY")
     )]
     pub master_key: Key32,
 
@@ -72,7 +72,7 @@ pub struct AccountKeys {
         value_name = "BASE64",
         env = "BIOFEED_BLIND_INDEX_KEY",
         hide_env_values = true,
-        value_parser = parse_blind_index_key
+        value_parser = SecretKeyParser("BIOFEED_BLIND_INDEX_KEY")
     )]
     pub blind_index_key: Key32,
 }
@@ -118,12 +118,29 @@ impl Key32 {
     }
 }
 
-fn parse_master_key(value: &str) -> Result<Key32, String> {
-    Key32::parse(value, "BIOFEED_MASTER_KEY").map_err(|e| e.to_string())
-}
+/// Parses a key setting. Unlike clap's usual "invalid value '…'" error, a refusal never repeats
+/// the value: a mistyped key is still mostly key.
+#[derive(Clone, Copy)]
+struct SecretKeyParser(&'static str);
 
-fn parse_blind_index_key(value: &str) -> Result<Key32, String> {
-    Key32::parse(value, "BIOFEED_BLIND_INDEX_KEY").map_err(|e| e.to_string())
+impl clap::builder::TypedValueParser for SecretKeyParser {
+    type Value = Key32;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Key32, clap::Error> {
+        value
+            .to_str()
+            .ok_or(KeyError::Malformed { setting: self.0 })
+            .and_then(|v| Key32::parse(v, self.0))
+            .map_err(|e| {
+                clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{e}\n"))
+                    .with_cmd(cmd)
+            })
+    }
 }
 
 /// Where a sealed value lives; bound into its ciphertext as associated data.
@@ -319,9 +336,16 @@ mod tests {
 
     #[test]
     fn malformed_keys_name_the_setting_and_show_no_material() {
-        let err = parse_master_key("c2hvcnQ=").unwrap_err();
-        assert!(err.contains("BIOFEED_MASTER_KEY"));
-        assert!(!err.contains("c2hvcnQ"));
-        assert!(parse_blind_index_key(&Key32::random().to_base64()).is_ok());
+        use clap::builder::TypedValueParser;
+        let cmd = clap::Command::new("test");
+        let parser = SecretKeyParser("BIOFEED_MASTER_KEY");
+        let err = parser
+            .parse_ref(&cmd, None, "c2hvcnQ=".as_ref())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("BIOFEED_MASTER_KEY"), "{err}");
+        assert!(!err.contains("c2hvcnQ"), "{err}");
+        let key = Key32::random().to_base64();
+        assert!(parser.parse_ref(&cmd, None, key.as_ref()).is_ok());
     }
 }

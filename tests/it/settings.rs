@@ -178,3 +178,100 @@ async fn malformed_settings_are_rejected_before_any_connection() {
     );
     drop(test);
 }
+
+#[tokio::test]
+async fn the_services_refuse_bad_settings_before_contacting_anything() {
+    let (listening, accepted) = silent_server().await;
+    let good_key = biofeed_accounts::crypto::Key32::random().to_base64();
+    let reachable = vec![
+        (
+            "BIOFEED_POSTGRES_URL",
+            format!("postgres://biofeed:biofeed@{listening}/biofeed"),
+        ),
+        ("BIOFEED_CLICKHOUSE_URL", format!("http://{listening}")),
+        ("BIOFEED_KAFKA_BROKERS", listening.clone()),
+        ("BIOFEED_MASTER_KEY", good_key.clone()),
+        ("BIOFEED_BLIND_INDEX_KEY", good_key),
+    ];
+    let cases: [(&[&str], &'static str, &str, &str); 9] = [
+        (
+            &["gateway"],
+            "BIOFEED_MASTER_KEY",
+            "c2hvcnQ=",
+            "BIOFEED_MASTER_KEY must be base64 of exactly 32",
+        ),
+        (
+            &["gateway"],
+            "BIOFEED_BLIND_INDEX_KEY",
+            "not base64!",
+            "BIOFEED_BLIND_INDEX_KEY must be base64",
+        ),
+        (
+            &["gateway"],
+            "BIOFEED_GATEWAY_LISTEN",
+            "everywhere",
+            "--listen",
+        ),
+        (
+            &["gateway"],
+            "BIOFEED_GATEWAY_MAX_IN_FLIGHT",
+            "0",
+            "--max-in-flight",
+        ),
+        (
+            &["gateway"],
+            "BIOFEED_GATEWAY_MAX_BODY_BYTES",
+            "12",
+            "--max-body-bytes",
+        ),
+        (
+            &["consume"],
+            "BIOFEED_BATCH_MAX_AGE",
+            "0s",
+            "--batch-max-age",
+        ),
+        (
+            &["consume"],
+            "BIOFEED_INSERTS_IN_FLIGHT",
+            "0",
+            "--inserts-in-flight",
+        ),
+        (
+            &["consume"],
+            "BIOFEED_CLICKHOUSE_COMPRESSION",
+            "gzip",
+            "--clickhouse-compression",
+        ),
+        (
+            &["admin", "device", "list"],
+            "BIOFEED_POSTGRES_URL",
+            "postgres://h:5432",
+            "--postgres-url",
+        ),
+    ];
+    for (args, setting, value, named) in cases {
+        let run = run_biofeed(args, &with(reachable.clone(), setting, value.to_owned())).await;
+        assert_eq!(run.code, 2, "{args:?} {setting}={value}: {run:?}");
+        assert!(
+            run.stderr.contains(named),
+            "{setting}={value} names {named}: {run:?}"
+        );
+        if setting.ends_with("_KEY") {
+            assert!(!run.stderr.contains(value), "key material echoed: {run:?}");
+        }
+    }
+    // A missing key is named too.
+    let without_key: Vec<_> = reachable
+        .iter()
+        .filter(|(k, _)| *k != "BIOFEED_MASTER_KEY")
+        .cloned()
+        .collect();
+    let run = run_biofeed(&["gateway"], &without_key).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("--master-key"), "{run:?}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "no connection was tried"
+    );
+}
