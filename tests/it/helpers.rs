@@ -123,3 +123,45 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A server process a test started, with a temporary directory of its own: killed, and the
+/// directory removed, when dropped.
+pub struct ServerProcess {
+    /// The directory (configuration, data, logs).
+    pub dir: std::path::PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl ServerProcess {
+    /// A fresh directory named after `kind`; no process yet.
+    pub fn new(kind: &str) -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("biofeed-{kind}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self { dir, child: None }
+    }
+
+    /// Starts the process.
+    pub fn spawn(&mut self, command: &mut std::process::Command) {
+        self.child = Some(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("{command:?} starts: {e}")),
+        );
+    }
+
+    /// Kills the process outright, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

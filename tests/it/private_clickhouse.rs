@@ -2,25 +2,24 @@
 //! one: the same binary and configuration template as `compose/local`, on free ports, in a
 //! temporary directory.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::helpers::free_port;
+use crate::helpers::{free_port, ServerProcess};
 
 /// A ClickHouse server process of this test's.
 pub struct PrivateClickHouse {
-    dir: PathBuf,
+    process: ServerProcess,
     http_port: u16,
-    child: Option<Child>,
 }
 
 impl PrivateClickHouse {
     /// Starts a server; returns when it answers queries.
     pub async fn start() -> Self {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir =
-            std::env::temp_dir().join(format!("biofeed-ch-{}", uuid::Uuid::new_v4().simple()));
+        let process = ServerProcess::new("clickhouse");
+        let dir = process.dir.clone();
         for sub in [
             "clickhouse/data",
             "clickhouse/tmp",
@@ -43,11 +42,7 @@ impl PrivateClickHouse {
             dir.join("clickhouse/users.xml"),
         )
         .unwrap();
-        let mut server = Self {
-            dir,
-            http_port,
-            child: None,
-        };
+        let mut server = Self { process, http_port };
         server.launch().await;
         server
     }
@@ -58,16 +53,15 @@ impl PrivateClickHouse {
     }
 
     async fn launch(&mut self) {
-        let config = self.dir.join("clickhouse/config.xml");
-        let child = Command::new("clickhouse-server")
+        let config = self.process.dir.join("clickhouse/config.xml");
+        let mut command = Command::new("clickhouse-server");
+        command
             .arg(format!("--config-file={}", config.display()))
-            .current_dir(self.dir.join("clickhouse"))
+            .current_dir(self.process.dir.join("clickhouse"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("clickhouse-server runs (compose/local up installs it)");
-        self.child = Some(child);
+            .stderr(Stdio::null());
+        self.process.spawn(&mut command);
         let client = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -81,7 +75,7 @@ impl PrivateClickHouse {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "private clickhouse did not start; see {}",
-                self.dir.display()
+                self.process.dir.display()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -89,22 +83,12 @@ impl PrivateClickHouse {
 
     /// Kills the server outright.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Starts it again on the same port and data.
     pub async fn restart(&mut self) {
         self.kill();
         self.launch().await;
-    }
-}
-
-impl Drop for PrivateClickHouse {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

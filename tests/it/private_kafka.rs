@@ -3,20 +3,19 @@
 //! configuration template as `compose/local`, on free ports, in a temporary directory.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::helpers::free_port;
+use crate::helpers::{free_port, ServerProcess};
 
 use base64::Engine;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 /// A broker process of this test's.
 pub struct PrivateKafka {
-    dir: PathBuf,
+    process: ServerProcess,
     port: u16,
     classpath: String,
-    child: Option<Child>,
 }
 
 fn repo() -> &'static Path {
@@ -38,9 +37,8 @@ impl PrivateKafka {
             })
             .trim()
             .to_owned();
-        let dir =
-            std::env::temp_dir().join(format!("biofeed-kafka-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let process = ServerProcess::new("kafka");
+        let dir = process.dir.clone();
         let (port, controller) = (free_port(), free_port());
         let config = std::fs::read_to_string(repo().join("compose/kafka/server.properties.in"))
             .unwrap()
@@ -72,10 +70,9 @@ impl PrivateKafka {
             String::from_utf8_lossy(&format.stderr)
         );
         let mut kafka = Self {
-            dir,
+            process,
             port,
             classpath,
-            child: None,
         };
         kafka.launch().await;
         kafka
@@ -87,21 +84,20 @@ impl PrivateKafka {
     }
 
     async fn launch(&mut self) {
-        let log = std::fs::File::create(self.dir.join("kafka.log")).unwrap();
-        let child = Command::new("java")
+        let log = std::fs::File::create(self.process.dir.join("kafka.log")).unwrap();
+        let mut command = Command::new("java");
+        command
             .args(["-Xms128m", "-Xmx512m"])
             .arg(format!(
                 "-Dlog4j2.configurationFile={}",
                 repo().join("compose/kafka/log4j2.properties").display()
             ))
             .args(["-cp", &self.classpath, "kafka.Kafka"])
-            .arg(self.dir.join("server.properties"))
+            .arg(self.process.dir.join("server.properties"))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
+            .stdin(Stdio::null());
+        self.process.spawn(&mut command);
         let brokers = self.brokers();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
@@ -123,7 +119,7 @@ impl PrivateKafka {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "private kafka did not start; see {}",
-                self.dir.display()
+                self.process.dir.display()
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -131,22 +127,12 @@ impl PrivateKafka {
 
     /// Kills the broker outright, as a crash or a pulled cable would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Starts the broker again on the same port and data.
     pub async fn restart(&mut self) {
         self.kill();
         self.launch().await;
-    }
-}
-
-impl Drop for PrivateKafka {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
