@@ -99,8 +99,17 @@ const WATCHDOG: Duration = Duration::from_secs(60);
 
 /// Runs the real binary with extra environment variables.
 pub async fn run_biofeed(args: &[&str], env: &[(&str, String)]) -> Run {
+    run_biofeed_without(args, env, &[]).await
+}
+
+/// Runs the real binary with extra environment variables and without `removed` ones (which
+/// `compose/local test` may have exported).
+pub async fn run_biofeed_without(args: &[&str], env: &[(&str, String)], removed: &[&str]) -> Run {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
     command.args(args).kill_on_drop(true);
+    for key in removed {
+        command.env_remove(key);
+    }
     for (key, value) in env {
         command.env(key, value);
     }

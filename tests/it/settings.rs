@@ -266,7 +266,9 @@ async fn the_services_refuse_bad_settings_before_contacting_anything() {
         .filter(|(k, _)| *k != "BIOFEED_MASTER_KEY")
         .cloned()
         .collect();
-    let run = run_biofeed(&["gateway"], &without_key).await;
+    let run =
+        crate::helpers::run_biofeed_without(&["gateway"], &without_key, &["BIOFEED_MASTER_KEY"])
+            .await;
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.contains("--master-key"), "{run:?}");
     assert_eq!(
