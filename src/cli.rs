@@ -298,29 +298,31 @@ fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    biofeed_consumers::stop_on_signal(std::sync::Arc::clone(&stop));
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use biofeed_ingest_gateway::metrics_endpoint;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    biofeed_consumers::stop_on_signal(Arc::clone(&stop));
+    let listener = metrics_endpoint::bind(args.metrics_listen).await?;
     let mut registry = prometheus_client::registry::Registry::default();
+    // Prepared first: it registers the consumer's metrics before the registry is shared.
+    let consumer = biofeed_consumers::prepare(args.settings, &mut registry).await?;
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    // The registry is filled before it is shared with the endpoint.
-    let consumer = {
-        let settings = args.settings;
-        let stop = std::sync::Arc::clone(&stop);
-        let pending = biofeed_consumers::prepare(settings, &mut registry).await?;
-        let registry = std::sync::Arc::new(registry);
-        let endpoint = tokio::spawn(biofeed_ingest_gateway::metrics_endpoint::serve(
-            args.metrics_listen,
-            registry,
-            async move {
-                let _ = metrics_stopped.await;
-            },
-        ));
-        let outcome = pending.run(stop).await;
-        let _ = metrics_stop.send(());
-        let _ = endpoint.await;
-        outcome
-    };
-    let summary = consumer?;
+    let endpoint = tokio::spawn(metrics_endpoint::serve(
+        listener,
+        Arc::new(registry),
+        async move {
+            let _ = metrics_stopped.await;
+        },
+    ));
+    let outcome = consumer.run(stop).await;
+    let _ = metrics_stop.send(());
+    if let Ok(Err(e)) = endpoint.await {
+        tracing::warn!(error = %format!("{e:#}"), "the metrics endpoint failed");
+    }
+    let summary = outcome?;
     eprintln!(
         "stopped: {} rows written, {} frames dead-lettered, {} frames of erased users dropped",
         summary.rows, summary.dead_lettered, summary.dropped_erased

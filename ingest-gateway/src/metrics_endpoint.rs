@@ -10,15 +10,19 @@ use axum::routing::get;
 use axum::Router;
 use prometheus_client::registry::Registry;
 
-/// Serves `registry` at `http://{listen}/metrics` (and `/healthz`) until `shutdown` resolves.
+/// Binds the endpoint's address, so that a taken port fails before the process starts working.
+pub async fn bind(listen: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for metrics: {e}"))
+}
+
+/// Serves `registry` at `/metrics` (and `/healthz`) on `listener` until `shutdown` resolves.
 pub async fn serve(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     registry: Arc<Registry>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen} for metrics: {e}"))?;
     let app = Router::new()
         .route(
             "/metrics",
