@@ -89,11 +89,7 @@ impl Checks {
                 frame.data_type, spec.channels, frame.channels
             ));
         }
-        if let Some(i) = frame
-            .values
-            .iter()
-            .position(|v| !(v.is_finite() && *v >= spec.min && *v <= spec.max))
-        {
+        if let Some(i) = frame.first_value_outside(spec.min, spec.max) {
             return Verdict::Dead(format!(
                 "value {i} of {} is outside {}..={} or not finite",
                 frame.data_type, spec.min, spec.max

@@ -244,17 +244,10 @@ fn reqwest_client(connections: usize) -> anyhow::Result<reqwest::Client> {
 }
 
 fn direct_producer(settings: &GatewaySettings) -> anyhow::Result<FutureProducer> {
-    Ok(settings
-        .kafka
-        .client_config()
-        .set("client.id", "biofeed-bench-direct")
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", "lz4")
-        .set("linger.ms", "1")
-        .set("batch.size", "1048576")
-        .set("message.max.bytes", "16000000")
-        .create()?)
+    Ok(
+        crate::publisher::frame_producer_config(&settings.kafka, "biofeed-bench-direct")
+            .create()?,
+    )
 }
 
 /// Frames per device with different values, cycled, so that Kafka's compression sees data as

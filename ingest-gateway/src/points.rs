@@ -383,22 +383,11 @@ fn shape_problem(error: biofeed_schema::FrameError, channels: u16) -> ApiError {
 
 /// Values must be finite and inside the data type's range.
 fn check_values(frame: &SensorFrame, min: f32, max: f32) -> Result<(), ApiError> {
-    // The common case is one tight pass; the slow path only runs to name the culprit.
-    if frame
-        .values
-        .iter()
-        .all(|v| v.is_finite() && *v >= min && *v <= max)
-    {
+    let Some(i) = frame.first_value_outside(min, max) else {
         return Ok(());
-    }
+    };
     let channels = usize::from(frame.channels);
-    let (i, v) = frame
-        .values
-        .iter()
-        .enumerate()
-        .find(|(_, v)| !(v.is_finite() && **v >= min && **v <= max))
-        .map(|(i, v)| (i, *v))
-        .unwrap_or((0, f32::NAN));
+    let v = frame.values[i];
     let field = format!("values/{}/{}", i / channels, i % channels);
     if v.is_finite() {
         Err(ApiError::invalid(

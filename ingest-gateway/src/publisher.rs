@@ -25,16 +25,8 @@ impl Publisher {
         topic: &str,
         produce_timeout: Duration,
     ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = kafka
-            .client_config()
-            .set("client.id", "biofeed-gateway")
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", "lz4")
-            .set("linger.ms", "1")
-            .set("batch.size", "1048576")
+        let producer: FutureProducer = frame_producer_config(kafka, "biofeed-gateway")
             .set("queue.buffering.max.kbytes", "262144")
-            .set("message.max.bytes", "16000000")
             .set(
                 "message.timeout.ms",
                 produce_timeout.as_millis().to_string(),
@@ -100,6 +92,21 @@ impl Publisher {
             tracing::warn!(error = %e, "frames still queued for kafka at shutdown");
         }
     }
+}
+
+/// How frames are produced: idempotent (no duplicates from internal retries), `acks=all`, lz4,
+/// batched for at most 1 ms. The gateway and the benchmark's direct-produce ceiling share it.
+pub fn frame_producer_config(kafka: &KafkaSettings, client_id: &str) -> rdkafka::ClientConfig {
+    let mut config = kafka.client_config();
+    config
+        .set("client.id", client_id)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "1")
+        .set("batch.size", "1048576")
+        .set("message.max.bytes", "16000000");
+    config
 }
 
 fn unavailable(error: &KafkaError) -> ApiError {

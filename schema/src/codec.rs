@@ -149,15 +149,7 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<SensorFrame, DecodeError> {
     let data_type = r.string("data_type")?;
     let data_type = DataTypeName::parse(data_type)
         .map_err(|_| DecodeError::BadText("data_type", "data type name"))?;
-    let channels = r.long("channels")?;
-    let channels =
-        u16::try_from(channels)
-            .ok()
-            .filter(|c| *c > 0)
-            .ok_or(DecodeError::OutOfRange {
-                field: "channels",
-                value: channels,
-            })?;
+    let channels = channels_from(r.long("channels")?)?;
     let received_at_us = r.long("received_at_us")?;
     let t0_us = r.long("t0_us")?;
     let offsets_us = r.long_array("offsets_us")?;
@@ -177,6 +169,17 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<SensorFrame, DecodeError> {
         offsets_us,
         values,
     })
+}
+
+/// The `channels` field: an Avro int that must be 1..=65535.
+pub(crate) fn channels_from(value: i64) -> Result<u16, DecodeError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|c| *c > 0)
+        .ok_or(DecodeError::OutOfRange {
+            field: "channels",
+            value,
+        })
 }
 
 fn put_long(out: &mut Vec<u8>, value: i64) {

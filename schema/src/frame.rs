@@ -88,6 +88,14 @@ impl SensorFrame {
         self.values.get(i * c..(i + 1) * c)
     }
 
+    /// The index in `values` of the first value that is not finite or lies outside
+    /// `min..=max`, if any: the data type's range check, shared by the gateway and consumers.
+    pub fn first_value_outside(&self, min: f32, max: f32) -> Option<usize> {
+        self.values
+            .iter()
+            .position(|v| !(v.is_finite() && *v >= min && *v <= max))
+    }
+
     /// Checks that the parts fit: samples present, `values` shaped `samples × channels`,
     /// times ascending and representable.
     pub fn check_shape(&self) -> Result<(), FrameError> {
@@ -182,6 +190,11 @@ mod tests {
         assert_eq!(f.sample(1), Some(&[3.0, 4.0][..]));
         assert_eq!(f.time_us(2), Some(1_020));
         assert_eq!(f.sample(3), None);
+        assert_eq!(f.first_value_outside(0.0, 10.0), None);
+        assert_eq!(f.first_value_outside(0.0, 4.5), Some(4));
+        let mut f = frame();
+        f.values[2] = f32::NAN;
+        assert_eq!(f.first_value_outside(f32::MIN, f32::MAX), Some(2));
     }
 
     #[test]

@@ -153,15 +153,7 @@ pub fn frame_from_value(value: Value) -> Result<SensorFrame, DecodeError> {
             .map_err(|_| DecodeError::BadText("data_type", "data type name"))?,
         _ => return Err(DecodeError::BadText("data_type", "string")),
     };
-    let channels = long("channels")?;
-    let channels =
-        u16::try_from(channels)
-            .ok()
-            .filter(|c| *c > 0)
-            .ok_or(DecodeError::OutOfRange {
-                field: "channels",
-                value: channels,
-            })?;
+    let channels = crate::codec::channels_from(long("channels")?)?;
     let offsets_us = match field("offsets_us")? {
         Value::Array(items) => items
             .iter()
