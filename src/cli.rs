@@ -5,7 +5,9 @@
 
 use std::process::ExitCode;
 
-use biofeed_accounts::{devices, users, AccountKeys, Accounts, AccountsError};
+use biofeed_accounts::{
+    devices, erase, relationships, rotation, users, AccountKeys, Accounts, AccountsError,
+};
 use biofeed_backends::postgres::PostgresSettings;
 use biofeed_backends::StoreSettings;
 use biofeed_ingest_gateway::GatewaySettings;
@@ -77,7 +79,7 @@ pub enum Command {
     ///
     /// Stops on SIGTERM or Ctrl-C after finishing the requests in flight.
     #[command(after_help = AFTER_HELP)]
-    Gateway(GatewaySettings),
+    Gateway(Box<GatewaySettings>),
 
     /// Consume the points topic into ClickHouse: batches by rows, bytes and age; offsets
     /// committed only after ClickHouse has the rows; undecodable or invalid frames to the
@@ -94,7 +96,7 @@ pub enum Command {
     #[command(after_help = AFTER_HELP)]
     Replay(biofeed_consumers::ReplaySettings),
 
-    /// Administration: users and devices.
+    /// Administration: users, relationships, devices and keys.
     #[command(subcommand)]
     Admin(AdminCommand),
 
@@ -112,13 +114,13 @@ pub enum BenchCommand {
     /// Needs Postgres and Kafka migrated (`biofeed migrate`); makes and afterwards deletes a
     /// bench user and topic of its own.
     #[command(after_help = AFTER_HELP)]
-    Gateway(biofeed_ingest_gateway::bench::BenchGatewaySettings),
+    Gateway(Box<biofeed_ingest_gateway::bench::BenchGatewaySettings>),
 
     /// Points per second one consumer drains from Kafka into ClickHouse, against ClickHouse's
     /// own Kafka table engine with a materialized view on the same points; bytes per point on
     /// disk. Makes and afterwards drops a database and topics of its own.
     #[command(after_help = AFTER_HELP)]
-    Consume(biofeed_consumers::bench::BenchConsumeSettings),
+    Consume(Box<biofeed_consumers::bench::BenchConsumeSettings>),
 }
 
 /// Arguments of `biofeed consume`.
@@ -140,19 +142,45 @@ pub struct ConsumeArgs {
 /// `biofeed admin …`.
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
-    /// Users (the accounts issue adds list and erase).
+    /// Users: create, list, export, erase.
     #[command(subcommand)]
     User(UserCommand),
+    /// Relationships (guardian–child, practitioner–patient, …) and their consent.
+    #[command(subcommand)]
+    Relationship(RelationshipCommand),
     /// Devices and their tokens.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// The PII keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// Postgres and the PII keys: what most admin commands need.
+#[derive(Debug, Args)]
+pub struct AccountStore {
+    /// Where Postgres is.
+    #[command(flatten, next_help_heading = "Postgres")]
+    pub postgres: PostgresSettings,
+    /// PII keys.
+    #[command(flatten, next_help_heading = "Keys")]
+    pub keys: AccountKeys,
+}
+
+impl AccountStore {
+    async fn connect(self) -> anyhow::Result<Accounts> {
+        Ok(Accounts {
+            pool: self.postgres.connect().await?,
+            keys: self.keys,
+        })
+    }
 }
 
 /// `biofeed admin user …`.
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
     /// Create a user; prints the new user's id. The email is stored only encrypted and as a
-    /// keyed blind index.
+    /// keyed blind index; the password (read from standard input) only as an argon2id hash.
     #[command(after_help = AFTER_HELP)]
     Create {
         /// The user's email.
@@ -161,12 +189,126 @@ pub enum UserCommand {
         /// The role: user, guardian, practitioner, admin or analyst.
         #[arg(long, default_value = "user")]
         role: String,
+        /// Read a password from the first line of standard input, so the user can log in.
+        #[arg(long)]
+        password_stdin: bool,
+        /// Date of birth (YYYY-MM-DD): decides whether a guardian must consent.
+        #[arg(long, value_name = "YYYY-MM-DD")]
+        birth_date: Option<chrono::NaiveDate>,
+        /// Country, ISO 3166-1 alpha-2 (decides the consent age).
+        #[arg(long, value_name = "CC")]
+        country: Option<String>,
+        /// Password hashing cost.
+        #[command(flatten, next_help_heading = "Logins")]
+        passwords: biofeed_accounts::passwords::PasswordSettings,
+        /// Postgres and keys.
+        #[command(flatten)]
+        store: AccountStore,
+    },
+    /// List users: ids, roles and dates. No PII unless --show-pii, which decrypts each email
+    /// and writes one audit record per user shown.
+    #[command(after_help = AFTER_HELP)]
+    List {
+        /// Only users of this role.
+        #[arg(long)]
+        role: Option<String>,
+        /// Show each live user's email (audited).
+        #[arg(long)]
+        show_pii: bool,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Postgres and keys.
+        #[command(flatten)]
+        store: AccountStore,
+    },
+    /// Erase a user (GDPR article 17): destroy their data key, delete their PII, sessions,
+    /// devices and relationships, put them on the erasure list the consumers honour and queue
+    /// the deletion of their points from ClickHouse. Cannot be undone.
+    #[command(after_help = AFTER_HELP)]
+    Erase {
+        /// The user's id.
+        user_id: Uuid,
+        /// Confirm: without it nothing is erased (exit 2).
+        #[arg(long)]
+        yes: bool,
+        /// Postgres and keys.
+        #[command(flatten)]
+        store: AccountStore,
+    },
+    /// Write everything held about a user (GDPR article 15) to standard output as
+    /// newline-delimited JSON (format `biofeed-export/1`, see `GET /v1/me/export`).
+    #[command(after_help = AFTER_HELP)]
+    Export {
+        /// The user's id.
+        user_id: Uuid,
+        /// Postgres and keys.
+        #[command(flatten)]
+        store: AccountStore,
+        /// Where ClickHouse is (the points).
+        #[command(flatten, next_help_heading = "ClickHouse")]
+        clickhouse: biofeed_backends::clickhouse::ClickHouseSettings,
+    },
+}
+
+/// `biofeed admin relationship …`.
+#[derive(Debug, Subcommand)]
+pub enum RelationshipCommand {
+    /// Record a relationship; prints its id. By default it is live at once (the operator
+    /// records consent given outside biofeed); with --pending it waits for acceptance in the API.
+    #[command(after_help = AFTER_HELP)]
+    Add {
+        /// The lead: the guardian or practitioner.
+        #[arg(long)]
+        lead: Uuid,
+        /// The follower: the child or patient.
+        #[arg(long)]
+        follower: Uuid,
+        /// parent_child, guardian_ward, practitioner_patient or coach_athlete.
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: String,
+        /// Leave it pending until the other party accepts.
+        #[arg(long)]
+        pending: bool,
         /// Where Postgres is.
         #[command(flatten, next_help_heading = "Postgres")]
         postgres: PostgresSettings,
-        /// PII keys.
-        #[command(flatten, next_help_heading = "Keys")]
-        keys: AccountKeys,
+    },
+    /// Revoke a relationship: it stops granting access on the next request.
+    #[command(after_help = AFTER_HELP)]
+    Revoke {
+        /// The relationship's id.
+        id: Uuid,
+        /// Where Postgres is.
+        #[command(flatten, next_help_heading = "Postgres")]
+        postgres: PostgresSettings,
+    },
+    /// List relationships (ids, types, dates; no PII).
+    #[command(after_help = AFTER_HELP)]
+    List {
+        /// Only this user's relationships.
+        #[arg(long)]
+        user_id: Option<Uuid>,
+        /// Where Postgres is.
+        #[command(flatten, next_help_heading = "Postgres")]
+        postgres: PostgresSettings,
+    },
+}
+
+/// `biofeed admin keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Re-wrap every user's data key under the current master key (BIOFEED_MASTER_KEY, version
+    /// BIOFEED_MASTER_KEY_VERSION), reading older ones with BIOFEED_MASTER_KEYS_PREVIOUS.
+    ///
+    /// Without downtime: first give every service the new key as current and the old one as
+    /// previous, then run this, then drop the old key from the previous list. Safe to interrupt
+    /// and to run again.
+    #[command(after_help = AFTER_HELP)]
+    Rotate {
+        /// Postgres and keys.
+        #[command(flatten)]
+        store: AccountStore,
     },
 }
 
@@ -186,12 +328,9 @@ pub enum DeviceCommand {
         /// The device's model, e.g. "Polar H10".
         #[arg(long, default_value = "")]
         model: String,
-        /// Where Postgres is.
-        #[command(flatten, next_help_heading = "Postgres")]
-        postgres: PostgresSettings,
-        /// PII keys (the blind-index key finds the user by email).
-        #[command(flatten, next_help_heading = "Keys")]
-        keys: AccountKeys,
+        /// Postgres and keys (the blind-index key finds the user by email).
+        #[command(flatten)]
+        store: AccountStore,
     },
     /// Revoke a device: its token stops working (within the gateway's auth cache TTL).
     #[command(after_help = AFTER_HELP)]
@@ -239,15 +378,15 @@ impl Cli {
         }
         match self.command {
             Command::Migrate(args) => run_migrate(args).await,
-            Command::Gateway(settings) => exit_with(biofeed_ingest_gateway::run(settings).await),
+            Command::Gateway(settings) => exit_with(biofeed_ingest_gateway::run(*settings).await),
             Command::Consume(args) => exit_with(run_consume(args).await),
             Command::Replay(settings) => exit_with(run_replay(settings).await),
             Command::Admin(command) => exit_with(run_admin(command).await),
             Command::Bench(BenchCommand::Gateway(settings)) => {
-                exit_with(biofeed_ingest_gateway::bench::run(settings).await)
+                exit_with(biofeed_ingest_gateway::bench::run(*settings).await)
             }
             Command::Bench(BenchCommand::Consume(settings)) => {
-                exit_with(biofeed_consumers::bench::run(settings).await)
+                exit_with(biofeed_consumers::bench::run(*settings).await)
             }
         }
     }
@@ -288,8 +427,16 @@ fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
                         .downcast_ref::<AccountsError>()
                         .is_some_and(|a| matches!(a, AccountsError::Postgres(_)))
             });
+            let usage = e.chain().any(|cause| {
+                cause.is::<Refused>()
+                    || cause
+                        .downcast_ref::<AccountsError>()
+                        .is_some_and(|a| matches!(a, AccountsError::Invalid { .. }))
+            });
             ExitCode::from(if unavailable {
                 exit::UNAVAILABLE
+            } else if usage {
+                exit::USAGE
             } else {
                 exit::FAILURE
             })
@@ -331,17 +478,11 @@ async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
 }
 
 async fn run_replay(settings: biofeed_consumers::ReplaySettings) -> anyhow::Result<()> {
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} replay [{bar:40}] {pos}/{len} messages ({per_sec}, eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let progress_bar = bar.clone();
+    let bar = progress_bar("replay", "messages");
+    let progress = bar.clone();
     let summary = biofeed_consumers::replay(settings, move |done, total| {
-        progress_bar.set_length(total);
-        progress_bar.set_position(done);
+        progress.set_length(total);
+        progress.set_position(done);
     })
     .await?;
     bar.finish_and_clear();
@@ -355,31 +496,30 @@ async fn run_replay(settings: biofeed_consumers::ReplaySettings) -> anyhow::Resu
 
 async fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
     match command {
-        AdminCommand::User(UserCommand::Create {
-            email,
-            role,
-            postgres,
-            keys,
-        }) => {
-            let accounts = Accounts {
-                pool: postgres.connect().await?,
-                keys,
-            };
-            let email = users::Email::parse(&email)?;
-            let id = users::create_user(&accounts, &email, &role).await?;
-            println!("{id}");
+        AdminCommand::User(command) => run_admin_user(command).await?,
+        AdminCommand::Relationship(command) => run_admin_relationship(command).await?,
+        AdminCommand::Keys(KeysCommand::Rotate { store }) => {
+            let accounts = store.connect().await?;
+            let bar = progress_bar("rotate", "data keys");
+            let progress = bar.clone();
+            let rotated = rotation::rotate_master_key(&accounts, move |done, total| {
+                progress.set_length(total);
+                progress.set_position(done);
+            })
+            .await?;
+            bar.finish_and_clear();
+            eprintln!(
+                "re-wrapped {} data keys under master key version {}; {} were already under it",
+                rotated.rewrapped, accounts.keys.master_key_version, rotated.already_current
+            );
         }
         AdminCommand::Device(DeviceCommand::Create {
             user,
             user_id,
             model,
-            postgres,
-            keys,
+            store,
         }) => {
-            let accounts = Accounts {
-                pool: postgres.connect().await?,
-                keys,
-            };
+            let accounts = store.connect().await?;
             let user_id = match (user_id, user) {
                 (Some(id), _) => id,
                 (None, Some(email)) => {
@@ -422,6 +562,180 @@ async fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+async fn run_admin_user(command: UserCommand) -> anyhow::Result<()> {
+    match command {
+        UserCommand::Create {
+            email,
+            role,
+            password_stdin,
+            birth_date,
+            country,
+            passwords,
+            store,
+        } => {
+            let email = users::Email::parse(&email)?;
+            let password_hash = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line)?;
+                let password = line.trim_end_matches(['\r', '\n']).to_owned();
+                let hasher = biofeed_accounts::passwords::Passwords::new(&passwords)?;
+                Some(tokio::task::spawn_blocking(move || hasher.hash(&password)).await??)
+            } else {
+                None
+            };
+            let accounts = store.connect().await?;
+            let id = users::create(
+                &accounts,
+                &users::NewUser {
+                    email,
+                    role,
+                    password_hash,
+                    fields: users::ProfileFields {
+                        birth_date,
+                        country,
+                        ..Default::default()
+                    },
+                    terms_version: None,
+                },
+            )
+            .await?;
+            println!("{id}");
+        }
+        UserCommand::List {
+            role,
+            show_pii,
+            json,
+            store,
+        } => {
+            let accounts = store.connect().await?;
+            let listing =
+                users::list_users(&accounts, role.as_deref(), show_pii.then_some(None)).await?;
+            if show_pii {
+                eprintln!("showing emails of {} users; each reveal is in the audit log", listing.len());
+            }
+            if json {
+                for user in &listing {
+                    println!("{}", serde_json::to_string(user)?);
+                }
+            } else {
+                println!("{:<36}  {:<12}  {:<20}  {:<20}  email", "user", "role", "created", "erased");
+                for u in &listing {
+                    println!(
+                        "{:<36}  {:<12}  {:<20}  {:<20}  {}",
+                        u.user_id,
+                        u.role,
+                        u.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                        u.deleted_at.map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| "-".to_owned()),
+                        u.email.as_deref().unwrap_or("(hidden: --show-pii)")
+                    );
+                }
+            }
+        }
+        UserCommand::Erase {
+            user_id,
+            yes,
+            store,
+        } => {
+            if !yes {
+                return Err(Refused(format!(
+                    "erasing user {user_id} cannot be undone: run again with --yes"
+                ))
+                .into());
+            }
+            let accounts = store.connect().await?;
+            let erased = erase::erase_user(&accounts, user_id, None).await?;
+            eprintln!(
+                "erased user {user_id}: data key destroyed; {} sessions, {} devices and {} relationships deleted; \
+                 ClickHouse deletion queued for the jobs runner",
+                erased.sessions, erased.devices, erased.relationships
+            );
+            println!("{}", serde_json::to_string(&erased)?);
+        }
+        UserCommand::Export {
+            user_id,
+            store,
+            clickhouse,
+        } => {
+            use std::io::Write;
+            let accounts = store.connect().await?;
+            let clickhouse = clickhouse.connect().await?.client();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+            let export = tokio::spawn(async move {
+                biofeed_ingest_gateway::export::export_user(&accounts, &clickhouse, user_id, tx).await
+            });
+            let mut stdout = std::io::stdout().lock();
+            while let Some(line) = rx.recv().await {
+                stdout.write_all(&line)?;
+            }
+            stdout.flush()?;
+            let counts = export.await??;
+            eprintln!(
+                "exported user {user_id}: {} sessions, {} points, {} relationships, {} access records",
+                counts.sessions, counts.points, counts.relationships, counts.access
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn run_admin_relationship(command: RelationshipCommand) -> anyhow::Result<()> {
+    match command {
+        RelationshipCommand::Add {
+            lead,
+            follower,
+            kind,
+            pending,
+            postgres,
+        } => {
+            let pool = postgres.connect().await?;
+            let id = relationships::create(&pool, lead, follower, &kind, None, !pending).await?;
+            println!("{id}");
+        }
+        RelationshipCommand::Revoke { id, postgres } => {
+            relationships::revoke(&postgres.connect().await?, id, None).await?;
+            eprintln!("relationship {id} revoked");
+        }
+        RelationshipCommand::List { user_id, postgres } => {
+            let rows = relationships::list(&postgres.connect().await?, user_id).await?;
+            println!(
+                "{:<36}  {:<20}  {:<36}  {:<36}  {:<9}  revoked",
+                "relationship", "type", "lead", "follower", "consented"
+            );
+            for r in rows {
+                println!(
+                    "{:<36}  {:<20}  {:<36}  {:<36}  {:<9}  {}",
+                    r.id,
+                    r.relationship_type,
+                    r.lead_id,
+                    r.follower_id,
+                    if r.consented_at.is_some() { "yes" } else { "pending" },
+                    r.revoked_at
+                        .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                        .unwrap_or_else(|| "-".to_owned())
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar on standard error for long admin work.
+fn progress_bar(verb: &str, things: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{spinner}} {verb} [{{bar:40}}] {{pos}}/{{len}} {things} ({{per_sec}}, eta {{eta}})"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// A command refused until the operator says more (exit 2, nothing done).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
 
 fn migrate_exit_code(error: &MigrateError) -> u8 {
     if error.needs_operator() {

@@ -17,7 +17,7 @@ use uuid::Uuid;
 const NONCE_LEN: usize = 12;
 
 /// A key problem. Messages never contain key material.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum KeyError {
     /// A key setting is not base64 of 32 bytes.
     #[error(
@@ -27,6 +27,12 @@ pub enum KeyError {
         /// The environment variable.
         setting: &'static str,
     },
+    /// The previous master keys setting is not a list of `VERSION:BASE64`.
+    #[error(
+        "BIOFEED_MASTER_KEYS_PREVIOUS must be a comma-separated list of VERSION:BASE64 \
+         (a positive version, a colon, base64 of 32 bytes)"
+    )]
+    PreviousMalformed,
     /// A ciphertext did not authenticate: tampered, moved, or under another key.
     #[error("a {what} failed to decrypt: it was altered, moved or sealed under another key")]
     Tampered {
@@ -75,6 +81,76 @@ pub struct AccountKeys {
         value_parser = SecretKeyParser("BIOFEED_BLIND_INDEX_KEY")
     )]
     pub blind_index_key: Key32,
+
+    /// Earlier master keys, still needed to read data keys wrapped under them until
+    /// `biofeed admin keys rotate` has re-wrapped those: `VERSION:BASE64[,VERSION:BASE64…]`.
+    #[arg(
+        long = "master-keys-previous",
+        id = "master_keys_previous",
+        value_name = "VERSION:BASE64,…",
+        env = "BIOFEED_MASTER_KEYS_PREVIOUS",
+        hide_env_values = true,
+        default_value = "",
+        hide_default_value = true,
+        value_parser = PreviousKeysParser
+    )]
+    pub previous_master_keys: PreviousKeys,
+}
+
+/// Earlier master keys by version.
+#[derive(Clone, Default)]
+pub struct PreviousKeys(Vec<(i32, Key32)>);
+
+impl PreviousKeys {
+    fn parse(value: &str) -> Result<Self, KeyError> {
+        let malformed = KeyError::Malformed {
+            setting: "BIOFEED_MASTER_KEYS_PREVIOUS",
+        };
+        let mut keys = Vec::new();
+        for item in value.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (version, key) = item.split_once(':').ok_or(KeyError::PreviousMalformed)?;
+            let version: i32 = version
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or(KeyError::PreviousMalformed)?;
+            let key = Key32::parse(key, "BIOFEED_MASTER_KEYS_PREVIOUS").map_err(|_| malformed.clone())?;
+            keys.push((version, key));
+        }
+        Ok(Self(keys))
+    }
+
+    /// Settings text for these keys (tests, `compose/local`).
+    pub fn to_setting(keys: &[(i32, &Key32)]) -> String {
+        keys.iter()
+            .map(|(v, k)| format!("{v}:{}", k.to_base64()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+#[derive(Clone, Copy)]
+struct PreviousKeysParser;
+
+impl clap::builder::TypedValueParser for PreviousKeysParser {
+    type Value = PreviousKeys;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<PreviousKeys, clap::Error> {
+        value
+            .to_str()
+            .ok_or(KeyError::PreviousMalformed)
+            .and_then(PreviousKeys::parse)
+            .map_err(|e| {
+                clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{e}\n"))
+                    .with_cmd(cmd)
+            })
+    }
 }
 
 impl std::fmt::Debug for AccountKeys {
@@ -174,7 +250,37 @@ impl AccountKeys {
             master_key: Key32::random(),
             master_key_version: 1,
             blind_index_key: Key32::random(),
+            previous_master_keys: PreviousKeys::default(),
         }
+    }
+
+    /// The blind-index key's bytes, for other keyed hashes of this crate.
+    pub(crate) fn blind_index_key_bytes(&self) -> [u8; 32] {
+        self.blind_index_key.0
+    }
+
+    /// The master key of `version`: the current one or a previous one.
+    fn master_key_of(&self, version: i32) -> Result<&Key32, KeyError> {
+        if version == self.master_key_version {
+            return Ok(&self.master_key);
+        }
+        self.previous_master_keys
+            .0
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map(|(_, k)| k)
+            .ok_or(KeyError::UnknownMasterVersion(version))
+    }
+
+    /// Re-wraps a data key stored under master key `version` under the current master key.
+    pub fn rewrap_data_key(
+        &self,
+        user: Uuid,
+        wrapped: &[u8],
+        version: i32,
+    ) -> Result<Vec<u8>, KeyError> {
+        let key = self.unwrap_data_key(user, wrapped, version)?;
+        Ok(seal(&self.master_key, &wrap_place(user), &(key.0).0))
     }
 
     /// The blind index of an email: HMAC-SHA256 of its trimmed, lowercased form.
@@ -200,10 +306,7 @@ impl AccountKeys {
         wrapped: &[u8],
         version: i32,
     ) -> Result<DataKey, KeyError> {
-        if version != self.master_key_version {
-            return Err(KeyError::UnknownMasterVersion(version));
-        }
-        let bytes = open(&self.master_key, &wrap_place(user), wrapped)?;
+        let bytes = open(self.master_key_of(version)?, &wrap_place(user), wrapped)?;
         let key = <[u8; 32]>::try_from(bytes).map_err(|_| KeyError::Tampered {
             what: "user_data_keys.wrapped_key".to_owned(),
         })?;
@@ -314,6 +417,31 @@ mod tests {
             keys.unwrap_data_key(Uuid::from_u128(1), &wrapped, 2),
             Err(KeyError::UnknownMasterVersion(2))
         ));
+    }
+
+    #[test]
+    fn previous_master_keys_still_unwrap_and_rewrap_under_the_current_one() {
+        let old = AccountKeys::generate();
+        let user = Uuid::from_u128(7);
+        let (key, wrapped) = old.new_data_key(user);
+        let sealed = key.seal(place(7), b"x");
+        let setting = PreviousKeys::to_setting(&[(1, &old.master_key)]);
+        let new = AccountKeys {
+            master_key: Key32::random(),
+            master_key_version: 2,
+            blind_index_key: old.blind_index_key.clone(),
+            previous_master_keys: PreviousKeys::parse(&setting).unwrap(),
+        };
+        let rewrapped = new.rewrap_data_key(user, &wrapped, 1).unwrap();
+        let opened = new.unwrap_data_key(user, &rewrapped, 2).unwrap();
+        assert_eq!(opened.open(place(7), &sealed).unwrap(), b"x");
+        // The old key alone can no longer read the re-wrapped key.
+        assert!(old.unwrap_data_key(user, &rewrapped, 1).is_err());
+        for bad in ["1", "0:AAAA", "x:y", "1:c2hvcnQ="] {
+            let err = PreviousKeys::parse(bad).err().unwrap().to_string();
+            assert!(err.contains("BIOFEED_MASTER_KEYS_PREVIOUS"), "{err}");
+            assert!(!err.contains("c2hvcnQ"), "{err}");
+        }
     }
 
     #[test]

@@ -3,16 +3,26 @@
 //! Owns the Postgres tables `users`, `user_data_keys`, `roles`, `permissions`,
 //! `role_permissions`, `groups`, `devices`, `audit_log` (their shape lives in
 //! `migrations/postgres`), PII encryption ([`crypto`]: AES-256-GCM with a data key per user,
-//! wrapped by the master key; a keyed blind index for email lookup), users ([`users`]) and device
-//! tokens ([`devices`]). Passwords, relationships, consent, the access policy and GDPR export and
-//! erasure arrive with the accounts issue.
+//! wrapped by the master key, rotated by [`rotation`]; a keyed blind index for email lookup),
+//! users and profiles ([`users`]), passwords ([`passwords`], argon2id), login tokens and the
+//! failed-login throttle ([`login`]), relationships and consent ([`relationships`]), the one access
+//! policy ([`policy`]) and its audit log ([`audit`]), erasure by crypto-shredding ([`erase`]), and
+//! device tokens ([`devices`]). Also owns `login_tokens`, `login_throttle` and `erased_users`.
 //!
-//! Architecture invariants: the only crate that sees plaintext PII or uses aes-gcm (and, later,
-//! argon2); plaintext PII never leaves it except to the person it belongs to. It never talks HTTP
-//! (the gateway calls it) and never writes to Kafka or ClickHouse.
+//! Architecture invariants: the only crate that sees plaintext PII or uses aes-gcm and argon2;
+//! plaintext PII never leaves it except to the person it belongs to (or an audited admin). Access
+//! to anyone's data is decided only by [`policy::Policy::authorize`]. It never talks HTTP (the
+//! gateway calls it) and never writes to Kafka or ClickHouse.
 
+pub mod audit;
 pub mod crypto;
 pub mod devices;
+pub mod erase;
+pub mod login;
+pub mod passwords;
+pub mod policy;
+pub mod relationships;
+pub mod rotation;
 pub mod users;
 
 use sqlx::PgPool;
@@ -37,6 +47,12 @@ pub enum AccountsError {
     /// No device matches.
     #[error("no such device")]
     NoSuchDevice,
+    /// No relationship matches.
+    #[error("no such relationship")]
+    NoSuchRelationship,
+    /// The thing is in a state that forbids the change.
+    #[error("{0}")]
+    Conflict(String),
     /// A value was rejected; the message names the field.
     #[error("{field}: {reason}")]
     Invalid {

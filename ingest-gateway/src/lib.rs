@@ -7,22 +7,30 @@
 //! id ([`publisher`]) → 202 once Kafka acknowledged. Every refusal is an RFC 7807 problem
 //! ([`problem`]). `/healthz`, `/readyz`, `/metrics` and `/openapi.json` serve operators.
 //!
+//! People use the same service ([`people`], [`reads`], [`export`]): sign-up, login, their profile,
+//! relationships, and reads of sessions and points (from ClickHouse), each decided by the accounts
+//! policy and audited there.
+//!
 //! Owns the session endpoints and the Postgres tables `sessions` and `session_data_types` (their
 //! SQL lives in `migrations/postgres`), and publishing to the points topic.
 //!
 //! Architecture invariants: the only crate that speaks HTTP (axum); a device hears 2xx only after
-//! Kafka acknowledged its frame; it decides no access by itself (device tokens and PII go through
-//! `accounts`) and never writes to ClickHouse. Nothing personal goes to Kafka or the logs.
+//! Kafka acknowledged its frame; it decides no access by itself (every read or change of a person's
+//! data asks `accounts`' policy; device tokens and PII go through `accounts`) and only reads
+//! ClickHouse, never writes to it. Nothing personal goes to Kafka or the logs.
 
 pub mod auth;
 pub mod bench;
 pub mod body;
 pub mod catalog;
+pub mod export;
 pub mod metrics;
 pub mod metrics_endpoint;
+pub mod people;
 pub mod points;
 pub mod problem;
 pub mod publisher;
+pub mod reads;
 pub mod sessions;
 pub mod settings;
 
@@ -72,6 +80,12 @@ pub struct AppState {
 
 struct Inner {
     accounts: Accounts,
+    clickhouse: biofeed_backends::clickhouse::ClickHouse,
+    passwords: biofeed_accounts::passwords::Passwords,
+    login: biofeed_accounts::login::LoginSettings,
+    policy: biofeed_accounts::policy::Policy,
+    terms_version: String,
+    max_read_points: u32,
     publisher: Publisher,
     catalog: CatalogHandle,
     sessions: Cache<Uuid, Arc<SessionFacts>>,
@@ -92,7 +106,9 @@ impl Application {
     /// Connects to Postgres and Kafka (failing fast, naming the setting) and binds the listener.
     pub async fn build(settings: GatewaySettings) -> anyhow::Result<Self> {
         let pool = settings.postgres.connect().await?;
+        let clickhouse = settings.clickhouse.connect().await?;
         settings.kafka.connect_admin().await?;
+        let passwords = biofeed_accounts::passwords::Passwords::new(&settings.passwords)?;
         let publisher = Publisher::new(
             &settings.kafka,
             &settings.topics.points,
@@ -112,6 +128,14 @@ impl Application {
                     pool,
                     keys: settings.keys,
                 },
+                clickhouse,
+                passwords,
+                login: settings.login,
+                policy: biofeed_accounts::policy::Policy {
+                    consent: settings.consent,
+                },
+                terms_version: settings.terms_version,
+                max_read_points: settings.max_read_points,
                 publisher,
                 catalog,
                 sessions: Cache::builder()
@@ -153,8 +177,11 @@ impl Application {
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
         tracing::info!(address = %self.listener.local_addr()?, "gateway listening");
-        axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(shutdown)
+        axum::serve(
+            self.listener,
+            router(self.state).into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
             .await?;
         state.inner.publisher.flush(Duration::from_secs(10));
         tracing::info!("gateway stopped");
@@ -201,18 +228,28 @@ async fn shutdown_signal() {
 /// The OpenAPI description of the HTTP API.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "biofeed gateway", description = "Devices open sessions and post biofeedback points."),
-    paths(sessions::open_session, points::post_points, sessions::complete_session, sessions::abort_session),
+    info(title = "biofeed gateway", description = "Devices open sessions and post biofeedback points; \
+        people sign up, log in, manage their profile and relationships, and read the data the access \
+        policy lets them read."),
+    paths(sessions::open_session, points::post_points, sessions::complete_session, sessions::abort_session,
+        people::sign_up, people::log_in, people::log_out, people::get_me, people::patch_me, people::delete_me,
+        export::export_me, people::invite, people::list_relationships, people::accept, people::revoke,
+        reads::user_sessions, reads::session, reads::session_points, reads::access_log),
     components(schemas(problem::Problem, points::JsonFrame, points::FrameAccepted, sessions::OpenSession,
-        sessions::SessionOpened, sessions::CompleteSession, sessions::SessionClosed)),
-    modifiers(&DeviceTokenScheme),
-    tags((name = "sessions", description = "a device's sessions"), (name = "points", description = "samples"))
+        sessions::SessionOpened, sessions::CompleteSession, sessions::SessionClosed, people::SignUp,
+        people::SignedUp, people::Login, people::Token, people::ProfilePatch, people::EraseMe, people::Invite,
+        reads::SessionView, reads::Sample, reads::Bucket, reads::Points)),
+    modifiers(&TokenSchemes),
+    tags((name = "sessions", description = "a device's sessions"), (name = "points", description = "samples"),
+        (name = "accounts", description = "sign-up, login, one's own profile, export and erasure"),
+        (name = "relationships", description = "guardians and practitioners, with consent"),
+        (name = "reads", description = "reading data, as the access policy allows; every read of another person's data is audited"))
 )]
 pub struct ApiDoc;
 
-struct DeviceTokenScheme;
+struct TokenSchemes;
 
-impl utoipa::Modify for DeviceTokenScheme {
+impl utoipa::Modify for TokenSchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
@@ -222,6 +259,15 @@ impl utoipa::Modify for DeviceTokenScheme {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some("a device token from `biofeed admin device create`"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "login_token",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("a login token from `POST /v1/auth/login`"))
                     .build(),
             ),
         );
@@ -238,6 +284,26 @@ pub fn router(state: AppState) -> Router {
             post(sessions::complete_session),
         )
         .route("/v1/sessions/{id}/abort", post(sessions::abort_session))
+        .route("/v1/sessions/{id}", get(reads::session))
+        .route("/v1/sessions/{id}/points", get(reads::session_points))
+        .route("/v1/users", post(people::sign_up))
+        .route("/v1/users/{id}/sessions", get(reads::user_sessions))
+        .route("/v1/users/{id}/access-log", get(reads::access_log))
+        .route("/v1/auth/login", post(people::log_in))
+        .route("/v1/auth/logout", post(people::log_out))
+        .route(
+            "/v1/me",
+            get(people::get_me)
+                .patch(people::patch_me)
+                .delete(people::delete_me),
+        )
+        .route("/v1/me/export", get(export::export_me))
+        .route(
+            "/v1/relationships",
+            post(people::invite).get(people::list_relationships),
+        )
+        .route("/v1/relationships/{id}/accept", post(people::accept))
+        .route("/v1/relationships/{id}/revoke", post(people::revoke))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -277,6 +343,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .execute(&inner.accounts.pool)
         .await
         .is_ok();
+    let clickhouse = inner
+        .clickhouse
+        .client()
+        .query("SELECT 1")
+        .execute()
+        .await
+        .is_ok();
     let kafka = tokio::task::spawn_blocking(move || {
         inner.publisher.topic_reachable(Duration::from_secs(2))
     })
@@ -285,8 +358,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let body = serde_json::json!({
         "postgres": if postgres { "ok" } else { "unreachable" },
         "kafka": if kafka { "ok" } else { "unreachable" },
+        "clickhouse": if clickhouse { "ok" } else { "unreachable" },
     });
-    let status = if postgres && kafka {
+    let status = if postgres && kafka && clickhouse {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -44,6 +44,14 @@ pub enum ApiError {
         /// What rule it breaks.
         detail: String,
     },
+    /// Too many failed attempts (logins); retry after the hint.
+    #[error("{detail}")]
+    Throttled {
+        /// What is throttled.
+        detail: String,
+        /// Seconds to wait before retrying.
+        retry_after_secs: u64,
+    },
     /// The gateway's in-flight budget is used up; retry shortly.
     #[error("the gateway is at its in-flight limit; retry shortly")]
     TooManyRequests,
@@ -92,6 +100,7 @@ impl ApiError {
             }
             ApiError::Unprocessable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-value"),
             ApiError::TooManyRequests => (StatusCode::TOO_MANY_REQUESTS, "overloaded"),
+            ApiError::Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, "throttled"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -124,6 +133,7 @@ fn title(code: &str) -> &'static str {
         "unsupported-media-type" => "Unsupported media type",
         "invalid-value" => "Invalid value",
         "overloaded" => "Too many requests in flight",
+        "throttled" => "Too many failed attempts",
         "unavailable" => "Temporarily unavailable",
         _ => "Internal error",
     }
@@ -164,6 +174,11 @@ impl IntoResponse for ApiError {
             ApiError::TooManyRequests => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            ApiError::Throttled {
+                retry_after_secs, ..
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
             ApiError::Unavailable {
                 retry_after_secs, ..
             } => {
@@ -191,9 +206,49 @@ impl From<sqlx::Error> for ApiError {
 
 impl From<biofeed_accounts::AccountsError> for ApiError {
     fn from(e: biofeed_accounts::AccountsError) -> Self {
+        use biofeed_accounts::AccountsError as E;
         match e {
-            biofeed_accounts::AccountsError::Postgres(e) => e.into(),
-            other => ApiError::Internal(other.into()),
+            E::Postgres(e) => e.into(),
+            E::NoSuchUser => ApiError::NotFound("user"),
+            E::NoSuchDevice => ApiError::NotFound("device"),
+            E::NoSuchRelationship => ApiError::NotFound("relationship"),
+            E::Invalid { field, reason } => ApiError::invalid(field, reason),
+            E::Conflict(detail) => ApiError::Conflict(detail),
+            other @ (E::Key(_) | E::AmbiguousUser(_)) => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<biofeed_accounts::policy::Denied> for ApiError {
+    fn from(denied: biofeed_accounts::policy::Denied) -> Self {
+        use biofeed_accounts::policy::Denied;
+        match denied {
+            Denied::NotFound(what) => ApiError::NotFound(what),
+            Denied::Forbidden(why) => ApiError::Forbidden(why),
+        }
+    }
+}
+
+impl From<biofeed_accounts::login::LoginError> for ApiError {
+    fn from(e: biofeed_accounts::login::LoginError) -> Self {
+        use biofeed_accounts::login::LoginError;
+        match e {
+            LoginError::BadCredentials => ApiError::Unauthorized(e.to_string()),
+            LoginError::Throttled { retry_after_secs } => ApiError::Throttled {
+                detail: e.to_string(),
+                retry_after_secs,
+            },
+            LoginError::Accounts(e) => e.into(),
+        }
+    }
+}
+
+impl From<clickhouse::error::Error> for ApiError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        tracing::warn!(error = %e, "clickhouse failed answering a read");
+        ApiError::Unavailable {
+            detail: "the points store is unavailable".to_owned(),
+            retry_after_secs: 2,
         }
     }
 }

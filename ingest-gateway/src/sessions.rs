@@ -7,6 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use biofeed_accounts::crypto::Place;
+use biofeed_accounts::policy::{Action, Actor};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -86,6 +87,7 @@ pub struct SessionClosed {
         (status = 201, description = "opened", body = SessionOpened),
         (status = 400, description = "malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "no or bad device token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the user may not record: e.g. below the consent age without a guardian's consent", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "unknown exercise or data type", body = Problem, content_type = "application/problem+json"),
     ),
     security(("device_token" = []))
@@ -98,6 +100,12 @@ pub async fn open_session(
 ) -> Result<(StatusCode, Json<SessionOpened>), ApiError> {
     let request: OpenSession = parse_json(&read_body(&headers, body, SESSION_BODY_LIMIT).await?)?;
     let inner = &state.inner;
+    // The device acts for its user: may this user record (a minor needs a guardian's consent)?
+    let actor = Actor::load(&inner.accounts.pool, device.user_id).await?;
+    inner
+        .policy
+        .authorize(&inner.accounts, &actor, Action::OpenSession, device.user_id)
+        .await??;
     let mut catalog = inner.catalog.get();
     if catalog.exercise(&request.exercise).is_none() {
         catalog = inner.catalog.fresh(&inner.accounts.pool).await?;

@@ -3,7 +3,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use biofeed_accounts::login::LoginSettings;
+use biofeed_accounts::passwords::PasswordSettings;
+use biofeed_accounts::policy::ConsentSettings;
 use biofeed_accounts::AccountKeys;
+use biofeed_backends::clickhouse::ClickHouseSettings;
 use biofeed_backends::kafka::{KafkaSettings, TopicNames};
 use biofeed_backends::parse_duration;
 use biofeed_backends::postgres::PostgresSettings;
@@ -50,9 +54,34 @@ pub struct GatewaySettings {
     #[arg(long = "produce-timeout", id = "gateway_produce_timeout", value_name = "DURATION", env = "BIOFEED_GATEWAY_PRODUCE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub produce_timeout: Duration,
 
+    /// The version of the terms of use that sign-up must accept (recorded with the time).
+    #[arg(long = "terms-version", id = "terms_version", value_name = "VERSION", env = "BIOFEED_TERMS_VERSION", default_value = "2026-11-01")]
+    pub terms_version: String,
+
+    /// Most raw points (or downsampled buckets) one read of a session's points returns; the
+    /// answer says where to continue.
+    #[arg(long = "max-read-points", id = "gateway_max_read_points", value_name = "N", env = "BIOFEED_GATEWAY_MAX_READ_POINTS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_read_points: u32,
+
+    /// Logins: token lifetime and the failed-login throttle.
+    #[command(flatten, next_help_heading = "Logins")]
+    pub login: LoginSettings,
+
+    /// Password hashing cost.
+    #[command(flatten, next_help_heading = "Logins")]
+    pub passwords: PasswordSettings,
+
+    /// Consent ages.
+    #[command(flatten, next_help_heading = "Minors")]
+    pub consent: ConsentSettings,
+
     /// Where Postgres is.
     #[command(flatten, next_help_heading = "Postgres")]
     pub postgres: PostgresSettings,
+
+    /// Where ClickHouse is (for reading points back).
+    #[command(flatten, next_help_heading = "ClickHouse")]
+    pub clickhouse: ClickHouseSettings,
 
     /// Where Kafka is.
     #[command(flatten, next_help_heading = "Kafka")]

@@ -85,7 +85,7 @@ impl TestGateway {
         let Command::Gateway(settings) = cli.command else {
             unreachable!("parsed a gateway command")
         };
-        let app = Application::build(settings).await.expect("gateway starts");
+        let app = Application::build(*settings).await.expect("gateway starts");
         let url = format!("http://{}", app.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(app.run_until(async move {

@@ -38,7 +38,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     let first = crate::helpers::run_biofeed(&["migrate"], &env()).await;
     assert_eq!(first.code, 0, "{first:?}");
     assert!(
-        first.stdout.contains("postgres: 3 applied now"),
+        first.stdout.contains("postgres: 4 applied now"),
         "{first:?}"
     );
     assert!(

@@ -1,0 +1,290 @@
+//! Logging in: email and password → an opaque bearer token (256 random bits, stored only as its
+//! SHA-256, expiring), logging out, and the throttle on failed attempts — per account and per
+//! client address, in fixed windows, kept in Postgres so every gateway shares it.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::passwords::{Passwords, Verified};
+use crate::{Accounts, AccountsError};
+
+/// Every login token starts with this, so leaked tokens are easy to recognise.
+pub const TOKEN_PREFIX: &str = "bfu_";
+
+/// Login settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoginSettings {
+    /// How long a login token is valid.
+    #[arg(long = "login-token-ttl", id = "login_token_ttl", value_name = "DURATION",
+          env = "BIOFEED_LOGIN_TOKEN_TTL", default_value = "12h",
+          value_parser = biofeed_backends::parse_duration)]
+    pub token_ttl: Duration,
+
+    /// Failed logins allowed per account within one throttle window; more get 429.
+    #[arg(long = "login-max-failures", id = "login_max_failures", value_name = "N",
+          env = "BIOFEED_LOGIN_MAX_FAILURES", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_failures_per_account: u32,
+
+    /// Failed logins allowed per client address within one throttle window; more get 429.
+    #[arg(long = "login-max-failures-per-address", id = "login_max_failures_per_address",
+          value_name = "N", env = "BIOFEED_LOGIN_MAX_FAILURES_PER_ADDRESS", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_failures_per_address: u32,
+
+    /// The throttle window: failures older than this are forgotten.
+    #[arg(long = "login-throttle-window", id = "login_throttle_window", value_name = "DURATION",
+          env = "BIOFEED_LOGIN_THROTTLE_WINDOW", default_value = "15m",
+          value_parser = biofeed_backends::parse_duration)]
+    pub throttle_window: Duration,
+}
+
+impl Default for LoginSettings {
+    fn default() -> Self {
+        Self {
+            token_ttl: Duration::from_secs(12 * 3600),
+            max_failures_per_account: 5,
+            max_failures_per_address: 50,
+            throttle_window: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Why a login failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    /// Wrong email or password (the answer does not say which).
+    #[error("the email or the password is wrong")]
+    BadCredentials,
+    /// Too many failures for this account or address; retry after the hint.
+    #[error("too many failed logins; retry in {retry_after_secs} s")]
+    Throttled {
+        /// Seconds until the window ends.
+        retry_after_secs: u64,
+    },
+    /// Something else failed.
+    #[error(transparent)]
+    Accounts(#[from] AccountsError),
+}
+
+impl From<sqlx::Error> for LoginError {
+    fn from(e: sqlx::Error) -> Self {
+        LoginError::Accounts(e.into())
+    }
+}
+
+/// A successful login.
+#[derive(Debug, Clone)]
+pub struct LoggedIn {
+    /// Who.
+    pub user_id: Uuid,
+    /// The bearer token: shown once, stored only hashed.
+    pub token: String,
+    /// When it stops working.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Checks email and password and issues a token. An unknown email costs the same argon2 work as
+/// a wrong password, and counts against the same throttle.
+pub async fn login(
+    accounts: &Accounts,
+    passwords: &Passwords,
+    settings: &LoginSettings,
+    email: &str,
+    password: &str,
+    address: Option<IpAddr>,
+) -> Result<LoggedIn, LoginError> {
+    let pool = &accounts.pool;
+    let account_key = accounts.keys.email_blind_index(email);
+    let address_key = address.map(|a| address_key(accounts, a));
+    let window = settings.throttle_window.as_secs_f64();
+    let mut keys = vec![("account", account_key.clone(), settings.max_failures_per_account)];
+    if let Some(key) = &address_key {
+        keys.push(("address", key.clone(), settings.max_failures_per_address));
+    }
+    for (scope, key, max) in &keys {
+        let over: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM window_started + make_interval(secs => $3) - now())::float8
+             FROM login_throttle
+             WHERE scope = $1 AND key = $2 AND failures >= $4
+               AND window_started > now() - make_interval(secs => $3)",
+        )
+        .bind(scope)
+        .bind(key)
+        .bind(window)
+        .bind(i32::try_from(*max).unwrap_or(i32::MAX))
+        .fetch_optional(pool)
+        .await?;
+        if let Some(left) = over {
+            tracing::warn!(scope, "login throttled");
+            return Err(LoginError::Throttled {
+                retry_after_secs: left.ceil().max(1.0) as u64,
+            });
+        }
+    }
+
+    let candidates: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+        "SELECT id, password_hash FROM users
+         WHERE email_blind_index = $1 AND deleted_at IS NULL ORDER BY created_at",
+    )
+    .bind(&account_key)
+    .fetch_all(pool)
+    .await?;
+    let verifier = passwords.clone();
+    let password_owned = password.to_owned();
+    let matched = tokio::task::spawn_blocking(move || {
+        if candidates.is_empty() {
+            verifier.verify(&password_owned, None);
+            return None;
+        }
+        candidates.into_iter().find_map(|(id, hash)| {
+            match verifier.verify(&password_owned, hash.as_deref()) {
+                Verified::No => None,
+                Verified::Yes => Some((id, false)),
+                Verified::YesRehash => Some((id, true)),
+            }
+        })
+    })
+    .await
+    .map_err(|e| AccountsError::Invalid {
+        field: "password",
+        reason: format!("verification did not finish: {e}"),
+    })?;
+
+    let Some((user_id, rehash)) = matched else {
+        for (scope, key, _) in &keys {
+            sqlx::query(
+                "INSERT INTO login_throttle (scope, key, window_started, failures)
+                 VALUES ($1, $2, now(), 1)
+                 ON CONFLICT (scope, key) DO UPDATE SET
+                   failures = CASE WHEN login_throttle.window_started > now() - make_interval(secs => $3)
+                                   THEN login_throttle.failures + 1 ELSE 1 END,
+                   window_started = CASE WHEN login_throttle.window_started > now() - make_interval(secs => $3)
+                                   THEN login_throttle.window_started ELSE now() END",
+            )
+            .bind(scope)
+            .bind(key)
+            .bind(window)
+            .execute(pool)
+            .await?;
+        }
+        tracing::info!("login refused: bad credentials");
+        return Err(LoginError::BadCredentials);
+    };
+
+    sqlx::query("DELETE FROM login_throttle WHERE scope = 'account' AND key = $1")
+        .bind(&account_key)
+        .execute(pool)
+        .await?;
+    if rehash {
+        let hasher = passwords.clone();
+        let password_owned = password.to_owned();
+        let new_hash = tokio::task::spawn_blocking(move || hasher.hash(&password_owned))
+            .await
+            .map_err(|e| AccountsError::Invalid {
+                field: "password",
+                reason: format!("rehashing did not finish: {e}"),
+            })??;
+        sqlx::query("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1")
+            .bind(user_id)
+            .bind(new_hash)
+            .execute(pool)
+            .await?;
+        tracing::info!(user_id = %user_id, "password rehashed with the current parameters");
+    }
+    let (token, hash) = new_token();
+    let expires_at: DateTime<Utc> = sqlx::query_scalar(
+        "WITH touched AS (UPDATE users SET last_login_at = now() WHERE id = $1)
+         INSERT INTO login_tokens (token_hash, user_id, expires_at)
+         VALUES ($2, $1, now() + make_interval(secs => $3)) RETURNING expires_at",
+    )
+    .bind(user_id)
+    .bind(&hash[..])
+    .bind(settings.token_ttl.as_secs_f64())
+    .fetch_one(pool)
+    .await?;
+    tracing::info!(user_id = %user_id, "logged in");
+    Ok(LoggedIn {
+        user_id,
+        token,
+        expires_at,
+    })
+}
+
+/// Checks a user's password again (before erasing the account, say), without a token.
+pub async fn check_password(
+    accounts: &Accounts,
+    passwords: &Passwords,
+    user: Uuid,
+    password: &str,
+) -> Result<bool, AccountsError> {
+    let hash: Option<Option<String>> =
+        sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1 AND deleted_at IS NULL")
+            .bind(user)
+            .fetch_optional(&accounts.pool)
+            .await?;
+    let verifier = passwords.clone();
+    let password = password.to_owned();
+    let hash = hash.flatten();
+    tokio::task::spawn_blocking(move || verifier.verify(&password, hash.as_deref()) != Verified::No)
+        .await
+        .map_err(|e| AccountsError::Invalid {
+            field: "password",
+            reason: format!("verification did not finish: {e}"),
+        })
+}
+
+/// The user a login token speaks for, if it is known, unexpired, unrevoked and its user live.
+pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Uuid>, AccountsError> {
+    if !token.starts_with(TOKEN_PREFIX) {
+        return Ok(None);
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT t.user_id FROM login_tokens t JOIN users u ON u.id = t.user_id
+         WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now()
+           AND u.deleted_at IS NULL",
+    )
+    .bind(&token_hash(token)[..])
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Revokes a login token.
+pub async fn logout(pool: &PgPool, token: &str) -> Result<(), AccountsError> {
+    sqlx::query("UPDATE login_tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL")
+        .bind(&token_hash(token)[..])
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+fn new_token() -> (String, [u8; 32]) {
+    let mut secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    let token = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The throttle key of a client address: keyed, so the table holds no address in clear.
+fn address_key(accounts: &Accounts, address: IpAddr) -> Vec<u8> {
+    #[allow(clippy::expect_used)] // HMAC takes keys of any length
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&accounts.keys.blind_index_key_bytes())
+        .expect("hmac accepts 32-byte keys");
+    mac.update(b"login-address/");
+    mac.update(address.to_string().as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}

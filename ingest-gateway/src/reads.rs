@@ -1,0 +1,420 @@
+//! The read API: a person's sessions, one session, its points (raw or downsampled on the server),
+//! and the access log. Each read asks the accounts policy first with the data's owner as the
+//! subject; a refusal is 404 (the caller may not know the thing exists), and every read of
+//! someone else's data lands in the audit log.
+
+use axum::extract::{Path, State};
+use axum::http::Uri;
+use axum::Json;
+use biofeed_accounts::audit::{self, AccessRecord};
+use biofeed_accounts::crypto::Place;
+use biofeed_accounts::policy::Action;
+use biofeed_accounts::{Accounts, AccountsError};
+use chrono::{DateTime, Utc};
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::auth::UserAuth;
+use crate::people::allow;
+use crate::problem::{ApiError, Problem};
+use crate::sessions::parse_session_id;
+use crate::AppState;
+
+/// A session as people read it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct SessionView {
+    /// The session.
+    pub session_id: Uuid,
+    /// Whose.
+    pub user_id: Uuid,
+    /// Recorded by which device (None if the device was deleted).
+    pub device_id: Option<Uuid>,
+    /// The exercise's name.
+    pub exercise: String,
+    /// `open`, `completed`, `aborted`, `expired` or `purged`.
+    pub status: String,
+    /// The data types it streams.
+    pub data_types: Vec<String>,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it expires if still open.
+    pub deadline_at: DateTime<Utc>,
+    /// When it ended.
+    pub ended_at: Option<DateTime<Utc>>,
+    /// The user's feedback after the session.
+    #[schema(value_type = Object)]
+    pub feedback: Option<serde_json::Value>,
+    /// Where it happened: shown to its owner only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[sqlx(skip)]
+    pub location: Option<String>,
+    #[serde(skip)]
+    #[schema(ignore)]
+    location_ct: Option<Vec<u8>>,
+}
+
+const SESSION_COLUMNS: &str = "s.id AS session_id, s.user_id, s.device_id, e.name AS exercise, s.status,
+    coalesce(array_agg(d.name ORDER BY d.name) FILTER (WHERE d.name IS NOT NULL), '{}') AS data_types,
+    s.started_at, s.deadline_at, s.ended_at, s.feedback, s.location_ct
+    FROM sessions s JOIN exercises e ON e.id = s.exercise_id
+    LEFT JOIN session_data_types sd ON sd.session_id = s.id
+    LEFT JOIN data_types d ON d.id = sd.data_type_id";
+
+/// Paging of lists: newest first.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    /// How many (1–1000, default 100).
+    pub limit: Option<u32>,
+    /// Only items older than this one (for sessions: a start time, RFC 3339; for the access
+    /// log: a record id).
+    pub before: Option<String>,
+}
+
+impl Page {
+    fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit {
+            None => Ok(100),
+            Some(n @ 1..=1000) => Ok(i64::from(n)),
+            Some(_) => Err(ApiError::invalid("limit", "must be from 1 to 1000")),
+        }
+    }
+}
+
+fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
+    axum::extract::Query::<T>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| ApiError::malformed(format!("query string: {}", e.body_text())))
+}
+
+/// Sessions of `user`, newest first, started before `before`, with their locations (for the
+/// export, which only ever goes to the user).
+pub(crate) async fn sessions_of_user(
+    accounts: &Accounts,
+    user: Uuid,
+    before: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<SessionView>, AccountsError> {
+    sessions_of(accounts, user, user, before, limit).await
+}
+
+/// Sessions of `owner`, newest first; the location decrypted for the owner only.
+async fn sessions_of(
+    accounts: &Accounts,
+    owner: Uuid,
+    reader: Uuid,
+    before: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<SessionView>, AccountsError> {
+    let rows: Vec<SessionView> = sqlx::query_as(&format!(
+        "SELECT {SESSION_COLUMNS} WHERE s.user_id = $1 AND ($2::timestamptz IS NULL OR s.started_at < $2)
+         GROUP BY s.id, e.name ORDER BY s.started_at DESC LIMIT $3"
+    ))
+    .bind(owner)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(&accounts.pool)
+    .await?;
+    reveal_locations(accounts, rows, reader).await
+}
+
+async fn reveal_locations(
+    accounts: &Accounts,
+    mut rows: Vec<SessionView>,
+    reader: Uuid,
+) -> Result<Vec<SessionView>, AccountsError> {
+    for row in &mut rows {
+        if let (Some(ct), true) = (row.location_ct.take(), row.user_id == reader) {
+            let plain = biofeed_accounts::users::open_for_user(
+                accounts,
+                row.user_id,
+                Place {
+                    table: "sessions",
+                    column: "location_ct",
+                    row: row.session_id,
+                },
+                &ct,
+            )
+            .await?;
+            row.location = Some(String::from_utf8_lossy(&plain).into_owned());
+        }
+    }
+    Ok(rows)
+}
+
+fn parse_user_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(id).map_err(|_| ApiError::NotFound("user"))
+}
+
+/// A person's sessions, newest first.
+#[utoipa::path(get, path = "/v1/users/{id}/sessions", tag = "reads",
+    params(("id" = Uuid, Path, description = "the person"), Page),
+    responses(
+        (status = 200, description = "sessions, newest first", body = [SessionView]),
+        (status = 404, description = "no such user whose data you may read", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn user_sessions(
+    State(state): State<AppState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Json<Vec<SessionView>>, ApiError> {
+    let owner = parse_user_id(&id)?;
+    let page: Page = query(&uri)?;
+    let limit = page.limit()?;
+    let before = page
+        .before
+        .as_deref()
+        .map(|b| {
+            DateTime::parse_from_rfc3339(b)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| ApiError::invalid("before", "must be an RFC 3339 time"))
+        })
+        .transpose()?;
+    allow(&state, &actor, Action::ReadData { resource: "sessions" }, owner).await?;
+    Ok(Json(
+        sessions_of(&state.inner.accounts, owner, actor.user_id, before, limit).await?,
+    ))
+}
+
+/// The owner of a session, if it exists.
+async fn owner_of(state: &AppState, session: Uuid) -> Result<Uuid, ApiError> {
+    sqlx::query_scalar("SELECT user_id FROM sessions WHERE id = $1")
+        .bind(session)
+        .fetch_optional(&state.inner.accounts.pool)
+        .await?
+        .ok_or(ApiError::NotFound("session"))
+}
+
+/// One session.
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "reads",
+    params(("id" = Uuid, Path, description = "the session")),
+    responses(
+        (status = 200, description = "the session", body = SessionView),
+        (status = 404, description = "no such session whose data you may read", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn session(
+    State(state): State<AppState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<SessionView>, ApiError> {
+    let session_id = parse_session_id(&id)?;
+    let owner = owner_of(&state, session_id).await?;
+    allow(&state, &actor, Action::ReadData { resource: "session" }, owner).await?;
+    let rows: Vec<SessionView> = sqlx::query_as(&format!(
+        "SELECT {SESSION_COLUMNS} WHERE s.id = $1 GROUP BY s.id, e.name"
+    ))
+    .bind(session_id)
+    .fetch_all(&state.inner.accounts.pool)
+    .await?;
+    reveal_locations(&state.inner.accounts, rows, actor.user_id)
+        .await?
+        .pop()
+        .map(Json)
+        .ok_or(ApiError::NotFound("session"))
+}
+
+/// Which points to read.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PointsQuery {
+    /// The data type (one the session declared).
+    pub data_type: String,
+    /// From this sample time on (µs since the epoch, or RFC 3339); default: the beginning.
+    pub from: Option<String>,
+    /// Before this sample time (µs since the epoch, or RFC 3339); default: no end.
+    pub to: Option<String>,
+    /// Downsample into buckets of this length (e.g. `1s`, `1m`, `250ms`): count, min, max and
+    /// mean per channel in each bucket. Without it, raw samples.
+    pub step: Option<String>,
+}
+
+/// One raw sample.
+#[derive(Debug, Clone, Serialize, Deserialize, Row, ToSchema)]
+pub struct Sample {
+    /// Sample time, µs since the epoch.
+    pub t_us: i64,
+    /// One value per channel.
+    pub values: Vec<f32>,
+}
+
+/// One downsampled bucket.
+#[derive(Debug, Clone, Serialize, Deserialize, Row, ToSchema)]
+pub struct Bucket {
+    /// Start of the bucket, µs since the epoch.
+    pub t_us: i64,
+    /// Samples in it.
+    pub count: u64,
+    /// Smallest value per channel.
+    pub min: Vec<f32>,
+    /// Largest value per channel.
+    pub max: Vec<f32>,
+    /// Mean per channel.
+    pub mean: Vec<f64>,
+}
+
+/// A session's points.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Points {
+    /// The session.
+    pub session_id: Uuid,
+    /// The data type.
+    pub data_type: String,
+    /// The bucket length in µs, when downsampled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_us: Option<i64>,
+    /// Raw samples, in time order (without `step`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples: Option<Vec<Sample>>,
+    /// Buckets, in time order (with `step`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Vec<Bucket>>,
+    /// When the answer was cut at the read limit: pass this as `from` for the rest.
+    pub next_from: Option<i64>,
+}
+
+fn parse_time(field: &'static str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+    value
+        .map(|v| {
+            v.parse::<i64>()
+                .ok()
+                .or_else(|| {
+                    DateTime::parse_from_rfc3339(v)
+                        .ok()
+                        .map(|t| t.timestamp_micros())
+                })
+                .ok_or_else(|| {
+                    ApiError::invalid(field, "must be µs since the epoch or an RFC 3339 time")
+                })
+        })
+        .transpose()
+}
+
+/// A session's points of one data type, raw or downsampled.
+#[utoipa::path(get, path = "/v1/sessions/{id}/points", tag = "reads",
+    params(("id" = Uuid, Path, description = "the session"), PointsQuery),
+    responses(
+        (status = 200, description = "samples or buckets in time order", body = Points),
+        (status = 404, description = "no such session whose data you may read", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "bad data_type, from, to or step", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the points store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn session_points(
+    State(state): State<AppState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Json<Points>, ApiError> {
+    let session_id = parse_session_id(&id)?;
+    let owner = owner_of(&state, session_id).await?;
+    allow(&state, &actor, Action::ReadData { resource: "points" }, owner).await?;
+    let request: PointsQuery = query(&uri)?;
+    let declared: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM session_data_types sd JOIN data_types d ON d.id = sd.data_type_id
+                        WHERE sd.session_id = $1 AND d.name = $2)",
+    )
+    .bind(session_id)
+    .bind(&request.data_type)
+    .fetch_one(&state.inner.accounts.pool)
+    .await?;
+    if !declared {
+        return Err(ApiError::invalid("data_type", "is not a data type of this session"));
+    }
+    let from = parse_time("from", request.from.as_deref())?.unwrap_or(i64::MIN);
+    let to = parse_time("to", request.to.as_deref())?.unwrap_or(i64::MAX);
+    if from >= to {
+        return Err(ApiError::invalid("to", "must be after from"));
+    }
+    let step_us = request
+        .step
+        .as_deref()
+        .map(|s| {
+            humantime::parse_duration(s)
+                .ok()
+                .and_then(|d| i64::try_from(d.as_micros()).ok())
+                .filter(|us| (1_000..=86_400_000_000).contains(us))
+                .ok_or_else(|| ApiError::invalid("step", "must be a duration from 1ms to 24h, e.g. 1s or 1m"))
+        })
+        .transpose()?;
+    let limit = u64::from(state.inner.max_read_points);
+    let client = state.inner.clickhouse.client();
+    let filter = "FROM points FINAL WHERE user_id = toUUID(?) AND session_id = toUUID(?)
+                  AND data_type = ? AND t_us >= ? AND t_us < ?";
+    let mut answer = Points {
+        session_id,
+        data_type: request.data_type.clone(),
+        step_us,
+        samples: None,
+        buckets: None,
+        next_from: None,
+    };
+    match step_us {
+        None => {
+            let mut samples: Vec<Sample> = client
+                .query(&format!("SELECT t_us, values {filter} ORDER BY t_us LIMIT ?"))
+                .bind(owner.to_string())
+                .bind(session_id.to_string())
+                .bind(&request.data_type)
+                .bind(from)
+                .bind(to)
+                .bind(limit + 1)
+                .fetch_all()
+                .await?;
+            if samples.len() as u64 > limit {
+                answer.next_from = samples.pop().map(|s| s.t_us);
+            }
+            answer.samples = Some(samples);
+        }
+        Some(step) => {
+            let mut buckets: Vec<Bucket> = client
+                .query(&format!(
+                    "SELECT intDiv(t_us, {step}) * {step} AS bucket, count() AS n,
+                            minForEach(values) AS min, maxForEach(values) AS max,
+                            avgForEach(values) AS mean
+                     {filter} GROUP BY bucket ORDER BY bucket LIMIT ?"
+                ))
+                .bind(owner.to_string())
+                .bind(session_id.to_string())
+                .bind(&request.data_type)
+                .bind(from)
+                .bind(to)
+                .bind(limit + 1)
+                .fetch_all()
+                .await?;
+            if buckets.len() as u64 > limit {
+                answer.next_from = buckets.pop().map(|b| b.t_us);
+            }
+            answer.buckets = Some(buckets);
+        }
+    }
+    Ok(Json(answer))
+}
+
+/// Who read or tried to read a person's data, newest first.
+#[utoipa::path(get, path = "/v1/users/{id}/access-log", tag = "reads",
+    params(("id" = Uuid, Path, description = "the person"), Page),
+    responses(
+        (status = 200, description = "records, newest first", body = Object),
+        (status = 404, description = "no such user whose log you may read", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn access_log(
+    State(state): State<AppState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Json<Vec<AccessRecord>>, ApiError> {
+    let subject = parse_user_id(&id)?;
+    let page: Page = query(&uri)?;
+    let limit = page.limit()?;
+    let before = page
+        .before
+        .as_deref()
+        .map(|b| b.parse::<i64>().map_err(|_| ApiError::invalid("before", "must be a record id")))
+        .transpose()?;
+    allow(&state, &actor, Action::ReadAccessLog, subject).await?;
+    Ok(Json(
+        audit::access_log(&state.inner.accounts.pool, subject, before, limit).await?,
+    ))
+}
