@@ -612,21 +612,29 @@ async fn run_admin_user(command: UserCommand) -> anyhow::Result<()> {
             let listing =
                 users::list_users(&accounts, role.as_deref(), show_pii.then_some(None)).await?;
             if show_pii {
-                eprintln!("showing emails of {} users; each reveal is in the audit log", listing.len());
+                eprintln!(
+                    "showing emails of {} users; each reveal is in the audit log",
+                    listing.len()
+                );
             }
             if json {
                 for user in &listing {
                     println!("{}", serde_json::to_string(user)?);
                 }
             } else {
-                println!("{:<36}  {:<12}  {:<20}  {:<20}  email", "user", "role", "created", "erased");
+                println!(
+                    "{:<36}  {:<12}  {:<20}  {:<20}  email",
+                    "user", "role", "created", "erased"
+                );
                 for u in &listing {
                     println!(
                         "{:<36}  {:<12}  {:<20}  {:<20}  {}",
                         u.user_id,
                         u.role,
                         u.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
-                        u.deleted_at.map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| "-".to_owned()),
+                        u.deleted_at
+                            .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                            .unwrap_or_else(|| "-".to_owned()),
                         u.email.as_deref().unwrap_or("(hidden: --show-pii)")
                     );
                 }
@@ -662,7 +670,8 @@ async fn run_admin_user(command: UserCommand) -> anyhow::Result<()> {
             let clickhouse = clickhouse.connect().await?.client();
             let (tx, mut rx) = tokio::sync::mpsc::channel(16);
             let export = tokio::spawn(async move {
-                biofeed_ingest_gateway::export::export_user(&accounts, &clickhouse, user_id, tx).await
+                biofeed_ingest_gateway::export::export_user(&accounts, &clickhouse, user_id, tx)
+                    .await
             });
             let mut stdout = std::io::stdout().lock();
             while let Some(line) = rx.recv().await {
@@ -709,7 +718,11 @@ async fn run_admin_relationship(command: RelationshipCommand) -> anyhow::Result<
                     r.relationship_type,
                     r.lead_id,
                     r.follower_id,
-                    if r.consented_at.is_some() { "yes" } else { "pending" },
+                    if r.consented_at.is_some() {
+                        "yes"
+                    } else {
+                        "pending"
+                    },
                     r.revoked_at
                         .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
                         .unwrap_or_else(|| "-".to_owned())

@@ -115,7 +115,8 @@ impl PreviousKeys {
                 .ok()
                 .filter(|v| *v > 0)
                 .ok_or(KeyError::PreviousMalformed)?;
-            let key = Key32::parse(key, "BIOFEED_MASTER_KEYS_PREVIOUS").map_err(|_| malformed.clone())?;
+            let key =
+                Key32::parse(key, "BIOFEED_MASTER_KEYS_PREVIOUS").map_err(|_| malformed.clone())?;
             keys.push((version, key));
         }
         Ok(Self(keys))

@@ -29,12 +29,11 @@ pub async fn erase_user(
     actor: Option<Uuid>,
 ) -> Result<Erased, AccountsError> {
     let mut tx = accounts.pool.begin().await?;
-    let live: Option<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE",
-    )
-    .bind(user)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let live: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM users WHERE id = $1 AND deleted_at IS NULL FOR UPDATE")
+            .bind(user)
+            .fetch_optional(&mut *tx)
+            .await?;
     if live.is_none() {
         return Err(AccountsError::NoSuchUser);
     }

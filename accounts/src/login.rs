@@ -107,7 +107,11 @@ pub async fn login(
     let account_key = accounts.keys.email_blind_index(email);
     let address_key = address.map(|a| address_key(accounts, a));
     let window = settings.throttle_window.as_secs_f64();
-    let mut keys = vec![("account", account_key.clone(), settings.max_failures_per_account)];
+    let mut keys = vec![(
+        "account",
+        account_key.clone(),
+        settings.max_failures_per_account,
+    )];
     if let Some(key) = &address_key {
         keys.push(("address", key.clone(), settings.max_failures_per_address));
     }
@@ -260,10 +264,12 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Uuid>, Ac
 
 /// Revokes a login token.
 pub async fn logout(pool: &PgPool, token: &str) -> Result<(), AccountsError> {
-    sqlx::query("UPDATE login_tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL")
-        .bind(&token_hash(token)[..])
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE login_tokens SET revoked_at = now() WHERE token_hash = $1 AND revoked_at IS NULL",
+    )
+    .bind(&token_hash(token)[..])
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

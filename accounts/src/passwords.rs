@@ -67,12 +67,13 @@ pub enum Verified {
 impl Passwords {
     /// Hashing with these settings.
     pub fn new(settings: &PasswordSettings) -> Result<Self, AccountsError> {
-        let params = Params::new(settings.memory_kib, settings.iterations, 1, None).map_err(|e| {
-            AccountsError::Invalid {
-                field: "password parameters",
-                reason: e.to_string(),
-            }
-        })?;
+        let params =
+            Params::new(settings.memory_kib, settings.iterations, 1, None).map_err(|e| {
+                AccountsError::Invalid {
+                    field: "password parameters",
+                    reason: e.to_string(),
+                }
+            })?;
         let mut passwords = Self {
             params,
             decoy: String::new(),
@@ -160,12 +161,18 @@ mod tests {
     fn hashes_verify_and_ask_for_a_rehash_when_parameters_rise() {
         let owasp = Passwords::new(&PasswordSettings::default()).unwrap();
         let hash = owasp.hash("correct horse battery").unwrap();
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
         assert_eq!(
             owasp.verify("correct horse battery", Some(&hash)),
             Verified::Yes
         );
-        assert_eq!(owasp.verify("wrong horse battery", Some(&hash)), Verified::No);
+        assert_eq!(
+            owasp.verify("wrong horse battery", Some(&hash)),
+            Verified::No
+        );
         assert_eq!(owasp.verify("correct horse battery", None), Verified::No);
         assert_eq!(owasp.verify("x", Some("not a hash")), Verified::No);
         let stronger = Passwords::new(&PasswordSettings {

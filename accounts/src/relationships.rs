@@ -74,7 +74,12 @@ pub async fn create(
     .bind(&[lead, follower][..])
     .fetch_all(pool)
     .await?;
-    let role_of = |id: Uuid| roles.iter().find(|(u, _)| *u == id).map(|(_, r)| r.as_str());
+    let role_of = |id: Uuid| {
+        roles
+            .iter()
+            .find(|(u, _)| *u == id)
+            .map(|(_, r)| r.as_str())
+    };
     match (role_of(lead), role_of(follower)) {
         (Some(role), Some(_)) if role == lead_role => {}
         (Some(_), Some(_)) => {

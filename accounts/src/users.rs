@@ -142,7 +142,9 @@ impl ProfileFields {
             self.country.as_ref().map(|v| v.as_bytes().to_vec()),
             self.gender.as_ref().map(|v| v.as_bytes().to_vec()),
             self.location.as_ref().map(|v| v.as_bytes().to_vec()),
-            self.demographics.as_ref().map(|v| v.to_string().into_bytes()),
+            self.demographics
+                .as_ref()
+                .map(|v| v.to_string().into_bytes()),
         ];
         FIELD_COLUMNS
             .iter()

@@ -52,9 +52,7 @@ fn bearer<'a>(parts: &'a Parts, kind: &str) -> Result<&'a str, ApiError> {
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            ApiError::Unauthorized(format!(
-                "the Authorization header is not `Bearer <{kind}>`"
-            ))
+            ApiError::Unauthorized(format!("the Authorization header is not `Bearer <{kind}>`"))
         })
 }
 

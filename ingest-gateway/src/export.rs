@@ -77,11 +77,12 @@ struct Lines(mpsc::Sender<Bytes>);
 
 impl Lines {
     async fn send(&self, kind: &str, value: impl Serialize) -> Result<(), ExportError> {
-        let mut object = serde_json::to_value(value)
-            .map_err(|e| ExportError::Accounts(AccountsError::Invalid {
+        let mut object = serde_json::to_value(value).map_err(|e| {
+            ExportError::Accounts(AccountsError::Invalid {
                 field: "export",
                 reason: e.to_string(),
-            }))?;
+            })
+        })?;
         let mut line = serde_json::Map::new();
         line.insert("type".to_owned(), kind.into());
         if let Some(fields) = object.as_object_mut() {
@@ -89,7 +90,10 @@ impl Lines {
         }
         let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
         bytes.push(b'\n');
-        self.0.send(Bytes::from(bytes)).await.map_err(|_| ExportError::Closed)
+        self.0
+            .send(Bytes::from(bytes))
+            .await
+            .map_err(|_| ExportError::Closed)
     }
 }
 
@@ -231,7 +235,13 @@ pub async fn export_me(
     UserAuth { actor, .. }: UserAuth,
 ) -> Result<Response, ApiError> {
     let me = actor.user_id;
-    allow(&state, &actor, Action::ManageProfile { resource: "export" }, me).await?;
+    allow(
+        &state,
+        &actor,
+        Action::ManageProfile { resource: "export" },
+        me,
+    )
+    .await?;
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     let inner = state.inner.clone();
     tokio::spawn(async move {

@@ -182,7 +182,7 @@ impl Application {
             router(self.state).into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)
-            .await?;
+        .await?;
         state.inner.publisher.flush(Duration::from_secs(10));
         tracing::info!("gateway stopped");
         Ok(())

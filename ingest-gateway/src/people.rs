@@ -11,10 +11,10 @@ use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use biofeed_accounts::erase::{self, Erased};
+use biofeed_accounts::login;
 use biofeed_accounts::policy::{Action, Actor};
 use biofeed_accounts::relationships::{self, Relationship};
 use biofeed_accounts::users::{self, Email, NewUser, Profile, ProfileFields};
-use biofeed_accounts::login;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -157,7 +157,10 @@ pub async fn sign_up(
         ));
     }
     if request.profile.birth_date.is_none() {
-        return Err(ApiError::invalid("profile/birth_date", "is required at sign-up"));
+        return Err(ApiError::invalid(
+            "profile/birth_date",
+            "is required at sign-up",
+        ));
     }
     let email = Email::parse(&request.email)?;
     request.profile.validate()?;
@@ -238,7 +241,12 @@ pub async fn log_out(
 }
 
 /// Asks the policy, and maps a refusal to its answer (404 or 403).
-pub(crate) async fn allow(state: &AppState, actor: &Actor, action: Action, subject: Uuid) -> Result<(), ApiError> {
+pub(crate) async fn allow(
+    state: &AppState,
+    actor: &Actor,
+    action: Action,
+    subject: Uuid,
+) -> Result<(), ApiError> {
     let inner = &state.inner;
     inner
         .policy
@@ -255,7 +263,15 @@ pub async fn get_me(
     UserAuth { actor, .. }: UserAuth,
 ) -> Result<Json<Profile>, ApiError> {
     let me = actor.user_id;
-    allow(&state, &actor, Action::ManageProfile { resource: "profile" }, me).await?;
+    allow(
+        &state,
+        &actor,
+        Action::ManageProfile {
+            resource: "profile",
+        },
+        me,
+    )
+    .await?;
     Ok(Json(users::profile(&state.inner.accounts, me).await?))
 }
 
@@ -274,14 +290,22 @@ pub async fn patch_me(
 ) -> Result<Json<Profile>, ApiError> {
     let request: ProfilePatch = json_body(&headers, body).await?;
     let me = actor.user_id;
-    allow(&state, &actor, Action::ManageProfile { resource: "profile" }, me).await?;
+    allow(
+        &state,
+        &actor,
+        Action::ManageProfile {
+            resource: "profile",
+        },
+        me,
+    )
+    .await?;
     let inner = &state.inner;
     let current = users::profile(&inner.accounts, me).await?;
     let fields = match request.profile {
         None => current.fields,
         Some(changes) => {
-            let mut merged = serde_json::to_value(&current.fields)
-                .map_err(|e| ApiError::Internal(e.into()))?;
+            let mut merged =
+                serde_json::to_value(&current.fields).map_err(|e| ApiError::Internal(e.into()))?;
             if let Some(object) = merged.as_object_mut() {
                 object.extend(changes);
             }
@@ -295,7 +319,9 @@ pub async fn patch_me(
             ApiError::invalid("current_password", "is required to change the password")
         })?;
         if !login::check_password(&inner.accounts, &inner.passwords, me, &current_password).await? {
-            return Err(ApiError::Forbidden("the current password is wrong".to_owned()));
+            return Err(ApiError::Forbidden(
+                "the current password is wrong".to_owned(),
+            ));
         }
         let hash = hash_password(&state, password).await?;
         sqlx::query("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1")
@@ -323,7 +349,15 @@ pub async fn delete_me(
 ) -> Result<Json<Erased>, ApiError> {
     let request: EraseMe = json_body(&headers, body).await?;
     let me = actor.user_id;
-    allow(&state, &actor, Action::ManageProfile { resource: "account" }, me).await?;
+    allow(
+        &state,
+        &actor,
+        Action::ManageProfile {
+            resource: "account",
+        },
+        me,
+    )
+    .await?;
     let inner = &state.inner;
     if !login::check_password(&inner.accounts, &inner.passwords, me, &request.password).await? {
         return Err(ApiError::Forbidden("the password is wrong".to_owned()));
@@ -363,7 +397,10 @@ pub async fn invite(
     allow(&state, &actor, Action::InviteRelationship, other).await?;
     let pool = &state.inner.accounts.pool;
     let id = relationships::create(pool, lead, follower, &request.kind, Some(me), false).await?;
-    Ok((StatusCode::CREATED, Json(relationships::get(pool, id).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(relationships::get(pool, id).await?),
+    ))
 }
 
 /// The relationships one is part of.
@@ -374,8 +411,18 @@ pub async fn list_relationships(
     UserAuth { actor, .. }: UserAuth,
 ) -> Result<Json<Vec<Relationship>>, ApiError> {
     let me = actor.user_id;
-    allow(&state, &actor, Action::ManageProfile { resource: "relationships" }, me).await?;
-    Ok(Json(relationships::list(&state.inner.accounts.pool, Some(me)).await?))
+    allow(
+        &state,
+        &actor,
+        Action::ManageProfile {
+            resource: "relationships",
+        },
+        me,
+    )
+    .await?;
+    Ok(Json(
+        relationships::list(&state.inner.accounts.pool, Some(me)).await?,
+    ))
 }
 
 /// Accepts (consents to) a relationship.
@@ -392,7 +439,13 @@ pub async fn accept(
     Path(id): Path<String>,
 ) -> Result<Json<Relationship>, ApiError> {
     let (group, follower) = relationship_and_follower(&state, &id).await?;
-    allow(&state, &actor, Action::AcceptRelationship { group }, follower).await?;
+    allow(
+        &state,
+        &actor,
+        Action::AcceptRelationship { group },
+        follower,
+    )
+    .await?;
     let pool = &state.inner.accounts.pool;
     relationships::accept(pool, group, actor.user_id).await?;
     Ok(Json(relationships::get(pool, group).await?))
@@ -412,7 +465,13 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> Result<Json<Relationship>, ApiError> {
     let (group, follower) = relationship_and_follower(&state, &id).await?;
-    allow(&state, &actor, Action::RevokeRelationship { group }, follower).await?;
+    allow(
+        &state,
+        &actor,
+        Action::RevokeRelationship { group },
+        follower,
+    )
+    .await?;
     let pool = &state.inner.accounts.pool;
     relationships::revoke(pool, group, Some(actor.user_id)).await?;
     Ok(Json(relationships::get(pool, group).await?))

@@ -173,7 +173,15 @@ pub async fn user_sessions(
                 .map_err(|_| ApiError::invalid("before", "must be an RFC 3339 time"))
         })
         .transpose()?;
-    allow(&state, &actor, Action::ReadData { resource: "sessions" }, owner).await?;
+    allow(
+        &state,
+        &actor,
+        Action::ReadData {
+            resource: "sessions",
+        },
+        owner,
+    )
+    .await?;
     Ok(Json(
         sessions_of(&state.inner.accounts, owner, actor.user_id, before, limit).await?,
     ))
@@ -202,7 +210,15 @@ pub async fn session(
 ) -> Result<Json<SessionView>, ApiError> {
     let session_id = parse_session_id(&id)?;
     let owner = owner_of(&state, session_id).await?;
-    allow(&state, &actor, Action::ReadData { resource: "session" }, owner).await?;
+    allow(
+        &state,
+        &actor,
+        Action::ReadData {
+            resource: "session",
+        },
+        owner,
+    )
+    .await?;
     let rows: Vec<SessionView> = sqlx::query_as(&format!(
         "SELECT {SESSION_COLUMNS} WHERE s.id = $1 GROUP BY s.id, e.name"
     ))
@@ -309,7 +325,13 @@ pub async fn session_points(
 ) -> Result<Json<Points>, ApiError> {
     let session_id = parse_session_id(&id)?;
     let owner = owner_of(&state, session_id).await?;
-    allow(&state, &actor, Action::ReadData { resource: "points" }, owner).await?;
+    allow(
+        &state,
+        &actor,
+        Action::ReadData { resource: "points" },
+        owner,
+    )
+    .await?;
     let request: PointsQuery = query(&uri)?;
     let declared: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM session_data_types sd JOIN data_types d ON d.id = sd.data_type_id
@@ -320,7 +342,10 @@ pub async fn session_points(
     .fetch_one(&state.inner.accounts.pool)
     .await?;
     if !declared {
-        return Err(ApiError::invalid("data_type", "is not a data type of this session"));
+        return Err(ApiError::invalid(
+            "data_type",
+            "is not a data type of this session",
+        ));
     }
     let from = parse_time("from", request.from.as_deref())?.unwrap_or(i64::MIN);
     let to = parse_time("to", request.to.as_deref())?.unwrap_or(i64::MAX);
@@ -335,7 +360,9 @@ pub async fn session_points(
                 .ok()
                 .and_then(|d| i64::try_from(d.as_micros()).ok())
                 .filter(|us| (1_000..=86_400_000_000).contains(us))
-                .ok_or_else(|| ApiError::invalid("step", "must be a duration from 1ms to 24h, e.g. 1s or 1m"))
+                .ok_or_else(|| {
+                    ApiError::invalid("step", "must be a duration from 1ms to 24h, e.g. 1s or 1m")
+                })
         })
         .transpose()?;
     let limit = u64::from(state.inner.max_read_points);
@@ -353,7 +380,9 @@ pub async fn session_points(
     match step_us {
         None => {
             let mut samples: Vec<Sample> = client
-                .query(&format!("SELECT t_us, values {filter} ORDER BY t_us LIMIT ?"))
+                .query(&format!(
+                    "SELECT t_us, values {filter} ORDER BY t_us LIMIT ?"
+                ))
                 .bind(owner.to_string())
                 .bind(session_id.to_string())
                 .bind(&request.data_type)
@@ -411,7 +440,10 @@ pub async fn access_log(
     let before = page
         .before
         .as_deref()
-        .map(|b| b.parse::<i64>().map_err(|_| ApiError::invalid("before", "must be a record id")))
+        .map(|b| {
+            b.parse::<i64>()
+                .map_err(|_| ApiError::invalid("before", "must be a record id"))
+        })
         .transpose()?;
     allow(&state, &actor, Action::ReadAccessLog, subject).await?;
     Ok(Json(

@@ -55,7 +55,13 @@ pub struct GatewaySettings {
     pub produce_timeout: Duration,
 
     /// The version of the terms of use that sign-up must accept (recorded with the time).
-    #[arg(long = "terms-version", id = "terms_version", value_name = "VERSION", env = "BIOFEED_TERMS_VERSION", default_value = "2026-11-01")]
+    #[arg(
+        long = "terms-version",
+        id = "terms_version",
+        value_name = "VERSION",
+        env = "BIOFEED_TERMS_VERSION",
+        default_value = "2026-11-01"
+    )]
     pub terms_version: String,
 
     /// Most raw points (or downsampled buckets) one read of a session's points returns; the

@@ -10,12 +10,12 @@ use uuid::Uuid;
 use crate::helpers::Isolated;
 
 /// A consumer process of the real binary.
-struct ConsumerProcess {
+pub(crate) struct ConsumerProcess {
     child: tokio::process::Child,
 }
 
 impl ConsumerProcess {
-    fn start(env: &[(&'static str, String)]) -> Self {
+    pub(crate) fn start(env: &[(&'static str, String)]) -> Self {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
         command
             .arg("consume")
@@ -33,7 +33,7 @@ impl ConsumerProcess {
     }
 
     /// SIGTERM, then the exit code and standard error.
-    async fn stop(self) -> (i32, String) {
+    pub(crate) async fn stop(self) -> (i32, String) {
         let pid = self.child.id().unwrap().to_string();
         std::process::Command::new("kill")
             .args(["-TERM", &pid])
@@ -56,7 +56,7 @@ impl ConsumerProcess {
 }
 
 /// The environment for this test's consumer: its stores plus its own consumer group.
-fn consumer_env(
+pub(crate) fn consumer_env(
     stores: &Isolated,
     extra: &[(&'static str, String)],
 ) -> Vec<(&'static str, String)> {
@@ -130,13 +130,13 @@ async fn produce_frames(stores: &Isolated, frames: &[SensorFrame]) {
     .await;
 }
 
-async fn clickhouse_count(stores: &Isolated, sql: &str) -> u64 {
+pub(crate) async fn clickhouse_count(stores: &Isolated, sql: &str) -> u64 {
     let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
     ch.client().query(sql).fetch_one::<u64>().await.unwrap()
 }
 
 /// Waits until `SELECT count() FROM points FINAL` reaches `expected` (a watchdog, not a timing).
-async fn wait_for_points(stores: &Isolated, expected: u64) {
+pub(crate) async fn wait_for_points(stores: &Isolated, expected: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let now = clickhouse_count(stores, "SELECT count() FROM points FINAL").await;

@@ -62,6 +62,7 @@ impl TestGateway {
         let master = keys.master_key.to_base64();
         let blind = keys.blind_index_key.to_base64();
         let postgres = stores.settings.stores.postgres.url.to_string();
+        let clickhouse = stores.settings.stores.clickhouse.url.to_string();
         let mut args = vec![
             "biofeed",
             "gateway",
@@ -71,6 +72,10 @@ impl TestGateway {
             &postgres,
             "--kafka-brokers",
             brokers,
+            "--clickhouse-url",
+            &clickhouse,
+            "--clickhouse-database",
+            &stores.settings.stores.clickhouse.database,
             "--points-topic",
             &stores.settings.stores.topics.points,
             "--master-key",

@@ -10,6 +10,7 @@ mod gateway;
 mod gateway_app;
 mod helpers;
 mod migrate;
+mod people;
 mod private_clickhouse;
 mod private_kafka;
 mod services;
