@@ -81,7 +81,9 @@ fn parse_country_ages(value: &str) -> Result<CountryAges, String> {
             .parse()
             .ok()
             .filter(|a| (1..=25).contains(a))
-            .ok_or_else(|| format!("the age of {country} must be a number of years from 1 to 25"))?;
+            .ok_or_else(|| {
+                format!("the age of {country} must be a number of years from 1 to 25")
+            })?;
         ages.insert(country.to_owned(), age);
     }
     Ok(CountryAges(ages))
@@ -322,13 +324,16 @@ impl Policy {
                     return Ok(Err(Denied::NotFound("relationship")));
                 };
                 let party = actor.user_id == facts.lead_id || actor.user_id == facts.follower_id;
-                let guardian_of_follower = has_guardian_actor(&accounts.pool, actor.user_id, facts.follower_id).await?;
+                let guardian_of_follower =
+                    has_guardian_actor(&accounts.pool, actor.user_id, facts.follower_id).await?;
                 if facts.follower_id != subject || !(party || guardian_of_follower) {
                     Err(Denied::NotFound("relationship"))
                 } else if facts.revoked_at.is_some() {
                     Err(Denied::Forbidden("the relationship was revoked".to_owned()))
                 } else if facts.consented_at.is_some() {
-                    Err(Denied::Forbidden("the relationship is already accepted".to_owned()))
+                    Err(Denied::Forbidden(
+                        "the relationship is already accepted".to_owned(),
+                    ))
                 } else if CARE_KINDS.contains(&facts.relationship_type.as_str())
                     && self.is_minor(accounts, facts.follower_id).await?
                 {

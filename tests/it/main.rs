@@ -11,6 +11,7 @@ mod gateway_app;
 mod helpers;
 mod migrate;
 mod people;
+mod privacy;
 mod private_clickhouse;
 mod private_kafka;
 mod services;
