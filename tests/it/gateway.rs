@@ -804,7 +804,7 @@ async fn the_cli_makes_users_and_devices_whose_tokens_work() {
         &env,
     )
     .await;
-    assert_eq!(bad.code, 1, "{bad:?}");
+    assert_eq!(bad.code, 2, "a bad argument: {bad:?}");
     assert!(
         bad.stderr.contains("email:") && !bad.stderr.contains("not-an-email"),
         "{bad:?}"
@@ -820,7 +820,7 @@ async fn health_readiness_metrics_and_openapi_are_served() {
     assert_eq!(ready.status(), 200);
     assert_eq!(
         ready.json::<Value>().await.unwrap(),
-        json!({ "postgres": "ok", "kafka": "ok" })
+        json!({ "postgres": "ok", "kafka": "ok", "clickhouse": "ok" })
     );
     let openapi: Value = get("/openapi.json").await.unwrap().json().await.unwrap();
     for path in [
@@ -834,7 +834,30 @@ async fn health_readiness_metrics_and_openapi_are_served() {
             "{path} documented"
         );
     }
+    for (path, method) in [
+        ("/v1/users", "post"),
+        ("/v1/auth/login", "post"),
+        ("/v1/auth/logout", "post"),
+        ("/v1/me", "get"),
+        ("/v1/me", "patch"),
+        ("/v1/me", "delete"),
+        ("/v1/me/export", "get"),
+        ("/v1/relationships", "post"),
+        ("/v1/relationships", "get"),
+        ("/v1/relationships/{id}/accept", "post"),
+        ("/v1/relationships/{id}/revoke", "post"),
+        ("/v1/users/{id}/sessions", "get"),
+        ("/v1/sessions/{id}", "get"),
+        ("/v1/sessions/{id}/points", "get"),
+        ("/v1/users/{id}/access-log", "get"),
+    ] {
+        assert!(
+            openapi["paths"][path][method].is_object(),
+            "{method} {path} documented"
+        );
+    }
     assert!(openapi["components"]["schemas"]["JsonFrame"].is_object());
+    assert!(openapi["components"]["securitySchemes"]["login_token"].is_object());
     let (status, _, _) = problem(get("/nowhere").await.unwrap()).await;
     assert_eq!(status, 404);
     let metrics = get("/metrics").await.unwrap().text().await.unwrap();

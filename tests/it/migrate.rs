@@ -24,7 +24,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
 
     let before = crate::helpers::run_biofeed(&["migrate", "--status"], &env()).await;
     assert_eq!(before.code, 0, "{before:?}");
-    assert!(before.stdout.contains("postgres: 3 pending"), "{before:?}");
+    assert!(before.stdout.contains("postgres: 4 pending"), "{before:?}");
     assert!(
         before.stdout.contains("clickhouse: 3 pending"),
         "{before:?}"
