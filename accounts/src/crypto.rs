@@ -48,16 +48,29 @@ pub enum KeyError {
 #[derive(Clone, clap::Args)]
 pub struct AccountKeys {
     /// Master key wrapping every user's data key: base64 of 32 random bytes. Keep it in a
-    /// secret store; losing it loses every user's PII.
+    /// secret store; losing it loses every user's PII. Or give BIOFEED_MASTER_KEY_FILE.
     #[arg(
         long = "master-key",
         id = "master_key",
         value_name = "BASE64",
         env = "BIOFEED_MASTER_KEY",
         hide_env_values = true,
+        required_unless_present = "master_key_file",
         value_parser = SecretKeyParser("BIOFEED_MASTER_KEY")
     )]
-    pub master_key: Key32,
+    master_key_value: Option<Key32>,
+
+    /// A file holding the master key (base64 of 32 bytes, e.g. a mounted secret) instead of
+    /// BIOFEED_MASTER_KEY.
+    #[arg(
+        long = "master-key-file",
+        id = "master_key_file",
+        value_name = "PATH",
+        env = "BIOFEED_MASTER_KEY_FILE",
+        conflicts_with = "master_key",
+        value_parser = KeyFileParser
+    )]
+    master_key_file: Option<Key32>,
 
     /// Version number of the master key, stored beside each wrapped data key so keys can rotate.
     #[arg(
@@ -220,6 +233,42 @@ impl clap::builder::TypedValueParser for SecretKeyParser {
     }
 }
 
+/// Reads a key file: base64 of 32 bytes, surrounding whitespace ignored. Errors name the path,
+/// never the content.
+#[derive(Clone, Copy)]
+struct KeyFileParser;
+
+impl clap::builder::TypedValueParser for KeyFileParser {
+    type Value = Key32;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Key32, clap::Error> {
+        let path = std::path::Path::new(value);
+        let message = match std::fs::read_to_string(path) {
+            Ok(text) => match Key32::parse(&text, "BIOFEED_MASTER_KEY_FILE") {
+                Ok(key) => return Ok(key),
+                Err(_) => format!(
+                    "BIOFEED_MASTER_KEY_FILE: {} must hold base64 of exactly 32 random bytes",
+                    path.display()
+                ),
+            },
+            Err(e) => format!(
+                "BIOFEED_MASTER_KEY_FILE: cannot read {}: {e}",
+                path.display()
+            ),
+        };
+        Err(clap::Error::raw(
+            clap::error::ErrorKind::ValueValidation,
+            format!("{message}\n"),
+        )
+        .with_cmd(cmd))
+    }
+}
+
 /// Where a sealed value lives; bound into its ciphertext as associated data.
 #[derive(Debug, Clone, Copy)]
 pub struct Place<'a> {
@@ -247,12 +296,32 @@ pub struct DataKey(Key32);
 impl AccountKeys {
     /// Fresh random keys (tests and first set-up).
     pub fn generate() -> Self {
+        Self::new(Key32::random(), 1, Key32::random(), PreviousKeys::default())
+    }
+
+    /// Keys from their parts.
+    pub fn new(
+        master_key: Key32,
+        master_key_version: i32,
+        blind_index_key: Key32,
+        previous_master_keys: PreviousKeys,
+    ) -> Self {
         Self {
-            master_key: Key32::random(),
-            master_key_version: 1,
-            blind_index_key: Key32::random(),
-            previous_master_keys: PreviousKeys::default(),
+            master_key_value: Some(master_key),
+            master_key_file: None,
+            master_key_version,
+            blind_index_key,
+            previous_master_keys,
         }
+    }
+
+    /// The current master key, from BIOFEED_MASTER_KEY or BIOFEED_MASTER_KEY_FILE.
+    pub fn master_key(&self) -> &Key32 {
+        #[allow(clippy::expect_used)] // clap requires one of the two; `new` sets the value
+        self.master_key_value
+            .as_ref()
+            .or(self.master_key_file.as_ref())
+            .expect("a master key is required by the command line")
     }
 
     /// The blind-index key's bytes, for other keyed hashes of this crate.
@@ -263,7 +332,7 @@ impl AccountKeys {
     /// The master key of `version`: the current one or a previous one.
     fn master_key_of(&self, version: i32) -> Result<&Key32, KeyError> {
         if version == self.master_key_version {
-            return Ok(&self.master_key);
+            return Ok(self.master_key());
         }
         self.previous_master_keys
             .0
@@ -281,7 +350,7 @@ impl AccountKeys {
         version: i32,
     ) -> Result<Vec<u8>, KeyError> {
         let key = self.unwrap_data_key(user, wrapped, version)?;
-        Ok(seal(&self.master_key, &wrap_place(user), &(key.0).0))
+        Ok(seal(self.master_key(), &wrap_place(user), &(key.0).0))
     }
 
     /// The blind index of an email: HMAC-SHA256 of its trimmed, lowercased form.
@@ -296,7 +365,7 @@ impl AccountKeys {
     /// A new data key for `user`, and its wrapped form for `user_data_keys`.
     pub fn new_data_key(&self, user: Uuid) -> (DataKey, Vec<u8>) {
         let key = Key32::random();
-        let wrapped = seal(&self.master_key, &wrap_place(user), &key.0);
+        let wrapped = seal(self.master_key(), &wrap_place(user), &key.0);
         (DataKey(key), wrapped)
     }
 
@@ -426,13 +495,13 @@ mod tests {
         let user = Uuid::from_u128(7);
         let (key, wrapped) = old.new_data_key(user);
         let sealed = key.seal(place(7), b"x");
-        let setting = PreviousKeys::to_setting(&[(1, &old.master_key)]);
-        let new = AccountKeys {
-            master_key: Key32::random(),
-            master_key_version: 2,
-            blind_index_key: old.blind_index_key.clone(),
-            previous_master_keys: PreviousKeys::parse(&setting).unwrap(),
-        };
+        let setting = PreviousKeys::to_setting(&[(1, old.master_key())]);
+        let new = AccountKeys::new(
+            Key32::random(),
+            2,
+            old.blind_index_key.clone(),
+            PreviousKeys::parse(&setting).unwrap(),
+        );
         let rewrapped = new.rewrap_data_key(user, &wrapped, 1).unwrap();
         let opened = new.unwrap_data_key(user, &rewrapped, 2).unwrap();
         assert_eq!(opened.open(place(7), &sealed).unwrap(), b"x");

@@ -27,6 +27,13 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of a login attempt.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `ok`, `refused` or `throttled` (logins); `allowed`, `not_found` or `forbidden` (access).
+    pub outcome: &'static str,
+}
+
 /// Every metric, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -42,6 +49,10 @@ pub struct Metrics {
     pub produce_latency: Histogram,
     /// Point requests being handled now.
     pub in_flight: Gauge<i64, AtomicI64>,
+    /// Login attempts by outcome.
+    pub logins: Family<OutcomeLabels, Counter>,
+    /// Access-policy decisions by outcome.
+    pub access_decisions: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -83,8 +94,22 @@ impl Default for Metrics {
             "point requests being handled",
             in_flight.clone(),
         );
+        let logins = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "logins",
+            "login attempts by outcome (ok, refused, throttled)",
+            logins.clone(),
+        );
+        let access_decisions = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "access_decisions",
+            "access-policy decisions by outcome (allowed, not_found, forbidden)",
+            access_decisions.clone(),
+        );
         Self {
             registry,
+            logins,
+            access_decisions,
             requests,
             points_accepted,
             points_rejected,

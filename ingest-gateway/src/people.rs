@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use biofeed_accounts::erase::{self, Erased};
 use biofeed_accounts::login;
-use biofeed_accounts::policy::{Action, Actor};
+use biofeed_accounts::policy::{Action, Actor, Denied};
 use biofeed_accounts::relationships::{self, Relationship};
 use biofeed_accounts::users::{self, Email, NewUser, Profile, ProfileFields};
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::auth::UserAuth;
 use crate::body::{parse_json, read_body};
+use crate::metrics::OutcomeLabels;
 use crate::problem::{ApiError, Problem};
 use crate::AppState;
 
@@ -208,7 +209,7 @@ pub async fn log_in(
 ) -> Result<Json<Token>, ApiError> {
     let request: Login = json_body(&headers, body).await?;
     let inner = &state.inner;
-    let logged_in = login::login(
+    let attempt = login::login(
         &inner.accounts,
         &inner.passwords,
         &inner.login,
@@ -220,7 +221,18 @@ pub async fn log_in(
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(address)| address.ip()),
     )
-    .await?;
+    .await;
+    let outcome = match &attempt {
+        Ok(_) => "ok",
+        Err(login::LoginError::Throttled { .. }) => "throttled",
+        Err(_) => "refused",
+    };
+    inner
+        .metrics
+        .logins
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+    let logged_in = attempt?;
     Ok(Json(Token {
         token: logged_in.token,
         token_type: "Bearer".to_owned(),
@@ -248,11 +260,21 @@ pub(crate) async fn allow(
     subject: Uuid,
 ) -> Result<(), ApiError> {
     let inner = &state.inner;
-    inner
+    let decision = inner
         .policy
         .authorize(&inner.accounts, actor, action, subject)
-        .await??;
-    Ok(())
+        .await?;
+    let outcome = match &decision {
+        Ok(()) => "allowed",
+        Err(Denied::NotFound(_)) => "not_found",
+        Err(Denied::Forbidden(_)) => "forbidden",
+    };
+    inner
+        .metrics
+        .access_decisions
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+    Ok(decision?)
 }
 
 /// One's own profile, decrypted.

@@ -719,7 +719,7 @@ async fn a_revoked_token_gets_401_and_another_users_session_404() {
 async fn the_cli_makes_users_and_devices_whose_tokens_work() {
     let gw = TestGateway::spawn(&[]).await;
     let keys = [
-        ("BIOFEED_MASTER_KEY", gw.keys.master_key.to_base64()),
+        ("BIOFEED_MASTER_KEY", gw.keys.master_key().to_base64()),
         (
             "BIOFEED_BLIND_INDEX_KEY",
             gw.keys.blind_index_key.to_base64(),

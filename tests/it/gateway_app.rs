@@ -59,7 +59,7 @@ impl TestGateway {
     /// Starts a gateway on migrated stores, with Kafka at `brokers`.
     pub async fn spawn_on(stores: Isolated, brokers: &str, options: Options<'_>) -> Self {
         let keys = AccountKeys::generate();
-        let master = keys.master_key.to_base64();
+        let master = keys.master_key().to_base64();
         let blind = keys.blind_index_key.to_base64();
         let postgres = stores.settings.stores.postgres.url.to_string();
         let clickhouse = stores.settings.stores.clickhouse.url.to_string();

@@ -778,6 +778,33 @@ async fn failed_logins_are_throttled_per_account_and_unknown_emails_alike() {
         gw.log_in(&ghost, PASSWORD).await.unwrap_err();
     }
     assert_eq!(gw.log_in(&ghost, PASSWORD).await.unwrap_err().0, 429);
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("biofeed_gateway_logins_total{outcome=\"throttled\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn failed_logins_are_throttled_per_client_address_across_accounts() {
+    let gw = TestGateway::spawn(&["--login-max-failures-per-address", "4"]).await;
+    let ada = gw.sign_up("user", 30).await;
+    // Four different accounts guessed from one address: each account is far from its own limit.
+    for _ in 0..4 {
+        let guess = format!("guess-{}@example.org", Uuid::new_v4().simple());
+        assert_eq!(gw.log_in(&guess, PASSWORD).await.unwrap_err().0, 401);
+    }
+    // From this address, even a correct login now waits.
+    let (status, problem) = gw.log_in(&ada.email, PASSWORD).await.unwrap_err();
+    assert_eq!(status, 429, "{problem}");
 }
 
 #[tokio::test]
@@ -888,7 +915,7 @@ async fn erasure_ends_logins_empties_the_export_and_queues_the_clickhouse_deleti
             "export",
             &ada.id.to_string(),
             "--master-key",
-            &gw.keys.master_key.to_base64(),
+            &gw.keys.master_key().to_base64(),
             "--blind-index-key",
             &gw.keys.blind_index_key.to_base64(),
         ])

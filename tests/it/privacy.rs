@@ -17,7 +17,7 @@ use crate::people::PASSWORD;
 
 fn key_env(keys: &AccountKeys) -> Vec<(&'static str, String)> {
     vec![
-        ("BIOFEED_MASTER_KEY", keys.master_key.to_base64()),
+        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
         ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
         (
             "BIOFEED_MASTER_KEY_VERSION",
@@ -203,7 +203,7 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
             "--model",
             "strap",
             "--master-key",
-            &keys.master_key.to_base64(),
+            &keys.master_key().to_base64(),
             "--blind-index-key",
             &keys.blind_index_key.to_base64(),
         ])
@@ -360,7 +360,7 @@ async fn keys_rotate_under_a_new_master_key_without_losing_a_user() {
         ids.push(users::create_user(&accounts, &email, "user").await.unwrap());
     }
     let new_master = Key32::random();
-    let previous = PreviousKeys::to_setting(&[(1, &old.master_key)]);
+    let previous = PreviousKeys::to_setting(&[(1, old.master_key())]);
     let mut env = vec![
         ("BIOFEED_MASTER_KEY", new_master.to_base64()),
         ("BIOFEED_MASTER_KEY_VERSION", "2".to_owned()),
@@ -387,12 +387,12 @@ async fn keys_rotate_under_a_new_master_key_without_losing_a_user() {
     // The new key alone reads every user; the old key alone reads none.
     let new_only = Accounts {
         pool: accounts.pool.clone(),
-        keys: AccountKeys {
-            master_key: new_master,
-            master_key_version: 2,
-            blind_index_key: old.blind_index_key.clone(),
-            previous_master_keys: PreviousKeys::default(),
-        },
+        keys: AccountKeys::new(
+            new_master,
+            2,
+            old.blind_index_key.clone(),
+            PreviousKeys::default(),
+        ),
     };
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(

@@ -193,7 +193,37 @@ async fn the_services_refuse_bad_settings_before_contacting_anything() {
         ("BIOFEED_MASTER_KEY", good_key.clone()),
         ("BIOFEED_BLIND_INDEX_KEY", good_key),
     ];
-    let cases: [(&[&str], &'static str, &str, &str); 9] = [
+    let cases: Vec<(&[&str], &'static str, &str, &str)> = vec![
+        (
+            &["gateway"],
+            "BIOFEED_MASTER_KEYS_PREVIOUS",
+            "1:c2hvcnQ=",
+            "BIOFEED_MASTER_KEYS_PREVIOUS must be",
+        ),
+        (
+            &["gateway"],
+            "BIOFEED_PASSWORD_MEMORY_KIB",
+            "1024",
+            "--password-memory-kib",
+        ),
+        (
+            &["gateway"],
+            "BIOFEED_CONSENT_AGE_BY_COUNTRY",
+            "Germany=16",
+            "is not an ISO 3166-1 alpha-2 code",
+        ),
+        (
+            &["gateway"],
+            "BIOFEED_LOGIN_TOKEN_TTL",
+            "0s",
+            "--login-token-ttl",
+        ),
+        (
+            &["gateway"],
+            "BIOFEED_GATEWAY_MAX_READ_POINTS",
+            "0",
+            "--max-read-points",
+        ),
         (
             &["gateway"],
             "BIOFEED_MASTER_KEY",
@@ -256,8 +286,11 @@ async fn the_services_refuse_bad_settings_before_contacting_anything() {
             run.stderr.contains(named),
             "{setting}={value} names {named}: {run:?}"
         );
-        if setting.ends_with("_KEY") {
-            assert!(!run.stderr.contains(value), "key material echoed: {run:?}");
+        if setting.contains("_KEY") {
+            assert!(
+                !run.stderr.contains("c2hvcnQ") && !run.stderr.contains("not base64"),
+                "key material echoed: {run:?}"
+            );
         }
     }
     // A missing key is named too.
@@ -275,5 +308,72 @@ async fn the_services_refuse_bad_settings_before_contacting_anything() {
         accepted.load(Ordering::SeqCst),
         0,
         "no connection was tried"
+    );
+
+    // The master key from a file instead (a mounted secret); a bad file is named by its path,
+    // never by its content; a key given both ways is refused.
+    let dir = crate::helpers::ServerProcess::new("key-file");
+    let bad = dir.dir.join("bad.key");
+    std::fs::write(&bad, "c2hvcnQ=\n").unwrap();
+    for (path, named) in [
+        (bad.display().to_string(), "must hold base64 of exactly 32"),
+        (
+            dir.dir.join("missing.key").display().to_string(),
+            "cannot read",
+        ),
+    ] {
+        let mut env = without_key.clone();
+        env.push(("BIOFEED_MASTER_KEY_FILE", path.clone()));
+        let run =
+            crate::helpers::run_biofeed_without(&["gateway"], &env, &["BIOFEED_MASTER_KEY"]).await;
+        assert_eq!(run.code, 2, "{run:?}");
+        assert!(
+            run.stderr.contains(&path) && run.stderr.contains(named),
+            "{run:?}"
+        );
+        assert!(!run.stderr.contains("c2hvcnQ"), "{run:?}");
+    }
+    let good = dir.dir.join("good.key");
+    std::fs::write(&good, biofeed_accounts::crypto::Key32::random().to_base64()).unwrap();
+    let mut both = reachable.clone();
+    both.push(("BIOFEED_MASTER_KEY_FILE", good.display().to_string()));
+    let run = run_biofeed(&["gateway"], &both).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("cannot be used with"), "{run:?}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "no connection was tried"
+    );
+}
+
+#[tokio::test]
+async fn the_master_key_can_come_from_a_file() {
+    let stores = crate::helpers::Isolated::new().await;
+    biofeed_migrations::migrate(&stores.settings).await.unwrap();
+    let keys = biofeed_accounts::AccountKeys::generate();
+    let dir = crate::helpers::ServerProcess::new("key-file");
+    let file = dir.dir.join("master.key");
+    std::fs::write(&file, format!("{}\n", keys.master_key().to_base64())).unwrap();
+    let mut env = stores.env();
+    env.push(("BIOFEED_MASTER_KEY_FILE", file.display().to_string()));
+    env.push(("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()));
+    let run = crate::helpers::run_biofeed_without(
+        &["admin", "user", "create", "--email", "file@example.org"],
+        &env,
+        &["BIOFEED_MASTER_KEY"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let id: uuid::Uuid = run.stdout.trim().parse().unwrap();
+    let accounts = biofeed_accounts::Accounts {
+        pool: stores.settings.stores.postgres.connect().await.unwrap(),
+        keys,
+    };
+    assert_eq!(
+        biofeed_accounts::users::email_of(&accounts, id)
+            .await
+            .unwrap(),
+        "file@example.org"
     );
 }
