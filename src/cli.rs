@@ -96,6 +96,15 @@ pub enum Command {
     #[command(after_help = AFTER_HELP)]
     Replay(biofeed_consumers::ReplaySettings),
 
+    /// Run the job runner: rollups, session metrics, purge of failed sessions, erasure in
+    /// ClickHouse and the analyst sync, each on its interval; or, with a subcommand, run one job
+    /// now, list failed jobs, or retry them.
+    ///
+    /// Any number of runners may run side by side: each job instance runs on one of them only.
+    /// On SIGTERM or Ctrl-C: takes no new work, lets running jobs finish, exits 0.
+    #[command(after_help = AFTER_HELP, args_conflicts_with_subcommands = true)]
+    Jobs(JobsArgs),
+
     /// Administration: users, relationships, devices and keys.
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -137,6 +146,68 @@ pub struct ConsumeArgs {
     /// The consumer's settings.
     #[command(flatten)]
     pub settings: biofeed_consumers::ConsumeSettings,
+}
+
+/// Arguments of `biofeed jobs`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// One job now, or the failed jobs.
+    #[command(subcommand)]
+    pub command: Option<JobsCommand>,
+    /// Address of the runner's Prometheus endpoint (/metrics).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "BIOFEED_JOBS_METRICS_LISTEN",
+        default_value = "127.0.0.1:9465"
+    )]
+    pub metrics_listen: std::net::SocketAddr,
+    /// The runner's settings.
+    #[command(flatten)]
+    pub settings: Box<biofeed_jobs::JobsSettings>,
+}
+
+/// `biofeed jobs …`.
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Run one job now (under the same lease as the runners, so never beside another run of it);
+    /// a failure is recorded in failed_jobs. Prints how many items it handled.
+    #[command(after_help = AFTER_HELP)]
+    Run {
+        /// The job.
+        #[arg(value_enum)]
+        job: biofeed_jobs::Job,
+        /// The settings.
+        #[command(flatten)]
+        settings: Box<biofeed_jobs::JobsSettings>,
+    },
+    /// List failed jobs: id, job, connection, attempts, next automatic retry, error.
+    #[command(after_help = AFTER_HELP)]
+    Failed {
+        /// Include resolved ones.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The settings.
+        #[command(flatten)]
+        settings: Box<biofeed_jobs::JobsSettings>,
+    },
+    /// Re-run failed jobs now: one by id, or every unresolved one with --all. A success marks
+    /// the row resolved; a failure counts an attempt and keeps the error.
+    #[command(after_help = AFTER_HELP)]
+    Retry {
+        /// The failed job's id (from `biofeed jobs failed`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every unresolved failed job.
+        #[arg(long)]
+        all: bool,
+        /// The settings.
+        #[command(flatten)]
+        settings: Box<biofeed_jobs::JobsSettings>,
+    },
 }
 
 /// `biofeed admin …`.
@@ -382,6 +453,7 @@ impl Cli {
             Command::Consume(args) => exit_with(run_consume(args).await),
             Command::Replay(settings) => exit_with(run_replay(settings).await),
             Command::Admin(command) => exit_with(run_admin(command).await),
+            Command::Jobs(args) => exit_with(run_jobs(args).await),
             Command::Bench(BenchCommand::Gateway(settings)) => {
                 exit_with(biofeed_ingest_gateway::bench::run(*settings).await)
             }
@@ -423,6 +495,7 @@ fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
             eprintln!("error: {e:#}");
             let unavailable = e.chain().any(|cause| {
                 cause.is::<biofeed_backends::BackendError>()
+                    || cause.is::<biofeed_jobs::jobs::JobError>()
                     || cause
                         .downcast_ref::<AccountsError>()
                         .is_some_and(|a| matches!(a, AccountsError::Postgres(_)))
@@ -475,6 +548,98 @@ async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
         summary.rows, summary.dead_lettered, summary.dropped_erased
     );
     Ok(())
+}
+
+async fn run_jobs(args: JobsArgs) -> anyhow::Result<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    use biofeed_ingest_gateway::metrics_endpoint;
+
+    match args.command {
+        None => {
+            let stop = Arc::new(AtomicBool::new(false));
+            biofeed_consumers::stop_on_signal(Arc::clone(&stop));
+            let listener = metrics_endpoint::bind(args.metrics_listen).await?;
+            let mut registry = prometheus_client::registry::Registry::default();
+            let metrics = biofeed_jobs::metrics::JobMetrics::registered(&mut registry);
+            let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+            let endpoint = tokio::spawn(metrics_endpoint::serve(
+                listener,
+                Arc::new(registry),
+                async move {
+                    let _ = metrics_stopped.await;
+                },
+            ));
+            let outcome = biofeed_jobs::run_runner(*args.settings, metrics, stop).await;
+            let _ = metrics_stop.send(());
+            if let Ok(Err(e)) = endpoint.await {
+                tracing::warn!(error = %format!("{e:#}"), "the metrics endpoint failed");
+            }
+            outcome
+        }
+        Some(JobsCommand::Run { job, settings }) => {
+            let items = biofeed_jobs::run_once(&settings, job).await?;
+            eprintln!("{}: done, {items} items", job.name());
+            println!(
+                "{}",
+                serde_json::json!({ "job": job.name(), "items": items })
+            );
+            Ok(())
+        }
+        Some(JobsCommand::Failed {
+            all,
+            json,
+            settings,
+        }) => {
+            let rows = biofeed_jobs::failed_jobs(&settings, all).await?;
+            if json {
+                for row in &rows {
+                    println!("{}", serde_json::to_string(row)?);
+                }
+            } else {
+                println!(
+                    "{:>6}  {:<16}  {:<10}  {:>8}  {:<20}  {:<20}  error",
+                    "id", "job", "connection", "attempts", "failed", "next retry"
+                );
+                let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                    t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+                        .unwrap_or_else(|| "-".to_owned())
+                };
+                for row in &rows {
+                    let next = if row.resolved_at.is_some() {
+                        "resolved".to_owned()
+                    } else {
+                        time(row.next_attempt_at)
+                    };
+                    println!(
+                        "{:>6}  {:<16}  {:<10}  {:>8}  {:<20}  {:<20}  {}",
+                        row.id,
+                        row.job,
+                        row.connection,
+                        row.attempts,
+                        time(Some(row.failed_at)),
+                        next,
+                        row.error
+                    );
+                }
+            }
+            Ok(())
+        }
+        Some(JobsCommand::Retry { id, settings, .. }) => {
+            let (ok, failed) = biofeed_jobs::retry(&settings, id).await?;
+            eprintln!(
+                "retried {} failed jobs: {ok} succeeded, {failed} failed again",
+                ok + failed
+            );
+            anyhow::ensure!(
+                failed == 0,
+                "{failed} of {} retries failed again (see `biofeed jobs failed`)",
+                ok + failed
+            );
+            Ok(())
+        }
+    }
 }
 
 async fn run_replay(settings: biofeed_consumers::ReplaySettings) -> anyhow::Result<()> {

@@ -87,6 +87,17 @@ pub enum BackendError {
     },
 }
 
+impl BackendError {
+    /// The service the error is about.
+    pub fn service(&self) -> Service {
+        match self {
+            BackendError::Timeout { service, .. } | BackendError::Failed { service, .. } => {
+                *service
+            }
+        }
+    }
+}
+
 /// Parses a positive duration such as `5s`, `1500ms`, `2min` or `7days` for duration settings.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let parsed = humantime::parse_duration(value).map_err(|e| {

@@ -234,11 +234,11 @@ async fn shutdown_signal() {
     paths(sessions::open_session, points::post_points, sessions::complete_session, sessions::abort_session,
         people::sign_up, people::log_in, people::log_out, people::get_me, people::patch_me, people::delete_me,
         export::export_me, people::invite, people::list_relationships, people::accept, people::revoke,
-        reads::user_sessions, reads::session, reads::session_points, reads::access_log),
+        reads::user_sessions, reads::session, reads::session_points, reads::session_metrics, reads::access_log),
     components(schemas(problem::Problem, points::JsonFrame, points::FrameAccepted, sessions::OpenSession,
         sessions::SessionOpened, sessions::CompleteSession, sessions::SessionClosed, people::SignUp,
         people::SignedUp, people::Login, people::Token, people::ProfilePatch, people::EraseMe, people::Invite,
-        reads::SessionView, reads::Sample, reads::Bucket, reads::Points)),
+        reads::SessionView, reads::Sample, reads::Bucket, reads::Points, reads::SessionMetric, reads::SessionMetrics)),
     modifiers(&TokenSchemes),
     tags((name = "sessions", description = "a device's sessions"), (name = "points", description = "samples"),
         (name = "accounts", description = "sign-up, login, one's own profile, export and erasure"),
@@ -286,6 +286,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/sessions/{id}/abort", post(sessions::abort_session))
         .route("/v1/sessions/{id}", get(reads::session))
         .route("/v1/sessions/{id}/points", get(reads::session_points))
+        .route("/v1/sessions/{id}/metrics", get(reads::session_metrics))
         .route("/v1/users", post(people::sign_up))
         .route("/v1/users/{id}/sessions", get(reads::user_sessions))
         .route("/v1/users/{id}/access-log", get(reads::access_log))

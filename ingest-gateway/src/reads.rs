@@ -421,6 +421,75 @@ pub async fn session_points(
     Ok(Json(answer))
 }
 
+/// One metric of a session.
+#[derive(Debug, Clone, Serialize, Deserialize, Row, ToSchema)]
+pub struct SessionMetric {
+    /// e.g. `rmssd_ms`, `spo2_below_90_s`, `eeg_alpha_uv2`.
+    pub metric: String,
+    /// The channel (0 for single-stream metrics; the EEG channel's index otherwise).
+    pub channel: u16,
+    /// The value.
+    pub value: f64,
+    /// Samples (or intervals, segments) it rests on.
+    pub samples: u64,
+}
+
+/// A session's metrics, as the jobs runner computed them once the session completed.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SessionMetrics {
+    /// The session.
+    pub session_id: Uuid,
+    /// Its status.
+    pub status: String,
+    /// When the metrics were computed (None: not yet, or the session did not complete).
+    pub computed_at: Option<DateTime<Utc>>,
+    /// The metrics; a metric that could not be computed (too few samples) is absent.
+    pub metrics: Vec<SessionMetric>,
+}
+
+/// A session's metrics: HRV, pulse oximetry, EEG band power.
+#[utoipa::path(get, path = "/v1/sessions/{id}/metrics", tag = "reads",
+    params(("id" = Uuid, Path, description = "the session")),
+    responses(
+        (status = 200, description = "the metrics (empty until computed)", body = SessionMetrics),
+        (status = 404, description = "no such session whose data you may read", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the points store is unavailable", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn session_metrics(
+    State(state): State<AppState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+) -> Result<Json<SessionMetrics>, ApiError> {
+    let session_id = parse_session_id(&id)?;
+    let owner = owner_of(&state, session_id).await?;
+    allow(&state, &actor, Action::ReadData { resource: "metrics" }, owner).await?;
+    let (status, computed_at): (String, Option<DateTime<Utc>>) = sqlx::query_as(
+        "SELECT s.status, c.metrics_at FROM sessions s
+         LEFT JOIN session_computations c ON c.session_id = s.id WHERE s.id = $1",
+    )
+    .bind(session_id)
+    .fetch_one(&state.inner.accounts.pool)
+    .await?;
+    let metrics: Vec<SessionMetric> = state
+        .inner
+        .clickhouse
+        .client()
+        .query(
+            "SELECT metric, channel, value, samples FROM session_metrics FINAL
+             WHERE user_id = toUUID(?) AND session_id = toUUID(?) ORDER BY metric, channel",
+        )
+        .bind(owner.to_string())
+        .bind(session_id.to_string())
+        .fetch_all()
+        .await?;
+    Ok(Json(SessionMetrics {
+        session_id,
+        status,
+        computed_at,
+        metrics,
+    }))
+}
+
 /// Who read or tried to read a person's data, newest first.
 #[utoipa::path(get, path = "/v1/users/{id}/access-log", tag = "reads",
     params(("id" = Uuid, Path, description = "the person"), Page),

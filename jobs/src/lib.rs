@@ -1,7 +1,109 @@
-//! The job runner: rollups, session metrics, purge of failed sessions, erasure, failed jobs.
+//! The job runner: rollups, session metrics, purge of failed sessions, erasure in ClickHouse,
+//! the analyst sync, and failed jobs.
 //!
-//! Owns the Postgres table `failed_jobs` and the job leases, and the ClickHouse rollup and
-//! metrics tables. Filled in by the jobs issue.
+//! Owns the Postgres tables `job_schedule`, `job_runs`, `session_computations` and `failed_jobs`,
+//! the purge columns of `sessions`, `erased_users.clickhouse_deleted_at`, and the ClickHouse
+//! tables `rollups_1s`, `rollups_1m`, `session_metrics` and `session_facts`.
 //!
-//! Architecture invariants: claims work with `FOR UPDATE SKIP LOCKED` so that any number of
-//! runners can run side by side; never speaks HTTP and never consumes Kafka.
+//! Architecture invariants: a runner claims a job with `FOR UPDATE SKIP LOCKED` and holds a
+//! lease while it runs, and every run is a unique `(job, instance)` row, so any number of runners
+//! can run side by side and never run the same instance at once; every job is idempotent
+//! (computed from `points FINAL`, deletes verified), so a retry or a re-run is always safe.
+//! Never speaks HTTP and never consumes Kafka.
+
+pub mod jobs;
+pub mod metrics;
+pub mod runner;
+pub mod signals;
+
+use std::time::Duration;
+
+use biofeed_backends::clickhouse::ClickHouseSettings;
+use biofeed_backends::parse_duration;
+use biofeed_backends::postgres::PostgresSettings;
+
+pub use crate::jobs::Job;
+pub use crate::runner::{failed_jobs, retry, run_once, run_runner, FailedJob};
+
+/// Settings of `biofeed jobs`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobsSettings {
+    /// Jobs run at once by this runner.
+    #[arg(long = "jobs-concurrency", id = "jobs_concurrency", value_name = "N", env = "BIOFEED_JOBS_CONCURRENCY",
+          default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub concurrency: u32,
+
+    /// How long a claimed job is leased; renewed while it runs, taken over by another runner if
+    /// this one dies.
+    #[arg(long = "jobs-lease", id = "jobs_lease", value_name = "DURATION", env = "BIOFEED_JOBS_LEASE",
+          default_value = "60s", value_parser = parse_duration)]
+    pub lease: Duration,
+
+    /// Attempts (the first run and its automatic retries) before a failed job waits for
+    /// `biofeed jobs retry`.
+    #[arg(long = "jobs-max-attempts", id = "jobs_max_attempts", value_name = "N", env = "BIOFEED_JOBS_MAX_ATTEMPTS",
+          default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+
+    /// First retry delay; doubled for each further attempt (at most 30 minutes).
+    #[arg(long = "jobs-retry-backoff", id = "jobs_retry_backoff", value_name = "DURATION", env = "BIOFEED_JOBS_RETRY_BACKOFF",
+          default_value = "10s", value_parser = parse_duration)]
+    pub retry_backoff: Duration,
+
+    /// How long after a session ended before its rollups, metrics or purge run, so that points
+    /// still in flight (Kafka, consumer batches) have landed.
+    #[arg(long = "jobs-settle", id = "jobs_settle", value_name = "DURATION", env = "BIOFEED_JOBS_SETTLE",
+          default_value = "30s", value_parser = parse_duration)]
+    pub settle: Duration,
+
+    /// Interval of the rollups job.
+    #[arg(long = "rollups-interval", id = "rollups_interval", value_name = "DURATION", env = "BIOFEED_JOBS_ROLLUPS_INTERVAL",
+          default_value = "30s", value_parser = parse_duration)]
+    pub rollups_interval: Duration,
+
+    /// Interval of the session-metrics job.
+    #[arg(long = "metrics-interval", id = "metrics_interval", value_name = "DURATION", env = "BIOFEED_JOBS_METRICS_INTERVAL",
+          default_value = "30s", value_parser = parse_duration)]
+    pub metrics_interval: Duration,
+
+    /// Interval of the purge job (aborted sessions, and open ones past their deadline).
+    #[arg(long = "purge-interval", id = "purge_interval", value_name = "DURATION", env = "BIOFEED_JOBS_PURGE_INTERVAL",
+          default_value = "1m", value_parser = parse_duration)]
+    pub purge_interval: Duration,
+
+    /// Interval of the erasure job (erased users' rows in ClickHouse).
+    #[arg(long = "erasure-interval", id = "erasure_interval", value_name = "DURATION", env = "BIOFEED_JOBS_ERASURE_INTERVAL",
+          default_value = "1m", value_parser = parse_duration)]
+    pub erasure_interval: Duration,
+
+    /// Interval of the analyst sync (session facts to ClickHouse).
+    #[arg(long = "sync-interval", id = "sync_interval", value_name = "DURATION", env = "BIOFEED_JOBS_SYNC_INTERVAL",
+          default_value = "10s", value_parser = parse_duration)]
+    pub sync_interval: Duration,
+
+    /// How long to wait for a ClickHouse deletion (mutation) to finish before failing the job.
+    #[arg(long = "mutation-timeout", id = "mutation_timeout", value_name = "DURATION", env = "BIOFEED_JOBS_MUTATION_TIMEOUT",
+          default_value = "5m", value_parser = parse_duration)]
+    pub mutation_timeout: Duration,
+
+    /// Where Postgres is.
+    #[command(flatten, next_help_heading = "Postgres")]
+    pub postgres: PostgresSettings,
+
+    /// Where ClickHouse is.
+    #[command(flatten, next_help_heading = "ClickHouse")]
+    pub clickhouse: ClickHouseSettings,
+}
+
+impl JobsSettings {
+    /// The interval of a job.
+    pub fn interval(&self, job: Job) -> Duration {
+        match job {
+            Job::Rollups => self.rollups_interval,
+            Job::SessionMetrics => self.metrics_interval,
+            Job::Purge => self.purge_interval,
+            Job::Erasure => self.erasure_interval,
+            Job::AnalystSync => self.sync_interval,
+        }
+    }
+}

@@ -30,6 +30,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         "0003_analyst_views.sql",
         include_str!("../clickhouse/0003_analyst_views.sql"),
     ),
+    (
+        "0004_rollups_and_metrics.sql",
+        include_str!("../clickhouse/0004_rollups_and_metrics.sql"),
+    ),
 ];
 
 /// The runner's own bookkeeping table, in biofeed's database.

@@ -24,9 +24,9 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
 
     let before = crate::helpers::run_biofeed(&["migrate", "--status"], &env()).await;
     assert_eq!(before.code, 0, "{before:?}");
-    assert!(before.stdout.contains("postgres: 4 pending"), "{before:?}");
+    assert!(before.stdout.contains("postgres: 5 pending"), "{before:?}");
     assert!(
-        before.stdout.contains("clickhouse: 3 pending"),
+        before.stdout.contains("clickhouse: 4 pending"),
         "{before:?}"
     );
     assert!(before.stdout.contains("kafka: 2 pending"), "{before:?}");
@@ -38,11 +38,11 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     let first = crate::helpers::run_biofeed(&["migrate"], &env()).await;
     assert_eq!(first.code, 0, "{first:?}");
     assert!(
-        first.stdout.contains("postgres: 4 applied now"),
+        first.stdout.contains("postgres: 5 applied now"),
         "{first:?}"
     );
     assert!(
-        first.stdout.contains("clickhouse: 3 applied now"),
+        first.stdout.contains("clickhouse: 4 applied now"),
         "{first:?}"
     );
     assert!(first.stdout.contains("kafka: 2 applied now"), "{first:?}");

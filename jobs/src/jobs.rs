@@ -1,0 +1,528 @@
+//! The jobs themselves. Each is a sweep: it finds what is due, does it, and records that it did;
+//! each is idempotent, so running it again — a retry, another runner after a crash — is safe.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use biofeed_backends::clickhouse::ClickHouse;
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::signals::{self, Metric, Sample};
+use crate::JobsSettings;
+
+/// Sessions handled per statement by the rollups and metrics jobs.
+const BATCH: i64 = 100;
+
+/// The jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Job {
+    /// Per-second and per-minute rollups of completed sessions.
+    Rollups,
+    /// HRV, pulse-oximetry and EEG metrics of completed sessions.
+    SessionMetrics,
+    /// Aborted sessions, and open ones past their deadline: points, rollups and metrics deleted.
+    Purge,
+    /// Erased users' rows deleted from every ClickHouse table, verified.
+    Erasure,
+    /// Session status and pseudonymous facts mirrored to ClickHouse for the analysts' views.
+    AnalystSync,
+}
+
+impl Job {
+    /// Every job.
+    pub const ALL: [Job; 5] = [
+        Job::Rollups,
+        Job::SessionMetrics,
+        Job::Purge,
+        Job::Erasure,
+        Job::AnalystSync,
+    ];
+
+    /// Its name in tables, logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Job::Rollups => "rollups",
+            Job::SessionMetrics => "session_metrics",
+            Job::Purge => "purge",
+            Job::Erasure => "erasure",
+            Job::AnalystSync => "analyst_sync",
+        }
+    }
+
+    /// The job of a name.
+    pub fn from_name(name: &str) -> Option<Job> {
+        Job::ALL.into_iter().find(|j| j.name() == name)
+    }
+}
+
+/// A job failed; `connection` names the backend it was using.
+#[derive(Debug, thiserror::Error)]
+#[error("{connection}: {message}")]
+pub struct JobError {
+    /// `postgres` or `clickhouse`.
+    pub connection: &'static str,
+    /// What failed.
+    pub message: String,
+}
+
+impl From<sqlx::Error> for JobError {
+    fn from(e: sqlx::Error) -> Self {
+        JobError {
+            connection: "postgres",
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<clickhouse::error::Error> for JobError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        JobError {
+            connection: "clickhouse",
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What the jobs work with.
+#[derive(Clone)]
+pub struct Context {
+    /// Postgres.
+    pub pool: PgPool,
+    /// ClickHouse.
+    pub clickhouse: ClickHouse,
+    /// The settings.
+    pub settings: JobsSettings,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn uuid_list(ids: &[Uuid]) -> String {
+    ids.iter()
+        .map(|id| format!("toUUID('{id}')"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Context {
+    /// Runs one sweep of `job`; returns how many items (sessions, users) it handled.
+    pub async fn run(&self, job: Job) -> Result<u64, JobError> {
+        match job {
+            Job::Rollups => self.rollups().await,
+            Job::SessionMetrics => self.session_metrics().await,
+            Job::Purge => self.purge().await,
+            Job::Erasure => self.erasure().await,
+            Job::AnalystSync => self.analyst_sync().await,
+        }
+    }
+
+    /// Completed, settled sessions whose `column` computation is missing, or whose points
+    /// changed in ClickHouse since it was made (a late frame, a replay of missing data).
+    async fn due_sessions(&self, column: &str) -> Result<Vec<(Uuid, Uuid)>, JobError> {
+        #[derive(Row, Deserialize)]
+        struct Changed {
+            #[serde(with = "clickhouse::serde::uuid")]
+            session_id: Uuid,
+            ingested: u32,
+        }
+        // Sessions whose newest row arrived after their computation: only those completed and
+        // already computed need the check.
+        let computed: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(&format!(
+            "SELECT s.id, c.{column} FROM sessions s JOIN session_computations c ON c.session_id = s.id
+             WHERE s.status = 'completed' AND c.{column} IS NOT NULL
+               AND c.{column} > now() - interval '1 day'"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changed = Vec::new();
+        for chunk in computed.chunks(500) {
+            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
+            let rows: Vec<Changed> = self
+                .clickhouse
+                .client()
+                .query(&format!(
+                    "SELECT session_id, toUInt32(max(ingested_at)) AS ingested FROM points
+                     WHERE session_id IN ({}) GROUP BY session_id",
+                    uuid_list(&ids)
+                ))
+                .fetch_all()
+                .await?;
+            for row in rows {
+                if let Some((_, at)) = chunk.iter().find(|(id, _)| *id == row.session_id) {
+                    if i64::from(row.ingested) >= at.timestamp() {
+                        changed.push(row.session_id);
+                    }
+                }
+            }
+        }
+        Ok(sqlx::query_as(&format!(
+            "SELECT s.id, s.user_id FROM sessions s
+             LEFT JOIN session_computations c ON c.session_id = s.id
+             WHERE s.status = 'completed' AND s.ended_at < now() - make_interval(secs => $1)
+               AND (c.{column} IS NULL OR s.id = ANY($2))
+             ORDER BY s.ended_at LIMIT $3"
+        ))
+        .bind(secs(self.settings.settle))
+        .bind(&changed)
+        .bind(BATCH)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn mark_computed(
+        &self,
+        column: &str,
+        sessions: &[Uuid],
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), JobError> {
+        sqlx::query(&format!(
+            "INSERT INTO session_computations (session_id, {column}) SELECT unnest($1::uuid[]), $2
+             ON CONFLICT (session_id) DO UPDATE SET {column} = EXCLUDED.{column}"
+        ))
+        .bind(sessions)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Rollups at 1 s and 1 min from `points FINAL`, replacing earlier ones of the same keys.
+    async fn rollups(&self) -> Result<u64, JobError> {
+        let mut done = 0;
+        loop {
+            let due = self.due_sessions("rolled_up_at").await?;
+            if due.is_empty() {
+                return Ok(done);
+            }
+            // Taken before reading the points: a row landing during the run makes the session
+            // due again at the next run.
+            let started = chrono::Utc::now();
+            let users: Vec<Uuid> = due.iter().map(|(_, u)| *u).collect();
+            let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
+            let version = now_us();
+            for (table, step) in [("rollups_1s", 1_000_000i64), ("rollups_1m", 60_000_000)] {
+                self.clickhouse
+                    .client()
+                    .query(&format!(
+                        "INSERT INTO {table} (user_id, session_id, data_type, channel, bucket_us, count, min, max, sum, mean, version)
+                         SELECT user_id, session_id, data_type, toUInt16(channel - 1), intDiv(t_us, {step}) * {step} AS bucket,
+                                count(), min(v), max(v), sum(toFloat64(v)), avg(toFloat64(v)), toUInt64({version})
+                         FROM (SELECT user_id, session_id, data_type, t_us, values FROM points FINAL
+                               WHERE user_id IN ({users}) AND session_id IN ({sessions}))
+                         ARRAY JOIN values AS v, arrayEnumerate(values) AS channel
+                         GROUP BY user_id, session_id, data_type, channel, bucket",
+                        users = uuid_list(&users),
+                        sessions = uuid_list(&sessions),
+                    ))
+                    .execute()
+                    .await?;
+            }
+            self.mark_computed("rolled_up_at", &sessions, started)
+                .await?;
+            done += sessions.len() as u64;
+            tracing::info!(sessions = sessions.len(), "rolled up sessions");
+        }
+    }
+
+    /// Session metrics of completed sessions.
+    async fn session_metrics(&self) -> Result<u64, JobError> {
+        #[derive(Row, Deserialize)]
+        struct PointRow {
+            t_us: i64,
+            values: Vec<f32>,
+        }
+        #[derive(Row, Serialize)]
+        struct MetricRow {
+            #[serde(with = "clickhouse::serde::uuid")]
+            user_id: Uuid,
+            #[serde(with = "clickhouse::serde::uuid")]
+            session_id: Uuid,
+            metric: String,
+            channel: u16,
+            value: f64,
+            samples: u64,
+            version: u64,
+        }
+        let mut done = 0;
+        loop {
+            let due = self.due_sessions("metrics_at").await?;
+            if due.is_empty() {
+                return Ok(done);
+            }
+            let started = chrono::Utc::now();
+            let version = now_us();
+            let mut rows = Vec::new();
+            for (session, user) in &due {
+                let types: Vec<(String, i16, Option<f32>)> = sqlx::query_as(
+                    "SELECT d.name, d.channels, d.sample_rate_hz FROM session_data_types sd
+                     JOIN data_types d ON d.id = sd.data_type_id
+                     WHERE sd.session_id = $1 AND d.name IN ('rr_interval', 'spo2', 'eeg')",
+                )
+                .bind(session)
+                .fetch_all(&self.pool)
+                .await?;
+                for (data_type, channels, rate) in types {
+                    let points: Vec<PointRow> = self
+                        .clickhouse
+                        .client()
+                        .query(
+                            "SELECT t_us, values FROM points FINAL
+                             WHERE user_id = toUUID(?) AND session_id = toUUID(?) AND data_type = ?
+                             ORDER BY t_us",
+                        )
+                        .bind(user.to_string())
+                        .bind(session.to_string())
+                        .bind(&data_type)
+                        .fetch_all()
+                        .await?;
+                    let samples: Vec<Sample> =
+                        points.into_iter().map(|p| (p.t_us, p.values)).collect();
+                    let rate = f64::from(rate.unwrap_or(1.0));
+                    let metrics: Vec<Metric> = match data_type.as_str() {
+                        "rr_interval" => signals::hrv(&samples),
+                        "spo2" => signals::spo2(&samples, (1e6 / rate) as i64),
+                        _ => signals::eeg_band_power(&samples, channels.max(1) as usize, rate),
+                    };
+                    rows.extend(
+                        metrics
+                            .into_iter()
+                            .filter(|m| m.value.is_finite())
+                            .map(|m| MetricRow {
+                                user_id: *user,
+                                session_id: *session,
+                                metric: m.name.to_owned(),
+                                channel: m.channel,
+                                value: m.value,
+                                samples: m.samples,
+                                version,
+                            }),
+                    );
+                }
+            }
+            if !rows.is_empty() {
+                let mut insert = self
+                    .clickhouse
+                    .client()
+                    .insert::<MetricRow>("session_metrics")
+                    .await?;
+                for row in &rows {
+                    insert.write(row).await?;
+                }
+                insert.end().await?;
+            }
+            let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
+            self.mark_computed("metrics_at", &sessions, started).await?;
+            done += sessions.len() as u64;
+            tracing::info!(
+                sessions = sessions.len(),
+                metrics = rows.len(),
+                "computed session metrics"
+            );
+        }
+    }
+
+    /// Deletes rows from every ClickHouse table holding per-session data and waits until the
+    /// deletion is done and no row is left.
+    async fn delete_and_verify(&self, tables: &[&str], condition: &str) -> Result<(), JobError> {
+        let client = self.clickhouse.client();
+        for table in tables {
+            client
+                .query(&format!("ALTER TABLE {table} DELETE WHERE {condition}"))
+                .execute()
+                .await?;
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.mutation_timeout;
+        loop {
+            let mut left = 0u64;
+            for table in tables {
+                left += client
+                    .query(&format!("SELECT count() FROM {table} WHERE {condition}"))
+                    .fetch_one::<u64>()
+                    .await?;
+            }
+            if left == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(JobError {
+                    connection: "clickhouse",
+                    message: format!(
+                        "{left} rows still present {:?} after deleting them",
+                        self.settings.mutation_timeout
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Purges aborted sessions, and expires and purges open sessions past their deadline.
+    async fn purge(&self) -> Result<u64, JobError> {
+        sqlx::query(
+            "UPDATE sessions SET status = 'expired', ended_at = deadline_at, updated_at = now()
+             WHERE status = 'open' AND deadline_at < now()",
+        )
+        .execute(&self.pool)
+        .await?;
+        let due: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+            "SELECT id, user_id, status FROM sessions
+             WHERE status IN ('aborted', 'expired') AND ended_at < now() - make_interval(secs => $1)
+             ORDER BY ended_at LIMIT $2",
+        )
+        .bind(secs(self.settings.settle))
+        .bind(BATCH)
+        .fetch_all(&self.pool)
+        .await?;
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let users: Vec<Uuid> = due.iter().map(|(_, u, _)| *u).collect();
+        let sessions: Vec<Uuid> = due.iter().map(|(s, _, _)| *s).collect();
+        let condition = format!(
+            "user_id IN ({}) AND session_id IN ({})",
+            uuid_list(&users),
+            uuid_list(&sessions)
+        );
+        self.delete_and_verify(
+            &["points", "rollups_1s", "rollups_1m", "session_metrics"],
+            &condition,
+        )
+        .await?;
+        for (session, _, status) in &due {
+            sqlx::query(
+                "UPDATE sessions SET status = 'purged', purge_reason = $2, purged_at = now(), updated_at = now()
+                 WHERE id = $1 AND status = $2",
+            )
+            .bind(session)
+            .bind(status)
+            .execute(&self.pool)
+            .await?;
+        }
+        tracing::info!(sessions = due.len(), "purged sessions");
+        Ok(due.len() as u64)
+    }
+
+    /// Deletes erased users' rows from every ClickHouse table and records completion.
+    async fn erasure(&self) -> Result<u64, JobError> {
+        let pending: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT user_id FROM erased_users WHERE clickhouse_deleted_at IS NULL ORDER BY erased_at LIMIT $1",
+        )
+        .bind(BATCH)
+        .fetch_all(&self.pool)
+        .await?;
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let condition = format!("user_id IN ({})", uuid_list(&pending));
+        self.delete_and_verify(
+            &[
+                "points",
+                "rollups_1s",
+                "rollups_1m",
+                "session_metrics",
+                "session_facts",
+            ],
+            &condition,
+        )
+        .await?;
+        sqlx::query(
+            "UPDATE erased_users SET clickhouse_deleted_at = now() WHERE user_id = ANY($1)",
+        )
+        .bind(&pending)
+        .execute(&self.pool)
+        .await?;
+        tracing::info!(
+            users = pending.len(),
+            "erased users' rows deleted from ClickHouse"
+        );
+        Ok(pending.len() as u64)
+    }
+
+    /// Mirrors sessions changed since the last sync to `session_facts`.
+    async fn analyst_sync(&self) -> Result<u64, JobError> {
+        #[derive(Row, Serialize)]
+        struct Fact {
+            #[serde(with = "clickhouse::serde::uuid")]
+            session_id: Uuid,
+            #[serde(with = "clickhouse::serde::uuid")]
+            user_id: Uuid,
+            exercise: String,
+            status: String,
+            started_at: u32,
+            ended_at: Option<u32>,
+            version: u64,
+        }
+        let watermark: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT (watermark->>'synced_through')::timestamptz FROM job_schedule WHERE job = 'analyst_sync'",
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        // Rows updated in the last second may still gain siblings in open transactions: the
+        // window overlaps, and re-sending a fact is harmless (newest version wins).
+        type SessionRow = (
+            Uuid,
+            Uuid,
+            String,
+            String,
+            i64,
+            Option<i64>,
+            i64,
+            chrono::DateTime<chrono::Utc>,
+        );
+        let rows: Vec<SessionRow> =
+            sqlx::query_as(
+                "SELECT s.id, s.user_id, e.name, s.status, extract(epoch FROM s.started_at)::bigint,
+                        extract(epoch FROM s.ended_at)::bigint,
+                        (extract(epoch FROM s.updated_at) * 1000000)::bigint, s.updated_at
+                 FROM sessions s JOIN exercises e ON e.id = s.exercise_id
+                 WHERE $1::timestamptz IS NULL OR s.updated_at >= $1::timestamptz - interval '5 seconds'
+                 ORDER BY s.updated_at LIMIT 50000",
+            )
+            .bind(watermark)
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut insert = self
+            .clickhouse
+            .client()
+            .insert::<Fact>("session_facts")
+            .await?;
+        for (session_id, user_id, exercise, status, started, ended, version, _) in &rows {
+            insert
+                .write(&Fact {
+                    session_id: *session_id,
+                    user_id: *user_id,
+                    exercise: exercise.clone(),
+                    status: status.clone(),
+                    started_at: u32::try_from(*started).unwrap_or(0),
+                    ended_at: ended.and_then(|e| u32::try_from(e).ok()),
+                    version: u64::try_from(*version).unwrap_or(0),
+                })
+                .await?;
+        }
+        insert.end().await?;
+        let through = rows.last().map(|r| r.7);
+        sqlx::query(
+            "UPDATE job_schedule SET watermark = jsonb_set(watermark, '{synced_through}', to_jsonb($1::timestamptz))
+             WHERE job = 'analyst_sync'",
+        )
+        .bind(through)
+        .execute(&self.pool)
+        .await?;
+        Ok(rows.len() as u64)
+    }
+}
