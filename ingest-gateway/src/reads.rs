@@ -462,7 +462,15 @@ pub async fn session_metrics(
 ) -> Result<Json<SessionMetrics>, ApiError> {
     let session_id = parse_session_id(&id)?;
     let owner = owner_of(&state, session_id).await?;
-    allow(&state, &actor, Action::ReadData { resource: "metrics" }, owner).await?;
+    allow(
+        &state,
+        &actor,
+        Action::ReadData {
+            resource: "metrics",
+        },
+        owner,
+    )
+    .await?;
     let (status, computed_at): (String, Option<DateTime<Utc>>) = sqlx::query_as(
         "SELECT s.status, c.metrics_at FROM sessions s
          LEFT JOIN session_computations c ON c.session_id = s.id WHERE s.id = $1",

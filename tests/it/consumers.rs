@@ -119,7 +119,7 @@ async fn produce(
     }
 }
 
-async fn produce_frames(stores: &Isolated, frames: &[SensorFrame]) {
+pub(crate) async fn produce_frames(stores: &Isolated, frames: &[SensorFrame]) {
     produce(
         &stores.settings.stores.kafka.brokers,
         &stores.settings.stores.topics.points,

@@ -9,6 +9,7 @@ mod consumers;
 mod gateway;
 mod gateway_app;
 mod helpers;
+mod jobs;
 mod migrate;
 mod people;
 mod privacy;
