@@ -721,8 +721,23 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
     ] {
         env.push((k, v.to_owned()));
     }
-    let (a, b) = (RunnerProcess::start(&env), RunnerProcess::start(&env));
+    let b = RunnerProcess::start(&env);
+    let port = crate::helpers::free_port();
+    env.retain(|(k, _)| *k != "BIOFEED_JOBS_METRICS_LISTEN");
+    env.push(("BIOFEED_JOBS_METRICS_LISTEN", format!("127.0.0.1:{port}")));
+    let a = RunnerProcess::start(&env);
     tokio::time::sleep(Duration::from_secs(8)).await;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("biofeed_jobs_runs_total{job=\"rollups\",outcome=\"ok\"}")
+            && metrics.contains("biofeed_jobs_run_duration_seconds_bucket"),
+        "{metrics}"
+    );
     let ((code_a, log_a), (code_b, log_b)) = (a.stop().await, b.stop().await);
     assert_eq!((code_a, code_b), (0, 0), "{log_a}\n{log_b}");
 
@@ -764,6 +779,9 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
         runs.iter().all(|r| r.outcome.as_deref() == Some("ok")),
         "{runs:?}"
     );
+    let runners: std::collections::BTreeSet<&str> =
+        runs.iter().map(|r| r.runner.as_str()).collect();
+    assert_eq!(runners.len(), 2, "both runners took work: {runners:?}");
     let computed: i64 = sqlx::query_scalar("SELECT count(*) FROM session_computations WHERE rolled_up_at IS NOT NULL AND metrics_at IS NOT NULL")
         .fetch_one(&pool)
         .await

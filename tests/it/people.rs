@@ -270,19 +270,20 @@ async fn the_access_matrix_holds_over_every_read_endpoint_and_the_export() {
             format!("/v1/users/{user}/sessions"),
             format!("/v1/sessions/{session}"),
             format!("/v1/sessions/{session}/points?data_type=heart_rate"),
+            format!("/v1/sessions/{session}/metrics"),
             format!("/v1/users/{user}/access-log"),
         ]
     };
-    // Expected status per endpoint: sessions, session, points, access log.
-    let ok_data = [200, 200, 200, 404];
-    let nothing = [404, 404, 404, 404];
-    let cases: Vec<(&str, &Person, Uuid, Uuid, [u16; 4])> = vec![
+    // Expected status per endpoint: sessions, session, points, metrics, access log.
+    let ok_data = [200, 200, 200, 200, 404];
+    let nothing = [404, 404, 404, 404, 404];
+    let cases: Vec<(&str, &Person, Uuid, Uuid, [u16; 5])> = vec![
         (
             "self",
             &patient,
             patient.id,
             patient_session,
-            [200, 200, 200, 200],
+            [200, 200, 200, 200, 200],
         ),
         ("another user", &other, patient.id, patient_session, nothing),
         (
@@ -311,7 +312,7 @@ async fn the_access_matrix_holds_over_every_read_endpoint_and_the_export() {
             &child,
             child.id,
             child_session,
-            [200, 200, 200, 200],
+            [200, 200, 200, 200, 200],
         ),
         (
             "practitioner with consent",
@@ -339,7 +340,7 @@ async fn the_access_matrix_holds_over_every_read_endpoint_and_the_export() {
             &admin,
             patient.id,
             patient_session,
-            [404, 404, 404, 200],
+            [404, 404, 404, 404, 200],
         ),
         ("analyst", &analyst, patient.id, patient_session, nothing),
     ];
@@ -428,9 +429,9 @@ async fn the_access_matrix_holds_over_every_read_endpoint_and_the_export() {
             .filter(|r| r["actor_id"] == actor.id.to_string() && r["allowed"] == allowed)
             .count()
     };
-    assert!(by(&with_consent, true) >= 3, "{log:?}");
-    assert!(by(&other, false) >= 3, "{log:?}");
-    assert!(by(&revoked, false) >= 3, "{log:?}");
+    assert!(by(&with_consent, true) >= 4, "{log:?}");
+    assert!(by(&other, false) >= 4, "{log:?}");
+    assert!(by(&revoked, false) >= 4, "{log:?}");
     assert_eq!(by(&patient, true), 0);
 
     // The export holds only the caller's own data.

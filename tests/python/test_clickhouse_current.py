@@ -43,7 +43,10 @@ def test_every_migration_runs_on_a_current_clickhouse(tmp_path):
     tables = db.query(
         "SELECT name FROM system.tables WHERE database = 'biofeed' ORDER BY name", "CSV"
     ).bytes().decode().split()
-    assert tables == ['"analyst_points"', '"completed_sessions"', '"points"', '"session_facts"']
+    assert tables == [
+        '"analyst_points"', '"completed_sessions"', '"points"', '"rollups_1m"', '"rollups_1s"',
+        '"session_facts"', '"session_metrics"',
+    ]
 
     row = (
         "('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-0000000000aa',"
@@ -65,3 +68,17 @@ def test_every_migration_runs_on_a_current_clickhouse(tmp_path):
     )
     assert count("SELECT count() FROM biofeed.analyst_points") == 3
     assert count("SELECT count() FROM biofeed.completed_sessions") == 1
+
+    # The rollups job's statement shape (jobs/src/jobs.rs) runs here too, and a replayed frame
+    # counts once: 3 samples in 2 one-second buckets.
+    for version in (1, 2):
+        db.query(
+            "INSERT INTO biofeed.rollups_1s (user_id, session_id, data_type, channel, bucket_us, count, min, max, sum, mean, version)"
+            " SELECT user_id, session_id, data_type, toUInt16(channel - 1), intDiv(t_us, 1000000) * 1000000 AS bucket,"
+            f" count(), min(v), max(v), sum(toFloat64(v)), avg(toFloat64(v)), toUInt64({version})"
+            " FROM (SELECT user_id, session_id, data_type, t_us, values FROM biofeed.points FINAL)"
+            " ARRAY JOIN values AS v, arrayEnumerate(values) AS channel"
+            " GROUP BY user_id, session_id, data_type, channel, bucket"
+        )
+    assert count("SELECT count() FROM biofeed.rollups_1s FINAL") == 2
+    assert count("SELECT sum(count) FROM biofeed.rollups_1s FINAL") == 3
