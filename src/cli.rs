@@ -74,6 +74,15 @@ pub enum Command {
     #[command(after_help = AFTER_HELP)]
     Migrate(MigrateArgs),
 
+    /// Run everything biofeed runs on one machine in one process: the gateway, a consumer and a
+    /// jobs runner, sharing one set of settings. The default for a single machine; run
+    /// `gateway`, `consume` and `jobs` separately to scale them apart.
+    ///
+    /// Stops on SIGTERM or Ctrl-C: the gateway finishes its requests, the consumer writes and
+    /// commits its batch, running jobs finish.
+    #[command(after_help = AFTER_HELP)]
+    Up(UpArgs),
+
     /// Run the HTTP ingest gateway: devices open sessions and post points, which are answered
     /// 202 only once Kafka has them. Serves /healthz, /readyz, /metrics and /openapi.json.
     ///
@@ -104,6 +113,16 @@ pub enum Command {
     /// On SIGTERM or Ctrl-C: takes no new work, lets running jobs finish, exits 0.
     #[command(after_help = AFTER_HELP, args_conflicts_with_subcommands = true)]
     Jobs(JobsArgs),
+
+    /// Simulate devices through the real HTTP API: each signs a synthetic person up, registers a
+    /// device and records sessions — RR intervals with respiratory sinus arrhythmia, pulse
+    /// oximetry with desaturations, 8-channel EEG with an alpha rhythm — streamed at native
+    /// rates in real time, most completed, some aborted. Shows progress; prints a summary, and
+    /// as its last line the summary as JSON (with every session's id and status).
+    ///
+    /// Exit code 1 if the gateway refused any frame.
+    #[command(after_help = AFTER_HELP)]
+    Simulate(biofeed_simulator::SimulateSettings),
 
     /// Administration: users, relationships, devices and keys.
     #[command(subcommand)]
@@ -146,6 +165,30 @@ pub struct ConsumeArgs {
     /// The consumer's settings.
     #[command(flatten)]
     pub settings: biofeed_consumers::ConsumeSettings,
+}
+
+/// Arguments of `biofeed up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address of the Prometheus endpoint of the consumer and the jobs runner (the gateway
+    /// serves its own at /metrics).
+    #[arg(
+        long = "metrics-listen",
+        id = "up_metrics_listen",
+        value_name = "ADDR",
+        env = "BIOFEED_UP_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: std::net::SocketAddr,
+    /// The gateway's settings, and where every service is.
+    #[command(flatten)]
+    pub gateway: Box<GatewaySettings>,
+    /// The consumer's settings.
+    #[command(flatten, next_help_heading = "Consumer")]
+    pub consumer: biofeed_consumers::ConsumerOptions,
+    /// The jobs runner's settings.
+    #[command(flatten, next_help_heading = "Jobs")]
+    pub jobs: biofeed_jobs::JobsOptions,
 }
 
 /// Arguments of `biofeed jobs`.
@@ -449,6 +492,8 @@ impl Cli {
         }
         match self.command {
             Command::Migrate(args) => run_migrate(args).await,
+            Command::Up(args) => exit_with(run_up(args).await),
+            Command::Simulate(settings) => exit_with(run_simulate(settings).await),
             Command::Gateway(settings) => exit_with(biofeed_ingest_gateway::run(*settings).await),
             Command::Consume(args) => exit_with(run_consume(args).await),
             Command::Replay(settings) => exit_with(run_replay(settings).await),
@@ -548,6 +593,169 @@ async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
         summary.rows, summary.dead_lettered, summary.dropped_erased
     );
     Ok(())
+}
+
+async fn run_simulate(settings: biofeed_simulator::SimulateSettings) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    let progress = Arc::new(biofeed_simulator::Progress::default());
+    let bar = indicatif::ProgressBar::new(settings.duration.as_secs().max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} simulate [{bar:30}] {elapsed}/{len}s  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let ticker = {
+        let (bar, progress) = (bar.clone(), Arc::clone(&progress));
+        let devices = settings.devices;
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                let elapsed = started.elapsed().as_secs_f64();
+                let points = progress.points.load(Ordering::Relaxed);
+                bar.set_position(elapsed as u64);
+                bar.set_message(format!(
+                    "{}/{devices} devices ready, {} sessions done, {points} points ({:.0}/s)",
+                    progress.ready.load(Ordering::Relaxed),
+                    progress.sessions.load(Ordering::Relaxed),
+                    points as f64 / elapsed.max(1e-3)
+                ));
+            }
+        })
+    };
+    let outcome = biofeed_simulator::simulate(&settings, Arc::clone(&progress)).await;
+    ticker.abort();
+    bar.finish_and_clear();
+    let summary = outcome?;
+    eprintln!(
+        "simulated {} devices for {:.1} s: {} sessions completed, {} aborted; {} points accepted \
+         ({:.0} points/s, {} of them in completed sessions); request latency p50 {:.1} ms, p99 {:.1} ms; \
+         {} frames refused, {} retried",
+        summary.devices,
+        summary.elapsed_s,
+        summary.completed,
+        summary.aborted,
+        summary.points_accepted,
+        summary.points_per_s,
+        summary.points_completed,
+        summary.latency_p50_ms,
+        summary.latency_p99_ms,
+        summary.frames_refused,
+        summary.frames_retried
+    );
+    println!("{}", serde_json::to_string(&summary)?);
+    anyhow::ensure!(
+        summary.frames_refused == 0,
+        "the gateway refused {} frames (see the warnings above)",
+        summary.frames_refused
+    );
+    Ok(())
+}
+
+async fn run_up(args: UpArgs) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use biofeed_ingest_gateway::metrics_endpoint;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    biofeed_consumers::stop_on_signal(Arc::clone(&stop));
+    let gateway = *args.gateway;
+    let stores = StoreSettings {
+        postgres: gateway.postgres.clone(),
+        clickhouse: gateway.clickhouse.clone(),
+        kafka: gateway.kafka.clone(),
+        topics: gateway.topics.clone(),
+    };
+    let jobs = biofeed_jobs::JobsSettings {
+        options: args.jobs,
+        postgres: stores.postgres.clone(),
+        clickhouse: stores.clickhouse.clone(),
+    };
+    let listener = metrics_endpoint::bind(args.metrics_listen).await?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let consumer = biofeed_consumers::prepare(
+        biofeed_consumers::ConsumeSettings {
+            options: args.consumer,
+            stores,
+        },
+        &mut registry,
+    )
+    .await?;
+    let job_metrics = biofeed_jobs::metrics::JobMetrics::registered(&mut registry);
+    let app = biofeed_ingest_gateway::Application::build(gateway).await?;
+    eprintln!(
+        "biofeed up: gateway on http://{}, consumer and jobs metrics on http://{}/metrics",
+        app.local_addr()?,
+        listener.local_addr()?
+    );
+    let stopped = {
+        let stop = Arc::clone(&stop);
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let metrics_stopped = {
+        let stop = Arc::clone(&stop);
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let endpoint = tokio::spawn(metrics_endpoint::serve(
+        listener,
+        Arc::new(registry),
+        metrics_stopped,
+    ));
+    let mut parts = tokio::task::JoinSet::new();
+    parts.spawn(async move { ("gateway", app.run_until(stopped).await) });
+    {
+        let stop = Arc::clone(&stop);
+        parts.spawn(async move {
+            let outcome = consumer.run(stop).await;
+            if let Ok(summary) = &outcome {
+                eprintln!(
+                    "consumer stopped: {} rows written, {} frames dead-lettered, {} frames of erased users dropped",
+                    summary.rows, summary.dead_lettered, summary.dropped_erased
+                );
+            }
+            ("consumer", outcome.map(|_| ()).map_err(anyhow::Error::from))
+        });
+    }
+    {
+        let stop = Arc::clone(&stop);
+        parts.spawn(async move {
+            (
+                "jobs",
+                biofeed_jobs::run_runner(jobs, job_metrics, stop).await,
+            )
+        });
+    }
+    // The first part to end (a failure, or the signal) stops the others.
+    let mut failure = None;
+    while let Some(ended) = parts.join_next().await {
+        stop.store(true, Ordering::SeqCst);
+        match ended {
+            Ok((_, Ok(()))) => {}
+            Ok((part, Err(e))) => {
+                eprintln!("error: the {part} failed: {e:#}");
+                failure.get_or_insert(e.context(format!("the {part} failed")));
+            }
+            Err(e) => {
+                failure.get_or_insert(anyhow::anyhow!("a part panicked: {e}"));
+            }
+        }
+    }
+    if let Ok(Err(e)) = endpoint.await {
+        tracing::warn!(error = %format!("{e:#}"), "the metrics endpoint failed");
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 async fn run_jobs(args: JobsArgs) -> anyhow::Result<()> {

@@ -31,8 +31,8 @@ pub struct DeviceIdentity {
     pub user_id: Uuid,
 }
 
-/// A device as listed for admins.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A device as listed for admins and its owner.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct DeviceRow {
     /// The device's id.
     pub id: Uuid,

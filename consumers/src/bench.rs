@@ -73,7 +73,7 @@ pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
     consume.stores.clickhouse.database = format!("biofeed_bench_{id}");
     consume.stores.topics.points = format!("biofeed.bench.{id}.points");
     consume.stores.topics.dlq = format!("biofeed.bench.{id}.dlq");
-    consume.group = format!("biofeed-bench-{id}");
+    consume.options.group = format!("biofeed-bench-{id}");
     let json_topic = format!("biofeed.bench.{id}.json");
     let ch = consume.stores.clickhouse.connect().await?;
     biofeed_migrations::clickhouse::ClickHouseMigrations::embedded()?

@@ -85,9 +85,10 @@ pub struct BatchLimits {
     pub max_age: Duration,
 }
 
-/// Settings of `biofeed consume`.
+/// The consumer's own settings (without where the services are), shared by `biofeed consume`
+/// and `biofeed up`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct ConsumeSettings {
+pub struct ConsumerOptions {
     /// Consumer group: consumers with the same group share the partitions.
     #[arg(
         long = "group",
@@ -103,6 +104,14 @@ pub struct ConsumeSettings {
     /// Batching.
     #[command(flatten)]
     pub batch: BatchLimits,
+}
+
+/// Settings of `biofeed consume`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsumeSettings {
+    /// The consumer's own settings.
+    #[command(flatten)]
+    pub options: ConsumerOptions,
     /// Where the services are, and the topics' names.
     #[command(flatten)]
     pub stores: StoreSettings,
@@ -156,14 +165,14 @@ pub async fn prepare(
             .map_err(|e| ConsumeError::Kafka(e.to_string()))?,
         pool,
         metrics: ConsumerMetrics::register(registry),
-        limits: settings.batch,
-        refresh: settings.refresh,
+        limits: settings.options.batch,
+        refresh: settings.options.refresh,
         shutdown: Arc::new(AtomicBool::new(false)),
     };
     let mut config = settings.stores.kafka.client_config();
     config
         .set("client.id", "biofeed-consumer")
-        .set("group.id", &settings.group)
+        .set("group.id", &settings.options.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")

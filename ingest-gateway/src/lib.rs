@@ -233,11 +233,11 @@ async fn shutdown_signal() {
         policy lets them read."),
     paths(sessions::open_session, points::post_points, sessions::complete_session, sessions::abort_session,
         people::sign_up, people::log_in, people::log_out, people::get_me, people::patch_me, people::delete_me,
-        export::export_me, people::invite, people::list_relationships, people::accept, people::revoke,
+        export::export_me, people::register_device, people::list_devices, people::revoke_device, people::invite, people::list_relationships, people::accept, people::revoke,
         reads::user_sessions, reads::session, reads::session_points, reads::session_metrics, reads::access_log),
     components(schemas(problem::Problem, points::JsonFrame, points::FrameAccepted, sessions::OpenSession,
         sessions::SessionOpened, sessions::CompleteSession, sessions::SessionClosed, people::SignUp,
-        people::SignedUp, people::Login, people::Token, people::ProfilePatch, people::EraseMe, people::Invite,
+        people::SignedUp, people::Login, people::Token, people::ProfilePatch, people::EraseMe, people::Invite, people::RegisterDevice, people::DeviceRegistered,
         reads::SessionView, reads::Sample, reads::Bucket, reads::Points, reads::SessionMetric, reads::SessionMetrics)),
     modifiers(&TokenSchemes),
     tags((name = "sessions", description = "a device's sessions"), (name = "points", description = "samples"),
@@ -299,6 +299,11 @@ pub fn router(state: AppState) -> Router {
                 .delete(people::delete_me),
         )
         .route("/v1/me/export", get(export::export_me))
+        .route(
+            "/v1/me/devices",
+            post(people::register_device).get(people::list_devices),
+        )
+        .route("/v1/me/devices/{id}/revoke", post(people::revoke_device))
         .route(
             "/v1/relationships",
             post(people::invite).get(people::list_relationships),

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
+use biofeed_accounts::devices;
 use biofeed_accounts::erase::{self, Erased};
 use biofeed_accounts::login;
 use biofeed_accounts::policy::{Action, Actor, Denied};
@@ -387,6 +388,115 @@ pub async fn delete_me(
     let erased = erase::erase_user(&inner.accounts, me, Some(me)).await?;
     inner.auth_cache.invalidate_all();
     Ok(Json(erased))
+}
+
+/// A device to register.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterDevice {
+    /// The device's model, e.g. `Polar H10` (at most 200 printable characters).
+    #[serde(default)]
+    pub model: String,
+}
+
+/// A registered device and its token, shown this once.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeviceRegistered {
+    /// The device's id.
+    pub device_id: Uuid,
+    /// Its bearer token for `POST /v1/sessions` and the points: stored only hashed, shown once.
+    pub token: String,
+}
+
+/// Registers a device of one's own; the answer holds its token, shown this once.
+#[utoipa::path(post, path = "/v1/me/devices", tag = "accounts", request_body = RegisterDevice,
+    responses(
+        (status = 201, description = "registered", body = DeviceRegistered),
+        (status = 422, description = "bad model", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn register_device(
+    State(state): State<AppState>,
+    UserAuth { actor, .. }: UserAuth,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<DeviceRegistered>), ApiError> {
+    let request: RegisterDevice = json_body(&headers, body).await?;
+    let me = actor.user_id;
+    allow(
+        &state,
+        &actor,
+        Action::ManageProfile {
+            resource: "devices",
+        },
+        me,
+    )
+    .await?;
+    let device = devices::create_device(&state.inner.accounts.pool, me, &request.model).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(DeviceRegistered {
+            device_id: device.id,
+            token: device.token,
+        }),
+    ))
+}
+
+/// One's own devices (no tokens).
+#[utoipa::path(get, path = "/v1/me/devices", tag = "accounts",
+    responses((status = 200, description = "the devices", body = Object)), security(("login_token" = [])))]
+pub async fn list_devices(
+    State(state): State<AppState>,
+    UserAuth { actor, .. }: UserAuth,
+) -> Result<Json<Vec<devices::DeviceRow>>, ApiError> {
+    let me = actor.user_id;
+    allow(
+        &state,
+        &actor,
+        Action::ManageProfile {
+            resource: "devices",
+        },
+        me,
+    )
+    .await?;
+    Ok(Json(
+        devices::list_devices(&state.inner.accounts.pool, Some(me)).await?,
+    ))
+}
+
+/// Revokes one of one's own devices: its token stops working.
+#[utoipa::path(post, path = "/v1/me/devices/{id}/revoke", tag = "accounts",
+    params(("id" = Uuid, Path, description = "the device")),
+    responses(
+        (status = 204, description = "revoked"),
+        (status = 404, description = "no such device of yours", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn revoke_device(
+    State(state): State<AppState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let device = Uuid::try_parse(&id).map_err(|_| ApiError::NotFound("device"))?;
+    let me = actor.user_id;
+    allow(
+        &state,
+        &actor,
+        Action::ManageProfile {
+            resource: "devices",
+        },
+        me,
+    )
+    .await?;
+    let pool = &state.inner.accounts.pool;
+    let mine = devices::list_devices(pool, Some(me))
+        .await?
+        .iter()
+        .any(|d| d.id == device);
+    if !mine {
+        return Err(ApiError::NotFound("device"));
+    }
+    devices::revoke_device(pool, device).await?;
+    state.inner.auth_cache.invalidate_all();
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Proposes a relationship with another person; it grants nothing until they (or, for a

@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::signals::{self, Metric, Sample};
-use crate::JobsSettings;
+use crate::JobsOptions;
 
 /// Sessions handled per statement by the rollups and metrics jobs.
 const BATCH: i64 = 100;
@@ -94,7 +94,7 @@ pub struct Context {
     /// ClickHouse.
     pub clickhouse: ClickHouse,
     /// The settings.
-    pub settings: JobsSettings,
+    pub settings: JobsOptions,
 }
 
 fn now_us() -> u64 {
@@ -127,54 +127,71 @@ impl Context {
         }
     }
 
-    /// Completed, settled sessions whose `column` computation is missing, or whose points
-    /// changed in ClickHouse since it was made (a late frame, a replay of missing data).
-    async fn due_sessions(&self, column: &str) -> Result<Vec<(Uuid, Uuid)>, JobError> {
+    /// The fingerprint of each session's rows in ClickHouse: its distinct sample instants and the
+    /// newest ingest second. New points change the first, rows written again (a replay) the
+    /// second; merges change neither. Sessions without rows: "0:0".
+    async fn fingerprints(&self, sessions: &[Uuid]) -> Result<Vec<(Uuid, String)>, JobError> {
         #[derive(Row, Deserialize)]
-        struct Changed {
+        struct Fingerprint {
             #[serde(with = "clickhouse::serde::uuid")]
             session_id: Uuid,
+            rows: u64,
             ingested: u32,
         }
-        // Sessions whose newest row arrived after their computation: only those completed and
-        // already computed need the check.
-        let computed: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(&format!(
-            "SELECT s.id, c.{column} FROM sessions s JOIN session_computations c ON c.session_id = s.id
-             WHERE s.status = 'completed' AND c.{column} IS NOT NULL
-               AND c.{column} > now() - interval '1 day'"
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut changed = Vec::new();
-        for chunk in computed.chunks(500) {
-            let ids: Vec<Uuid> = chunk.iter().map(|(id, _)| *id).collect();
-            let rows: Vec<Changed> = self
+        let mut out: Vec<(Uuid, String)> = Vec::with_capacity(sessions.len());
+        for chunk in sessions.chunks(500) {
+            let rows: Vec<Fingerprint> = self
                 .clickhouse
                 .client()
                 .query(&format!(
-                    "SELECT session_id, toUInt32(max(ingested_at)) AS ingested FROM points
+                    "SELECT session_id, uniqExact(data_type, t_us) AS rows, toUInt32(max(ingested_at)) AS ingested FROM points
                      WHERE session_id IN ({}) GROUP BY session_id",
-                    uuid_list(&ids)
+                    uuid_list(chunk)
                 ))
                 .fetch_all()
                 .await?;
-            for row in rows {
-                if let Some((_, at)) = chunk.iter().find(|(id, _)| *id == row.session_id) {
-                    if i64::from(row.ingested) >= at.timestamp() {
-                        changed.push(row.session_id);
-                    }
-                }
+            for id in chunk {
+                let fingerprint = rows.iter().find(|r| r.session_id == *id).map_or_else(
+                    || "0:0".to_owned(),
+                    |r| format!("{}:{}", r.rows, r.ingested),
+                );
+                out.push((*id, fingerprint));
             }
         }
+        Ok(out)
+    }
+
+    /// Completed, settled sessions whose `what` computation is missing, or whose rows in
+    /// ClickHouse changed since it was made (a late frame, a replay), leaving out `done`.
+    async fn due_sessions(&self, what: &str, done: &[Uuid]) -> Result<Vec<(Uuid, Uuid)>, JobError> {
+        let (at, fingerprint) = (format!("{what}_at"), format!("{what}_fingerprint"));
+        let computed: Vec<(Uuid, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT s.id, c.{fingerprint} FROM sessions s JOIN session_computations c ON c.session_id = s.id
+             WHERE s.status = 'completed' AND c.{at} IS NOT NULL AND c.{at} > now() - interval '1 day'
+               AND NOT (s.id = ANY($1))"
+        ))
+        .bind(done)
+        .fetch_all(&self.pool)
+        .await?;
+        let ids: Vec<Uuid> = computed.iter().map(|(id, _)| *id).collect();
+        let changed: Vec<Uuid> = self
+            .fingerprints(&ids)
+            .await?
+            .into_iter()
+            .zip(&computed)
+            .filter(|((_, now), (_, then))| then.as_deref() != Some(now.as_str()))
+            .map(|((id, _), _)| id)
+            .collect();
         Ok(sqlx::query_as(&format!(
             "SELECT s.id, s.user_id FROM sessions s
              LEFT JOIN session_computations c ON c.session_id = s.id
              WHERE s.status = 'completed' AND s.ended_at < now() - make_interval(secs => $1)
-               AND (c.{column} IS NULL OR s.id = ANY($2))
-             ORDER BY s.ended_at LIMIT $3"
+               AND (c.{at} IS NULL OR s.id = ANY($2)) AND NOT (s.id = ANY($3))
+             ORDER BY s.ended_at LIMIT $4"
         ))
         .bind(secs(self.settings.settle))
         .bind(&changed)
+        .bind(done)
         .bind(BATCH)
         .fetch_all(&self.pool)
         .await?)
@@ -182,16 +199,19 @@ impl Context {
 
     async fn mark_computed(
         &self,
-        column: &str,
-        sessions: &[Uuid],
-        at: chrono::DateTime<chrono::Utc>,
+        what: &str,
+        fingerprints: &[(Uuid, String)],
     ) -> Result<(), JobError> {
+        let (at, fingerprint) = (format!("{what}_at"), format!("{what}_fingerprint"));
+        let ids: Vec<Uuid> = fingerprints.iter().map(|(id, _)| *id).collect();
+        let prints: Vec<&str> = fingerprints.iter().map(|(_, f)| f.as_str()).collect();
         sqlx::query(&format!(
-            "INSERT INTO session_computations (session_id, {column}) SELECT unnest($1::uuid[]), $2
-             ON CONFLICT (session_id) DO UPDATE SET {column} = EXCLUDED.{column}"
+            "INSERT INTO session_computations (session_id, {at}, {fingerprint})
+             SELECT id, now(), print FROM unnest($1::uuid[], $2::text[]) AS t (id, print)
+             ON CONFLICT (session_id) DO UPDATE SET {at} = EXCLUDED.{at}, {fingerprint} = EXCLUDED.{fingerprint}"
         ))
-        .bind(sessions)
-        .bind(at)
+        .bind(&ids)
+        .bind(&prints)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -199,17 +219,17 @@ impl Context {
 
     /// Rollups at 1 s and 1 min from `points FINAL`, replacing earlier ones of the same keys.
     async fn rollups(&self) -> Result<u64, JobError> {
-        let mut done = 0;
+        let mut done: Vec<Uuid> = Vec::new();
         loop {
-            let due = self.due_sessions("rolled_up_at").await?;
+            let due = self.due_sessions("rollups", &done).await?;
             if due.is_empty() {
-                return Ok(done);
+                return Ok(done.len() as u64);
             }
-            // Taken before reading the points: a row landing during the run makes the session
-            // due again at the next run.
-            let started = chrono::Utc::now();
             let users: Vec<Uuid> = due.iter().map(|(_, u)| *u).collect();
             let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
+            // Taken before reading the points: a row landing meanwhile changes the fingerprint,
+            // and the session is computed again at the next run.
+            let fingerprints = self.fingerprints(&sessions).await?;
             let version = now_us();
             for (table, step) in [("rollups_1s", 1_000_000i64), ("rollups_1m", 60_000_000)] {
                 self.clickhouse
@@ -228,10 +248,9 @@ impl Context {
                     .execute()
                     .await?;
             }
-            self.mark_computed("rolled_up_at", &sessions, started)
-                .await?;
-            done += sessions.len() as u64;
+            self.mark_computed("rollups", &fingerprints).await?;
             tracing::info!(sessions = sessions.len(), "rolled up sessions");
+            done.extend(sessions);
         }
     }
 
@@ -254,13 +273,14 @@ impl Context {
             samples: u64,
             version: u64,
         }
-        let mut done = 0;
+        let mut done: Vec<Uuid> = Vec::new();
         loop {
-            let due = self.due_sessions("metrics_at").await?;
+            let due = self.due_sessions("metrics", &done).await?;
             if due.is_empty() {
-                return Ok(done);
+                return Ok(done.len() as u64);
             }
-            let started = chrono::Utc::now();
+            let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
+            let fingerprints = self.fingerprints(&sessions).await?;
             let version = now_us();
             let mut rows = Vec::new();
             for (session, user) in &due {
@@ -321,14 +341,13 @@ impl Context {
                 }
                 insert.end().await?;
             }
-            let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
-            self.mark_computed("metrics_at", &sessions, started).await?;
-            done += sessions.len() as u64;
+            self.mark_computed("metrics", &fingerprints).await?;
             tracing::info!(
                 sessions = sessions.len(),
                 metrics = rows.len(),
                 "computed session metrics"
             );
+            done.extend(sessions);
         }
     }
 

@@ -25,9 +25,10 @@ use biofeed_backends::postgres::PostgresSettings;
 pub use crate::jobs::Job;
 pub use crate::runner::{failed_jobs, retry, run_once, run_runner, FailedJob};
 
-/// Settings of `biofeed jobs`.
+/// The runner's own settings (without where the services are), shared by `biofeed jobs` and
+/// `biofeed up`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct JobsSettings {
+pub struct JobsOptions {
     /// Jobs run at once by this runner.
     #[arg(long = "jobs-concurrency", id = "jobs_concurrency", value_name = "N", env = "BIOFEED_JOBS_CONCURRENCY",
           default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -85,6 +86,14 @@ pub struct JobsSettings {
     #[arg(long = "mutation-timeout", id = "mutation_timeout", value_name = "DURATION", env = "BIOFEED_JOBS_MUTATION_TIMEOUT",
           default_value = "5m", value_parser = parse_duration)]
     pub mutation_timeout: Duration,
+}
+
+/// Settings of `biofeed jobs`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobsSettings {
+    /// The runner's own settings.
+    #[command(flatten)]
+    pub options: JobsOptions,
 
     /// Where Postgres is.
     #[command(flatten, next_help_heading = "Postgres")]
@@ -95,7 +104,7 @@ pub struct JobsSettings {
     pub clickhouse: ClickHouseSettings,
 }
 
-impl JobsSettings {
+impl JobsOptions {
     /// The interval of a job.
     pub fn interval(&self, job: Job) -> Duration {
         match job {

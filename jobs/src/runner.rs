@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::jobs::{Context, Job, JobError};
 use crate::metrics::JobMetrics;
-use crate::JobsSettings;
+use crate::{JobsOptions, JobsSettings};
 
 /// How often the scheduler looks for due work.
 const TICK: Duration = Duration::from_millis(500);
@@ -56,7 +56,7 @@ pub async fn context(settings: &JobsSettings) -> anyhow::Result<Context> {
     Ok(Context {
         pool: settings.postgres.connect().await?,
         clickhouse: settings.clickhouse.connect().await?,
-        settings: settings.clone(),
+        settings: settings.options.clone(),
     })
 }
 
@@ -69,7 +69,7 @@ fn runner_name() -> String {
     )
 }
 
-fn backoff(settings: &JobsSettings, attempts: i32) -> f64 {
+fn backoff(settings: &JobsOptions, attempts: i32) -> f64 {
     let doublings = attempts.clamp(1, 20) - 1;
     (settings.retry_backoff.as_secs_f64() * 2f64.powi(doublings)).min(1800.0)
 }
@@ -88,8 +88,8 @@ pub async fn run_once(settings: &JobsSettings, job: Job) -> anyhow::Result<u64> 
     let metrics = JobMetrics::default();
     ensure_schedule(&ctx.pool).await?;
     let runner = runner_name();
-    let lease = settings.lease.as_secs_f64();
-    let deadline = Instant::now() + settings.lease * 2;
+    let lease = settings.options.lease.as_secs_f64();
+    let deadline = Instant::now() + settings.options.lease * 2;
     let instance = loop {
         let claimed: Option<DateTime<Utc>> = sqlx::query_scalar(
             "UPDATE job_schedule SET leased_by = $2, lease_until = now() + make_interval(secs => $3)
@@ -210,7 +210,7 @@ async fn execute(
 
 async fn record_failure(
     pool: &PgPool,
-    settings: &JobsSettings,
+    settings: &JobsOptions,
     job: Job,
     error: &JobError,
     failed: Option<i64>,
@@ -284,7 +284,7 @@ async fn record_unreachable(
             connection: "clickhouse",
             message: format!("{error:#}"),
         };
-        if let Err(e) = record_failure(&pool, settings, job, &error, failed).await {
+        if let Err(e) = record_failure(&pool, &settings.options, job, &error, failed).await {
             tracing::warn!(error = %e, "cannot record the failure");
         }
     }
@@ -351,8 +351,8 @@ pub async fn run_runner(
     let ctx = context(&settings).await?;
     ensure_schedule(&ctx.pool).await?;
     let runner = runner_name();
-    let slots = Arc::new(Semaphore::new(settings.concurrency as usize));
-    tracing::info!(runner = %runner, concurrency = settings.concurrency, "jobs runner started");
+    let slots = Arc::new(Semaphore::new(settings.options.concurrency as usize));
+    tracing::info!(runner = %runner, concurrency = settings.options.concurrency, "jobs runner started");
     let mut tasks = tokio::task::JoinSet::new();
     while !stop.load(Ordering::SeqCst) {
         while tasks.try_join_next().is_some() {}

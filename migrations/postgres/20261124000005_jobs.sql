@@ -29,11 +29,15 @@ CREATE TABLE job_runs (
 
 CREATE INDEX job_runs_recent ON job_runs (job, started_at DESC);
 
--- When rollups and metrics were last computed for a session.
+-- When rollups and metrics were last computed for a session, and the fingerprint of its rows in
+-- ClickHouse then (distinct sample instants and newest ingest second): a different fingerprint
+-- later means rows arrived (a late frame, a replay), and the computation is made again.
 CREATE TABLE session_computations (
-    session_id    uuid PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
-    rolled_up_at  timestamptz,
-    metrics_at    timestamptz
+    session_id          uuid PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
+    rollups_at          timestamptz,
+    rollups_fingerprint text,
+    metrics_at          timestamptz,
+    metrics_fingerprint text
 );
 
 ALTER TABLE sessions ADD COLUMN purged_at timestamptz;

@@ -17,3 +17,4 @@ mod private_clickhouse;
 mod private_kafka;
 mod services;
 mod settings;
+mod simulate;

@@ -130,8 +130,11 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
             "analyst_points",
             "completed_sessions",
             "points",
+            "rollups_1m",
+            "rollups_1s",
             "schema_migrations",
-            "session_facts"
+            "session_facts",
+            "session_metrics"
         ]
     );
 

@@ -1,0 +1,588 @@
+//! Simulated devices that use biofeed as real ones do, through the real HTTP API: each signs a
+//! person up, logs in, registers a device, and records sessions — open, stream at the device's
+//! native rates in real time, then complete (with feedback) or abort — until the run ends.
+//!
+//! Device kinds, taken in turn: a chest strap (`hrv_biofeedback`: RR intervals and heart rate,
+//! JSON), a pulse oximeter (`breath_hold`: SpO2 and heart rate at 1 Hz, two-channel PPG at 100 Hz,
+//! JSON), an EEG headset (`alpha_neurofeedback`: 8 channels at 256 Hz, Avro). Signals: [`signals`].
+//!
+//! Architecture invariants: a client only — it knows biofeed through its HTTP API and the Avro
+//! schema, nothing else; every person it makes is synthetic (`sim-…@example.org`).
+
+pub mod signals;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use biofeed_backends::parse_duration;
+use biofeed_schema::{DataTypeName, SensorFrame};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::signals::{Eeg, Heart, Oximeter};
+
+/// Settings of `biofeed simulate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateSettings {
+    /// The gateway's base URL.
+    #[arg(
+        long = "url",
+        id = "simulate_url",
+        value_name = "URL",
+        env = "BIOFEED_SIMULATE_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub url: String,
+
+    /// Simulated devices (each with its own person), streaming at once.
+    #[arg(long = "devices", id = "simulate_devices", value_name = "N", env = "BIOFEED_SIMULATE_DEVICES",
+          default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub devices: u32,
+
+    /// How long to run; sessions still going at the end are completed or aborted then.
+    #[arg(long = "duration", id = "simulate_duration", value_name = "DURATION", env = "BIOFEED_SIMULATE_DURATION",
+          default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Typical session length (each is 50–150 % of it).
+    #[arg(long = "session-length", id = "simulate_session_length", value_name = "DURATION", env = "BIOFEED_SIMULATE_SESSION_LENGTH",
+          default_value = "12s", value_parser = parse_duration)]
+    pub session_length: Duration,
+
+    /// Share of sessions aborted instead of completed, 0 to 1.
+    #[arg(long = "abort-share", id = "simulate_abort_share", value_name = "SHARE", env = "BIOFEED_SIMULATE_ABORT_SHARE",
+          default_value_t = 0.2, value_parser = parse_share)]
+    pub abort_share: f64,
+
+    /// How often a device posts what it measured since its last post.
+    #[arg(long = "frame-interval", id = "simulate_frame_interval", value_name = "DURATION", env = "BIOFEED_SIMULATE_FRAME_INTERVAL",
+          default_value = "1s", value_parser = parse_duration)]
+    pub frame_interval: Duration,
+
+    /// A practitioner (user id) every simulated person proposes a practitioner_patient
+    /// relationship to; the practitioner accepts them through the API.
+    #[arg(
+        long = "practitioner",
+        id = "simulate_practitioner",
+        value_name = "USER_ID",
+        env = "BIOFEED_SIMULATE_PRACTITIONER"
+    )]
+    pub practitioner: Option<Uuid>,
+
+    /// The terms version sign-up accepts (the gateway's BIOFEED_TERMS_VERSION).
+    #[arg(
+        long = "terms-version",
+        id = "simulate_terms_version",
+        value_name = "VERSION",
+        env = "BIOFEED_TERMS_VERSION",
+        default_value = "2026-11-01"
+    )]
+    pub terms_version: String,
+
+    /// Seed of the random signals and choices (default: random).
+    #[arg(
+        long = "seed",
+        id = "simulate_seed",
+        value_name = "N",
+        env = "BIOFEED_SIMULATE_SEED"
+    )]
+    pub seed: Option<u64>,
+}
+
+fn parse_share(value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| (0.0..=1.0).contains(s))
+        .ok_or_else(|| format!("'{value}' is not a share from 0 to 1"))
+}
+
+/// One session as the simulator recorded it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionRecord {
+    /// The session.
+    pub session_id: Uuid,
+    /// Its person.
+    pub user_id: Uuid,
+    /// `completed` or `aborted`.
+    pub status: String,
+    /// Points the gateway accepted for it.
+    pub points: u64,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// Devices that ran.
+    pub devices: u64,
+    /// Sessions completed.
+    pub completed: u64,
+    /// Sessions aborted.
+    pub aborted: u64,
+    /// Points accepted (202) by the gateway.
+    pub points_accepted: u64,
+    /// Points of completed sessions.
+    pub points_completed: u64,
+    /// Frames refused (4xx other than 429).
+    pub frames_refused: u64,
+    /// Frames sent again after 429 or 503.
+    pub frames_retried: u64,
+    /// Seconds the run took.
+    pub elapsed_s: f64,
+    /// Points accepted per second.
+    pub points_per_s: f64,
+    /// Median latency of point requests, ms.
+    pub latency_p50_ms: f64,
+    /// 99th percentile latency of point requests, ms.
+    pub latency_p99_ms: f64,
+    /// Every session.
+    pub sessions: Vec<SessionRecord>,
+}
+
+/// Live counters for progress output.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Points accepted so far.
+    pub points: AtomicU64,
+    /// Sessions finished so far.
+    pub sessions: AtomicU64,
+    /// Devices signed up and registered.
+    pub ready: AtomicU64,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Strap,
+    Oximeter,
+    Headset,
+}
+
+impl Kind {
+    fn of(index: u32) -> Self {
+        match index % 3 {
+            0 => Kind::Strap,
+            1 => Kind::Oximeter,
+            _ => Kind::Headset,
+        }
+    }
+
+    fn exercise(self) -> (&'static str, &'static [&'static str], &'static str) {
+        match self {
+            Kind::Strap => (
+                "hrv_biofeedback",
+                &["rr_interval", "heart_rate"],
+                "Simulated chest strap",
+            ),
+            Kind::Oximeter => (
+                "breath_hold",
+                &["spo2", "heart_rate", "ppg"],
+                "Simulated pulse oximeter",
+            ),
+            Kind::Headset => ("alpha_neurofeedback", &["eeg"], "Simulated EEG headset"),
+        }
+    }
+}
+
+/// What a device measured in one interval, per data type.
+struct Measured {
+    series: Vec<(&'static str, u16, Vec<i64>, Vec<f32>)>,
+}
+
+struct Body {
+    heart: Heart,
+    oximeter: Oximeter,
+    eeg: Eeg,
+}
+
+impl Body {
+    fn measure(&mut self, kind: Kind, from_us: i64, to_us: i64) -> Measured {
+        let mut series = Vec::new();
+        let per_second = |from: i64, to: i64, rate: i64| -> Vec<i64> {
+            let step = 1_000_000 / rate;
+            let first = (from / step + 1) * step;
+            (0..)
+                .map(|i| first + i * step)
+                .take_while(|t| *t <= to)
+                .collect()
+        };
+        match kind {
+            Kind::Strap => {
+                let beats = self.heart.beats_until(to_us);
+                series.push((
+                    "rr_interval",
+                    1,
+                    beats.iter().map(|(t, _)| *t).collect(),
+                    beats.iter().map(|(_, rr)| *rr).collect(),
+                ));
+                let times = per_second(from_us, to_us, 1);
+                let values = times.iter().map(|t| self.heart.rate_bpm(*t)).collect();
+                series.push(("heart_rate", 1, times, values));
+            }
+            Kind::Oximeter => {
+                let _ = self.heart.beats_until(to_us);
+                let seconds = per_second(from_us, to_us, 1);
+                let spo2 = seconds.iter().map(|t| self.oximeter.spo2(*t)).collect();
+                let rate = seconds.iter().map(|t| self.heart.rate_bpm(*t)).collect();
+                series.push(("spo2", 1, seconds.clone(), spo2));
+                series.push(("heart_rate", 1, seconds, rate));
+                let times = per_second(from_us, to_us, 100);
+                let bpm = self.heart.rate_bpm(to_us);
+                let values = times
+                    .iter()
+                    .flat_map(|t| self.oximeter.ppg(*t, bpm))
+                    .collect();
+                series.push(("ppg", 2, times, values));
+            }
+            Kind::Headset => {
+                let times = per_second(from_us, to_us, 256);
+                let values = times.iter().flat_map(|t| self.eeg.sample(*t)).collect();
+                series.push(("eeg", 8, times, values));
+            }
+        }
+        Measured { series }
+    }
+}
+
+/// Runs the simulation; `progress` is updated as it goes.
+pub async fn simulate(
+    settings: &SimulateSettings,
+    progress: Arc<Progress>,
+) -> anyhow::Result<Summary> {
+    let url = reqwest::Url::parse(&settings.url).map_err(|e| {
+        anyhow::anyhow!("BIOFEED_SIMULATE_URL: '{}' is not a URL: {e}", settings.url)
+    })?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(settings.devices as usize)
+        .build()?;
+    http.get(url.join("/healthz")?)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| {
+            anyhow::anyhow!("the gateway at {url} (BIOFEED_SIMULATE_URL) does not answer: {e}")
+        })?;
+    let seed = settings.seed.unwrap_or_else(|| rand::thread_rng().gen());
+    let run = Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let started = Instant::now();
+    let deadline = started + settings.duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..settings.devices {
+        let device = Device {
+            http: http.clone(),
+            url: url.clone(),
+            settings: settings.clone(),
+            kind: Kind::of(index),
+            seed: seed.wrapping_add(u64::from(index) * 7_919),
+            email: format!("sim-{run}-{index}@example.org"),
+            progress: Arc::clone(&progress),
+        };
+        tasks.spawn(async move { device.run(deadline).await });
+    }
+    let mut summary = Summary::default();
+    let mut latencies = Vec::new();
+    let mut failures = Vec::new();
+    while let Some(outcome) = tasks.join_next().await {
+        match outcome {
+            Ok(Ok(device)) => {
+                summary.devices += 1;
+                summary.frames_refused += device.refused;
+                summary.frames_retried += device.retried;
+                latencies.extend(device.latencies_ms);
+                summary.sessions.extend(device.sessions);
+            }
+            Ok(Err(e)) => failures.push(format!("{e:#}")),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    if summary.devices == 0 {
+        anyhow::bail!(
+            "no simulated device ran: {}",
+            failures.first().map_or("unknown", String::as_str)
+        );
+    }
+    for failure in &failures {
+        tracing::warn!(error = %failure, "a simulated device stopped");
+    }
+    for session in &summary.sessions {
+        summary.points_accepted += session.points;
+        if session.status == "completed" {
+            summary.completed += 1;
+            summary.points_completed += session.points;
+        } else {
+            summary.aborted += 1;
+        }
+    }
+    summary.elapsed_s = started.elapsed().as_secs_f64();
+    summary.points_per_s = summary.points_accepted as f64 / summary.elapsed_s.max(1e-9);
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 - 1.0) * q).round().max(0.0) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    summary.latency_p50_ms = at(0.5);
+    summary.latency_p99_ms = at(0.99);
+    Ok(summary)
+}
+
+struct Device {
+    http: reqwest::Client,
+    url: reqwest::Url,
+    settings: SimulateSettings,
+    kind: Kind,
+    seed: u64,
+    email: String,
+    progress: Arc<Progress>,
+}
+
+#[derive(Default)]
+struct DeviceOutcome {
+    sessions: Vec<SessionRecord>,
+    latencies_ms: Vec<f64>,
+    refused: u64,
+    retried: u64,
+}
+
+impl Device {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let mut request = self.http.request(method.clone(), self.url.join(path)?);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        anyhow::ensure!(status.is_success(), "{method} {path}: {status} {text}");
+        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn run(self, deadline: Instant) -> anyhow::Result<DeviceOutcome> {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let password = format!("sim-{}", Uuid::new_v4().simple());
+        let years = rng.gen_range(20..70);
+        let countries = ["DE", "FR", "NL", "SE", "GB", "US", "ES", "IT"];
+        let signed_up = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/users",
+                None,
+                Some(json!({
+                    "email": self.email, "password": password, "accept_terms": self.settings.terms_version,
+                    "profile": {
+                        "first_name": format!("Sim{}", rng.gen_range(1000..9999)),
+                        "birth_date": format!("{}-0{}-1{}", 2026 - years, rng.gen_range(1..9), rng.gen_range(0..9)),
+                        "country": countries[rng.gen_range(0..countries.len())],
+                    },
+                })),
+            )
+            .await?;
+        let user_id: Uuid = signed_up["user_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("sign-up answered without a user id"))?;
+        let login = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/auth/login",
+                None,
+                Some(json!({ "email": self.email, "password": password })),
+            )
+            .await?;
+        let token = login["token"].as_str().unwrap_or_default().to_owned();
+        let (exercise, data_types, model) = self.kind.exercise();
+        let device = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/me/devices",
+                Some(&token),
+                Some(json!({ "model": model })),
+            )
+            .await?;
+        let device_token = device["token"].as_str().unwrap_or_default().to_owned();
+        if let Some(practitioner) = self.settings.practitioner {
+            self.call(
+                reqwest::Method::POST,
+                "/v1/relationships",
+                Some(&token),
+                Some(json!({ "type": "practitioner_patient", "lead_id": practitioner })),
+            )
+            .await?;
+        }
+        self.progress.ready.fetch_add(1, Ordering::Relaxed);
+
+        let mut body = Body {
+            heart: Heart::new(self.seed, now_us()),
+            oximeter: Oximeter::new(self.seed),
+            eeg: Eeg::new(self.seed),
+        };
+        let mut outcome = DeviceOutcome::default();
+        let length = self.settings.session_length.as_secs_f64();
+        while Instant::now() + Duration::from_secs(1) < deadline {
+            let opened = self
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/sessions",
+                    Some(&device_token),
+                    Some(json!({ "exercise": exercise, "data_types": data_types })),
+                )
+                .await?;
+            let session: Uuid = opened["session_id"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("opening a session answered without its id"))?;
+            let ends = (Instant::now() + Duration::from_secs_f64(length * rng.gen_range(0.5..1.5)))
+                .min(deadline);
+            let mut last = now_us();
+            // Skip what happened before the session opened.
+            let _ = body.measure(self.kind, last - 1, last);
+            let mut points = 0u64;
+            while Instant::now() < ends {
+                tokio::time::sleep(self.settings.frame_interval.min(ends - Instant::now())).await;
+                let now = now_us();
+                let measured = body.measure(self.kind, last, now);
+                last = now;
+                points += self
+                    .post(session, &device_token, measured, &mut outcome)
+                    .await?;
+            }
+            let status = if rng.gen_bool(self.settings.abort_share) {
+                self.call(
+                    reqwest::Method::POST,
+                    &format!("/v1/sessions/{session}/abort"),
+                    Some(&device_token),
+                    None,
+                )
+                .await?;
+                "aborted"
+            } else {
+                let feelings = ["calm", "focused", "relaxed", "tired", "alert"];
+                self.call(
+                    reqwest::Method::POST,
+                    &format!("/v1/sessions/{session}/complete"),
+                    Some(&device_token),
+                    Some(json!({ "feedback": { "feeling": feelings[rng.gen_range(0..feelings.len())], "rating": rng.gen_range(1..=5) } })),
+                )
+                .await?;
+                "completed"
+            };
+            self.progress.sessions.fetch_add(1, Ordering::Relaxed);
+            outcome.sessions.push(SessionRecord {
+                session_id: session,
+                user_id,
+                status: status.to_owned(),
+                points,
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Posts each series as a frame (the headset's as Avro, the rest as JSON); returns the points
+    /// accepted.
+    async fn post(
+        &self,
+        session: Uuid,
+        token: &str,
+        measured: Measured,
+        outcome: &mut DeviceOutcome,
+    ) -> anyhow::Result<u64> {
+        let path = self.url.join(&format!("/v1/sessions/{session}/points"))?;
+        let mut accepted = 0;
+        for (data_type, channels, times, values) in measured.series {
+            if times.is_empty() {
+                continue;
+            }
+            let frame_id = Uuid::new_v4();
+            let (content_type, bytes) = if data_type == "eeg" {
+                let t0 = times[0];
+                let frame = SensorFrame {
+                    frame_id,
+                    session_id: session,
+                    user_id: Uuid::nil(),
+                    device_id: Uuid::nil(),
+                    data_type: DataTypeName::parse(data_type).map_err(anyhow::Error::msg)?,
+                    channels,
+                    received_at_us: 0,
+                    t0_us: t0,
+                    offsets_us: times.iter().map(|t| t - t0).collect(),
+                    values,
+                };
+                ("application/avro", biofeed_schema::encode(&frame))
+            } else {
+                let rows: Vec<&[f32]> = values.chunks(usize::from(channels)).collect();
+                let body = json!({ "frame_id": frame_id, "data_type": data_type, "timestamps_us": times, "values": rows });
+                ("application/json", serde_json::to_vec(&body)?)
+            };
+            let samples = times.len() as u64;
+            for attempt in 0..10 {
+                let sent = Instant::now();
+                let response = self
+                    .http
+                    .post(path.clone())
+                    .bearer_auth(token)
+                    .header("content-type", content_type)
+                    .body(bytes.clone())
+                    .send()
+                    .await;
+                outcome
+                    .latencies_ms
+                    .push(sent.elapsed().as_secs_f64() * 1e3);
+                match response {
+                    Ok(r) if r.status().is_success() => {
+                        accepted += samples;
+                        self.progress.points.fetch_add(samples, Ordering::Relaxed);
+                        break;
+                    }
+                    Ok(r) if r.status() == 429 || r.status() == 503 => {
+                        outcome.retried += 1;
+                        let wait = r
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .unwrap_or(1);
+                        tokio::time::sleep(
+                            Duration::from_millis(200 * (attempt + 1))
+                                .min(Duration::from_secs(wait)),
+                        )
+                        .await;
+                    }
+                    Ok(r) => {
+                        outcome.refused += 1;
+                        let status = r.status();
+                        let problem = r.text().await.unwrap_or_default();
+                        tracing::warn!(%status, data_type, %problem, "a frame was refused");
+                        break;
+                    }
+                    Err(e) => {
+                        outcome.retried += 1;
+                        tracing::warn!(error = %e, "posting a frame failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+        Ok(accepted)
+    }
+}

@@ -1,0 +1,205 @@
+//! The whole pipeline as one: `biofeed up` (gateway, consumer, jobs in one process) against the
+//! real services, driven by `biofeed simulate` through the HTTP API; exactly the completed
+//! sessions' points end up stored, and the aborted ones' are purged.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use biofeed_accounts::AccountKeys;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::helpers::{free_port, run_biofeed, Isolated};
+
+/// A `biofeed up` process.
+struct UpProcess(tokio::process::Child);
+
+impl UpProcess {
+    fn start(env: &[(&'static str, String)]) -> Self {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
+        command
+            .arg("up")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Self(command.spawn().unwrap())
+    }
+
+    async fn stop(self) -> (i32, String) {
+        let pid = self.0.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        let output = tokio::time::timeout(Duration::from_secs(90), self.0.wait_with_output())
+            .await
+            .expect("biofeed up stops after SIGTERM")
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
+    let stores = Isolated::new().await;
+    biofeed_migrations::migrate(&stores.settings)
+        .await
+        .expect("migrate");
+    let keys = AccountKeys::generate();
+    let (port, metrics_port) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{port}");
+    let mut env = stores.env();
+    env.extend([
+        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
+        ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
+        ("BIOFEED_GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
+        (
+            "BIOFEED_UP_METRICS_LISTEN",
+            format!("127.0.0.1:{metrics_port}"),
+        ),
+        ("BIOFEED_CONSUMER_GROUP", format!("test-up-{}", stores.id)),
+        ("BIOFEED_BATCH_MAX_AGE", "200ms".to_owned()),
+        ("BIOFEED_JOBS_SETTLE", "1s".to_owned()),
+        ("BIOFEED_JOBS_ROLLUPS_INTERVAL", "1s".to_owned()),
+        ("BIOFEED_JOBS_METRICS_INTERVAL", "1s".to_owned()),
+        ("BIOFEED_JOBS_PURGE_INTERVAL", "1s".to_owned()),
+        ("BIOFEED_JOBS_SYNC_INTERVAL", "1s".to_owned()),
+    ]);
+    let up = UpProcess::start(&env);
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "biofeed up never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let run = run_biofeed(
+        &[
+            "simulate",
+            "--url",
+            &url,
+            "--devices",
+            "4",
+            "--duration",
+            "14s",
+            "--session-length",
+            "3s",
+            "--abort-share",
+            "0.5",
+            "--seed",
+            "42",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let summary: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    let sessions = summary["sessions"].as_array().unwrap();
+    let of = |status: &str| -> BTreeMap<Uuid, u64> {
+        sessions
+            .iter()
+            .filter(|s| s["status"] == status)
+            .map(|s| {
+                (
+                    s["session_id"].as_str().unwrap().parse().unwrap(),
+                    s["points"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (completed, aborted) = (of("completed"), of("aborted"));
+    assert!(!completed.is_empty() && !aborted.is_empty(), "{summary}");
+    assert!(
+        aborted.values().any(|p| *p > 0),
+        "aborted sessions streamed points too: {summary}"
+    );
+    assert_eq!(summary["frames_refused"], 0);
+    let expected: BTreeMap<Uuid, u64> = completed
+        .iter()
+        .filter(|(_, p)| **p > 0)
+        .map(|(s, p)| (*s, *p))
+        .collect();
+
+    // The consumer stores the points, the jobs purge the aborted sessions': wait (a watchdog, not
+    // a timing) until ClickHouse holds exactly the completed sessions' points.
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Count {
+        #[serde(with = "clickhouse::serde::uuid")]
+        session_id: Uuid,
+        points: u64,
+    }
+    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let stored = loop {
+        let rows: Vec<Count> = ch
+            .client()
+            .query("SELECT session_id, count() AS points FROM points FINAL GROUP BY session_id")
+            .fetch_all()
+            .await
+            .unwrap();
+        let stored: BTreeMap<Uuid, u64> =
+            rows.into_iter().map(|r| (r.session_id, r.points)).collect();
+        if stored == expected || tokio::time::Instant::now() >= deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        stored, expected,
+        "exactly the completed sessions' points, each exactly once"
+    );
+
+    let pool = stores.settings.stores.postgres.connect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let statuses: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM sessions")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let purged = statuses
+            .iter()
+            .filter(|(id, st)| aborted.contains_key(id) && st == "purged")
+            .count();
+        if purged == aborted.len() {
+            assert!(statuses
+                .iter()
+                .filter(|(id, _)| completed.contains_key(id))
+                .all(|(_, st)| st == "completed"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "aborted sessions were not all marked purged: {statuses:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let metrics = http
+        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("biofeed_consumer_") && metrics.contains("biofeed_jobs_runs_total"),
+        "{metrics}"
+    );
+    let (code, stderr) = up.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+}
