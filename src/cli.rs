@@ -149,6 +149,16 @@ pub enum BenchCommand {
     /// disk. Makes and afterwards drops a database and topics of its own.
     #[command(after_help = AFTER_HELP)]
     Consume(Box<biofeed_consumers::bench::BenchConsumeSettings>),
+
+    /// The whole pipeline under sustained load: many simulated devices post through HTTP to a
+    /// `biofeed up` of its own (own ClickHouse database and topics) for a fixed time; reports
+    /// points/s offered vs stored, end-to-end latency (device send → queryable in ClickHouse)
+    /// p50/p99, gateway p99, peak RSS, bytes per point on disk; then runs `bench gateway` and
+    /// `bench consume` as the peer comparisons; writes a markdown report (docs/bench-e2e.md).
+    ///
+    /// Needs `biofeed migrate` and the PII keys. Exit code 1 if a point was lost.
+    #[command(after_help = AFTER_HELP)]
+    E2e(Box<biofeed_simulator::bench::BenchE2eSettings>),
 }
 
 /// Arguments of `biofeed consume`.
@@ -505,6 +515,9 @@ impl Cli {
             Command::Bench(BenchCommand::Consume(settings)) => {
                 exit_with(biofeed_consumers::bench::run(*settings).await)
             }
+            Command::Bench(BenchCommand::E2e(settings)) => {
+                exit_with(run_bench_e2e(*settings).await)
+            }
         }
     }
 }
@@ -591,6 +604,33 @@ async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
     eprintln!(
         "stopped: {} rows written, {} frames dead-lettered, {} frames of erased users dropped",
         summary.rows, summary.dead_lettered, summary.dropped_erased
+    );
+    Ok(())
+}
+
+async fn run_bench_e2e(settings: biofeed_simulator::bench::BenchE2eSettings) -> anyhow::Result<()> {
+    let figures =
+        biofeed_simulator::bench::run(&settings, |step| eprintln!("bench e2e: {step}")).await?;
+    eprintln!(
+        "end to end: {:.0} points/s offered, {:.0} stored (ratio {:.3}); latency device → queryable p50 {:.0} ms, p99 {:.0} ms; \
+         gateway p99 {:.1} ms; peak RSS {:.0} MiB; {:.2} bytes/point; {} accepted, {} stored; report in {}",
+        figures.offered_points_per_s,
+        figures.stored_points_per_s,
+        figures.ratio,
+        figures.e2e_p50_ms,
+        figures.e2e_p99_ms,
+        figures.gateway_p99_ms,
+        figures.peak_rss_mib,
+        figures.bytes_per_point,
+        figures.accepted,
+        figures.stored,
+        settings.report.display()
+    );
+    println!("{}", serde_json::to_string(&figures)?);
+    anyhow::ensure!(
+        figures.lost == 0,
+        "{} accepted points never became queryable",
+        figures.lost
     );
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! Architecture invariants: a client only — it knows biofeed through its HTTP API and the Avro
 //! schema, nothing else; every person it makes is synthetic (`sim-…@example.org`).
 
+pub mod bench;
 pub mod signals;
 
 use std::sync::atomic::{AtomicU64, Ordering};
