@@ -332,7 +332,7 @@ async fn measure(
             .as_str()
             .and_then(|s| s.parse().ok())
             .context("opening a session")?;
-        sessions.push((session, device.token));
+        sessions.push((session, device.token, user));
     }
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -344,7 +344,7 @@ async fn measure(
     let probes: Arc<Mutex<VecDeque<(Uuid, i64, Instant)>>> = Arc::new(Mutex::new(VecDeque::new()));
     let probe_count = sessions.len().min(8);
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, (session, token)) in sessions.iter().cloned().enumerate() {
+    for (index, (session, token, _)) in sessions.iter().cloned().enumerate() {
         let (http, url, stop) = (http.clone(), url.clone(), Arc::clone(&stop));
         let (offered, accepted, retried) = (
             Arc::clone(&offered),
@@ -429,7 +429,11 @@ async fn measure(
 
     // The prober: when a probe frame's last sample is queryable, its end-to-end latency is known.
     let ch = stores.clickhouse.connect().await?;
-    let probe_sessions: Vec<Uuid> = sessions.iter().take(probe_count).map(|(s, _)| *s).collect();
+    let probe_sessions: Vec<(Uuid, Uuid)> = sessions
+        .iter()
+        .take(probe_count)
+        .map(|(s, _, u)| (*s, *u))
+        .collect();
     let e2e = Arc::new(Mutex::new(Vec::<f64>::new()));
     let prober = {
         let (client, probes, stop, e2e) = (
@@ -438,11 +442,15 @@ async fn measure(
             Arc::clone(&stop),
             Arc::clone(&e2e),
         );
+        // By user, session, data type and a recent time: the sort key's prefix, so each probe
+        // reads a few granules, not the table.
         let list = probe_sessions
             .iter()
-            .map(|s| format!("toUUID('{s}')"))
+            .map(|(s, u)| {
+                format!("(user_id = toUUID('{u}') AND session_id = toUUID('{s}') AND data_type = 'ecg')")
+            })
             .collect::<Vec<_>>()
-            .join(",");
+            .join(" OR ");
         tokio::spawn(async move {
             #[derive(clickhouse::Row, serde::Deserialize)]
             struct Newest {
@@ -452,9 +460,10 @@ async fn measure(
             }
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                let since = now_us() - 60_000_000;
                 let newest: Vec<Newest> = match client
                     .query(&format!(
-                        "SELECT session_id, max(t_us) FROM points WHERE session_id IN ({list}) GROUP BY session_id"
+                        "SELECT session_id, max(t_us) FROM points WHERE ({list}) AND t_us > {since} GROUP BY session_id"
                     ))
                     .fetch_all()
                     .await
@@ -601,11 +610,48 @@ fn machine() -> String {
     )
 }
 
+/// The settings of the `biofeed up` child that shape these figures, as it saw them.
+fn tuning() -> String {
+    [
+        ("BIOFEED_CLICKHOUSE_COMPRESSION", "lz4"),
+        ("BIOFEED_GATEWAY_AUTH_CACHE_TTL", "2s"),
+        ("BIOFEED_BATCH_MAX_AGE", "1s"),
+        ("BIOFEED_BATCH_MAX_ROWS", "1000000"),
+        ("BIOFEED_INSERTS_IN_FLIGHT", "3"),
+    ]
+    .iter()
+    .map(|(name, default)| {
+        format!(
+            "`{name}={}`",
+            std::env::var(name).unwrap_or_else(|_| (*default).to_owned())
+        )
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
+}
+
 fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyhow::Result<()> {
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
-    let peer_line = |name: &str, value: &Option<serde_json::Value>| match value {
-        Some(v) => format!("| {name} | `{v}` |\n"),
-        None => format!("| {name} | not run |\n"),
+    let number = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+    let gateway_peer = match &f.gateway_peer {
+        Some(v) => format!(
+            "| `biofeed bench gateway`: the gateway vs producing the same Avro frames straight into Kafka (librdkafka) | {:.0} points/s | {:.0} points/s | {:.2} | gateway p99 {:.1} ms |\n",
+            number(v, "gateway_points_per_s"),
+            number(v, "direct_points_per_s"),
+            number(v, "ratio"),
+            number(v, "latency_p99_ms"),
+        ),
+        None => "| `biofeed bench gateway` | not run | | | |\n".to_owned(),
+    };
+    let consume_peer = match &f.consume_peer {
+        Some(v) => format!(
+            "| `biofeed bench consume`: one consumer vs ClickHouse's Kafka engine + materialized view | {:.0} points/s | {:.0} points/s | {:.2} | {:.2} bytes/point on disk |\n",
+            number(v, "consumer_points_per_s"),
+            number(v, "kafka_engine_points_per_s"),
+            number(v, "ratio"),
+            number(v, "bytes_per_point"),
+        ),
+        None => "| `biofeed bench consume` | not run | | | |\n".to_owned(),
     };
     let report = format!(
         "# biofeed end-to-end benchmark\n\n\
@@ -613,7 +659,8 @@ fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyhow::Result<(
          and Kafka on the same machine (`compose/local up`).\n\n\
          Load: {devices} simulated devices, each one session streaming a single-channel signal at \
          {rate} Hz, posting Avro frames every {interval:?} through HTTP to `biofeed up` (gateway, \
-         consumer and jobs in one process); {secs:.0} s measured after a 10 s warm-up.\n\n\
+         consumer and jobs in one process); {secs:.0} s measured after a 10 s warm-up. Settings that \
+         matter here: {tuning}.\n\n\
          | figure | value | target |\n|---|---|---|\n\
          | points/s offered | {offered:.0} | |\n\
          | points/s accepted (202) | {accepted_rate:.0} | |\n\
@@ -625,9 +672,12 @@ fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyhow::Result<(
          | requests retried after 429/503 | {retried} | |\n\
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
          | bytes per point on disk | {bpp:.2} | |\n\n\
-         ## Peers, same run\n\n| benchmark | last line |\n|---|---|\n{gp}{cp}\n\
-         Reproduce: `compose/local up && biofeed migrate && biofeed bench e2e --devices {devices} --rate {rate} --duration {secs:.0}s`.\n",
+         ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
+         Reproduce: `compose/local up && biofeed migrate && {env}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}`.\n",
+        env = std::env::var("BIOFEED_CLICKHOUSE_COMPRESSION").map(|c| format!("BIOFEED_CLICKHOUSE_COMPRESSION={c} ")).unwrap_or_default(),
+        duration = settings.duration,
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        tuning = tuning(),
         machine = machine(),
         devices = f.devices,
         rate = f.rate_hz,
@@ -649,8 +699,8 @@ fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyhow::Result<(
         retried = f.retried,
         rss = f.peak_rss_mib,
         bpp = f.bytes_per_point,
-        gp = peer_line("`biofeed bench gateway` (gateway vs direct librdkafka produce)", &f.gateway_peer),
-        cp = peer_line("`biofeed bench consume` (one consumer vs ClickHouse Kafka engine)", &f.consume_peer),
+        gp = gateway_peer,
+        cp = consume_peer,
     );
     if let Some(dir) = settings
         .report

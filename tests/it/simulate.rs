@@ -203,3 +203,65 @@ async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
     let (code, stderr) = up.stop().await;
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[tokio::test]
+async fn bench_e2e_reports_its_figures_and_loses_no_point() {
+    let stores = Isolated::new().await;
+    biofeed_migrations::migrate(&stores.settings)
+        .await
+        .expect("migrate");
+    let keys = AccountKeys::generate();
+    let dir = crate::helpers::ServerProcess::new("e2e-report");
+    let report = dir.dir.join("bench-e2e.md");
+    let mut env = stores.env();
+    env.extend([
+        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
+        ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
+    ]);
+    let run = run_biofeed(
+        &[
+            "bench",
+            "e2e",
+            "--devices",
+            "4",
+            "--rate",
+            "100",
+            "--duration",
+            "2s",
+            "--no-peers",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let figures: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(figures["lost"], 0, "{figures}");
+    assert!(figures["accepted"].as_u64().unwrap() > 0, "{figures}");
+    assert_eq!(figures["accepted"], figures["stored"], "{figures}");
+    assert!(figures["e2e_p99_ms"].as_f64().unwrap() > 0.0, "{figures}");
+    for key in [
+        "offered_points_per_s",
+        "stored_points_per_s",
+        "gateway_p99_ms",
+        "peak_rss_mib",
+        "bytes_per_point",
+    ] {
+        assert!(figures[key].as_f64().unwrap() > 0.0, "{key}: {figures}");
+    }
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        text.contains("points/s stored") && text.contains("none lost: met"),
+        "{text}"
+    );
+    // The bench cleaned up after itself: no bench database is left.
+    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
+    let left: u64 = ch
+        .server_client()
+        .query("SELECT count() FROM system.databases WHERE name LIKE 'biofeed_e2e_%'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
