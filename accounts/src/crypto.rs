@@ -160,10 +160,7 @@ impl clap::builder::TypedValueParser for PreviousKeysParser {
             .to_str()
             .ok_or(KeyError::PreviousMalformed)
             .and_then(PreviousKeys::parse)
-            .map_err(|e| {
-                clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{e}\n"))
-                    .with_cmd(cmd)
-            })
+            .map_err(|e| refusal(cmd, &e))
     }
 }
 
@@ -226,10 +223,7 @@ impl clap::builder::TypedValueParser for SecretKeyParser {
             .to_str()
             .ok_or(KeyError::Malformed { setting: self.0 })
             .and_then(|v| Key32::parse(v, self.0))
-            .map_err(|e| {
-                clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{e}\n"))
-                    .with_cmd(cmd)
-            })
+            .map_err(|e| refusal(cmd, &e))
     }
 }
 
@@ -261,12 +255,17 @@ impl clap::builder::TypedValueParser for KeyFileParser {
                 path.display()
             ),
         };
-        Err(clap::Error::raw(
-            clap::error::ErrorKind::ValueValidation,
-            format!("{message}\n"),
-        )
-        .with_cmd(cmd))
+        Err(refusal(cmd, &message))
     }
+}
+
+/// A key setting refused with `message` only: clap's usual error would repeat the value.
+fn refusal(cmd: &clap::Command, message: &dyn std::fmt::Display) -> clap::Error {
+    clap::Error::raw(
+        clap::error::ErrorKind::ValueValidation,
+        format!("{message}\n"),
+    )
+    .with_cmd(cmd)
 }
 
 /// Where a sealed value lives; bound into its ciphertext as associated data.

@@ -7,51 +7,18 @@ use biofeed_schema::{DataTypeName, SensorFrame};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
-use crate::helpers::Isolated;
+use crate::helpers::{BiofeedProcess, Isolated};
 
-/// A consumer process of the real binary.
-pub(crate) struct ConsumerProcess {
-    child: tokio::process::Child,
-}
+/// A consumer process of the real binary (batches written after at most 200 ms).
+pub(crate) struct ConsumerProcess;
 
 impl ConsumerProcess {
-    pub(crate) fn start(env: &[(&'static str, String)]) -> Self {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
-        command
-            .arg("consume")
-            .env("BIOFEED_BATCH_MAX_AGE", "200ms")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
+    pub(crate) fn start(env: &[(&'static str, String)]) -> BiofeedProcess {
+        let mut env = env.to_vec();
+        if !env.iter().any(|(k, _)| *k == "BIOFEED_BATCH_MAX_AGE") {
+            env.push(("BIOFEED_BATCH_MAX_AGE", "200ms".to_owned()));
         }
-        Self {
-            child: command.spawn().unwrap(),
-        }
-    }
-
-    /// SIGTERM, then the exit code and standard error.
-    pub(crate) async fn stop(self) -> (i32, String) {
-        let pid = self.child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        let output = tokio::time::timeout(Duration::from_secs(60), self.child.wait_with_output())
-            .await
-            .expect("the consumer stops after SIGTERM")
-            .unwrap();
-        (
-            output.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    }
-
-    /// SIGKILL: no chance to flush or commit.
-    async fn kill9(mut self) {
-        self.child.kill().await.unwrap();
+        BiofeedProcess::start(&["consume"], &env)
     }
 }
 
@@ -157,11 +124,7 @@ fn points_of(frames: &[SensorFrame]) -> u64 {
 }
 
 async fn migrated() -> Isolated {
-    let stores = Isolated::new().await;
-    biofeed_migrations::migrate(&stores.settings)
-        .await
-        .expect("migrate");
-    stores
+    Isolated::migrated().await
 }
 
 #[derive(clickhouse::Row, serde::Deserialize, Debug, PartialEq)]

@@ -53,6 +53,15 @@ impl Isolated {
         Self { settings, id }
     }
 
+    /// A fresh set of stores, migrated (`biofeed migrate`'s library call).
+    pub async fn migrated() -> Self {
+        let stores = Self::new().await;
+        biofeed_migrations::migrate(&stores.settings)
+            .await
+            .expect("migrate");
+        stores
+    }
+
     /// The environment that points the binary at this test's stores.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         let s = &self.settings.stores;
@@ -172,5 +181,47 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A long-running `biofeed` subcommand (consume, jobs, up) as a child process, killed if dropped.
+pub struct BiofeedProcess(tokio::process::Child);
+
+impl BiofeedProcess {
+    /// Starts `biofeed <args>` with `env`.
+    pub fn start(args: &[&str], env: &[(&'static str, String)]) -> Self {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
+        command
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Self(command.spawn().expect("biofeed starts"))
+    }
+
+    /// SIGTERM, then the exit code and standard error (a watchdog, not a timing: 90 s).
+    pub async fn stop(self) -> (i32, String) {
+        let pid = self.0.id().expect("running").to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        let output = tokio::time::timeout(Duration::from_secs(90), self.0.wait_with_output())
+            .await
+            .expect("the process stops after SIGTERM")
+            .expect("waited");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// SIGKILL: no chance to flush or commit.
+    pub async fn kill9(mut self) {
+        self.0.kill().await.expect("killed");
     }
 }

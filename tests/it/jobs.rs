@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::consumers::{consumer_env, produce_frames, wait_for_points, ConsumerProcess};
 use crate::gateway_app::{now_us, TestGateway};
-use crate::helpers::{run_biofeed, Isolated, Run};
+use crate::helpers::{run_biofeed, BiofeedProcess, Isolated, Run};
 
 /// The environment of a jobs command against `stores`: sessions settle at once.
 fn jobs_env(stores: &Isolated) -> Vec<(&'static str, String)> {
@@ -30,11 +30,7 @@ async fn jobs(stores: &Isolated, args: &[&str]) -> Run {
 }
 
 async fn migrated() -> Isolated {
-    let stores = Isolated::new().await;
-    biofeed_migrations::migrate(&stores.settings)
-        .await
-        .expect("migrate");
-    stores
+    Isolated::migrated().await
 }
 
 async fn new_user(pool: &PgPool) -> Uuid {
@@ -659,41 +655,6 @@ async fn with_clickhouse_down_a_job_leaves_a_failed_row_and_retry_resolves_it() 
     );
 }
 
-/// A `biofeed jobs` runner process.
-struct RunnerProcess(tokio::process::Child);
-
-impl RunnerProcess {
-    fn start(env: &[(&'static str, String)]) -> Self {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
-        command
-            .arg("jobs")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        Self(command.spawn().unwrap())
-    }
-
-    async fn stop(self) -> (i32, String) {
-        let pid = self.0.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        let output = tokio::time::timeout(Duration::from_secs(60), self.0.wait_with_output())
-            .await
-            .expect("the runner stops after SIGTERM")
-            .unwrap();
-        (
-            output.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    }
-}
-
 #[tokio::test]
 async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
     let stores = migrated().await;
@@ -723,11 +684,11 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
     ] {
         env.push((k, v.to_owned()));
     }
-    let b = RunnerProcess::start(&env);
+    let b = BiofeedProcess::start(&["jobs"], &env);
     let port = crate::helpers::free_port();
     env.retain(|(k, _)| *k != "BIOFEED_JOBS_METRICS_LISTEN");
     env.push(("BIOFEED_JOBS_METRICS_LISTEN", format!("127.0.0.1:{port}")));
-    let a = RunnerProcess::start(&env);
+    let a = BiofeedProcess::start(&["jobs"], &env);
     tokio::time::sleep(Duration::from_secs(8)).await;
     let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await

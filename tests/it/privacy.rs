@@ -27,11 +27,7 @@ fn key_env(keys: &AccountKeys) -> Vec<(&'static str, String)> {
 }
 
 async fn migrated() -> Isolated {
-    let stores = Isolated::new().await;
-    biofeed_migrations::migrate(&stores.settings)
-        .await
-        .expect("migrate");
-    stores
+    Isolated::migrated().await
 }
 
 /// Everything ClickHouse holds in this test's database, as text.

@@ -9,42 +9,7 @@ use biofeed_accounts::AccountKeys;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::helpers::{free_port, run_biofeed, Isolated};
-
-/// A `biofeed up` process.
-struct UpProcess(tokio::process::Child);
-
-impl UpProcess {
-    fn start(env: &[(&'static str, String)]) -> Self {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
-        command
-            .arg("up")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        Self(command.spawn().unwrap())
-    }
-
-    async fn stop(self) -> (i32, String) {
-        let pid = self.0.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        let output = tokio::time::timeout(Duration::from_secs(90), self.0.wait_with_output())
-            .await
-            .expect("biofeed up stops after SIGTERM")
-            .unwrap();
-        (
-            output.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    }
-}
+use crate::helpers::{free_port, run_biofeed, BiofeedProcess, Isolated};
 
 #[tokio::test]
 async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
@@ -72,7 +37,7 @@ async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
         ("BIOFEED_JOBS_PURGE_INTERVAL", "1s".to_owned()),
         ("BIOFEED_JOBS_SYNC_INTERVAL", "1s".to_owned()),
     ]);
-    let up = UpProcess::start(&env);
+    let up = BiofeedProcess::start(&["up"], &env);
     let http = reqwest::Client::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !http
