@@ -35,9 +35,10 @@ pub struct SimulateSettings {
         id = "simulate_url",
         value_name = "URL",
         env = "BIOFEED_SIMULATE_URL",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:8080",
+        value_parser = parse_url
     )]
-    pub url: String,
+    pub url: reqwest::Url,
 
     /// Simulated devices (each with its own person), streaming at once.
     #[arg(long = "devices", id = "simulate_devices", value_name = "N", env = "BIOFEED_SIMULATE_DEVICES",
@@ -92,6 +93,13 @@ pub struct SimulateSettings {
         env = "BIOFEED_SIMULATE_SEED"
     )]
     pub seed: Option<u64>,
+}
+
+fn parse_url(value: &str) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(value)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .ok_or_else(|| format!("'{value}' is not an http(s) URL such as http://127.0.0.1:8080"))
 }
 
 fn parse_share(value: &str) -> Result<f64, String> {
@@ -260,9 +268,7 @@ pub async fn simulate(
     settings: &SimulateSettings,
     progress: Arc<Progress>,
 ) -> anyhow::Result<Summary> {
-    let url = reqwest::Url::parse(&settings.url).map_err(|e| {
-        anyhow::anyhow!("BIOFEED_SIMULATE_URL: '{}' is not a URL: {e}", settings.url)
-    })?;
+    let url = settings.url.clone();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(settings.devices as usize)
@@ -271,8 +277,11 @@ pub async fn simulate(
         .send()
         .await
         .and_then(reqwest::Response::error_for_status)
-        .map_err(|e| {
-            anyhow::anyhow!("the gateway at {url} (BIOFEED_SIMULATE_URL) does not answer: {e}")
+        .map_err(|e| biofeed_backends::BackendError::Failed {
+            service: biofeed_backends::Service::Gateway,
+            setting: "BIOFEED_SIMULATE_URL",
+            address: url.to_string(),
+            reason: e.to_string(),
         })?;
     let seed = settings.seed.unwrap_or_else(|| rand::thread_rng().gen());
     let run = Uuid::new_v4().simple().to_string()[..8].to_owned();

@@ -219,6 +219,24 @@ async fn the_services_refuse_bad_settings_before_contacting_anything() {
             "--login-token-ttl",
         ),
         (
+            &["simulate"],
+            "BIOFEED_SIMULATE_URL",
+            "localhost:8080",
+            "is not an http(s) URL",
+        ),
+        (
+            &["simulate"],
+            "BIOFEED_SIMULATE_ABORT_SHARE",
+            "1.5",
+            "is not a share from 0 to 1",
+        ),
+        (
+            &["jobs"],
+            "BIOFEED_JOBS_LEASE",
+            "0s",
+            "--jobs-lease",
+        ),
+        (
             &["gateway"],
             "BIOFEED_GATEWAY_MAX_READ_POINTS",
             "0",
