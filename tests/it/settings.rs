@@ -230,12 +230,7 @@ async fn the_services_refuse_bad_settings_before_contacting_anything() {
             "1.5",
             "is not a share from 0 to 1",
         ),
-        (
-            &["jobs"],
-            "BIOFEED_JOBS_LEASE",
-            "0s",
-            "--jobs-lease",
-        ),
+        (&["jobs"], "BIOFEED_JOBS_LEASE", "0s", "--jobs-lease"),
         (
             &["gateway"],
             "BIOFEED_GATEWAY_MAX_READ_POINTS",
