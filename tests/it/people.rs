@@ -944,3 +944,62 @@ async fn erasure_ends_logins_empties_the_export_and_queues_the_clickhouse_deleti
         (Some(0), Some(0), Some(0))
     );
 }
+
+#[tokio::test]
+async fn people_register_and_revoke_only_their_own_devices() {
+    let gw = TestGateway::spawn(&[]).await;
+    let ada = gw.sign_up("user", 30).await;
+    let bob = gw.sign_up("user", 30).await;
+    let (status, registered) = gw
+        .send(&ada, "/v1/me/devices", json!({ "model": "Polar H10" }))
+        .await;
+    assert_eq!(status, 201, "{registered}");
+    let device = registered["device_id"].as_str().unwrap().to_owned();
+    let token = registered["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("bfd_"));
+    assert_eq!(gw.open_with(&token).await.0, 201, "the token works");
+    let (_, listed) = gw.read(&ada, "/v1/me/devices").await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert!(
+        !listed.to_string().contains(&token),
+        "tokens are never listed"
+    );
+    assert_eq!(gw.read(&bob, "/v1/me/devices").await.1, json!([]));
+
+    // Bad input: a model too long or with control characters; ids that are not a device of yours.
+    for model in ["x".repeat(201), "a\u{7}b".to_owned()] {
+        let (status, problem) = gw
+            .send(&ada, "/v1/me/devices", json!({ "model": model }))
+            .await;
+        assert_eq!(status, 422, "{problem}");
+        assert_eq!(problem["field"], "model", "{problem}");
+    }
+    let (status, problem) = gw
+        .send(&ada, "/v1/me/devices", json!({ "brand": "x" }))
+        .await;
+    assert_eq!(status, 400, "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field"),
+        "{problem}"
+    );
+    for path in [
+        format!("/v1/me/devices/{device}/revoke"),
+        "/v1/me/devices/not-a-uuid/revoke".to_owned(),
+    ] {
+        let (status, problem) = gw.send(&bob, &path, json!({})).await;
+        assert_eq!(status, 404, "{path}: {problem}");
+    }
+    assert_eq!(
+        gw.open_with(&token).await.0,
+        201,
+        "someone else cannot revoke it"
+    );
+    let (status, _) = gw
+        .send(&ada, &format!("/v1/me/devices/{device}/revoke"), json!({}))
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(gw.open_with(&token).await.0, 401, "revoked at once");
+}
