@@ -850,15 +850,11 @@ async fn run_jobs(args: JobsArgs) -> anyhow::Result<()> {
                     "{:>6}  {:<16}  {:<10}  {:>8}  {:<20}  {:<20}  error",
                     "id", "job", "connection", "attempts", "failed", "next retry"
                 );
-                let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
-                    t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-                        .unwrap_or_else(|| "-".to_owned())
-                };
                 for row in &rows {
                     let next = if row.resolved_at.is_some() {
                         "resolved".to_owned()
                     } else {
-                        time(row.next_attempt_at)
+                        utc_or_dash(row.next_attempt_at)
                     };
                     println!(
                         "{:>6}  {:<16}  {:<10}  {:>8}  {:<20}  {:<20}  {}",
@@ -866,7 +862,7 @@ async fn run_jobs(args: JobsArgs) -> anyhow::Result<()> {
                         row.job,
                         row.connection,
                         row.attempts,
-                        time(Some(row.failed_at)),
+                        utc_or_dash(Some(row.failed_at)),
                         next,
                         row.error
                     );
@@ -951,7 +947,7 @@ async fn run_admin(command: AdminCommand) -> anyhow::Result<()> {
             device_id,
             postgres,
         }) => {
-            devices::revoke_device(&postgres.connect().await?, device_id).await?;
+            devices::revoke_device(&postgres.connect().await?, device_id, None).await?;
             eprintln!("device {device_id} revoked");
         }
         AdminCommand::Device(DeviceCommand::List { user_id, postgres }) => {
@@ -1044,10 +1040,8 @@ async fn run_admin_user(command: UserCommand) -> anyhow::Result<()> {
                         "{:<36}  {:<12}  {:<20}  {:<20}  {}",
                         u.user_id,
                         u.role,
-                        u.created_at.format("%Y-%m-%dT%H:%M:%SZ"),
-                        u.deleted_at
-                            .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-                            .unwrap_or_else(|| "-".to_owned()),
+                        utc_or_dash(Some(u.created_at)),
+                        utc_or_dash(u.deleted_at),
                         u.email.as_deref().unwrap_or("(hidden: --show-pii)")
                     );
                 }
@@ -1136,14 +1130,20 @@ async fn run_admin_relationship(command: RelationshipCommand) -> anyhow::Result<
                     } else {
                         "pending"
                     },
-                    r.revoked_at
-                        .map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
-                        .unwrap_or_else(|| "-".to_owned())
+                    utc_or_dash(r.revoked_at)
                 );
             }
         }
     }
     Ok(())
+}
+
+/// A time for the CLI's tables (RFC 3339, to the second, UTC), or `-`.
+fn utc_or_dash(time: Option<chrono::DateTime<chrono::Utc>>) -> String {
+    time.map_or_else(
+        || "-".to_owned(),
+        |t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+    )
 }
 
 /// A progress bar on standard error for long admin work.

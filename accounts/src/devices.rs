@@ -84,14 +84,22 @@ pub async fn create_device(
     Ok(NewDevice { id, token })
 }
 
-/// Revokes a device: its token stops working at once.
+/// Revokes a device — of `owner` only, when given: its token stops working at once. Another
+/// user's device is [`AccountsError::NoSuchDevice`], like a missing one.
 #[tracing::instrument(skip(pool))]
-pub async fn revoke_device(pool: &PgPool, device: Uuid) -> Result<(), AccountsError> {
-    let revoked =
-        sqlx::query("UPDATE devices SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1")
-            .bind(device)
-            .execute(pool)
-            .await?;
+pub async fn revoke_device(
+    pool: &PgPool,
+    device: Uuid,
+    owner: Option<Uuid>,
+) -> Result<(), AccountsError> {
+    let revoked = sqlx::query(
+        "UPDATE devices SET revoked_at = coalesce(revoked_at, now())
+         WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2)",
+    )
+    .bind(device)
+    .bind(owner)
+    .execute(pool)
+    .await?;
     if revoked.rows_affected() == 0 {
         return Err(AccountsError::NoSuchDevice);
     }

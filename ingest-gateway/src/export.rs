@@ -129,7 +129,7 @@ pub async fn export_user(
             counts.relationships += 1;
         }
         for device in devices::list_devices(pool, Some(user)).await? {
-            lines.send("device", DeviceLine::from(device)).await?;
+            lines.send("device", device).await?;
             counts.devices += 1;
         }
     }
@@ -156,27 +156,6 @@ pub async fn export_user(
     }
     lines.send("end", &counts).await?;
     Ok(counts)
-}
-
-#[derive(Serialize)]
-struct DeviceLine {
-    device_id: Uuid,
-    model: String,
-    created_at: String,
-    last_seen_at: Option<String>,
-    revoked_at: Option<String>,
-}
-
-impl From<devices::DeviceRow> for DeviceLine {
-    fn from(d: devices::DeviceRow) -> Self {
-        Self {
-            device_id: d.id,
-            model: d.model,
-            created_at: d.created_at,
-            last_seen_at: d.last_seen_at,
-            revoked_at: d.revoked_at,
-        }
-    }
 }
 
 async fn export_points(

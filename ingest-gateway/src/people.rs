@@ -486,15 +486,7 @@ pub async fn revoke_device(
         me,
     )
     .await?;
-    let pool = &state.inner.accounts.pool;
-    let mine = devices::list_devices(pool, Some(me))
-        .await?
-        .iter()
-        .any(|d| d.id == device);
-    if !mine {
-        return Err(ApiError::NotFound("device"));
-    }
-    devices::revoke_device(pool, device).await?;
+    devices::revoke_device(&state.inner.accounts.pool, device, Some(me)).await?;
     state.inner.auth_cache.invalidate_all();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -53,11 +53,46 @@ pub struct FailedJob {
 
 /// Connects to both stores.
 pub async fn context(settings: &JobsSettings) -> anyhow::Result<Context> {
+    let pool = settings.postgres.connect().await?;
+    Ok(context_with(settings, pool).await?)
+}
+
+/// Connects to ClickHouse beside an open Postgres pool.
+async fn context_with(
+    settings: &JobsSettings,
+    pool: PgPool,
+) -> Result<Context, biofeed_backends::BackendError> {
     Ok(Context {
-        pool: settings.postgres.connect().await?,
         clickhouse: settings.clickhouse.connect().await?,
+        pool,
         settings: settings.options.clone(),
     })
+}
+
+/// Connects to ClickHouse for running `jobs` (each with its failed_jobs row, if a retry); when
+/// ClickHouse does not answer, that is recorded as the jobs' failure before it is returned.
+async fn context_recording(
+    settings: &JobsSettings,
+    pool: PgPool,
+    jobs: &[(Job, Option<i64>)],
+) -> anyhow::Result<Context> {
+    match context_with(settings, pool.clone()).await {
+        Ok(ctx) => Ok(ctx),
+        Err(e) => {
+            let error = JobError {
+                connection: "clickhouse",
+                message: e.to_string(),
+            };
+            for (job, failed) in jobs {
+                if let Err(e) =
+                    record_failure(&pool, &settings.options, *job, &error, *failed).await
+                {
+                    tracing::warn!(error = %e, "cannot record the failure");
+                }
+            }
+            Err(e.into())
+        }
+    }
 }
 
 fn runner_name() -> String {
@@ -78,13 +113,8 @@ fn backoff(settings: &JobsOptions, attempts: i32) -> f64 {
 /// runner's run of it); a failure is recorded in `failed_jobs` like any other — including
 /// ClickHouse not answering at all.
 pub async fn run_once(settings: &JobsSettings, job: Job) -> anyhow::Result<u64> {
-    let ctx = match context(settings).await {
-        Ok(ctx) => ctx,
-        Err(e) => {
-            record_unreachable(settings, job, None, &e).await;
-            return Err(e);
-        }
-    };
+    let pool = settings.postgres.connect().await?;
+    let ctx = context_recording(settings, pool, &[(job, None)]).await?;
     let metrics = JobMetrics::default();
     ensure_schedule(&ctx.pool).await?;
     let runner = runner_name();
@@ -264,65 +294,25 @@ pub async fn failed_jobs(settings: &JobsSettings, all: bool) -> anyhow::Result<V
     .await?)
 }
 
-/// Records that a job could not even start because ClickHouse did not answer (Postgres must,
-/// to record anything; if it does not, the caller's error says so).
-async fn record_unreachable(
-    settings: &JobsSettings,
-    job: Job,
-    failed: Option<i64>,
-    error: &anyhow::Error,
-) {
-    let clickhouse_down = error.chain().any(|c| {
-        c.downcast_ref::<biofeed_backends::BackendError>()
-            .is_some_and(|b| b.service() == biofeed_backends::Service::ClickHouse)
-    });
-    if !clickhouse_down {
-        return;
-    }
-    if let Ok(pool) = settings.postgres.connect().await {
-        let error = JobError {
-            connection: "clickhouse",
-            message: format!("{error:#}"),
-        };
-        if let Err(e) = record_failure(&pool, &settings.options, job, &error, failed).await {
-            tracing::warn!(error = %e, "cannot record the failure");
-        }
-    }
-}
-
 /// Retries failed jobs now (one by id, or every unresolved one); returns (succeeded, failed).
 pub async fn retry(settings: &JobsSettings, id: Option<i64>) -> anyhow::Result<(u64, u64)> {
-    let ctx = match context(settings).await {
-        Ok(ctx) => ctx,
-        Err(e) => {
-            if let Ok(pool) = settings.postgres.connect().await {
-                let rows: Vec<(i64, String)> = sqlx::query_as(
-                    "SELECT id, job FROM failed_jobs WHERE resolved_at IS NULL AND ($1::bigint IS NULL OR id = $1)",
-                )
-                .bind(id)
-                .fetch_all(&pool)
-                .await
-                .unwrap_or_default();
-                for (row, name) in rows {
-                    if let Some(job) = Job::from_name(&name) {
-                        record_unreachable(settings, job, Some(row), &e).await;
-                    }
-                }
-            }
-            return Err(e);
-        }
-    };
-    ensure_schedule(&ctx.pool).await?;
-    let metrics = JobMetrics::default();
+    let pool = settings.postgres.connect().await?;
+    ensure_schedule(&pool).await?;
     let rows: Vec<(i64, String)> = sqlx::query_as(
         "SELECT id, job FROM failed_jobs WHERE resolved_at IS NULL AND ($1::bigint IS NULL OR id = $1) ORDER BY id",
     )
     .bind(id)
-    .fetch_all(&ctx.pool)
+    .fetch_all(&pool)
     .await?;
     if let (Some(id), true) = (id, rows.is_empty()) {
         anyhow::bail!("no unresolved failed job with id {id}");
     }
+    let known: Vec<(Job, Option<i64>)> = rows
+        .iter()
+        .filter_map(|(id, name)| Job::from_name(name).map(|job| (job, Some(*id))))
+        .collect();
+    let ctx = context_recording(settings, pool, &known).await?;
+    let metrics = JobMetrics::default();
     let runner = runner_name();
     let (mut ok, mut failed) = (0, 0);
     for (id, name) in rows {

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use biofeed_accounts::{devices, users, AccountKeys, Accounts};
@@ -17,6 +17,8 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use serde::Serialize;
 use uuid::Uuid;
+
+use crate::{now_us, percentile};
 
 /// Settings of `biofeed bench e2e`.
 #[derive(Debug, Clone, clap::Args)]
@@ -105,20 +107,6 @@ pub struct E2eFigures {
     pub gateway_peer: Option<serde_json::Value>,
     /// `biofeed bench consume`'s last line, if run.
     pub consume_peer: Option<serde_json::Value>,
-}
-
-fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    sorted
-        .get(((sorted.len() as f64 - 1.0) * q).round().max(0.0) as usize)
-        .copied()
-        .unwrap_or(0.0)
 }
 
 /// A child `biofeed` process, stopped with SIGTERM when dropped.

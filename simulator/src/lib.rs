@@ -163,7 +163,16 @@ pub struct Progress {
     pub ready: AtomicU64,
 }
 
-fn now_us() -> i64 {
+/// The `q` quantile of sorted values (nearest rank), 0 for none.
+pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q).round().max(0.0) as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+/// Microseconds since the epoch, now.
+pub(crate) fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -337,14 +346,8 @@ pub async fn simulate(
     summary.elapsed_s = started.elapsed().as_secs_f64();
     summary.points_per_s = summary.points_accepted as f64 / summary.elapsed_s.max(1e-9);
     latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * q).round().max(0.0) as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    summary.latency_p50_ms = at(0.5);
-    summary.latency_p99_ms = at(0.99);
+    summary.latency_p50_ms = percentile(&latencies, 0.5);
+    summary.latency_p99_ms = percentile(&latencies, 0.99);
     Ok(summary)
 }
 
