@@ -140,7 +140,7 @@ impl Application {
                 catalog,
                 sessions: Cache::builder()
                     .max_capacity(100_000)
-                    .time_to_live(sessions::SESSION_CACHE_TTL)
+                    .time_to_live(settings.session_cache_ttl)
                     .build(),
                 auth_cache: Cache::builder()
                     .max_capacity(100_000)

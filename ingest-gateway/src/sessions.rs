@@ -1,7 +1,6 @@
 //! Sessions: a device opens one, streams points into it, then completes or aborts it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -20,10 +19,6 @@ use crate::AppState;
 
 /// Largest JSON body of the session endpoints.
 const SESSION_BODY_LIMIT: usize = 64 * 1024;
-
-/// How long a session's facts are cached for the frames that follow. Another gateway's
-/// complete or abort reaches this one within this time; this gateway's own take effect at once.
-pub const SESSION_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// What the point handler needs to know of a session, cached.
 #[derive(Debug, Clone)]

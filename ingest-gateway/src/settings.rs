@@ -50,6 +50,12 @@ pub struct GatewaySettings {
     #[arg(long = "auth-cache-ttl", id = "gateway_auth_cache_ttl", value_name = "DURATION", env = "BIOFEED_GATEWAY_AUTH_CACHE_TTL", default_value = "2s", value_parser = parse_duration)]
     pub auth_cache_ttl: Duration,
 
+    /// How long a session's facts (owner, open or closed, data types) are cached for the frames
+    /// that follow; another gateway's complete or abort reaches this one within it (this
+    /// gateway's own act at once). Each expiry costs one Postgres query per streaming device.
+    #[arg(long = "session-cache-ttl", id = "gateway_session_cache_ttl", value_name = "DURATION", env = "BIOFEED_GATEWAY_SESSION_CACHE_TTL", default_value = "2s", value_parser = parse_duration)]
+    pub session_cache_ttl: Duration,
+
     /// How long to wait for Kafka to acknowledge a frame before answering 503.
     #[arg(long = "produce-timeout", id = "gateway_produce_timeout", value_name = "DURATION", env = "BIOFEED_GATEWAY_PRODUCE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub produce_timeout: Duration,

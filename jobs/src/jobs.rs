@@ -129,8 +129,10 @@ impl Context {
 
     /// The fingerprint of each session's rows in ClickHouse: its distinct sample instants and the
     /// newest ingest second. New points change the first, rows written again (a replay) the
-    /// second; merges change neither. Sessions without rows: "0:0".
-    async fn fingerprints(&self, sessions: &[Uuid]) -> Result<Vec<(Uuid, String)>, JobError> {
+    /// second; merges change neither. Sessions without rows: "0:0". `due` holds (session, user)
+    /// pairs: filtering by user too reads only those sessions' granules (the sort key's prefix),
+    /// not the whole `session_id` column of the table.
+    async fn fingerprints(&self, due: &[(Uuid, Uuid)]) -> Result<Vec<(Uuid, String)>, JobError> {
         #[derive(Row, Deserialize)]
         struct Fingerprint {
             #[serde(with = "clickhouse::serde::uuid")]
@@ -138,19 +140,22 @@ impl Context {
             rows: u64,
             ingested: u32,
         }
-        let mut out: Vec<(Uuid, String)> = Vec::with_capacity(sessions.len());
-        for chunk in sessions.chunks(500) {
+        let mut out: Vec<(Uuid, String)> = Vec::with_capacity(due.len());
+        for chunk in due.chunks(500) {
+            let sessions: Vec<Uuid> = chunk.iter().map(|(s, _)| *s).collect();
+            let users: Vec<Uuid> = chunk.iter().map(|(_, u)| *u).collect();
             let rows: Vec<Fingerprint> = self
                 .clickhouse
                 .client()
                 .query(&format!(
                     "SELECT session_id, uniqExact(data_type, t_us) AS rows, toUInt32(max(ingested_at)) AS ingested FROM points
-                     WHERE session_id IN ({}) GROUP BY session_id",
-                    uuid_list(chunk)
+                     WHERE user_id IN ({}) AND session_id IN ({}) GROUP BY session_id",
+                    uuid_list(&users),
+                    uuid_list(&sessions)
                 ))
                 .fetch_all()
                 .await?;
-            for id in chunk {
+            for id in &sessions {
                 let fingerprint = rows.iter().find(|r| r.session_id == *id).map_or_else(
                     || "0:0".to_owned(),
                     |r| format!("{}:{}", r.rows, r.ingested),
@@ -165,21 +170,21 @@ impl Context {
     /// ClickHouse changed since it was made (a late frame, a replay), leaving out `done`.
     async fn due_sessions(&self, what: &str, done: &[Uuid]) -> Result<Vec<(Uuid, Uuid)>, JobError> {
         let (at, fingerprint) = (format!("{what}_at"), format!("{what}_fingerprint"));
-        let computed: Vec<(Uuid, Option<String>)> = sqlx::query_as(&format!(
-            "SELECT s.id, c.{fingerprint} FROM sessions s JOIN session_computations c ON c.session_id = s.id
+        let computed: Vec<(Uuid, Uuid, Option<String>)> = sqlx::query_as(&format!(
+            "SELECT s.id, s.user_id, c.{fingerprint} FROM sessions s JOIN session_computations c ON c.session_id = s.id
              WHERE s.status = 'completed' AND c.{at} IS NOT NULL AND c.{at} > now() - interval '1 day'
                AND NOT (s.id = ANY($1))"
         ))
         .bind(done)
         .fetch_all(&self.pool)
         .await?;
-        let ids: Vec<Uuid> = computed.iter().map(|(id, _)| *id).collect();
+        let pairs: Vec<(Uuid, Uuid)> = computed.iter().map(|(s, u, _)| (*s, *u)).collect();
         let changed: Vec<Uuid> = self
-            .fingerprints(&ids)
+            .fingerprints(&pairs)
             .await?
             .into_iter()
             .zip(&computed)
-            .filter(|((_, now), (_, then))| then.as_deref() != Some(now.as_str()))
+            .filter(|((_, now), (_, _, then))| then.as_deref() != Some(now.as_str()))
             .map(|((id, _), _)| id)
             .collect();
         Ok(sqlx::query_as(&format!(
@@ -229,7 +234,7 @@ impl Context {
             let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
             // Taken before reading the points: a row landing meanwhile changes the fingerprint,
             // and the session is computed again at the next run.
-            let fingerprints = self.fingerprints(&sessions).await?;
+            let fingerprints = self.fingerprints(&due).await?;
             let version = now_us();
             for (table, step) in [("rollups_1s", 1_000_000i64), ("rollups_1m", 60_000_000)] {
                 self.clickhouse
@@ -280,7 +285,7 @@ impl Context {
                 return Ok(done.len() as u64);
             }
             let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
-            let fingerprints = self.fingerprints(&sessions).await?;
+            let fingerprints = self.fingerprints(&due).await?;
             let version = now_us();
             let mut rows = Vec::new();
             for (session, user) in &due {

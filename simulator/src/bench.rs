@@ -430,28 +430,38 @@ async fn measure(
             Arc::clone(&stop),
             Arc::clone(&e2e),
         );
-        // By user, session, data type and a recent time: the sort key's prefix, so each probe
-        // reads a few granules, not the table.
-        let list = probe_sessions
-            .iter()
-            .map(|(s, u)| {
-                format!("(user_id = toUUID('{u}') AND session_id = toUUID('{s}') AND data_type = 'ecg')")
-            })
-            .collect::<Vec<_>>()
-            .join(" OR ");
+        let users: std::collections::HashMap<Uuid, Uuid> = probe_sessions.iter().copied().collect();
         tokio::spawn(async move {
             #[derive(clickhouse::Row, serde::Deserialize)]
-            struct Newest {
+            struct Stored {
                 #[serde(with = "clickhouse::serde::uuid")]
                 session_id: Uuid,
                 t_us: i64,
             }
             while !stop.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let since = now_us() - 60_000_000;
-                let newest: Vec<Newest> = match client
+                // Each pending probe's last sample by its whole sort key (user, session, data
+                // type, time): ClickHouse reads one granule per probe, so probing does not
+                // compete with the load it measures.
+                let wanted = probes.lock().map_or_else(
+                    |_| String::new(),
+                    |p| {
+                        p.iter()
+                            .filter_map(|(session, last_t, _)| {
+                                users.get(session).map(|user| {
+                                    format!("(user_id = toUUID('{user}') AND session_id = toUUID('{session}') AND data_type = 'ecg' AND t_us = {last_t})")
+                                })
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" OR ")
+                    },
+                );
+                if wanted.is_empty() {
+                    continue;
+                }
+                let stored: Vec<Stored> = match client
                     .query(&format!(
-                        "SELECT session_id, max(t_us) FROM points WHERE ({list}) AND t_us > {since} GROUP BY session_id"
+                        "SELECT session_id, t_us FROM points WHERE {wanted}"
                     ))
                     .fetch_all()
                     .await
@@ -462,13 +472,13 @@ async fn measure(
                 let seen = Instant::now();
                 if let (Ok(mut probes), Ok(mut e2e)) = (probes.lock(), e2e.lock()) {
                     probes.retain(|(session, last_t, sent)| {
-                        let stored = newest
+                        let found = stored
                             .iter()
-                            .any(|n| n.session_id == *session && n.t_us >= *last_t);
-                        if stored {
+                            .any(|r| r.session_id == *session && r.t_us == *last_t);
+                        if found {
                             e2e.push((seen - *sent).as_secs_f64() * 1e3);
                         }
-                        !stored
+                        !found
                     });
                 }
             }
@@ -603,6 +613,7 @@ fn tuning() -> String {
     [
         ("BIOFEED_CLICKHOUSE_COMPRESSION", "lz4"),
         ("BIOFEED_GATEWAY_AUTH_CACHE_TTL", "2s"),
+        ("BIOFEED_GATEWAY_SESSION_CACHE_TTL", "2s"),
         ("BIOFEED_BATCH_MAX_AGE", "1s"),
         ("BIOFEED_BATCH_MAX_ROWS", "1000000"),
         ("BIOFEED_INSERTS_IN_FLIGHT", "3"),
