@@ -34,7 +34,7 @@ struct InFlight {
 }
 
 /// Frames read but not yet in ClickHouse, and the offsets that become committable with them.
-/// At most `inserts_in_flight` batches are being inserted (ClickHouse 18.16 parses and sorts an
+/// At most `inserts_in_flight` batches are being inserted (ClickHouse 18.16 parses and writes an
 /// insert on one thread, so two in flight use both cores of a small machine) plus one filling.
 struct Pipeline {
     rt: Handle,
@@ -114,17 +114,7 @@ impl Pipeline {
             self.commit(consumer, &pending);
             return true;
         }
-        let mut frames = std::mem::take(&mut self.frames);
-        // In the table's sort order, ClickHouse's sort of the insert block is a cheap pass
-        // (it parses and sorts each insert on one thread, which bounds a consumer's speed).
-        frames.sort_unstable_by(|a, b| {
-            (a.user_id, a.session_id, &a.data_type, a.t0_us).cmp(&(
-                b.user_id,
-                b.session_id,
-                &b.data_type,
-                b.t0_us,
-            ))
-        });
+        let frames = std::mem::take(&mut self.frames);
         let count = frames.len();
         let sink = self.sink.clone();
         let shutdown = Arc::clone(&self.shutdown);

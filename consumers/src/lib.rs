@@ -160,7 +160,9 @@ pub async fn prepare(
     settings.stores.kafka.connect_admin().await?;
     let parts = consume::LoopParts {
         rt: tokio::runtime::Handle::current(),
-        sink: PointsSink::new(ch.client(), "points"),
+        sink: PointsSink::connect(ch.client(), "points")
+            .await
+            .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?,
         dead: DeadLetters::new(&settings.stores.kafka, &settings.stores.topics.dlq)
             .map_err(|e| ConsumeError::Kafka(e.to_string()))?,
         pool,
@@ -178,7 +180,11 @@ pub async fn prepare(
         .set("auto.offset.reset", "earliest")
         .set("max.poll.interval.ms", "600000")
         .set("queued.max.messages.kbytes", "65536")
-        .set("fetch.max.bytes", "52428800");
+        .set("fetch.max.bytes", "52428800")
+        // Let the broker gather up to 1 MiB or 50 ms per fetch rather than answer each message
+        // alone: far fewer fetch requests at high rates, at most 50 ms more latency at low ones.
+        .set("fetch.min.bytes", "1048576")
+        .set("fetch.wait.max.ms", "50");
     Ok(PreparedConsumer {
         parts,
         config,
@@ -211,7 +217,9 @@ pub async fn replay(
     let ch = settings.stores.clickhouse.connect().await?;
     settings.stores.kafka.connect_admin().await?;
     let checks = Checks::load(&pool).await.map_err(ConsumeError::Postgres)?;
-    let sink = PointsSink::new(ch.client(), "points");
+    let sink = PointsSink::connect(ch.client(), "points")
+        .await
+        .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
     let rt = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         replay::replay_blocking(rt, &settings, sink, checks, &progress)

@@ -3,36 +3,91 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use biofeed_schema::SensorFrame;
+use uuid::Uuid;
 
 use crate::rows::{rows_of, PointRow};
+
+/// How a ClickHouse server orders UUIDs in a sort key. Older servers (18.16 among them) compare
+/// a UUID's last eight bytes before its first eight; newer ones compare them in text order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UuidOrder {
+    /// Byte (text) order, as `Uuid`'s `Ord`.
+    Text,
+    /// The last eight bytes first, then the first eight.
+    LastHalfFirst,
+}
+
+impl UuidOrder {
+    /// Asks the server how it orders UUIDs.
+    pub async fn of(client: &clickhouse::Client) -> Result<Self, clickhouse::error::Error> {
+        let text_order: u8 = client
+            .query("SELECT toUUID('00000000-0000-0000-0000-000000000001') < toUUID('00000000-0000-0001-0000-000000000000')")
+            .fetch_one()
+            .await?;
+        Ok(if text_order == 1 {
+            Self::Text
+        } else {
+            Self::LastHalfFirst
+        })
+    }
+
+    /// A key that sorts UUIDs as the server does.
+    pub fn key(self, id: &Uuid) -> (u64, u64) {
+        let (first, last) = id.as_u64_pair();
+        match self {
+            Self::Text => (first, last),
+            Self::LastHalfFirst => (last, first),
+        }
+    }
+}
 
 /// The `points` table of one database.
 #[derive(Clone)]
 pub struct PointsSink {
     client: clickhouse::Client,
     table: String,
+    order: UuidOrder,
 }
 
 impl PointsSink {
-    /// A sink writing to `table` with `client` (whose database is biofeed's).
-    pub fn new(client: clickhouse::Client, table: &str) -> Self {
-        Self {
+    /// A sink writing to `table` with `client` (whose database is biofeed's); asks the server
+    /// how it orders UUIDs, so that inserts arrive in the table's sort order.
+    pub async fn connect(
+        client: clickhouse::Client,
+        table: &str,
+    ) -> Result<Self, clickhouse::error::Error> {
+        let order = UuidOrder::of(&client).await?;
+        Ok(Self {
             client,
             table: table.to_owned(),
-        }
+            order,
+        })
     }
 
     /// Inserts every row of the frames in one INSERT. Either it succeeds, or it may be repeated:
     /// rows written twice collapse in the table.
+    ///
+    /// Rows go in the table's sort order (user, session, data type, time, with UUIDs ordered as
+    /// the server orders them): ClickHouse then writes the part without sorting it, which is most
+    /// of an insert's work on one core (`MergeTreeDataWriterBlocksAlreadySorted` counts these).
     #[tracing::instrument(skip_all, fields(frames = frames.len()))]
     pub async fn insert(&self, frames: &[SensorFrame]) -> Result<u64, clickhouse::error::Error> {
         let ingested_at = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
             .unwrap_or(0);
+        let mut sorted: Vec<&SensorFrame> = frames.iter().collect();
+        sorted.sort_by_cached_key(|f| {
+            (
+                self.order.key(&f.user_id),
+                self.order.key(&f.session_id),
+                f.data_type.as_str(),
+                f.t0_us,
+            )
+        });
         let mut insert = self.client.insert::<PointRow<'_>>(&self.table).await?;
         let mut rows = 0u64;
-        for frame in frames {
+        for frame in sorted {
             for row in rows_of(frame, ingested_at) {
                 insert.write(&row).await?;
                 rows += 1;

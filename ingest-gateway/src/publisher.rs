@@ -95,7 +95,8 @@ impl Publisher {
 }
 
 /// How frames are produced: idempotent (no duplicates from internal retries), `acks=all`, lz4,
-/// batched for at most 1 ms. The gateway and the benchmark's direct-produce ceiling share it.
+/// batched for at most 5 ms (fewer, larger produce requests: less work for the broker; a
+/// device's answer waits that much longer at most). The gateway and the benchmark's direct-produce ceiling share it.
 pub fn frame_producer_config(kafka: &KafkaSettings, client_id: &str) -> rdkafka::ClientConfig {
     let mut config = kafka.client_config();
     config
@@ -103,7 +104,7 @@ pub fn frame_producer_config(kafka: &KafkaSettings, client_id: &str) -> rdkafka:
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", "lz4")
-        .set("linger.ms", "1")
+        .set("linger.ms", "5")
         .set("batch.size", "1048576")
         .set("message.max.bytes", "16000000");
     config
