@@ -127,3 +127,21 @@ impl PointsSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_two_uuid_orders_differ_where_the_halves_disagree() {
+        let first_half = Uuid::from_u64_pair(1, 0);
+        let last_half = Uuid::from_u64_pair(0, 1);
+        assert!(UuidOrder::Text.key(&last_half) < UuidOrder::Text.key(&first_half));
+        assert!(
+            UuidOrder::LastHalfFirst.key(&first_half) < UuidOrder::LastHalfFirst.key(&last_half)
+        );
+        let a = Uuid::from_u64_pair(3, 4);
+        assert_eq!(UuidOrder::Text.key(&a), (3, 4));
+        assert_eq!(UuidOrder::LastHalfFirst.key(&a), (4, 3));
+    }
+}

@@ -472,3 +472,47 @@ async fn frames_of_erased_users_are_dropped_on_consume_and_on_replay() {
     .await;
     assert_eq!(erased_rows, 0);
 }
+
+/// The consumer writes each batch in the table's sort order so that ClickHouse stores it without
+/// sorting; that only works if its UUID order is the server's, which differs between versions.
+#[tokio::test]
+async fn the_consumers_uuid_order_is_the_servers() {
+    use biofeed_consumers::sink::UuidOrder;
+
+    let stores = migrated().await;
+    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
+    let client = ch.client();
+    let order = UuidOrder::of(&client).await.unwrap();
+    // Random ids, plus ids that differ only in their first or only in their last eight bytes.
+    let mut ids: Vec<Uuid> = (0..200).map(|_| Uuid::new_v4()).collect();
+    ids.push(Uuid::from_u64_pair(1, 0));
+    ids.push(Uuid::from_u64_pair(0, 1));
+    ids.push(Uuid::from_u64_pair(0, 2));
+    ids.push(Uuid::from_u64_pair(2, 0));
+    let list = ids
+        .iter()
+        .map(|id| format!("toUUID('{id}')"))
+        .collect::<Vec<_>>()
+        .join(",");
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Id {
+        #[serde(with = "clickhouse::serde::uuid")]
+        id: Uuid,
+    }
+    let by_server: Vec<Uuid> = client
+        .query(&format!(
+            "SELECT id FROM (SELECT arrayJoin([{list}]) AS id) ORDER BY id"
+        ))
+        .fetch_all::<Id>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let mut ours = ids.clone();
+    ours.sort_by_key(|id| order.key(id));
+    assert_eq!(
+        ours, by_server,
+        "the server orders UUIDs as {order:?} does not"
+    );
+}
