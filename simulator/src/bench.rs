@@ -616,8 +616,8 @@ fn tuning() -> Vec<(String, bool)> {
         ("BIOFEED_CLICKHOUSE_COMPRESSION", "lz4"),
         ("BIOFEED_GATEWAY_AUTH_CACHE_TTL", "2s"),
         ("BIOFEED_GATEWAY_SESSION_CACHE_TTL", "2s"),
-        ("BIOFEED_BATCH_MAX_AGE", "1s"),
-        ("BIOFEED_BATCH_MAX_ROWS", "1000000"),
+        ("BIOFEED_BATCH_MAX_AGE", "500ms"),
+        ("BIOFEED_BATCH_MAX_ROWS", "500000"),
         ("BIOFEED_INSERTS_IN_FLIGHT", "3"),
     ]
     .iter()
