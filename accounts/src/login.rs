@@ -15,6 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::passwords::{Passwords, Verified};
+use crate::policy::Actor;
 use crate::{Accounts, AccountsError};
 
 /// Every login token starts with this, so leaked tokens are easy to recognise.
@@ -247,19 +248,30 @@ pub async fn check_password(
         })
 }
 
-/// The user a login token speaks for, if it is known, unexpired, unrevoked and its user live.
-pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Uuid>, AccountsError> {
+/// The person a login token speaks for, with their role's permissions, if the token is known,
+/// unexpired and unrevoked and its user live: one query, made on every request (no cache, so
+/// logout, erasure and role changes act on the next request).
+pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Actor>, AccountsError> {
     if !token.starts_with(TOKEN_PREFIX) {
         return Ok(None);
     }
-    Ok(sqlx::query_scalar(
-        "SELECT t.user_id FROM login_tokens t JOIN users u ON u.id = t.user_id
+    let row: Option<(Uuid, String, Vec<String>)> = sqlx::query_as(
+        "SELECT u.id, r.name, coalesce(array_agg(p.name) FILTER (WHERE p.name IS NOT NULL), '{}')
+         FROM login_tokens t JOIN users u ON u.id = t.user_id JOIN roles r ON r.id = u.role_id
+         LEFT JOIN role_permissions rp ON rp.role_id = r.id
+         LEFT JOIN permissions p ON p.id = rp.permission_id
          WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now()
-           AND u.deleted_at IS NULL",
+           AND u.deleted_at IS NULL
+         GROUP BY u.id, r.name",
     )
     .bind(&token_hash(token)[..])
     .fetch_optional(pool)
-    .await?)
+    .await?;
+    Ok(row.map(|(user_id, role, permissions)| Actor {
+        user_id,
+        role,
+        permissions,
+    }))
 }
 
 /// Revokes a login token.

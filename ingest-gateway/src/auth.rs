@@ -73,16 +73,11 @@ impl FromRequestParts<AppState> for UserAuth {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(parts, "login token")?;
-        let pool = &state.inner.accounts.pool;
-        let user = login::authenticate(pool, token).await?.ok_or_else(|| {
-            ApiError::Unauthorized("the login token is unknown, expired or revoked".to_owned())
-        })?;
-        let actor = Actor::load(pool, user).await.map_err(|e| match e {
-            biofeed_accounts::AccountsError::NoSuchUser => {
-                ApiError::Unauthorized("the login token's user no longer exists".to_owned())
-            }
-            other => other.into(),
-        })?;
+        let actor = login::authenticate(&state.inner.accounts.pool, token)
+            .await?
+            .ok_or_else(|| {
+                ApiError::Unauthorized("the login token is unknown, expired or revoked".to_owned())
+            })?;
         Ok(Self {
             actor,
             token: token.to_owned(),
