@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::passwords::{Passwords, Verified};
-use crate::policy::Actor;
+use crate::policy::{actor_query, Actor};
 use crate::{Accounts, AccountsError};
 
 /// Every login token starts with this, so leaked tokens are easy to recognise.
@@ -255,23 +255,13 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Actor>, A
     if !token.starts_with(TOKEN_PREFIX) {
         return Ok(None);
     }
-    let row: Option<(Uuid, String, Vec<String>)> = sqlx::query_as(
-        "SELECT u.id, r.name, coalesce(array_agg(p.name) FILTER (WHERE p.name IS NOT NULL), '{}')
-         FROM login_tokens t JOIN users u ON u.id = t.user_id JOIN roles r ON r.id = u.role_id
-         LEFT JOIN role_permissions rp ON rp.role_id = r.id
-         LEFT JOIN permissions p ON p.id = rp.permission_id
-         WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now()
-           AND u.deleted_at IS NULL
-         GROUP BY u.id, r.name",
-    )
+    Ok(sqlx::query_as(actor_query!(
+        "FROM login_tokens t JOIN users u ON u.id = t.user_id",
+        "t.token_hash = $1 AND t.revoked_at IS NULL AND t.expires_at > now()"
+    ))
     .bind(&token_hash(token)[..])
     .fetch_optional(pool)
-    .await?;
-    Ok(row.map(|(user_id, role, permissions)| Actor {
-        user_id,
-        role,
-        permissions,
-    }))
+    .await?)
 }
 
 /// Revokes a login token.

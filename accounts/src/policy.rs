@@ -107,8 +107,27 @@ impl ConsentSettings {
     }
 }
 
+/// The query that reads live users as actors: `$from` names `users u` (joined to whatever
+/// finds them), `$filter` picks them; the role and its permissions are joined here, once.
+macro_rules! actor_query {
+    ($from:literal, $filter:literal) => {
+        concat!(
+            "SELECT u.id AS user_id, r.name AS role,
+                    coalesce(array_agg(p.name) FILTER (WHERE p.name IS NOT NULL), '{}') AS permissions ",
+            $from,
+            " JOIN roles r ON r.id = u.role_id
+             LEFT JOIN role_permissions rp ON rp.role_id = r.id
+             LEFT JOIN permissions p ON p.id = rp.permission_id
+             WHERE u.deleted_at IS NULL AND ",
+            $filter,
+            " GROUP BY u.id, r.name"
+        )
+    };
+}
+pub(crate) use actor_query;
+
 /// Who is acting: a person, with their role's permissions.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Actor {
     /// Their user id.
     pub user_id: Uuid,
@@ -121,22 +140,11 @@ pub struct Actor {
 impl Actor {
     /// Loads a live user as an actor.
     pub async fn load(pool: &PgPool, user: Uuid) -> Result<Self, AccountsError> {
-        let row: Option<(String, Vec<String>)> = sqlx::query_as(
-            "SELECT r.name, coalesce(array_agg(p.name) FILTER (WHERE p.name IS NOT NULL), '{}')
-             FROM users u JOIN roles r ON r.id = u.role_id
-             LEFT JOIN role_permissions rp ON rp.role_id = r.id
-             LEFT JOIN permissions p ON p.id = rp.permission_id
-             WHERE u.id = $1 AND u.deleted_at IS NULL GROUP BY r.name",
-        )
-        .bind(user)
-        .fetch_optional(pool)
-        .await?;
-        let (role, permissions) = row.ok_or(AccountsError::NoSuchUser)?;
-        Ok(Self {
-            user_id: user,
-            role,
-            permissions,
-        })
+        sqlx::query_as(actor_query!("FROM users u", "u.id = $1"))
+            .bind(user)
+            .fetch_optional(pool)
+            .await?
+            .ok_or(AccountsError::NoSuchUser)
     }
 
     /// Whether the actor's role has `permission`.
