@@ -602,8 +602,8 @@ async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
     }
     let summary = outcome?;
     eprintln!(
-        "stopped: {} rows written, {} frames dead-lettered, {} frames of erased users dropped",
-        summary.rows, summary.dead_lettered, summary.dropped_erased
+        "stopped: {} rows written, {} frames dead-lettered, {} frames of erased users and {} of closed sessions dropped",
+        summary.rows, summary.dead_lettered, summary.dropped_erased, summary.dropped_closed
     );
     Ok(())
 }
@@ -714,6 +714,9 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
         options: args.jobs,
         postgres: stores.postgres.clone(),
         clickhouse: stores.clickhouse.clone(),
+        kafka: stores.kafka.clone(),
+        topics: stores.topics.clone(),
+        consumer_group: args.consumer.group.clone(),
     };
     let listener = metrics_endpoint::bind(args.metrics_listen).await?;
     let mut registry = prometheus_client::registry::Registry::default();
@@ -761,8 +764,8 @@ async fn run_up(args: UpArgs) -> anyhow::Result<()> {
             let outcome = consumer.run(stop).await;
             if let Ok(summary) = &outcome {
                 eprintln!(
-                    "consumer stopped: {} rows written, {} frames dead-lettered, {} frames of erased users dropped",
-                    summary.rows, summary.dead_lettered, summary.dropped_erased
+                    "consumer stopped: {} rows written, {} frames dead-lettered, {} frames of erased users and {} of closed sessions dropped",
+                    summary.rows, summary.dead_lettered, summary.dropped_erased, summary.dropped_closed
                 );
             }
             ("consumer", outcome.map(|_| ()).map_err(anyhow::Error::from))
@@ -896,8 +899,8 @@ async fn run_replay(settings: biofeed_consumers::ReplaySettings) -> anyhow::Resu
     .await?;
     bar.finish_and_clear();
     eprintln!(
-        "replayed {} messages: {} frames and {} points written, {} skipped (still failing the checks), {} frames of erased users dropped",
-        summary.messages, summary.frames, summary.points, summary.skipped, summary.dropped_erased
+        "replayed {} messages: {} frames and {} points written, {} skipped (still failing the checks), {} frames of erased users and {} of closed sessions dropped",
+        summary.messages, summary.frames, summary.points, summary.skipped, summary.dropped_erased, summary.dropped_closed
     );
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

@@ -1,6 +1,10 @@
 //! What a consumer checks before writing a frame: it decodes, it is well shaped, its data type is
 //! known with that channel count and its values lie in range; and its user is not erased.
 //! Frames failing a check are dead letters; frames of erased users are dropped.
+//!
+//! Just before a batch is inserted, [`writable_sessions`] asks Postgres which of its sessions
+//! may still be written: a frame read before its session was aborted, expired or purged, or
+//! before its person was erased, is dropped then rather than written after the deletion.
 
 use std::collections::{HashMap, HashSet};
 
@@ -97,4 +101,52 @@ impl Checks {
         }
         Verdict::Write(frame)
     }
+}
+
+/// Of `sessions` (session id, the frame's user id), those that may still be written: sessions
+/// Postgres holds as `open` or `completed`, of that user, who is not on the erasure list.
+/// Aborted, expired and purged sessions are refused, and so are sessions Postgres no longer
+/// holds (an erasure deletes them).
+///
+/// Asked just before every insert — after the batch was read — so that a deletion whose
+/// session changed status before the question never sees the batch's rows arrive after it (the
+/// jobs wait until the consumer group's committed offsets pass the topic's end as it was after
+/// the change, so every batch asked before the change is in ClickHouse before they delete).
+pub async fn writable_sessions(
+    pool: &PgPool,
+    sessions: &[(Uuid, Uuid)],
+) -> Result<HashSet<(Uuid, Uuid)>, sqlx::Error> {
+    let ids: Vec<Uuid> = sessions.iter().map(|(session, _)| *session).collect();
+    let rows: Vec<(Uuid, Uuid)> = sqlx::query_as(
+        "SELECT s.id, s.user_id FROM sessions s
+         WHERE s.id = ANY($1) AND s.status IN ('open', 'completed')
+           AND NOT EXISTS (SELECT 1 FROM erased_users e WHERE e.user_id = s.user_id)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Keeps the frames whose session may still be written ([`writable_sessions`]); returns them
+/// and how many were dropped, or the error and the frames untouched.
+#[allow(clippy::result_large_err)]
+pub async fn keep_writable(
+    pool: &PgPool,
+    frames: Vec<SensorFrame>,
+) -> Result<(Vec<SensorFrame>, usize), (sqlx::Error, Vec<SensorFrame>)> {
+    let mut asked: Vec<(Uuid, Uuid)> = frames.iter().map(|f| (f.session_id, f.user_id)).collect();
+    asked.sort_unstable();
+    asked.dedup();
+    let writable = match writable_sessions(pool, &asked).await {
+        Ok(writable) => writable,
+        Err(e) => return Err((e, frames)),
+    };
+    let before = frames.len();
+    let kept: Vec<SensorFrame> = frames
+        .into_iter()
+        .filter(|f| writable.contains(&(f.session_id, f.user_id)))
+        .collect();
+    let dropped = before - kept.len();
+    Ok((kept, dropped))
 }

@@ -27,7 +27,9 @@ use crate::{BatchLimits, ConsumeError};
 
 /// A batch being inserted by a background task while the next one fills.
 struct InFlight {
-    task: tokio::task::JoinHandle<Option<u64>>,
+    /// Rows and frames written (frames of closed sessions are dropped first), or `None` when
+    /// shutdown came while a backend was failing.
+    task: tokio::task::JoinHandle<Option<(u64, usize)>>,
     frames: usize,
     offsets: HashMap<(String, i32), i64>,
     started: Instant,
@@ -41,6 +43,7 @@ struct Pipeline {
     sink: PointsSink,
     dead: DeadLetters,
     checks: Checks,
+    pool: PgPool,
     metrics: ConsumerMetrics,
     limits: BatchLimits,
     shutdown: Arc<AtomicBool>,
@@ -52,9 +55,9 @@ struct Pipeline {
     pending: HashMap<(String, i32), i64>,
     /// Batches ClickHouse is taking, oldest first; their offsets are committed in this order.
     in_flight: std::collections::VecDeque<InFlight>,
-    /// Set when ClickHouse could not be reached at shutdown.
+    /// Set when ClickHouse (or Postgres) could not be reached at shutdown.
     abandoned: bool,
-    /// Frames not written because of that.
+    /// Frames not written because of that (in batches handed to an insert).
     frames_abandoned: usize,
 }
 
@@ -64,6 +67,7 @@ impl Pipeline {
         match self.checks.judge(payload) {
             Verdict::Write(frame) => {
                 self.rows += frame.samples();
+                self.metrics.batch_pending_rows.set(self.rows as i64);
                 self.bytes += payload.len();
                 self.oldest.get_or_insert_with(Instant::now);
                 self.frames.push(frame);
@@ -117,18 +121,22 @@ impl Pipeline {
         let frames = std::mem::take(&mut self.frames);
         let count = frames.len();
         let sink = self.sink.clone();
+        let pool = self.pool.clone();
         let shutdown = Arc::clone(&self.shutdown);
         let metrics = self.metrics.clone();
         let task = self.rt.spawn(async move {
-            sink.insert_until_done(
-                &frames,
-                || shutdown.load(Ordering::Relaxed),
-                |e, attempt| {
+            let give_up = || shutdown.load(Ordering::Relaxed);
+            let frames = writable_frames(&pool, frames, &metrics, give_up).await?;
+            if frames.is_empty() {
+                return Some((0, 0));
+            }
+            let rows = sink
+                .insert_until_done(&frames, give_up, |e, attempt| {
                     metrics.insert_failures.inc();
                     tracing::warn!(error = %e, attempt, "clickhouse insert failed; holding the batch and retrying");
-                },
-            )
-            .await
+                })
+                .await?;
+            Some((rows, frames.len()))
         });
         self.in_flight.push_back(InFlight {
             task,
@@ -137,6 +145,7 @@ impl Pipeline {
             started: Instant::now(),
         });
         self.rows = 0;
+        self.metrics.batch_pending_rows.set(0);
         self.bytes = 0;
         self.oldest = None;
         true
@@ -178,9 +187,10 @@ impl Pipeline {
         if let Some(assignment) = &paused {
             let _ = consumer.resume(assignment);
         }
-        let Some(rows) = written else {
+        let Some((rows, frames)) = written else {
             self.abandoned = true;
-            self.frames_abandoned += in_flight.frames;
+            self.frames_abandoned +=
+                in_flight.frames + self.in_flight.iter().map(|f| f.frames).sum::<usize>();
             return false;
         };
         self.metrics
@@ -188,7 +198,7 @@ impl Pipeline {
             .observe(in_flight.started.elapsed().as_secs_f64());
         self.metrics.batch_rows.observe(rows as f64);
         self.metrics.rows_written.inc_by(rows);
-        self.metrics.frames_written.inc_by(in_flight.frames as u64);
+        self.metrics.frames_written.inc_by(frames as u64);
         self.commit(consumer, &in_flight.offsets);
         true
     }
@@ -246,6 +256,8 @@ pub struct ConsumeSummary {
     pub dead_lettered: u64,
     /// Frames dropped for erased users.
     pub dropped_erased: u64,
+    /// Frames dropped because their session was no longer open or completed.
+    pub dropped_closed: u64,
 }
 
 pub(crate) struct LoopParts {
@@ -274,6 +286,7 @@ pub(crate) fn consume_loop(
         sink: parts.sink,
         dead: parts.dead,
         checks,
+        pool: parts.pool.clone(),
         metrics: parts.metrics.clone(),
         limits: parts.limits,
         shutdown: Arc::clone(&parts.shutdown),
@@ -302,7 +315,15 @@ pub(crate) fn consume_loop(
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(message)) => lock(&pipeline).handle(&message),
-            Some(Err(e)) => tracing::warn!(error = %e, "kafka consumer error"),
+            Some(Err(e)) => {
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    // E.g. another member took this one's group.instance.id: this consumer can
+                    // no longer commit. Stop without writing more; nothing uncommitted is lost.
+                    tracing::error!(?code, reason, "kafka consumer failed for good");
+                    return Err(ConsumeError::Fatal(reason));
+                }
+                tracing::warn!(error = %e, "kafka consumer error");
+            }
         }
         {
             let mut p = lock(&pipeline);
@@ -335,13 +356,16 @@ pub(crate) fn consume_loop(
             record_lag(&consumer, &parts.metrics);
         }
     }
+    // Shutdown: the batch in hand is written and committed, and so is every batch still being
+    // inserted — unless ClickHouse fails now, then nothing more is committed and the frames are
+    // read again by whoever takes the partitions.
     let mut p = lock(&pipeline);
-    if !p.abandoned && !p.flush(&consumer) {
+    if !p.abandoned && !p.drain(&consumer) {
         p.abandoned = true;
     }
     if p.abandoned {
         return Err(ConsumeError::Abandoned {
-            frames: p.frames.len(),
+            frames: p.frames_abandoned + p.frames.len(),
         });
     }
     drop(p);
@@ -350,7 +374,45 @@ pub(crate) fn consume_loop(
         rows: parts.metrics.rows_written.get(),
         dead_lettered: parts.metrics.dead_lettered.get(),
         dropped_erased: parts.metrics.dropped_erased.get(),
+        dropped_closed: parts.metrics.dropped_closed.get(),
     })
+}
+
+/// The frames of a batch whose session may still be written, asked of Postgres just before the
+/// insert ([`crate::checks::keep_writable`]); retried with backoff while Postgres fails, as an
+/// insert is while ClickHouse fails. `None` when `give_up` says so.
+async fn writable_frames(
+    pool: &PgPool,
+    mut frames: Vec<SensorFrame>,
+    metrics: &ConsumerMetrics,
+    give_up: impl Fn() -> bool,
+) -> Option<Vec<SensorFrame>> {
+    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        match crate::checks::keep_writable(pool, std::mem::take(&mut frames)).await {
+            Ok((kept, dropped)) => {
+                if dropped > 0 {
+                    metrics.dropped_closed.inc_by(dropped as u64);
+                    tracing::info!(
+                        frames = dropped,
+                        "dropped frames of sessions no longer open or completed"
+                    );
+                }
+                return Some(kept);
+            }
+            Err((e, back)) => {
+                frames = back;
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "cannot ask postgres which sessions may be written; holding the batch and retrying");
+                if give_up() {
+                    return None;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, metrics: &ConsumerMetrics) {

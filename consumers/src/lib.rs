@@ -53,6 +53,9 @@ pub enum ConsumeError {
     /// Postgres failed while reading data types or the erasure list.
     #[error("postgres: {0}")]
     Postgres(sqlx::Error),
+    /// Kafka failed for good (e.g. another member took this one's `group.instance.id`).
+    #[error("kafka failed for good: {0}; if another consumer uses the same instance id, give each its own BIOFEED_CONSUMER_INSTANCE_ID")]
+    Fatal(String),
     /// Shutdown came while ClickHouse was failing: the batch was not written and its offsets not
     /// committed; the frames will be read again.
     #[error("stopped while clickhouse was failing: {frames} frames not written; their offsets were not committed, so they will be read again")]
@@ -100,6 +103,23 @@ pub struct ConsumerOptions {
         default_value = "biofeed-consumers"
     )]
     pub group: String,
+    /// This member's static identity in the group (Kafka's `group.instance.id`): a member that
+    /// restarts under the same id — after a crash or `kill -9` too — takes its partitions back at
+    /// once, without waiting for the group to notice the old one died. Give every consumer of a
+    /// group its own (a second member with the same id fences the first, which then stops with an
+    /// error). Default: this host's name, which suits one consumer per host or container.
+    #[arg(
+        long = "instance-id",
+        id = "consumer_instance_id",
+        value_name = "ID",
+        env = "BIOFEED_CONSUMER_INSTANCE_ID"
+    )]
+    pub instance_id: Option<String>,
+    /// How long the group waits for a member that stopped heartbeating (crashed, or stopped and
+    /// not restarted) before giving its partitions to the others. A static member that restarts
+    /// within it takes them back at once.
+    #[arg(long = "session-timeout", id = "consumer_session_timeout", value_name = "DURATION", env = "BIOFEED_CONSUMER_SESSION_TIMEOUT", default_value = "45s", value_parser = parse_duration)]
+    pub session_timeout: Duration,
     /// How often the data types and the erasure list are re-read from Postgres.
     #[arg(long = "refresh", id = "consumer_refresh", value_name = "DURATION", env = "BIOFEED_CONSUMER_REFRESH", default_value = "10s", value_parser = parse_duration)]
     pub refresh: Duration,
@@ -174,9 +194,20 @@ pub async fn prepare(
         shutdown: Arc::new(AtomicBool::new(false)),
     };
     let mut config = settings.stores.kafka.client_config();
+    let instance_id = settings
+        .options
+        .instance_id
+        .clone()
+        .unwrap_or_else(host_name);
+    tracing::info!(instance_id, "static group member");
     config
         .set("client.id", "biofeed-consumer")
         .set("group.id", &settings.options.group)
+        .set("group.instance.id", &instance_id)
+        .set(
+            "session.timeout.ms",
+            settings.options.session_timeout.as_millis().to_string(),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -210,6 +241,16 @@ impl PreparedConsumer {
     }
 }
 
+/// This host's name (the kernel's), the default static group member id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "biofeed-consumer".to_owned())
+}
+
 /// Replays, reporting progress as (messages read, messages in range).
 pub async fn replay(
     settings: ReplaySettings,
@@ -224,7 +265,7 @@ pub async fn replay(
         .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
     let rt = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        replay::replay_blocking(rt, &settings, sink, checks, &progress)
+        replay::replay_blocking(rt, &settings, sink, checks, pool, &progress)
     })
     .await
     .map_err(|e| ConsumeError::Kafka(format!("the replay thread failed: {e}")))?

@@ -35,6 +35,11 @@ pub struct ConsumerMetrics {
     pub dead_lettered: Counter,
     /// Frames dropped because their user is erased.
     pub dropped_erased: Counter,
+    /// Frames dropped at write time because their session was no longer open or completed
+    /// (aborted, expired, purged, or gone with an erased user).
+    pub dropped_closed: Counter,
+    /// Rows read into the batch being filled (not yet handed to an insert).
+    pub batch_pending_rows: Gauge<i64, AtomicI64>,
     /// Messages behind the end of each partition.
     pub lag: Family<PartitionLabels, Gauge<i64, AtomicI64>>,
 }
@@ -51,6 +56,8 @@ impl ConsumerMetrics {
             insert_failures: Counter::default(),
             dead_lettered: Counter::default(),
             dropped_erased: Counter::default(),
+            dropped_closed: Counter::default(),
+            batch_pending_rows: Gauge::default(),
             lag: Family::default(),
         };
         registry.register(
@@ -87,6 +94,16 @@ impl ConsumerMetrics {
             "dropped_erased",
             "frames dropped because their user is erased",
             metrics.dropped_erased.clone(),
+        );
+        registry.register(
+            "dropped_closed",
+            "frames dropped at write time because their session is no longer open or completed",
+            metrics.dropped_closed.clone(),
+        );
+        registry.register(
+            "batch_pending_rows",
+            "rows read into the batch being filled, not yet handed to an insert",
+            metrics.batch_pending_rows.clone(),
         );
         registry.register(
             "lag",

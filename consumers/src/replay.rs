@@ -10,6 +10,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
+use sqlx::PgPool;
 use tokio::runtime::Handle;
 
 use crate::checks::{Checks, Verdict};
@@ -30,6 +31,9 @@ pub struct ReplaySummary {
     pub skipped: u64,
     /// Frames dropped because their user is erased.
     pub dropped_erased: u64,
+    /// Frames dropped because their session is no longer open or completed (aborted, expired,
+    /// purged, or deleted with an erased person).
+    pub dropped_closed: u64,
 }
 
 /// Parses an RFC 3339 time (`2026-11-24T08:00:00Z`) into milliseconds since the epoch.
@@ -57,6 +61,7 @@ pub(crate) fn replay_blocking(
     settings: &ReplaySettings,
     sink: PointsSink,
     checks: Checks,
+    pool: PgPool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<ReplaySummary, ConsumeError> {
     let topic = if settings.dlq {
@@ -208,16 +213,19 @@ pub(crate) fn replay_blocking(
         }
         if batch_rows >= settings.batch.max_rows || (!batch.is_empty() && done.values().all(|d| *d))
         {
-            write(&rt, &sink, &mut batch, &mut summary)?;
+            write(&rt, &pool, &sink, &mut batch, &mut summary)?;
             batch_rows = 0;
         }
     }
-    write(&rt, &sink, &mut batch, &mut summary)?;
+    write(&rt, &pool, &sink, &mut batch, &mut summary)?;
     Ok(summary)
 }
 
+/// Writes the batch's frames whose session may still be written (asked of Postgres now, as the
+/// consumer does before each insert); drops the rest.
 fn write(
     rt: &Handle,
+    pool: &PgPool,
     sink: &PointsSink,
     batch: &mut Vec<SensorFrame>,
     summary: &mut ReplaySummary,
@@ -225,11 +233,17 @@ fn write(
     if batch.is_empty() {
         return Ok(());
     }
+    let (kept, dropped) = rt
+        .block_on(crate::checks::keep_writable(pool, std::mem::take(batch)))
+        .map_err(|(e, _)| ConsumeError::Postgres(e))?;
+    summary.dropped_closed += dropped as u64;
+    if kept.is_empty() {
+        return Ok(());
+    }
     let rows = rt
-        .block_on(sink.insert(batch))
+        .block_on(sink.insert(&kept))
         .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
-    summary.frames += batch.len() as u64;
+    summary.frames += kept.len() as u64;
     summary.points += rows;
-    batch.clear();
     Ok(())
 }

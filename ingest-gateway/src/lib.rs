@@ -90,7 +90,7 @@ struct Inner {
     catalog: CatalogHandle,
     sessions: Cache<Uuid, Arc<SessionFacts>>,
     auth_cache: Cache<[u8; 32], Option<DeviceIdentity>>,
-    frames_seen: Cache<(Uuid, Uuid), ()>,
+    frames_seen: Cache<(Uuid, Uuid), points::FrameState>,
     in_flight: Arc<Semaphore>,
     metrics: Metrics,
     limits: Limits,

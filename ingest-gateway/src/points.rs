@@ -1,14 +1,17 @@
 //! `POST /v1/sessions/{id}/points`: a frame as JSON or as Avro, checked against the session and
 //! the data type, then published to Kafka; answered 202 only after Kafka acknowledged it.
 
+use std::sync::atomic::AtomicI64;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use biofeed_schema::{DataTypeName, SensorFrame};
+use prometheus_client::metrics::gauge::Gauge;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -27,7 +30,7 @@ pub struct JsonFrame {
     pub frame_id: Uuid,
     /// The data type, one the session declared.
     pub data_type: String,
-    /// Each sample's time, µs since the Unix epoch, ascending.
+    /// Each sample's time, µs since the Unix epoch, strictly ascending (each instant once).
     pub timestamps_us: Vec<i64>,
     /// One row per sample, one number per channel, e.g. `[[812.0], [798.5]]` for RR intervals.
     #[schema(value_type = Vec<Vec<f32>>)]
@@ -141,17 +144,40 @@ pub async fn post_points(
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<FrameAccepted>), ApiError> {
     let inner = &state.inner;
-    let Ok(_permit) = inner.in_flight.clone().try_acquire_owned() else {
+    let Ok(permit) = inner.in_flight.clone().try_acquire_owned() else {
         reject(&state, &ApiError::TooManyRequests, 0);
         return Err(ApiError::TooManyRequests);
     };
-    inner.metrics.in_flight.inc();
+    let _in_flight = InFlight::hold(permit, &inner.metrics.in_flight);
     let result = accept(&state, device, &id, &headers, body).await;
-    inner.metrics.in_flight.dec();
     if let Err((e, points)) = &result {
         reject(&state, e, *points);
     }
     result.map_err(|(e, _)| e)
+}
+
+/// A point request being handled: its in-flight permit and its count in the gauge, given back
+/// together when the request ends however it ends (answered, failed, or dropped because the
+/// client went away).
+struct InFlight {
+    _permit: OwnedSemaphorePermit,
+    gauge: Gauge<i64, AtomicI64>,
+}
+
+impl InFlight {
+    fn hold(permit: OwnedSemaphorePermit, gauge: &Gauge<i64, AtomicI64>) -> Self {
+        gauge.inc();
+        Self {
+            _permit: permit,
+            gauge: gauge.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 fn reject(state: &AppState, error: &ApiError, points: usize) {
@@ -274,37 +300,121 @@ async fn accept(
     )
     .map_err(fail)?;
 
-    // Accepted once: a re-post of an accepted frame id is answered without publishing again.
-    let seen_key = (session_id, frame.frame_id);
-    let entry = inner.frames_seen.entry(seen_key).or_insert(());
-    if !entry.is_fresh() {
-        inner.metrics.duplicate_frames.inc();
-        return Ok((
-            StatusCode::OK,
-            Json(FrameAccepted {
-                frame_id: frame.frame_id,
-                points,
-                duplicate: true,
-            }),
-        ));
-    }
     let payload = biofeed_schema::encode(&frame);
-    let mut key = Uuid::encode_buffer();
-    let key = session_id.hyphenated().encode_lower(&mut key);
-    if let Err(e) = inner.publisher.publish(key, &payload, &inner.metrics).await {
-        // Not accepted after all: a retry of this frame must be able to publish it.
-        inner.frames_seen.invalidate(&seen_key);
-        return Err(fail(e));
+    match publish_once(state, session_id, frame.frame_id, payload).await {
+        Ok(Publication::Published) => {
+            inner.metrics.points_accepted.inc_by(points as u64);
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(FrameAccepted {
+                    frame_id: frame.frame_id,
+                    points,
+                    duplicate: false,
+                }),
+            ))
+        }
+        Ok(Publication::AlreadyAccepted) => {
+            inner.metrics.duplicate_frames.inc();
+            Ok((
+                StatusCode::OK,
+                Json(FrameAccepted {
+                    frame_id: frame.frame_id,
+                    points,
+                    duplicate: true,
+                }),
+            ))
+        }
+        Err(e) => Err(fail(e)),
     }
-    inner.metrics.points_accepted.inc_by(points as u64);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(FrameAccepted {
-            frame_id: frame.frame_id,
-            points,
-            duplicate: false,
-        }),
-    ))
+}
+
+/// What the gateway knows of a frame id it saw in the last minutes.
+#[derive(Debug, Clone)]
+pub(crate) enum FrameState {
+    /// A request is publishing it; the channel says how that ended (`Some(true)`: Kafka has it).
+    Publishing(watch::Receiver<Option<bool>>),
+    /// Kafka acknowledged it.
+    Accepted,
+}
+
+/// How a frame id's publication ended for this request.
+enum Publication {
+    /// This request published it and Kafka acknowledged it.
+    Published,
+    /// Kafka had acknowledged it for an earlier request (perhaps one still in flight when this
+    /// one came, which was waited for).
+    AlreadyAccepted,
+}
+
+/// Publishes a frame once per frame id: the first request for an id claims it and publishes;
+/// a re-post while that publication is still waiting for Kafka waits for its outcome, and is
+/// answered "duplicate" only once Kafka acknowledged the frame — never before. If the first
+/// publication fails, the id is released (a later retry publishes again) and a re-post that
+/// waited for it is told to retry.
+///
+/// The publication runs in a task of its own, so a client that goes away mid-request neither
+/// cancels it nor leaves its frame id claimed: the outcome is recorded either way.
+async fn publish_once(
+    state: &AppState,
+    session_id: Uuid,
+    frame_id: Uuid,
+    payload: Vec<u8>,
+) -> Result<Publication, ApiError> {
+    let inner = &state.inner;
+    let seen_key = (session_id, frame_id);
+    let (outcome_tx, outcome_rx) = watch::channel(None);
+    let entry = inner
+        .frames_seen
+        .entry(seen_key)
+        .or_insert_with(|| FrameState::Publishing(outcome_rx));
+    let claimed = entry.is_fresh();
+    let mut outcome = match entry.into_value() {
+        FrameState::Accepted => return Ok(Publication::AlreadyAccepted),
+        FrameState::Publishing(outcome) => outcome,
+    };
+    if !claimed {
+        // The first post of this frame is still waiting for Kafka: its outcome is ours.
+        let acknowledged = outcome
+            .wait_for(Option::is_some)
+            .await
+            .is_ok_and(|answer| *answer == Some(true));
+        return if acknowledged {
+            Ok(Publication::AlreadyAccepted)
+        } else {
+            Err(ApiError::Unavailable {
+                detail: "an earlier post of this frame failed to reach kafka; post it again"
+                    .to_owned(),
+                retry_after_secs: 1,
+            })
+        };
+    }
+    let task_state = state.clone();
+    let publication = tokio::spawn(async move {
+        let inner = &task_state.inner;
+        let mut key = Uuid::encode_buffer();
+        let key = session_id.hyphenated().encode_lower(&mut key);
+        let result = inner.publisher.publish(key, &payload, &inner.metrics).await;
+        // Record the outcome before telling the waiters, so that a waiter told "failed" and
+        // posting again finds the id free.
+        if result.is_ok() {
+            inner.frames_seen.insert(seen_key, FrameState::Accepted);
+        } else {
+            inner.frames_seen.invalidate(&seen_key);
+        }
+        let _ = outcome_tx.send(Some(result.is_ok()));
+        result
+    });
+    match publication.await {
+        Ok(Ok(())) => Ok(Publication::Published),
+        Ok(Err(e)) => Err(e),
+        Err(e) => {
+            // The task panicked before it recorded anything: free the id for a retry.
+            inner.frames_seen.invalidate(&seen_key);
+            Err(ApiError::Internal(anyhow::anyhow!(
+                "the publishing task failed: {e}"
+            )))
+        }
+    }
 }
 
 fn from_json(
@@ -372,7 +482,7 @@ fn shape_problem(error: biofeed_schema::FrameError, channels: u16) -> ApiError {
         FrameError::ShapeMismatch { .. } => {
             ApiError::invalid("values", format!("{error} (channels {channels})"))
         }
-        FrameError::Unordered { index, .. } => {
+        FrameError::Unordered { index, .. } | FrameError::Repeated { index, .. } => {
             ApiError::invalid(format!("timestamps_us/{index}"), error.to_string())
         }
         FrameError::TimeOverflow { index } => {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::consumer_progress::ConsumerProgress;
 use crate::signals::{self, Metric, Sample};
 use crate::JobsOptions;
 
@@ -62,7 +63,7 @@ impl Job {
 #[derive(Debug, thiserror::Error)]
 #[error("{connection}: {message}")]
 pub struct JobError {
-    /// `postgres` or `clickhouse`.
+    /// `postgres`, `clickhouse` or `kafka`.
     pub connection: &'static str,
     /// What failed.
     pub message: String,
@@ -93,6 +94,8 @@ pub struct Context {
     pub pool: PgPool,
     /// ClickHouse.
     pub clickhouse: ClickHouse,
+    /// How far the consumers got: purge and erasure delete only behind it.
+    pub consumers: ConsumerProgress,
     /// The settings.
     pub settings: JobsOptions,
 }
@@ -411,6 +414,11 @@ impl Context {
         if due.is_empty() {
             return Ok(0);
         }
+        // Rows of these sessions read by a consumer before they closed may still be on their way
+        // to ClickHouse: delete only once they are in (later ones are dropped by the consumer).
+        self.consumers
+            .wait_until_written(self.settings.consumer_wait)
+            .await?;
         let users: Vec<Uuid> = due.iter().map(|(_, u, _)| *u).collect();
         let sessions: Vec<Uuid> = due.iter().map(|(s, _, _)| *s).collect();
         let condition = format!(
@@ -448,6 +456,10 @@ impl Context {
         if pending.is_empty() {
             return Ok(0);
         }
+        // As in purge: rows read before the erasure may still be on their way; wait for them.
+        self.consumers
+            .wait_until_written(self.settings.consumer_wait)
+            .await?;
         let condition = format!("user_id IN ({})", uuid_list(&pending));
         self.delete_and_verify(
             &[

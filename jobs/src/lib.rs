@@ -9,8 +9,12 @@
 //! lease while it runs, and every run is a unique `(job, instance)` row, so any number of runners
 //! can run side by side and never run the same instance at once; every job is idempotent
 //! (computed from `points FINAL`, deletes verified), so a retry or a re-run is always safe.
-//! Never speaks HTTP and never consumes Kafka.
+//! Purge and erasure delete only after the consumer group's committed offsets passed the points
+//! topic's end as it was after the sessions closed or the people were erased
+//! ([`consumer_progress`]), so no row of theirs lands after the deletion.
+//! Never speaks HTTP and never consumes Kafka (it reads the consumer group's offsets only).
 
+pub mod consumer_progress;
 pub mod jobs;
 pub mod metrics;
 pub mod runner;
@@ -19,6 +23,7 @@ pub mod signals;
 use std::time::Duration;
 
 use biofeed_backends::clickhouse::ClickHouseSettings;
+use biofeed_backends::kafka::{KafkaSettings, TopicNames};
 use biofeed_backends::parse_duration;
 use biofeed_backends::postgres::PostgresSettings;
 
@@ -82,6 +87,13 @@ pub struct JobsOptions {
           default_value = "10s", value_parser = parse_duration)]
     pub sync_interval: Duration,
 
+    /// How long purge and erasure wait for the consumers to write everything the points topic
+    /// held when they started (so that no row of a purged session or erased person can land
+    /// after the deletion) before failing and being retried later.
+    #[arg(long = "consumer-wait", id = "jobs_consumer_wait", value_name = "DURATION", env = "BIOFEED_JOBS_CONSUMER_WAIT",
+          default_value = "2m", value_parser = parse_duration)]
+    pub consumer_wait: Duration,
+
     /// How long to wait for a ClickHouse deletion (mutation) to finish before failing the job.
     #[arg(long = "mutation-timeout", id = "mutation_timeout", value_name = "DURATION", env = "BIOFEED_JOBS_MUTATION_TIMEOUT",
           default_value = "5m", value_parser = parse_duration)]
@@ -102,6 +114,25 @@ pub struct JobsSettings {
     /// Where ClickHouse is.
     #[command(flatten, next_help_heading = "ClickHouse")]
     pub clickhouse: ClickHouseSettings,
+
+    /// Where Kafka is: purge and erasure read the consumer group's progress.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub kafka: KafkaSettings,
+
+    /// The points topic's name.
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub topics: TopicNames,
+
+    /// The consumers' group, whose committed offsets purge and erasure wait for.
+    #[arg(
+        long = "consumer-group",
+        id = "jobs_consumer_group",
+        value_name = "NAME",
+        env = "BIOFEED_CONSUMER_GROUP",
+        default_value = "biofeed-consumers",
+        help_heading = "Kafka"
+    )]
+    pub consumer_group: String,
 }
 
 impl JobsOptions {

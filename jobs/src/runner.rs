@@ -19,6 +19,7 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
+use crate::consumer_progress::ConsumerProgress;
 use crate::jobs::{Context, Job, JobError};
 use crate::metrics::JobMetrics;
 use crate::{JobsOptions, JobsSettings};
@@ -64,6 +65,17 @@ async fn context_with(
 ) -> Result<Context, biofeed_backends::BackendError> {
     Ok(Context {
         clickhouse: settings.clickhouse.connect().await?,
+        consumers: ConsumerProgress::new(
+            &settings.kafka,
+            &settings.topics.points,
+            &settings.consumer_group,
+        )
+        .map_err(|e| biofeed_backends::BackendError::Failed {
+            service: biofeed_backends::Service::Kafka,
+            setting: "BIOFEED_KAFKA_BROKERS",
+            address: settings.kafka.brokers.clone(),
+            reason: e.message,
+        })?,
         pool,
         settings: settings.options.clone(),
     })

@@ -61,6 +61,17 @@ pub enum FrameError {
         /// The sample before it.
         previous: usize,
     },
+    /// A sample's time equals the previous sample's: a frame holds each sample instant once
+    /// (ClickHouse keeps one row per instant, so a repeat would be accepted but not stored).
+    #[error(
+        "sample {index} has the same time as sample {previous}: each sample instant may occur once"
+    )]
+    Repeated {
+        /// The repeated sample.
+        index: usize,
+        /// The sample before it, at the same time.
+        previous: usize,
+    },
     /// A sample's time does not fit in an i64 of microseconds.
     #[error("sample {index}'s time overflows")]
     TimeOverflow {
@@ -117,6 +128,12 @@ impl SensorFrame {
         for (index, pair) in self.offsets_us.windows(2).enumerate() {
             if pair[1] < pair[0] {
                 return Err(FrameError::Unordered {
+                    index: index + 1,
+                    previous: index,
+                });
+            }
+            if pair[1] == pair[0] {
+                return Err(FrameError::Repeated {
                     index: index + 1,
                     previous: index,
                 });
@@ -211,6 +228,16 @@ mod tests {
         assert_eq!(
             f.check_shape(),
             Err(FrameError::Unordered {
+                index: 2,
+                previous: 1
+            })
+        );
+        let mut f = frame();
+        f.offsets_us = vec![0, 10, 10];
+        f.values = vec![0.0; 6];
+        assert_eq!(
+            f.check_shape(),
+            Err(FrameError::Repeated {
                 index: 2,
                 previous: 1
             })

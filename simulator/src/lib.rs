@@ -26,6 +26,10 @@ use uuid::Uuid;
 
 use crate::signals::{Eeg, Heart, Oximeter};
 
+/// How long a simulated device keeps retrying a gateway that does not answer, or answers 429 or
+/// 503, before it gives up: long enough to ride out a restart.
+const RIDE_OUT: Duration = Duration::from_secs(60);
+
 /// Settings of `biofeed simulate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateSettings {
@@ -314,14 +318,16 @@ pub async fn simulate(
     let mut failures = Vec::new();
     while let Some(outcome) = tasks.join_next().await {
         match outcome {
-            Ok(Ok(device)) => {
-                summary.devices += 1;
+            Ok((device, stopped)) => {
+                match stopped {
+                    None => summary.devices += 1,
+                    Some(e) => failures.push(format!("{e:#}")),
+                }
                 summary.frames_refused += device.refused;
                 summary.frames_retried += device.retried;
                 latencies.extend(device.latencies_ms);
                 summary.sessions.extend(device.sessions);
             }
-            Ok(Err(e)) => failures.push(format!("{e:#}")),
             Err(e) => failures.push(e.to_string()),
         }
     }
@@ -377,21 +383,53 @@ impl Device {
         token: Option<&str>,
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
-        let mut request = self.http.request(method.clone(), self.url.join(path)?);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
+        // A real device rides out a gateway restart: it retries unreachable gateways and 429/503
+        // answers for up to a minute.
+        let url = self.url.join(path)?;
+        let give_up = Instant::now() + RIDE_OUT;
+        let mut retried_unanswered = false;
+        loop {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            let response = match request.send().await {
+                Ok(response) => response,
+                Err(e) if Instant::now() < give_up => {
+                    tracing::warn!(error = %e, path, "the gateway did not answer; retrying");
+                    retried_unanswered = true;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            if (status == 429 || status == 503) && Instant::now() < give_up {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            // A close whose first try landed but whose answer was lost finds the session closed.
+            if status == 409 && retried_unanswered && method == reqwest::Method::POST {
+                return Ok(Value::Null);
+            }
+            anyhow::ensure!(status.is_success(), "{method} {path}: {status} {text}");
+            return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
         }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        anyhow::ensure!(status.is_success(), "{method} {path}: {status} {text}");
-        Ok(serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
-    async fn run(self, deadline: Instant) -> anyhow::Result<DeviceOutcome> {
+    /// Runs the device until `deadline`; what it recorded is kept when it stops early, with the
+    /// reason.
+    async fn run(self, deadline: Instant) -> (DeviceOutcome, Option<anyhow::Error>) {
+        let mut outcome = DeviceOutcome::default();
+        let stopped = self.record(deadline, &mut outcome).await.err();
+        (outcome, stopped)
+    }
+
+    async fn record(&self, deadline: Instant, outcome: &mut DeviceOutcome) -> anyhow::Result<()> {
         let mut rng = StdRng::seed_from_u64(self.seed);
         let password = format!("sim-{}", Uuid::new_v4().simple());
         let years = rng.gen_range(20..70);
@@ -450,7 +488,6 @@ impl Device {
             oximeter: Oximeter::new(self.seed),
             eeg: Eeg::new(self.seed),
         };
-        let mut outcome = DeviceOutcome::default();
         let length = self.settings.session_length.as_secs_f64();
         while Instant::now() + Duration::from_secs(1) < deadline {
             let opened = self
@@ -476,9 +513,7 @@ impl Device {
                 let now = now_us();
                 let measured = body.measure(self.kind, last, now);
                 last = now;
-                points += self
-                    .post(session, &device_token, measured, &mut outcome)
-                    .await?;
+                points += self.post(session, &device_token, measured, outcome).await?;
             }
             let status = if rng.gen_bool(self.settings.abort_share) {
                 self.call(
@@ -508,7 +543,7 @@ impl Device {
                 points,
             });
         }
-        Ok(outcome)
+        Ok(())
     }
 
     /// Posts each series as a frame (the headset's as Avro, the rest as JSON); returns the points
@@ -548,7 +583,10 @@ impl Device {
                 ("application/json", serde_json::to_vec(&body)?)
             };
             let samples = times.len() as u64;
-            for attempt in 0..10 {
+            let give_up = Instant::now() + RIDE_OUT;
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
                 let sent = Instant::now();
                 let response = self
                     .http
@@ -569,6 +607,14 @@ impl Device {
                     }
                     Ok(r) if r.status() == 429 || r.status() == 503 => {
                         outcome.retried += 1;
+                        if attempt >= 10 {
+                            outcome.refused += 1;
+                            tracing::warn!(
+                                data_type,
+                                "a frame was refused ten times; giving it up"
+                            );
+                            break;
+                        }
                         let wait = r
                             .headers()
                             .get("retry-after")
@@ -576,7 +622,7 @@ impl Device {
                             .and_then(|v| v.parse::<u64>().ok())
                             .unwrap_or(1);
                         tokio::time::sleep(
-                            Duration::from_millis(200 * (attempt + 1))
+                            Duration::from_millis(200 * u64::from(attempt))
                                 .min(Duration::from_secs(wait)),
                         )
                         .await;
@@ -588,11 +634,12 @@ impl Device {
                         tracing::warn!(%status, data_type, %problem, "a frame was refused");
                         break;
                     }
-                    Err(e) => {
+                    Err(e) if Instant::now() < give_up => {
                         outcome.retried += 1;
                         tracing::warn!(error = %e, "posting a frame failed; retrying");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
+                    Err(e) => return Err(e.into()),
                 }
             }
         }

@@ -86,7 +86,45 @@ async fn produce(
     }
 }
 
+/// Makes the frames' users and sessions known to Postgres (users without PII, sessions open),
+/// as the gateway would have before accepting them: a consumer writes only frames of sessions
+/// Postgres holds as open or completed. Known ones are left as they are.
+pub(crate) async fn register_sessions(stores: &Isolated, frames: &[SensorFrame]) {
+    let pg = stores.settings.stores.postgres.connect().await.unwrap();
+    let mut pairs: Vec<(Uuid, Uuid)> = frames.iter().map(|f| (f.user_id, f.session_id)).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    for (user, session) in pairs {
+        sqlx::query(
+            "INSERT INTO users (id, role_id, email_blind_index, email_ct)
+             SELECT $1, id, uuid_send($1), uuid_send($1) FROM roles WHERE name = 'user'
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(user)
+        .execute(&pg)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, exercise_id, started_at, deadline_at)
+             SELECT $1, $2, min(id), now() - interval '1 day', now() + interval '1 day' FROM exercises
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(session)
+        .bind(user)
+        .execute(&pg)
+        .await
+        .unwrap();
+    }
+}
+
+/// Produces the frames to the test's points topic, their sessions registered first.
 pub(crate) async fn produce_frames(stores: &Isolated, frames: &[SensorFrame]) {
+    register_sessions(stores, frames).await;
+    produce_unregistered(stores, frames).await;
+}
+
+/// Produces the frames as they are, whatever Postgres knows of their sessions.
+pub(crate) async fn produce_unregistered(stores: &Isolated, frames: &[SensorFrame]) {
     produce(
         &stores.settings.stores.kafka.brokers,
         &stores.settings.stores.topics.points,
@@ -514,5 +552,364 @@ async fn the_consumers_uuid_order_is_the_servers() {
     assert_eq!(
         ours, by_server,
         "the server orders UUIDs as {order:?} does not"
+    );
+}
+
+/// The consumer's Prometheus text at `addr`, or empty while it is not serving yet.
+async fn metrics_text(addr: &str) -> String {
+    match reqwest::get(format!("http://{addr}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The group's committed offset and the end of every partition of the points topic.
+async fn committed_and_ends(stores: &Isolated, group: &str) -> Vec<(i32, i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = stores.settings.stores.kafka.brokers.clone();
+    let topic = stores.settings.stores.topics.points.clone();
+    let group = group.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", &group)
+            .create()
+            .unwrap();
+        let timeout = Duration::from_secs(10);
+        let metadata = client.fetch_metadata(Some(&topic), timeout).unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        for p in metadata.topics()[0].partitions() {
+            list.add_partition(&topic, p.id());
+        }
+        let committed = client.committed_offsets(list, timeout).unwrap();
+        committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let (_, end) = client
+                    .fetch_watermarks(&topic, e.partition(), timeout)
+                    .unwrap();
+                let at = match e.offset() {
+                    rdkafka::Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                (e.partition(), at, end)
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sigterm_mid_batch_writes_and_commits_the_batch_in_hand() {
+    let stores = migrated().await;
+    let sent = frames(Uuid::new_v4(), 3, 60, 100);
+    produce_frames(&stores, &sent).await;
+    let metrics = format!("127.0.0.1:{}", crate::helpers::free_port());
+    // A batch that is never due by itself: only the shutdown writes it.
+    let env = consumer_env(
+        &stores,
+        &[
+            ("BIOFEED_CONSUMER_METRICS_LISTEN", metrics.clone()),
+            ("BIOFEED_BATCH_MAX_AGE", "1h".to_owned()),
+            ("BIOFEED_BATCH_MAX_ROWS", "100000000".to_owned()),
+        ],
+    );
+    let consumer = ConsumerProcess::start(&env);
+    let held = format!("biofeed_consumer_batch_pending_rows {}", points_of(&sent));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !metrics_text(&metrics).await.contains(&held) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the consumer never held the whole batch"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points").await,
+        0,
+        "nothing written before the signal"
+    );
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("stopped: {} rows written", points_of(&sent))),
+        "{stderr}"
+    );
+    // Exactly the batch, once, and its offsets committed: the next member re-reads nothing.
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points").await,
+        points_of(&sent)
+    );
+    let group = format!("test-group-{}", stores.id);
+    for (partition, committed, end) in committed_and_ends(&stores, &group).await {
+        assert_eq!(committed, end, "partition {partition} committed");
+    }
+    // One more frame: a member started now writes it and nothing of the batch before.
+    let more = frames(sent[0].user_id, 1, 1, 10);
+    produce_frames(&stores, &more).await;
+    let again = ConsumerProcess::start(&env);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !metrics_text(&metrics).await.contains(&format!(
+        "biofeed_consumer_batch_pending_rows {}",
+        points_of(&more)
+    )) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new frame never read"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, stderr) = again.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("stopped: {} rows written", points_of(&more))),
+        "{stderr}"
+    );
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points").await,
+        points_of(&sent) + points_of(&more)
+    );
+}
+
+#[tokio::test]
+async fn a_consumer_restarted_after_sigkill_takes_its_partitions_back_at_once() {
+    let stores = migrated().await;
+    let sent = frames(Uuid::new_v4(), 6, 120, 50);
+    let (first, second) = sent.split_at(60);
+    produce_frames(&stores, first).await;
+    let env = consumer_env(&stores, &[]);
+    let consumer = ConsumerProcess::start(&env);
+    wait_for_points(&stores, points_of(first)).await;
+    consumer.kill9().await;
+    produce_frames(&stores, second).await;
+
+    // The group still counts the killed member until its session times out (45 s by default);
+    // the restarted one, under the same static id, must not wait for that.
+    let restarted = tokio::time::Instant::now();
+    let consumer = ConsumerProcess::start(&env);
+    wait_for_points(&stores, points_of(&sent)).await;
+    let gap = restarted.elapsed();
+    eprintln!("restart to all points stored: {gap:?}");
+    assert!(
+        gap < Duration::from_secs(20),
+        "the restarted consumer waited {gap:?} for its partitions"
+    );
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[tokio::test]
+async fn frames_of_sessions_no_longer_open_or_completed_are_dropped_on_consume_and_replay() {
+    let stores = migrated().await;
+    let user = Uuid::new_v4();
+    let sent = frames(user, 5, 25, 40);
+    register_sessions(&stores, &sent).await;
+    let mut sessions: Vec<Uuid> = sent.iter().map(|f| f.session_id).collect();
+    sessions.dedup();
+    sessions.sort_unstable();
+    sessions.dedup();
+    let pg = stores.settings.stores.postgres.connect().await.unwrap();
+    let [open, completed, aborted, expired, purged] = sessions[..] else {
+        panic!("five sessions")
+    };
+    for (session, status) in [
+        (completed, "completed"),
+        (aborted, "aborted"),
+        (expired, "expired"),
+    ] {
+        sqlx::query("UPDATE sessions SET status = $2, ended_at = now() WHERE id = $1")
+            .bind(session)
+            .bind(status)
+            .execute(&pg)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "UPDATE sessions SET status = 'purged', ended_at = now(), purged_at = now(), purge_reason = 'aborted' WHERE id = $1",
+    )
+    .bind(purged)
+    .execute(&pg)
+    .await
+    .unwrap();
+    // And a session Postgres never heard of (or that an erasure deleted).
+    let unknown = frames(user, 1, 3, 40);
+    produce_unregistered(&stores, &sent).await;
+    produce_unregistered(&stores, &unknown).await;
+
+    let kept: Vec<SensorFrame> = sent
+        .iter()
+        .filter(|f| f.session_id == open || f.session_id == completed)
+        .cloned()
+        .collect();
+    let dropped = sent.len() - kept.len() + unknown.len();
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(&kept)).await;
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(&format!("{dropped} of closed sessions dropped")),
+        "{stderr}"
+    );
+    let run = stores.biofeed(&["replay"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let summary: serde_json::Value =
+        serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["dropped_closed"], dropped, "{summary}");
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
+        points_of(&kept),
+        "only the open and the completed session's rows, each once"
+    );
+    assert_eq!(
+        clickhouse_count(
+            &stores,
+            &format!("SELECT count() FROM points WHERE session_id NOT IN (toUUID('{open}'), toUUID('{completed}'))")
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn frames_of_a_person_erased_while_they_waited_in_kafka_never_land() {
+    let stores = migrated().await;
+    let (stays, erased) = (Uuid::new_v4(), Uuid::new_v4());
+    let first = frames(stays, 1, 5, 20);
+    let in_flight = frames(erased, 2, 10, 20);
+    register_sessions(&stores, &in_flight).await;
+    produce_frames(&stores, &first).await;
+    // The erasure list is read once an hour here: only the check before each insert can
+    // notice the erasure in time.
+    let consumer = ConsumerProcess::start(&consumer_env(
+        &stores,
+        &[("BIOFEED_CONSUMER_REFRESH", "1h".to_owned())],
+    ));
+    wait_for_points(&stores, points_of(&first)).await;
+
+    let accounts = biofeed_accounts::Accounts {
+        pool: stores.settings.stores.postgres.connect().await.unwrap(),
+        keys: biofeed_accounts::AccountKeys::generate(),
+    };
+    biofeed_accounts::erase::erase_user(&accounts, erased, None)
+        .await
+        .unwrap();
+    let mut env = stores.env();
+    env.push((
+        "BIOFEED_CONSUMER_GROUP",
+        format!("test-group-{}", stores.id),
+    ));
+    let run = crate::helpers::run_biofeed(&["jobs", "run", "erasure"], &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+
+    // The person's frames were accepted before the erasure and reach the consumer after it.
+    let later = frames(stays, 1, 5, 20)
+        .into_iter()
+        .map(|mut f| {
+            f.session_id = first[0].session_id;
+            f.t0_us += 3_600_000_000;
+            f
+        })
+        .collect::<Vec<_>>();
+    produce_unregistered(&stores, &in_flight).await;
+    produce_frames(&stores, &later).await;
+    wait_for_points(&stores, points_of(&first) + points_of(&later)).await;
+    wait_until_committed(&stores, &format!("test-group-{}", stores.id)).await;
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        clickhouse_count(
+            &stores,
+            &format!("SELECT count() FROM points WHERE user_id = toUUID('{erased}')")
+        )
+        .await,
+        0,
+        "no row of the erased person after the erasure"
+    );
+}
+
+/// Waits until the group committed the end of every partition (a watchdog, not a timing).
+async fn wait_until_committed(stores: &Isolated, group: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let offsets = committed_and_ends(stores, group).await;
+        if offsets.iter().all(|(_, committed, end)| committed == end) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group never caught up: {offsets:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_purge_waits_for_a_lagging_consumer_and_the_purged_session_stays_empty() {
+    let stores = migrated().await;
+    let sent = frames(Uuid::new_v4(), 2, 20, 50);
+    produce_frames(&stores, &sent).await;
+    let (aborted, completed) = (sent[0].session_id, sent[1].session_id);
+    let pg = stores.settings.stores.postgres.connect().await.unwrap();
+    for (session, status) in [(aborted, "aborted"), (completed, "completed")] {
+        sqlx::query(
+            "UPDATE sessions SET status = $2, ended_at = now() - interval '1 hour' WHERE id = $1",
+        )
+        .bind(session)
+        .bind(status)
+        .execute(&pg)
+        .await
+        .unwrap();
+    }
+    let group = format!("test-group-{}", stores.id);
+    let mut jobs_env = stores.env();
+    jobs_env.extend([
+        ("BIOFEED_CONSUMER_GROUP", group.clone()),
+        ("BIOFEED_JOBS_CONSUMER_WAIT", "1s".to_owned()),
+    ]);
+    // No consumer has read the aborted session's frames yet: the purge must not call it done.
+    let early = crate::helpers::run_biofeed(&["jobs", "run", "purge"], &jobs_env).await;
+    assert_ne!(early.code, 0, "{early:?}");
+    assert!(early.stderr.contains("kafka"), "{early:?}");
+    let status: String = sqlx::query_scalar("SELECT status FROM sessions WHERE id = $1")
+        .bind(aborted)
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(status, "aborted");
+
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    let kept: Vec<SensorFrame> = sent
+        .iter()
+        .filter(|f| f.session_id == completed)
+        .cloned()
+        .collect();
+    wait_for_points(&stores, points_of(&kept)).await;
+    wait_until_committed(&stores, &group).await;
+    let purge = crate::helpers::run_biofeed(&["jobs", "run", "purge"], &jobs_env).await;
+    assert_eq!(purge.code, 0, "{purge:?}");
+    let status: String = sqlx::query_scalar("SELECT status FROM sessions WHERE id = $1")
+        .bind(aborted)
+        .fetch_one(&pg)
+        .await
+        .unwrap();
+    assert_eq!(status, "purged");
+    // A replay after the purge brings nothing of it back either.
+    let replay = stores.biofeed(&["replay"]).await;
+    assert_eq!(replay.code, 0, "{replay:?}");
+    let (code, stderr) = consumer.stop().await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        clickhouse_count(
+            &stores,
+            &format!("SELECT count() FROM points WHERE session_id = toUUID('{aborted}')")
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
+        points_of(&kept)
     );
 }

@@ -962,3 +962,154 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
         "{ids:?}"
     );
 }
+
+#[tokio::test]
+async fn repeated_sample_times_are_refused_naming_the_index_as_json_and_as_avro() {
+    let gw = TestGateway::spawn(&[]).await;
+    let session = gw.open_session("hrv_biofeedback", &["rr_interval"]).await;
+    let points = format!("/v1/sessions/{session}/points");
+    let t = now_us() - 1_000_000;
+    let json = json!({
+        "frame_id": Uuid::new_v4(), "data_type": "rr_interval",
+        "timestamps_us": [t, t + 800_000, t + 800_000], "values": [[800.0], [810.0], [790.0]]
+    });
+    let (status, body, _) = problem(gw.post(&points).json(&json).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (422, Some("timestamps_us/2")),
+        "{body}"
+    );
+    let avro = SensorFrame {
+        frame_id: Uuid::new_v4(),
+        session_id: session,
+        user_id: Uuid::nil(),
+        device_id: Uuid::nil(),
+        data_type: DataTypeName::parse("rr_interval").unwrap(),
+        channels: 1,
+        received_at_us: 0,
+        t0_us: t,
+        offsets_us: vec![0, 0, 900_000],
+        values: vec![800.0, 810.0, 790.0],
+    };
+    let response = gw
+        .post(&points)
+        .header("content-type", "application/avro")
+        .body(biofeed_schema::encode(&avro))
+        .send()
+        .await
+        .unwrap();
+    let (status, body, _) = problem(response).await;
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (422, Some("timestamps_us/1")),
+        "{body}"
+    );
+    assert!(gw.topic_messages().await.is_empty(), "nothing published");
+}
+
+/// The gateway's `biofeed_gateway_in_flight_requests` gauge.
+async fn in_flight(gw: &TestGateway) -> i64 {
+    let text = gw
+        .http
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("biofeed_gateway_in_flight_requests "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no in-flight gauge in {text}"))
+}
+
+async fn wait_for_in_flight(gw: &TestGateway, expected: i64) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = in_flight(gw).await;
+        if now == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "in-flight gauge stayed at {now}, not {expected}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_retry_while_the_first_post_waits_for_kafka_is_never_told_duplicate_before_kafka_has_it()
+{
+    let mut kafka = crate::private_kafka::PrivateKafka::start().await;
+    let mut stores = crate::helpers::Isolated::new().await;
+    stores.settings.stores.kafka.brokers = kafka.brokers();
+    biofeed_migrations::migrate(&stores.settings)
+        .await
+        .expect("migrate");
+    let brokers = kafka.brokers();
+    let gw = TestGateway::spawn_on(stores, &brokers, &["--produce-timeout", "3s"]).await;
+    let session = gw.open_session("hrv_biofeedback", &["rr_interval"]).await;
+    let points = format!("/v1/sessions/{session}/points");
+
+    kafka.kill();
+    let (frame_id, frame) = json_frame("rr_interval", 5, 1, 800.0);
+    let first = tokio::spawn(gw.post(&points).json(&frame).send());
+    wait_for_in_flight(&gw, 1).await;
+    // The device gives up waiting and posts the same frame again while the first still waits.
+    let (retry_status, retry_body, _) =
+        problem(gw.post(&points).json(&frame).send().await.unwrap()).await;
+    let (first_status, first_body, _) = problem(first.await.unwrap().unwrap()).await;
+    assert_eq!(first_status, 503, "{first_body}");
+    assert_eq!(
+        retry_status, 503,
+        "a 2xx means Kafka has the frame, and it does not: {retry_body}"
+    );
+    wait_for_in_flight(&gw, 0).await;
+
+    // A request whose client goes away while it waits gives its in-flight place back.
+    let (_, other) = json_frame("rr_interval", 5, 1, 805.0);
+    let abandoned = tokio::spawn(gw.post(&points).json(&other).send());
+    wait_for_in_flight(&gw, 1).await;
+    let gone = tokio::time::Instant::now();
+    abandoned.abort();
+    wait_for_in_flight(&gw, 0).await;
+    assert!(
+        gone.elapsed() < std::time::Duration::from_secs(2),
+        "the gauge fell only when Kafka's answer would have come ({:?})",
+        gone.elapsed()
+    );
+
+    // Kafka back: the frame is accepted (202, published now), then a re-post is a duplicate.
+    kafka.restart().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = gw
+            .post(&points)
+            .json(&frame)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 202 {
+            break;
+        }
+        assert!(matches!(status, 503 | 429), "unexpected {status}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never recovered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let again = gw.post(&points).json(&frame).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    let ids: Vec<Uuid> =
+        crate::gateway_app::read_topic(&brokers, &gw.stores.settings.stores.topics.points)
+            .await
+            .iter()
+            .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
+            .collect();
+    assert!(ids.contains(&frame_id), "{ids:?}");
+}

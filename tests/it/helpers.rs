@@ -220,6 +220,19 @@ impl BiofeedProcess {
         )
     }
 
+    /// Waits for the process to end by itself (a watchdog: 5 minutes); its exit code and output.
+    pub async fn wait(self) -> Run {
+        let output = tokio::time::timeout(Duration::from_secs(300), self.0.wait_with_output())
+            .await
+            .expect("the process ends by itself")
+            .expect("waited");
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
     /// SIGKILL: no chance to flush or commit.
     pub async fn kill9(mut self) {
         self.0.kill().await.expect("killed");
