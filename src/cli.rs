@@ -28,7 +28,8 @@ pub mod exit {
     /// A backing service (Postgres, ClickHouse, Kafka) was unreachable or failing: retrying
     /// later may help.
     pub const UNAVAILABLE: u8 = 3;
-    /// Refused: something needs an operator (e.g. a migration edited after it was applied).
+    /// Refused: something needs an operator (e.g. a migration edited after it was applied, or
+    /// a user created with an email that already has a live account).
     pub const REFUSED: u8 = 4;
 }
 
@@ -36,7 +37,7 @@ const AFTER_HELP: &str = "\
 Every option can also be set by the environment variable shown beside it.
 
 Exit codes: 0 ok, 1 failure, 2 bad arguments or settings, 3 a backing service is \
-unreachable (retry later), 4 refused until an operator acts (e.g. an edited migration).";
+unreachable (retry later), 4 refused until an operator acts (e.g. an edited migration, an email that already has an account).";
 
 /// biofeed: ingest biofeedback sensor streams and keep them safe for years.
 ///
@@ -305,6 +306,9 @@ impl AccountStore {
 pub enum UserCommand {
     /// Create a user; prints the new user's id. The email is stored only encrypted and as a
     /// keyed blind index; the password (read from standard input) only as an argon2id hash.
+    ///
+    /// One live account per email: an email that already has one is refused (exit 4) and
+    /// nothing is created; erase the other account first, or use another email.
     #[command(after_help = AFTER_HELP)]
     Create {
         /// The user's email.
@@ -362,6 +366,9 @@ pub enum UserCommand {
     },
     /// Write everything held about a user (GDPR article 15) to standard output as
     /// newline-delimited JSON (format `biofeed-export/1`, see `GET /v1/me/export`).
+    ///
+    /// Audited: the export is recorded in the user's access log (action `data.export`, actor
+    /// none: an operator) before anything is decrypted.
     #[command(after_help = AFTER_HELP)]
     Export {
         /// The user's id.
@@ -446,7 +453,7 @@ pub enum DeviceCommand {
         /// The user, by email.
         #[arg(long, conflicts_with = "user_id", required_unless_present = "user_id")]
         user: Option<String>,
-        /// The user, by id (when several users share an email).
+        /// The user, by id.
         #[arg(long)]
         user_id: Option<Uuid>,
         /// The device's model, e.g. "Polar H10".
@@ -558,6 +565,11 @@ fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
                         .downcast_ref::<AccountsError>()
                         .is_some_and(|a| matches!(a, AccountsError::Postgres(_)))
             });
+            let refused = e.chain().any(|cause| {
+                cause
+                    .downcast_ref::<AccountsError>()
+                    .is_some_and(|a| matches!(a, AccountsError::EmailTaken))
+            });
             let usage = e.chain().any(|cause| {
                 cause.is::<Refused>()
                     || cause
@@ -566,6 +578,8 @@ fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
             });
             ExitCode::from(if unavailable {
                 exit::UNAVAILABLE
+            } else if refused {
+                exit::REFUSED
             } else if usage {
                 exit::USAGE
             } else {
@@ -1078,6 +1092,7 @@ async fn run_admin_user(command: UserCommand) -> anyhow::Result<()> {
             use std::io::Write;
             let accounts = store.connect().await?;
             let clickhouse = clickhouse.connect().await?.client();
+            users::audit_operator_export(&accounts, user_id).await?;
             let (tx, mut rx) = tokio::sync::mpsc::channel(16);
             let export = tokio::spawn(async move {
                 biofeed_ingest_gateway::export::export_user(&accounts, &clickhouse, user_id, tx)

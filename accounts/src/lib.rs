@@ -41,9 +41,11 @@ pub enum AccountsError {
     /// No user matches.
     #[error("no such user")]
     NoSuchUser,
-    /// Several users match an email; name one by id.
-    #[error("{0} users have this email: name one with its id")]
-    AmbiguousUser(usize),
+    /// The email already has a live account: one live account per email (the database holds
+    /// a unique index on the email's blind index for live users). The message never repeats
+    /// the address.
+    #[error("this email already has an account")]
+    EmailTaken,
     /// No device matches.
     #[error("no such device")]
     NoSuchDevice,

@@ -95,7 +95,8 @@ pub struct LoggedIn {
 }
 
 /// Checks email and password and issues a token. An unknown email costs the same argon2 work as
-/// a wrong password, and counts against the same throttle.
+/// a wrong password, and counts against the same throttle. There is at most one live account per
+/// email, so a login costs exactly one password verification.
 pub async fn login(
     accounts: &Accounts,
     passwords: &Passwords,
@@ -105,92 +106,34 @@ pub async fn login(
     address: Option<IpAddr>,
 ) -> Result<LoggedIn, LoginError> {
     let pool = &accounts.pool;
-    let account_key = accounts.keys.email_blind_index(email);
-    let address_key = address.map(|a| address_key(accounts, a));
-    let window = settings.throttle_window.as_secs_f64();
-    let mut keys = vec![(
-        "account",
-        account_key.clone(),
-        settings.max_failures_per_account,
-    )];
-    if let Some(key) = &address_key {
-        keys.push(("address", key.clone(), settings.max_failures_per_address));
-    }
-    for (scope, key, max) in &keys {
-        let over: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM window_started + make_interval(secs => $3) - now())::float8
-             FROM login_throttle
-             WHERE scope = $1 AND key = $2 AND failures >= $4
-               AND window_started > now() - make_interval(secs => $3)",
-        )
-        .bind(scope)
-        .bind(key)
-        .bind(window)
-        .bind(i32::try_from(*max).unwrap_or(i32::MAX))
-        .fetch_optional(pool)
-        .await?;
-        if let Some(left) = over {
-            tracing::warn!(scope, "login throttled");
-            return Err(LoginError::Throttled {
-                retry_after_secs: left.ceil().max(1.0) as u64,
-            });
-        }
-    }
+    let throttle = Throttle::new(
+        accounts,
+        settings,
+        accounts.keys.email_blind_index(email),
+        address,
+    );
+    throttle.refuse_if_exceeded(pool).await?;
 
-    let candidates: Vec<(Uuid, Option<String>)> = sqlx::query_as(
-        "SELECT id, password_hash FROM users
-         WHERE email_blind_index = $1 AND deleted_at IS NULL ORDER BY created_at",
+    let account: Option<(Uuid, Option<String>)> = sqlx::query_as(
+        "SELECT id, password_hash FROM users WHERE email_blind_index = $1 AND deleted_at IS NULL",
     )
-    .bind(&account_key)
-    .fetch_all(pool)
+    .bind(&throttle.account_key)
+    .fetch_optional(pool)
     .await?;
-    let verifier = passwords.clone();
-    let password_owned = password.to_owned();
-    let matched = tokio::task::spawn_blocking(move || {
-        if candidates.is_empty() {
-            verifier.verify(&password_owned, None);
-            return None;
-        }
-        candidates.into_iter().find_map(|(id, hash)| {
-            match verifier.verify(&password_owned, hash.as_deref()) {
-                Verified::No => None,
-                Verified::Yes => Some((id, false)),
-                Verified::YesRehash => Some((id, true)),
-            }
-        })
-    })
-    .await
-    .map_err(|e| AccountsError::Invalid {
-        field: "password",
-        reason: format!("verification did not finish: {e}"),
-    })?;
-
-    let Some((user_id, rehash)) = matched else {
-        for (scope, key, _) in &keys {
-            sqlx::query(
-                "INSERT INTO login_throttle (scope, key, window_started, failures)
-                 VALUES ($1, $2, now(), 1)
-                 ON CONFLICT (scope, key) DO UPDATE SET
-                   failures = CASE WHEN login_throttle.window_started > now() - make_interval(secs => $3)
-                                   THEN login_throttle.failures + 1 ELSE 1 END,
-                   window_started = CASE WHEN login_throttle.window_started > now() - make_interval(secs => $3)
-                                   THEN login_throttle.window_started ELSE now() END",
-            )
-            .bind(scope)
-            .bind(key)
-            .bind(window)
-            .execute(pool)
-            .await?;
-        }
+    let (user_id, hash) = match account {
+        Some((id, hash)) => (Some(id), hash),
+        None => (None, None),
+    };
+    // An unknown email is verified against the decoy hash: the same work as a wrong password.
+    let verified = verify(passwords, password, hash).await?;
+    let (Some(user_id), Verified::Yes | Verified::YesRehash) = (user_id, verified) else {
+        throttle.count_failure(pool).await?;
         tracing::info!("login refused: bad credentials");
         return Err(LoginError::BadCredentials);
     };
+    throttle.clear_account(pool).await?;
 
-    sqlx::query("DELETE FROM login_throttle WHERE scope = 'account' AND key = $1")
-        .bind(&account_key)
-        .execute(pool)
-        .await?;
-    if rehash {
+    if verified == Verified::YesRehash {
         let hasher = passwords.clone();
         let password_owned = password.to_owned();
         let new_hash = tokio::task::spawn_blocking(move || hasher.hash(&password_owned))
@@ -225,27 +168,180 @@ pub async fn login(
     })
 }
 
-/// Checks a user's password again (before erasing the account, say), without a token.
+/// Checks a logged-in user's current password again (before a password change or erasure),
+/// under the same failed-login throttle as [`login`]: per account (the email's blind index, so
+/// these checks and logins share one count) and per client address. Once either is exceeded the
+/// answer is [`LoginError::Throttled`] before any verification, even for the right password; a
+/// wrong password is [`LoginError::BadCredentials`] and counts; a right one clears the account's
+/// count, as a login does. An erased or unknown user is [`AccountsError::NoSuchUser`].
 pub async fn check_password(
     accounts: &Accounts,
     passwords: &Passwords,
+    settings: &LoginSettings,
     user: Uuid,
     password: &str,
-) -> Result<bool, AccountsError> {
-    let hash: Option<Option<String>> =
-        sqlx::query_scalar("SELECT password_hash FROM users WHERE id = $1 AND deleted_at IS NULL")
+    address: Option<IpAddr>,
+) -> Result<(), LoginError> {
+    let pool = &accounts.pool;
+    let row: Option<(Option<Vec<u8>>, Option<String>)> = sqlx::query_as(
+        "SELECT email_blind_index, password_hash FROM users WHERE id = $1 AND deleted_at IS NULL",
+    )
+    .bind(user)
+    .fetch_optional(pool)
+    .await?;
+    let (Some(account_key), hash) = row.ok_or(AccountsError::NoSuchUser)? else {
+        return Err(AccountsError::NoSuchUser.into());
+    };
+    let throttle = Throttle::new(accounts, settings, account_key, address);
+    throttle.refuse_if_exceeded(pool).await?;
+    if verify(passwords, password, hash).await? == Verified::No {
+        throttle.count_failure(pool).await?;
+        tracing::info!(user_id = %user, "password check refused: wrong password");
+        return Err(LoginError::BadCredentials);
+    }
+    throttle.clear_account(pool).await?;
+    Ok(())
+}
+
+/// Sets a new password hash and revokes every other login token of the user, in one
+/// transaction: whoever else held a token (a stolen one, say) is logged out by the change, while
+/// `keep_token`, the one the change was made with, stays valid. Returns how many were revoked.
+pub async fn change_password(
+    pool: &PgPool,
+    user: Uuid,
+    new_hash: &str,
+    keep_token: &str,
+) -> Result<u64, AccountsError> {
+    let mut tx = pool.begin().await?;
+    let changed =
+        sqlx::query("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1 AND deleted_at IS NULL")
             .bind(user)
-            .fetch_optional(&accounts.pool)
+            .bind(new_hash)
+            .execute(&mut *tx)
             .await?;
+    if changed.rows_affected() == 0 {
+        return Err(AccountsError::NoSuchUser);
+    }
+    let revoked = sqlx::query(
+        "UPDATE login_tokens SET revoked_at = now()
+         WHERE user_id = $1 AND token_hash <> $2 AND revoked_at IS NULL",
+    )
+    .bind(user)
+    .bind(&token_hash(keep_token)[..])
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    tracing::info!(user_id = %user, revoked, "password changed; other login tokens revoked");
+    Ok(revoked)
+}
+
+/// Verifies a password against a stored hash (the decoy when `None`) off the async threads:
+/// exactly one argon2 run.
+async fn verify(
+    passwords: &Passwords,
+    password: &str,
+    hash: Option<String>,
+) -> Result<Verified, AccountsError> {
     let verifier = passwords.clone();
     let password = password.to_owned();
-    let hash = hash.flatten();
-    tokio::task::spawn_blocking(move || verifier.verify(&password, hash.as_deref()) != Verified::No)
+    tokio::task::spawn_blocking(move || verifier.verify(&password, hash.as_deref()))
         .await
         .map_err(|e| AccountsError::Invalid {
             field: "password",
             reason: format!("verification did not finish: {e}"),
         })
+}
+
+/// The failed-login throttle of one attempt: its account key (the email's blind index) and, when
+/// the client is known, its address key, each with its limit.
+struct Throttle {
+    account_key: Vec<u8>,
+    scopes: Vec<(&'static str, Vec<u8>, u32)>,
+    window_secs: f64,
+}
+
+impl Throttle {
+    fn new(
+        accounts: &Accounts,
+        settings: &LoginSettings,
+        account_key: Vec<u8>,
+        address: Option<IpAddr>,
+    ) -> Self {
+        let mut scopes = vec![(
+            "account",
+            account_key.clone(),
+            settings.max_failures_per_account,
+        )];
+        if let Some(address) = address {
+            scopes.push((
+                "address",
+                address_key(accounts, address),
+                settings.max_failures_per_address,
+            ));
+        }
+        Self {
+            account_key,
+            scopes,
+            window_secs: settings.throttle_window.as_secs_f64(),
+        }
+    }
+
+    /// [`LoginError::Throttled`] if the account or the address used up its failures in the
+    /// current window.
+    async fn refuse_if_exceeded(&self, pool: &PgPool) -> Result<(), LoginError> {
+        for (scope, key, max) in &self.scopes {
+            let over: Option<f64> = sqlx::query_scalar(
+                "SELECT extract(epoch FROM window_started + make_interval(secs => $3) - now())::float8
+                 FROM login_throttle
+                 WHERE scope = $1 AND key = $2 AND failures >= $4
+                   AND window_started > now() - make_interval(secs => $3)",
+            )
+            .bind(scope)
+            .bind(key)
+            .bind(self.window_secs)
+            .bind(i32::try_from(*max).unwrap_or(i32::MAX))
+            .fetch_optional(pool)
+            .await?;
+            if let Some(left) = over {
+                tracing::warn!(scope, "login throttled");
+                return Err(LoginError::Throttled {
+                    retry_after_secs: left.ceil().max(1.0) as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one failure against the account and the address.
+    async fn count_failure(&self, pool: &PgPool) -> Result<(), LoginError> {
+        for (scope, key, _) in &self.scopes {
+            sqlx::query(
+                "INSERT INTO login_throttle (scope, key, window_started, failures)
+                 VALUES ($1, $2, now(), 1)
+                 ON CONFLICT (scope, key) DO UPDATE SET
+                   failures = CASE WHEN login_throttle.window_started > now() - make_interval(secs => $3)
+                                   THEN login_throttle.failures + 1 ELSE 1 END,
+                   window_started = CASE WHEN login_throttle.window_started > now() - make_interval(secs => $3)
+                                   THEN login_throttle.window_started ELSE now() END",
+            )
+            .bind(scope)
+            .bind(key)
+            .bind(self.window_secs)
+            .execute(pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets the account's failures after a right password (the address's stay).
+    async fn clear_account(&self, pool: &PgPool) -> Result<(), LoginError> {
+        sqlx::query("DELETE FROM login_throttle WHERE scope = 'account' AND key = $1")
+            .bind(&self.account_key)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
 }
 
 /// The person a login token speaks for, with their role's permissions, if the token is known,

@@ -233,10 +233,14 @@ pub async fn create_user(
 }
 
 /// Creates a user: a fresh data key wrapped by the master key, every PII field sealed under it.
+/// An email that already has a live account is refused ([`AccountsError::EmailTaken`]) and
+/// creates nothing; the caller has done its password hashing by then, so a refused sign-up costs
+/// what a real one does.
 #[tracing::instrument(skip_all, fields(role = %user.role))]
 pub async fn create(accounts: &Accounts, user: &NewUser) -> Result<Uuid, AccountsError> {
     user.fields.validate()?;
     let id = Uuid::new_v4();
+    let blind_index = accounts.keys.email_blind_index(user.email.as_str());
     let (data_key, wrapped) = accounts.keys.new_data_key(id);
     let sealed = |column: &'static str, value: Option<&[u8]>| {
         value.map(|v| {
@@ -258,6 +262,7 @@ pub async fn create(accounts: &Accounts, user: &NewUser) -> Result<Uuid, Account
         .map(|(column, value)| sealed(column, value.as_deref()))
         .collect();
     let mut tx = accounts.pool.begin().await?;
+    refuse_taken_email(&mut tx, &blind_index, None).await?;
     let inserted = sqlx::query(
         "INSERT INTO users (id, role_id, email_blind_index, email_ct, first_name_ct, last_name_ct,
                             birth_date_ct, country_ct, gender_ct, location_ct, demographics_ct,
@@ -268,7 +273,7 @@ pub async fn create(accounts: &Accounts, user: &NewUser) -> Result<Uuid, Account
     )
     .bind(id)
     .bind(&user.role)
-    .bind(accounts.keys.email_blind_index(user.email.as_str()))
+    .bind(&blind_index)
     .bind(email_ct)
     .bind(&fields[0])
     .bind(&fields[1])
@@ -280,7 +285,8 @@ pub async fn create(accounts: &Accounts, user: &NewUser) -> Result<Uuid, Account
     .bind(&user.password_hash)
     .bind(&user.terms_version)
     .execute(&mut *tx)
-    .await?;
+    .await
+    .map_err(email_taken_or)?;
     if inserted.rows_affected() == 0 {
         return Err(AccountsError::Invalid {
             field: "role",
@@ -301,6 +307,45 @@ pub async fn create(accounts: &Accounts, user: &NewUser) -> Result<Uuid, Account
     tx.commit().await?;
     tracing::info!(user_id = %id, "created user");
     Ok(id)
+}
+
+/// The name of the unique index that holds one live account per email.
+const ONE_LIVE_ACCOUNT_PER_EMAIL: &str = "users_one_live_account_per_email";
+
+/// Refuses an email blind index that a live user other than `except` already has. The unique
+/// index decides races between two concurrent sign-ups ([`email_taken_or`]); this check gives
+/// the same answer without relying on the error of a failed insert.
+async fn refuse_taken_email(
+    tx: &mut sqlx::PgConnection,
+    blind_index: &[u8],
+    except: Option<Uuid>,
+) -> Result<(), AccountsError> {
+    let taken: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM users
+                        WHERE email_blind_index = $1 AND deleted_at IS NULL
+                          AND ($2::uuid IS NULL OR id <> $2))",
+    )
+    .bind(blind_index)
+    .bind(except)
+    .fetch_one(tx)
+    .await?;
+    if taken {
+        tracing::info!("refused an email that already has a live account");
+        return Err(AccountsError::EmailTaken);
+    }
+    Ok(())
+}
+
+/// Maps a violation of the one-live-account-per-email index to [`AccountsError::EmailTaken`].
+fn email_taken_or(e: sqlx::Error) -> AccountsError {
+    match &e {
+        sqlx::Error::Database(db)
+            if db.is_unique_violation() && db.constraint() == Some(ONE_LIVE_ACCOUNT_PER_EMAIL) =>
+        {
+            AccountsError::EmailTaken
+        }
+        _ => e.into(),
+    }
 }
 
 /// The user's data key, unwrapped.
@@ -396,7 +441,8 @@ pub async fn profile(accounts: &Accounts, user: Uuid) -> Result<Profile, Account
 }
 
 /// Changes a live user's profile: the fields given replace the stored ones (`None` clears a
-/// field); a new email also gets a new blind index.
+/// field); a new email also gets a new blind index, and is refused
+/// ([`AccountsError::EmailTaken`], nothing changed) if another live account has it.
 pub async fn update_profile(
     accounts: &Accounts,
     user: Uuid,
@@ -428,15 +474,18 @@ pub async fn update_profile(
         .await?;
     }
     if let Some(email) = email {
+        let blind_index = accounts.keys.email_blind_index(email.as_str());
+        refuse_taken_email(&mut tx, &blind_index, Some(user)).await?;
         sqlx::query(
             "UPDATE users SET email_ct = $2, email_blind_index = $3, updated_at = now()
              WHERE id = $1 AND deleted_at IS NULL",
         )
         .bind(user)
         .bind(seal("email_ct", email.as_str().as_bytes()))
-        .bind(accounts.keys.email_blind_index(email.as_str()))
+        .bind(&blind_index)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .map_err(email_taken_or)?;
     }
     tx.commit().await?;
     tracing::info!(user_id = %user, "updated profile");
@@ -510,25 +559,44 @@ pub async fn list_users(
     Ok(listing)
 }
 
-/// The live users with this email (equal emails under several users are allowed; each has its
-/// own ciphertext, and the blind index finds all of them).
-pub async fn find_by_email(accounts: &Accounts, email: &Email) -> Result<Vec<Uuid>, AccountsError> {
-    let ids = sqlx::query_scalar(
-        "SELECT id FROM users WHERE email_blind_index = $1 AND deleted_at IS NULL ORDER BY created_at",
+/// Records in `user`'s access log that an operator exported everything held about them
+/// (`biofeed admin user export`), the way `--show-pii` records each reveal: actor None (an
+/// operator at the CLI). Called before anything is decrypted, so an export that could not be
+/// audited does not happen.
+pub async fn audit_operator_export(accounts: &Accounts, user: Uuid) -> Result<(), AccountsError> {
+    crate::audit::record(
+        &accounts.pool,
+        &crate::audit::Entry {
+            actor: None,
+            subject: user,
+            action: "data.export",
+            resource: "export",
+            allowed: true,
+            detail: serde_json::json!({ "via": "admin user export" }),
+        },
     )
-    .bind(accounts.keys.email_blind_index(email.as_str()))
-    .fetch_all(&accounts.pool)
-    .await?;
-    Ok(ids)
+    .await
 }
 
-/// The one live user with this email.
+/// The live user with this email, if any (there is at most one: one live account per email).
+pub async fn find_by_email(
+    accounts: &Accounts,
+    email: &Email,
+) -> Result<Option<Uuid>, AccountsError> {
+    let id = sqlx::query_scalar(
+        "SELECT id FROM users WHERE email_blind_index = $1 AND deleted_at IS NULL",
+    )
+    .bind(accounts.keys.email_blind_index(email.as_str()))
+    .fetch_optional(&accounts.pool)
+    .await?;
+    Ok(id)
+}
+
+/// The live user with this email, or [`AccountsError::NoSuchUser`].
 pub async fn one_by_email(accounts: &Accounts, email: &Email) -> Result<Uuid, AccountsError> {
-    match find_by_email(accounts, email).await?.as_slice() {
-        [] => Err(AccountsError::NoSuchUser),
-        [one] => Ok(*one),
-        many => Err(AccountsError::AmbiguousUser(many.len())),
-    }
+    find_by_email(accounts, email)
+        .await?
+        .ok_or(AccountsError::NoSuchUser)
 }
 
 /// Decrypts a user's email (for the user themself, or an audited admin).

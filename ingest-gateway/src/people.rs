@@ -132,10 +132,13 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     parse_json(&read_body(headers, body, BODY_LIMIT).await?)
 }
 
-/// Creates an account.
+/// Creates an account. One live account per email: an email that already has one is refused
+/// with 409 and nothing is created (the password is hashed all the same, so a refused sign-up
+/// costs what a real one does).
 #[utoipa::path(post, path = "/v1/users", tag = "accounts", request_body = SignUp,
     responses(
         (status = 201, description = "created", body = SignedUp),
+        (status = 409, description = "this email already has an account", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "a field breaks a rule (named in `field`)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn sign_up(
@@ -166,6 +169,7 @@ pub async fn sign_up(
     }
     let email = Email::parse(&request.email)?;
     request.profile.validate()?;
+    // Hashed before the email is checked, so that a taken email costs a whole sign-up's work.
     let password_hash = hash_password(&state, request.password).await?;
     let user_id = users::create(
         &inner.accounts,
@@ -216,11 +220,7 @@ pub async fn log_in(
         &inner.login,
         &request.email,
         &request.password,
-        // The peer's address (absent when the router runs without connection info, e.g. in a
-        // test calling it directly; then only the per-account throttle applies).
-        extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(address)| address.ip()),
+        peer_address(&extensions),
     )
     .await;
     let outcome = match &attempt {
@@ -240,6 +240,41 @@ pub async fn log_in(
         expires_at: logged_in.expires_at.to_rfc3339(),
         user_id: logged_in.user_id,
     }))
+}
+
+/// The peer's address, for the per-address throttle (absent when the router runs without
+/// connection info, e.g. in a test calling it directly; then only the per-account throttle
+/// applies).
+fn peer_address(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(address)| address.ip())
+}
+
+/// Checks the caller's current password under the login throttle: 403 if wrong, 429 with
+/// `Retry-After` once the account or the address has used up its failures (even if right).
+async fn check_current_password(
+    state: &AppState,
+    user: Uuid,
+    password: &str,
+    extensions: &axum::http::Extensions,
+    wrong: &str,
+) -> Result<(), ApiError> {
+    let inner = &state.inner;
+    match login::check_password(
+        &inner.accounts,
+        &inner.passwords,
+        &inner.login,
+        user,
+        password,
+        peer_address(extensions),
+    )
+    .await
+    {
+        Ok(()) => Ok(()),
+        Err(login::LoginError::BadCredentials) => Err(ApiError::Forbidden(wrong.to_owned())),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Logs out: the token stops working at once.
@@ -298,16 +333,21 @@ pub async fn get_me(
     Ok(Json(users::profile(&state.inner.accounts, me).await?))
 }
 
-/// Changes one's own profile.
+/// Changes one's own profile. A password change needs the current password, checked under the
+/// failed-login throttle, and logs out every other login token of the person (the token the
+/// change was made with stays valid).
 #[utoipa::path(patch, path = "/v1/me", tag = "accounts", request_body = ProfilePatch,
     responses(
         (status = 200, description = "the changed profile", body = Object),
         (status = 403, description = "wrong current password", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the new email already has an account", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "a field breaks a rule (named in `field`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many failed password checks (logins included) for this account or address; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ), security(("login_token" = [])))]
 pub async fn patch_me(
     State(state): State<AppState>,
-    UserAuth { actor, .. }: UserAuth,
+    UserAuth { actor, token }: UserAuth,
+    extensions: axum::http::Extensions,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<Profile>, ApiError> {
@@ -337,36 +377,43 @@ pub async fn patch_me(
         }
     };
     let email = request.email.as_deref().map(Email::parse).transpose()?;
-    if let Some(password) = request.password {
-        let current_password = request.current_password.ok_or_else(|| {
-            ApiError::invalid("current_password", "is required to change the password")
-        })?;
-        if !login::check_password(&inner.accounts, &inner.passwords, me, &current_password).await? {
-            return Err(ApiError::Forbidden(
-                "the current password is wrong".to_owned(),
-            ));
-        }
-        let hash = hash_password(&state, password).await?;
-        sqlx::query("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1")
-            .bind(me)
-            .bind(hash)
-            .execute(&inner.accounts.pool)
+    let new_password_hash = match request.password {
+        None => None,
+        Some(password) => {
+            let current_password = request.current_password.ok_or_else(|| {
+                ApiError::invalid("current_password", "is required to change the password")
+            })?;
+            check_current_password(
+                &state,
+                me,
+                &current_password,
+                &extensions,
+                "the current password is wrong",
+            )
             .await?;
-    }
+            Some(hash_password(&state, password).await?)
+        }
+    };
     users::update_profile(&inner.accounts, me, email.as_ref(), &fields).await?;
+    if let Some(hash) = new_password_hash {
+        login::change_password(&inner.accounts.pool, me, &hash, &token).await?;
+    }
     Ok(Json(users::profile(&inner.accounts, me).await?))
 }
 
 /// Erases one's own account (GDPR article 17): the data key is destroyed, personal data and
-/// sessions deleted, and the points queued for deletion from ClickHouse. Cannot be undone.
+/// sessions deleted, and the points queued for deletion from ClickHouse. Cannot be undone. The
+/// password is checked under the failed-login throttle.
 #[utoipa::path(delete, path = "/v1/me", tag = "accounts", request_body = EraseMe,
     responses(
         (status = 200, description = "erased", body = Object),
         (status = 403, description = "wrong password", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many failed password checks (logins included) for this account or address; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ), security(("login_token" = [])))]
 pub async fn delete_me(
     State(state): State<AppState>,
     UserAuth { actor, .. }: UserAuth,
+    extensions: axum::http::Extensions,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<Erased>, ApiError> {
@@ -382,9 +429,14 @@ pub async fn delete_me(
     )
     .await?;
     let inner = &state.inner;
-    if !login::check_password(&inner.accounts, &inner.passwords, me, &request.password).await? {
-        return Err(ApiError::Forbidden("the password is wrong".to_owned()));
-    }
+    check_current_password(
+        &state,
+        me,
+        &request.password,
+        &extensions,
+        "the password is wrong",
+    )
+    .await?;
     let erased = erase::erase_user(&inner.accounts, me, Some(me)).await?;
     inner.auth_cache.invalidate_all();
     Ok(Json(erased))

@@ -214,7 +214,8 @@ impl From<biofeed_accounts::AccountsError> for ApiError {
             E::NoSuchRelationship => ApiError::NotFound("relationship"),
             E::Invalid { field, reason } => ApiError::invalid(field, reason),
             E::Conflict(detail) => ApiError::Conflict(detail),
-            other @ (E::Key(_) | E::AmbiguousUser(_)) => ApiError::Internal(other.into()),
+            E::EmailTaken => ApiError::Conflict("email already registered".to_owned()),
+            other @ E::Key(_) => ApiError::Internal(other.into()),
         }
     }
 }

@@ -24,7 +24,13 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
 
     let before = crate::helpers::run_biofeed(&["migrate", "--status"], &env()).await;
     assert_eq!(before.code, 0, "{before:?}");
-    assert!(before.stdout.contains("postgres: 5 pending"), "{before:?}");
+    let postgres_migrations = biofeed_migrations::postgres::MIGRATOR.iter().count();
+    assert!(
+        before
+            .stdout
+            .contains(&format!("postgres: {postgres_migrations} pending")),
+        "{before:?}"
+    );
     assert!(
         before.stdout.contains("clickhouse: 4 pending"),
         "{before:?}"
@@ -38,7 +44,9 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     let first = crate::helpers::run_biofeed(&["migrate"], &env()).await;
     assert_eq!(first.code, 0, "{first:?}");
     assert!(
-        first.stdout.contains("postgres: 5 applied now"),
+        first
+            .stdout
+            .contains(&format!("postgres: {postgres_migrations} applied now")),
         "{first:?}"
     );
     assert!(
@@ -286,4 +294,56 @@ async fn the_binary_refuses_a_database_migrated_from_other_files() {
     );
     let status = test.biofeed(&["migrate", "--status"]).await;
     assert_eq!(status.code, 4, "{status:?}");
+}
+
+/// The migration that makes emails unique among live accounts does not pick a winner among
+/// accounts already sharing an email: it refuses, says how many and how to resolve them, and
+/// applies once they are resolved (an erased account holds no email).
+#[tokio::test]
+async fn the_one_account_per_email_migration_refuses_live_duplicates_until_resolved() {
+    let test = Isolated::new().await;
+    biofeed_migrations::migrate(&test.settings).await.unwrap();
+    let pool = test.settings.stores.postgres.connect().await.unwrap();
+    let migration = biofeed_migrations::postgres::MIGRATOR
+        .iter()
+        .find(|m| m.description.contains("one live account per email"))
+        .expect("the migration exists");
+    // Back to the state before it, with one email under two live accounts.
+    sqlx::raw_sql(
+        "DROP INDEX users_one_live_account_per_email;
+         CREATE INDEX users_email_blind_index ON users (email_blind_index) WHERE deleted_at IS NULL;
+         INSERT INTO users (role_id, email_blind_index, email_ct)
+         SELECT id, '\\x01', '\\x02' FROM roles WHERE name = 'user';
+         INSERT INTO users (role_id, email_blind_index, email_ct)
+         SELECT id, '\\x01', '\\x03' FROM roles WHERE name = 'user';",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let refused = sqlx::raw_sql(&migration.sql)
+        .execute(&pool)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("1 emails have more than one live account")
+            && refused.contains("biofeed admin user erase"),
+        "{refused}"
+    );
+    // Erase one of them (as `erase` leaves a row: no PII, deleted_at set) and it applies.
+    sqlx::query(
+        "UPDATE users SET email_blind_index = NULL, email_ct = NULL, deleted_at = now()
+         WHERE email_ct = '\\x03'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::raw_sql(&migration.sql).execute(&pool).await.unwrap();
+    let unique: bool = sqlx::query_scalar(
+        "SELECT indisunique FROM pg_index WHERE indexrelid = 'users_one_live_account_per_email'::regclass",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(unique);
 }

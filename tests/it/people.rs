@@ -1,6 +1,8 @@
 //! The people-facing API and the access policy, over HTTP against a real gateway, Postgres and
 //! ClickHouse: sign-up, login, relationships and consent, the access matrix over every read
-//! endpoint and the export, minors, erasure, the login throttle and password rehashing.
+//! endpoint and the export, minors, erasure, the login throttle (logins and the password checks
+//! of `/v1/me`), password rehashing and changes, one live account per email, and the audit of an
+//! operator's export.
 
 use biofeed_accounts::passwords::{PasswordSettings, Passwords};
 use biofeed_accounts::users::{self, Email, NewUser, ProfileFields};
@@ -1002,4 +1004,316 @@ async fn people_register_and_revoke_only_their_own_devices() {
         .await;
     assert_eq!(status, 204);
     assert_eq!(gw.open_with(&token).await.0, 401, "revoked at once");
+}
+
+/// A sign-up through the API: status, content type and body.
+async fn sign_up_as(gw: &TestGateway, email: &str, password: &str) -> (u16, String, Value) {
+    let response = gw
+        .http
+        .post(format!("{}/v1/users", gw.url))
+        .json(&json!({
+            "email": email, "password": password, "accept_terms": "2026-11-01",
+            "profile": { "birth_date": born_years_ago(30), "country": "DE" },
+        }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (
+        status,
+        content_type,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// A request as a person with a JSON body: status and body.
+async fn send_as(
+    gw: &TestGateway,
+    method: reqwest::Method,
+    person: &Person,
+    path: &str,
+    body: Value,
+) -> (u16, Value, Option<String>) {
+    let response = gw
+        .as_person(method, person, path)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (
+        status,
+        response.json().await.unwrap_or(Value::Null),
+        retry_after,
+    )
+}
+
+#[tokio::test]
+async fn one_live_account_per_email_a_taken_email_creates_nothing_and_erasure_frees_it() {
+    let gw = TestGateway::spawn(&[]).await;
+    let ada = gw.sign_up("user", 30).await;
+    let accounts = gw.accounts().await;
+    let live_with_email = |email: String| {
+        let accounts = accounts.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM users WHERE email_blind_index = $1 AND deleted_at IS NULL",
+            )
+            .bind(accounts.keys.email_blind_index(&email))
+            .fetch_one(&accounts.pool)
+            .await
+            .unwrap()
+        }
+    };
+
+    // The same email again, in other letters' case and with another password: 409, nothing made.
+    let (status, content_type, problem) =
+        sign_up_as(&gw, &ada.email.to_uppercase(), "another long passphrase").await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(content_type, "application/problem+json");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("email already registered"),
+        "{problem}"
+    );
+    let local_part = ada.email.split('@').next().unwrap();
+    assert!(
+        !problem.to_string().to_lowercase().contains(local_part),
+        "the answer repeats the address: {problem}"
+    );
+    assert_eq!(live_with_email(ada.email.clone()).await, 1);
+    // Logins still reach ada's account alone, with ada's password alone.
+    assert_eq!(
+        gw.log_in(&ada.email, "another long passphrase")
+            .await
+            .unwrap_err()
+            .0,
+        401
+    );
+    gw.log_in(&ada.email, PASSWORD).await.unwrap();
+
+    // The database refuses a second live row too, whoever writes it.
+    let copied = sqlx::query(
+        "INSERT INTO users (role_id, email_blind_index, email_ct)
+         SELECT role_id, email_blind_index, email_ct FROM users WHERE id = $1",
+    )
+    .bind(ada.id)
+    .execute(&accounts.pool)
+    .await
+    .unwrap_err();
+    assert_eq!(
+        copied.as_database_error().and_then(|e| e.constraint()),
+        Some("users_one_live_account_per_email"),
+        "{copied}"
+    );
+
+    // Nor can another person move onto the email with a profile change.
+    let bob = gw.sign_up("user", 30).await;
+    let (status, problem, _) = send_as(
+        &gw,
+        reqwest::Method::PATCH,
+        &bob,
+        "/v1/me",
+        json!({ "email": ada.email }),
+    )
+    .await;
+    assert_eq!(status, 409, "{problem}");
+    assert_eq!(gw.read(&bob, "/v1/me").await.1["email"], bob.email);
+    assert_eq!(live_with_email(ada.email.clone()).await, 1);
+
+    // An erased account holds no email: it may be signed up again.
+    let (status, erased, _) = send_as(
+        &gw,
+        reqwest::Method::DELETE,
+        &ada,
+        "/v1/me",
+        json!({ "password": PASSWORD }),
+    )
+    .await;
+    assert_eq!(status, 200, "{erased}");
+    let (status, _, created) = sign_up_as(&gw, &ada.email, PASSWORD).await;
+    assert_eq!(status, 201, "{created}");
+    assert_ne!(created["user_id"], ada.id.to_string());
+}
+
+#[tokio::test]
+async fn password_checks_of_patch_and_delete_me_count_against_the_login_throttle() {
+    let gw = TestGateway::spawn(&[
+        "--login-max-failures",
+        "3",
+        "--login-max-failures-per-address",
+        "5",
+    ])
+    .await;
+    let ada = gw.sign_up("user", 30).await;
+    let bob = gw.sign_up("user", 30).await;
+    let change = |current: &str| json!({ "password": "a brand new passphrase", "current_password": current });
+
+    // Three wrong passwords on ada's account, through the profile and the erasure.
+    for _ in 0..2 {
+        let (status, problem, _) = send_as(
+            &gw,
+            reqwest::Method::PATCH,
+            &ada,
+            "/v1/me",
+            change("not my password"),
+        )
+        .await;
+        assert_eq!(status, 403, "{problem}");
+    }
+    let (status, problem, _) = send_as(
+        &gw,
+        reqwest::Method::DELETE,
+        &ada,
+        "/v1/me",
+        json!({ "password": "not my password" }),
+    )
+    .await;
+    assert_eq!(status, 403, "{problem}");
+
+    // Now the account waits, even with the right password: no change, no erasure, no login.
+    let (status, problem, retry_after) = send_as(
+        &gw,
+        reqwest::Method::PATCH,
+        &ada,
+        "/v1/me",
+        change(PASSWORD),
+    )
+    .await;
+    assert_eq!(status, 429, "{problem}");
+    let retry: u64 = retry_after.unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 900, "{retry}");
+    let (status, problem, retry_after) = send_as(
+        &gw,
+        reqwest::Method::DELETE,
+        &ada,
+        "/v1/me",
+        json!({ "password": PASSWORD }),
+    )
+    .await;
+    assert_eq!(status, 429, "{problem}");
+    assert!(retry_after.is_some());
+    assert_eq!(gw.log_in(&ada.email, PASSWORD).await.unwrap_err().0, 429);
+    assert_eq!(gw.read(&ada, "/v1/me").await.0, 200, "ada is not erased");
+
+    // The address counts too: two wrong guesses on bob's account make five from this address,
+    // and bob (two failures, under his own limit of three) now waits as well.
+    for _ in 0..2 {
+        let (status, problem, _) = send_as(
+            &gw,
+            reqwest::Method::PATCH,
+            &bob,
+            "/v1/me",
+            change("not my password"),
+        )
+        .await;
+        assert_eq!(status, 403, "{problem}");
+    }
+    let (status, problem, _) = send_as(
+        &gw,
+        reqwest::Method::PATCH,
+        &bob,
+        "/v1/me",
+        change(PASSWORD),
+    )
+    .await;
+    assert_eq!(status, 429, "{problem}");
+}
+
+#[tokio::test]
+async fn a_password_change_logs_out_the_other_login_tokens_and_keeps_its_own() {
+    let gw = TestGateway::spawn(&[]).await;
+    let ada = gw.sign_up("user", 30).await;
+    let elsewhere = Person {
+        token: gw.log_in(&ada.email, PASSWORD).await.unwrap(),
+        ..ada.clone()
+    };
+    assert_eq!(gw.read(&elsewhere, "/v1/me").await.0, 200);
+    let new_password = "a brand new passphrase";
+    let (status, body, _) = send_as(
+        &gw,
+        reqwest::Method::PATCH,
+        &ada,
+        "/v1/me",
+        json!({ "password": new_password, "current_password": PASSWORD }),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        gw.read(&elsewhere, "/v1/me").await.0,
+        401,
+        "the other token is revoked"
+    );
+    assert_eq!(
+        gw.read(&ada, "/v1/me").await.0,
+        200,
+        "the changing token stays"
+    );
+    assert_eq!(gw.log_in(&ada.email, PASSWORD).await.unwrap_err().0, 401);
+    gw.log_in(&ada.email, new_password).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_operators_export_is_in_the_subjects_access_log() {
+    let gw = TestGateway::spawn(&[]).await;
+    let ada = gw.sign_up("user", 30).await;
+    let exports_in_log = |log: &Value| {
+        log.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["action"] == "data.export" && r["actor_id"].is_null())
+            .count()
+    };
+    let (status, log) = gw
+        .read(&ada, &format!("/v1/users/{}/access-log", ada.id))
+        .await;
+    assert_eq!(status, 200, "{log}");
+    assert_eq!(exports_in_log(&log), 0, "{log}");
+
+    let export = gw
+        .stores
+        .biofeed(&[
+            "admin",
+            "user",
+            "export",
+            &ada.id.to_string(),
+            "--master-key",
+            &gw.keys.master_key().to_base64(),
+            "--blind-index-key",
+            &gw.keys.blind_index_key.to_base64(),
+        ])
+        .await;
+    assert_eq!(export.code, 0, "{export:?}");
+    assert!(
+        export.stdout.contains(&ada.email),
+        "the profile was exported"
+    );
+
+    let (status, log) = gw
+        .read(&ada, &format!("/v1/users/{}/access-log", ada.id))
+        .await;
+    assert_eq!(status, 200, "{log}");
+    assert_eq!(exports_in_log(&log), 1, "{log}");
+    let record = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["action"] == "data.export")
+        .unwrap();
+    assert_eq!(
+        (record["resource"].as_str(), record["allowed"].as_bool()),
+        (Some("export"), Some(true)),
+        "{record}"
+    );
 }

@@ -101,6 +101,7 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
     // Unique PII, so that any copy of it anywhere is found.
     let tag = Uuid::new_v4().simple().to_string()[..10].to_owned();
     let email = format!("pii.{tag}@example.org");
+    let twin_email = format!("pii.twin.{tag}@example.org");
     let secrets = [
         email.clone(),
         format!("Zephyrine{tag}"),
@@ -111,6 +112,7 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         format!("Cartographer{tag}"),
         format!("Observatory {tag}"),
         "1961-07-29".to_owned(),
+        twin_email.clone(),
     ];
     let profile = json!({
         "first_name": secrets[1], "last_name": secrets[2], "location": secrets[3],
@@ -118,11 +120,11 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         "birth_date": secrets[8], "country": "DE",
     });
     let mut ids = Vec::new();
-    for _ in 0..2 {
-        // The same email under two people (a parent's address on a child's account, say).
+    // The same profile under two people (twins, say), each with their own email.
+    for address in [&email, &twin_email] {
         let response = http
             .post(format!("{url}/v1/users"))
-            .json(&json!({ "email": email, "password": PASSWORD, "accept_terms": "2026-11-01", "profile": profile }))
+            .json(&json!({ "email": address, "password": PASSWORD, "accept_terms": "2026-11-01", "profile": profile }))
             .send()
             .await
             .unwrap();
@@ -130,7 +132,16 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         let body: Value = response.json().await.unwrap();
         ids.push(body["user_id"].as_str().unwrap().parse::<Uuid>().unwrap());
     }
-    // Refused input that carries the PII: the refusals must not repeat it either.
+    // Refused input that carries the PII: the refusals must not repeat it either (a taken
+    // email, a short password).
+    let taken = http
+        .post(format!("{url}/v1/users"))
+        .json(&json!({ "email": email, "password": PASSWORD, "accept_terms": "2026-11-01", "profile": profile }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status(), 409);
+    let taken_text = taken.text().await.unwrap();
     let refused = http
         .post(format!("{url}/v1/users"))
         .json(&json!({ "email": email, "password": "short", "accept_terms": "2026-11-01", "profile": profile }))
@@ -138,7 +149,7 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 422);
-    let refused_text = refused.text().await.unwrap();
+    let refused_text = format!("{taken_text}{}", refused.text().await.unwrap());
     let wrong = http
         .post(format!("{url}/v1/auth/login"))
         .json(&json!({ "email": email, "password": "a wrong password" }))
@@ -306,25 +317,24 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         }
     }
 
-    // The same email under two users: different ciphertexts, and the blind index finds both.
+    // The same plaintext under two users: different ciphertexts, so equal values are not
+    // linkable; the blind index finds the one live account of an email.
     let accounts = Accounts {
         pool: stores.settings.stores.postgres.connect().await.unwrap(),
         keys: keys.clone(),
     };
     let ciphertexts: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT email_ct FROM users WHERE id = ANY($1)")
+        sqlx::query_scalar("SELECT first_name_ct FROM users WHERE id = ANY($1)")
             .bind(&ids)
             .fetch_all(&accounts.pool)
             .await
             .unwrap();
     assert_eq!(ciphertexts.len(), 2);
     assert_ne!(ciphertexts[0], ciphertexts[1]);
-    let mut found = users::find_by_email(&accounts, &users::Email::parse(&email).unwrap())
+    let found = users::find_by_email(&accounts, &users::Email::parse(&email).unwrap())
         .await
         .unwrap();
-    found.sort();
-    ids.sort();
-    assert_eq!(found, ids);
+    assert_eq!(found, Some(ids[0]));
 
     // A tampered ciphertext is an error, never garbage.
     sqlx::query("UPDATE users SET first_name_ct = set_byte(first_name_ct, 20, get_byte(first_name_ct, 20) # 1) WHERE id = $1")
@@ -446,6 +456,20 @@ async fn the_admin_cli_lists_without_pii_unless_asked_and_audits_the_reveal() {
         guardian.stdout.trim().to_owned(),
         child.stdout.trim().to_owned(),
     );
+    // One live account per email, whatever its case: a taken email is refused until the
+    // operator acts (exit 4), names no address, and creates nothing (the listings below hold
+    // two users).
+    let taken = run(args(
+        "admin user create --email GUARD@Example.org --role guardian",
+    ))
+    .await;
+    assert_eq!(taken.code, 4, "{taken:?}");
+    assert!(
+        taken.stderr.contains("already has an account")
+            && !taken.stderr.to_lowercase().contains("guard@")
+            && taken.stdout.is_empty(),
+        "{taken:?}"
+    );
 
     let list = run(args("admin user list")).await;
     assert_eq!(list.code, 0, "{list:?}");
@@ -509,6 +533,9 @@ async fn the_admin_cli_lists_without_pii_unless_asked_and_audits_the_reveal() {
     let again = run(args(&format!("admin user erase {child} --yes"))).await;
     assert_eq!(again.code, 1, "{again:?}");
     assert!(again.stderr.contains("no such user"), "{again:?}");
+    // An erased account holds no email: it may be used again.
+    let anew = run(args("admin user create --email kid@example.org")).await;
+    assert_eq!(anew.code, 0, "{anew:?}");
     // Bad arguments name the problem and never echo a key.
     let bad = run(args("admin user create --email not-an-email")).await;
     assert_eq!(bad.code, 2, "{bad:?}");
