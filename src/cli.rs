@@ -225,7 +225,8 @@ pub struct JobsArgs {
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// Run one job now (under the same lease as the runners, so never beside another run of it);
-    /// a failure is recorded in failed_jobs. Prints how many items it handled.
+    /// a failure is recorded in failed_jobs. Prints how many items it handled. If the lease is
+    /// lost meanwhile (taken over, or not renewable), the job is stopped and this exits 1.
     #[command(after_help = AFTER_HELP)]
     Run {
         /// The job.
@@ -249,7 +250,8 @@ pub enum JobsCommand {
         settings: Box<biofeed_jobs::JobsSettings>,
     },
     /// Re-run failed jobs now: one by id, or every unresolved one with --all. A success marks
-    /// the row resolved; a failure counts an attempt and keeps the error.
+    /// the row resolved; a failure counts an attempt and keeps the error. Each runs under its
+    /// job's lease, like a runner's run, so it waits for a running instance of that job to end.
     #[command(after_help = AFTER_HELP)]
     Retry {
         /// The failed job's id (from `biofeed jobs failed`).

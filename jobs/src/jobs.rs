@@ -16,6 +16,13 @@ use crate::JobsOptions;
 /// Sessions handled per statement by the rollups and metrics jobs.
 const BATCH: i64 = 100;
 
+/// Sessions sent to `session_facts` per page by the analyst sync.
+pub const SYNC_BATCH: u64 = 50_000;
+
+/// How far before its watermark the analyst sync starts reading again: a session stamped
+/// (`updated_at`, its transaction's start) before the watermark may commit after it.
+const SYNC_OVERLAP: Duration = Duration::from_secs(5);
+
 /// The jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -63,7 +70,7 @@ impl Job {
 #[derive(Debug, thiserror::Error)]
 #[error("{connection}: {message}")]
 pub struct JobError {
-    /// `postgres`, `clickhouse` or `kafka`.
+    /// `postgres`, `clickhouse` or `kafka`; `none` when the job itself failed (it panicked).
     pub connection: &'static str,
     /// What failed.
     pub message: String,
@@ -485,8 +492,52 @@ impl Context {
         Ok(pending.len() as u64)
     }
 
-    /// Mirrors sessions changed since the last sync to `session_facts`.
+    /// Mirrors sessions changed since the last sync to `session_facts`, however many: it pages
+    /// through them in `(updated_at, id)` order, [`SYNC_BATCH`] at a time, until none is left,
+    /// saving its progress after each page.
+    ///
+    /// The watermark `synced_through` is where the next run starts, less [`SYNC_OVERLAP`]: a row
+    /// stamped a little earlier may commit later (its transaction was still open), and re-sending
+    /// a fact is harmless (the newest version wins). After a page it is that page's last
+    /// `updated_at`; after the last page, the time this run began (rows stamped before then and
+    /// committed later are within the overlap), so a burst of changes is not sent again and again.
     async fn analyst_sync(&self) -> Result<u64, JobError> {
+        let began: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await?;
+        let watermark: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT (watermark->>'synced_through')::timestamptz FROM job_schedule WHERE job = 'analyst_sync'",
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        let overlap = chrono::Duration::from_std(SYNC_OVERLAP).unwrap_or_default();
+        let mut after: Option<(chrono::DateTime<chrono::Utc>, Uuid)> =
+            watermark.map(|w| (w - overlap, Uuid::nil()));
+        let mut synced = 0u64;
+        loop {
+            let page = self.sync_page(after, SYNC_BATCH).await?;
+            synced += page.sent;
+            match page.last {
+                Some(last) if page.sent == SYNC_BATCH => {
+                    self.save_sync_watermark(last.0).await?;
+                    after = Some(last);
+                }
+                _ => {
+                    self.save_sync_watermark(began).await?;
+                    return Ok(synced);
+                }
+            }
+        }
+    }
+
+    /// Sends the facts of at most `limit` sessions changed after `after` (`(updated_at, id)`,
+    /// exclusive; every session if None) to `session_facts`, in that order.
+    async fn sync_page(
+        &self,
+        after: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
+        limit: u64,
+    ) -> Result<SyncPage, JobError> {
         #[derive(Row, Serialize)]
         struct Fact {
             #[serde(with = "clickhouse::serde::uuid")]
@@ -499,14 +550,6 @@ impl Context {
             ended_at: Option<u32>,
             version: u64,
         }
-        let watermark: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
-            "SELECT (watermark->>'synced_through')::timestamptz FROM job_schedule WHERE job = 'analyst_sync'",
-        )
-        .fetch_optional(&self.pool)
-        .await?
-        .flatten();
-        // Rows updated in the last second may still gain siblings in open transactions: the
-        // window overlaps, and re-sending a fact is harmless (newest version wins).
         type SessionRow = (
             Uuid,
             Uuid,
@@ -517,21 +560,25 @@ impl Context {
             i64,
             chrono::DateTime<chrono::Utc>,
         );
-        let rows: Vec<SessionRow> =
-            sqlx::query_as(
-                "SELECT s.id, s.user_id, e.name, s.status, extract(epoch FROM s.started_at)::bigint,
-                        extract(epoch FROM s.ended_at)::bigint,
-                        (extract(epoch FROM s.updated_at) * 1000000)::bigint, s.updated_at
-                 FROM sessions s JOIN exercises e ON e.id = s.exercise_id
-                 WHERE $1::timestamptz IS NULL OR s.updated_at >= $1::timestamptz - interval '5 seconds'
-                 ORDER BY s.updated_at LIMIT 50000",
-            )
-            .bind(watermark)
-            .fetch_all(&self.pool)
-            .await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
+        let rows: Vec<SessionRow> = sqlx::query_as(
+            "SELECT s.id, s.user_id, e.name, s.status, extract(epoch FROM s.started_at)::bigint,
+                    extract(epoch FROM s.ended_at)::bigint,
+                    (extract(epoch FROM s.updated_at) * 1000000)::bigint, s.updated_at
+             FROM sessions s JOIN exercises e ON e.id = s.exercise_id
+             WHERE $1::timestamptz IS NULL OR (s.updated_at, s.id) > ($1::timestamptz, $2::uuid)
+             ORDER BY s.updated_at, s.id LIMIT $3",
+        )
+        .bind(after.map(|(at, _)| at))
+        .bind(after.map(|(_, id)| id))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(last) = rows.last().map(|r| (r.7, r.0)) else {
+            return Ok(SyncPage {
+                sent: 0,
+                last: None,
+            });
+        };
         let mut insert = self
             .clickhouse
             .client()
@@ -551,14 +598,31 @@ impl Context {
                 .await?;
         }
         insert.end().await?;
-        let through = rows.last().map(|r| r.7);
+        Ok(SyncPage {
+            sent: rows.len() as u64,
+            last: Some(last),
+        })
+    }
+
+    /// Moves the analyst sync's watermark forward to `through` (never back).
+    async fn save_sync_watermark(
+        &self,
+        through: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), JobError> {
         sqlx::query(
-            "UPDATE job_schedule SET watermark = jsonb_set(watermark, '{synced_through}', to_jsonb($1::timestamptz))
+            "UPDATE job_schedule SET watermark = jsonb_set(watermark, '{synced_through}',
+                    to_jsonb(greatest($1::timestamptz, (watermark->>'synced_through')::timestamptz)))
              WHERE job = 'analyst_sync'",
         )
         .bind(through)
         .execute(&self.pool)
         .await?;
-        Ok(rows.len() as u64)
+        Ok(())
     }
+}
+
+/// One page of the analyst sync: how many facts it sent, and the `(updated_at, id)` of the last.
+struct SyncPage {
+    sent: u64,
+    last: Option<(chrono::DateTime<chrono::Utc>, Uuid)>,
 }

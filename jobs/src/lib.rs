@@ -6,9 +6,11 @@
 //! tables `rollups_1s`, `rollups_1m`, `session_metrics` and `session_facts`.
 //!
 //! Architecture invariants: a runner claims a job with `FOR UPDATE SKIP LOCKED` and holds a
-//! lease while it runs, and every run is a unique `(job, instance)` row, so any number of runners
-//! can run side by side and never run the same instance at once; every job is idempotent
-//! (computed from `points FINAL`, deletes verified), so a retry or a re-run is always safe.
+//! lease while it runs — stopping the job if it cannot renew the lease — and every run is a
+//! unique `(job, instance)` row, so any number of runners can run side by side and never run the
+//! same instance at once; every job is idempotent (computed from `points FINAL`, deletes
+//! verified), so a retry, a re-run or stopping it anywhere is always safe; a job's panic is a
+//! failure of that run, never of the runner.
 //! Purge and erasure delete only after the consumer group's committed offsets passed the points
 //! topic's end as it was after the sessions closed or the people were erased
 //! ([`consumer_progress`]), so no row of theirs lands after the deletion.
@@ -39,8 +41,9 @@ pub struct JobsOptions {
           default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub concurrency: u32,
 
-    /// How long a claimed job is leased; renewed while it runs, taken over by another runner if
-    /// this one dies.
+    /// How long a claimed job is leased; renewed every third of it while it runs, taken over by
+    /// another runner if this one dies. A runner that finds its lease taken over, or cannot renew
+    /// it for this long, stops the job.
     #[arg(long = "jobs-lease", id = "jobs_lease", value_name = "DURATION", env = "BIOFEED_JOBS_LEASE",
           default_value = "60s", value_parser = parse_duration)]
     pub lease: Duration,

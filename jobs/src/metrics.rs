@@ -1,4 +1,5 @@
-//! Prometheus metrics of the runner: runs by job and outcome, and run durations.
+//! Prometheus metrics of the runner: runs by job and outcome (ok, failed, lease_lost), and run
+//! durations.
 
 use std::time::Duration;
 
@@ -15,8 +16,30 @@ use crate::Job;
 pub struct RunLabels {
     /// The job.
     pub job: &'static str,
-    /// `ok` or `failed`.
+    /// `ok`, `failed` or `lease_lost`.
     pub outcome: &'static str,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The job succeeded.
+    Ok,
+    /// The job returned an error or panicked.
+    Failed,
+    /// The runner lost the lease and stopped the job (another runner holds it).
+    LeaseLost,
+}
+
+impl RunOutcome {
+    /// Its label in metrics (and, for `ok` and `failed`, in `job_runs.outcome`).
+    pub fn label(self) -> &'static str {
+        match self {
+            RunOutcome::Ok => "ok",
+            RunOutcome::Failed => "failed",
+            RunOutcome::LeaseLost => "lease_lost",
+        }
+    }
 }
 
 /// Labels of a duration.
@@ -55,7 +78,7 @@ impl JobMetrics {
         let sub = registry.sub_registry_with_prefix("biofeed_jobs");
         sub.register(
             "runs",
-            "job runs by job and outcome (ok, failed)",
+            "job runs by job and outcome (ok, failed, lease_lost)",
             metrics.runs.clone(),
         );
         sub.register(
@@ -67,11 +90,11 @@ impl JobMetrics {
     }
 
     /// Records one run.
-    pub fn observe(&self, job: Job, ok: bool, elapsed: Duration) {
+    pub fn observe(&self, job: Job, outcome: RunOutcome, elapsed: Duration) {
         self.runs
             .get_or_create(&RunLabels {
                 job: job.name(),
-                outcome: if ok { "ok" } else { "failed" },
+                outcome: outcome.label(),
             })
             .inc();
         self.durations

@@ -4,11 +4,16 @@
 //!
 //! Claiming: `job_schedule` has one row per job; a runner takes a due, unleased row with
 //! `FOR UPDATE SKIP LOCKED`, leases it, and records the run as `(job, instance_at)` in `job_runs`
-//! (unique). The lease is renewed while the job runs; if the runner dies, the lease expires and
-//! another runner takes the same instance over. A failure writes (or updates) a `failed_jobs` row
-//! with the connection that failed and the error; it is retried automatically after
+//! (unique). The lease is renewed every third of `BIOFEED_JOBS_LEASE` while the job runs; if the
+//! runner dies, the lease expires and another runner takes the job over. A runner that cannot
+//! renew — another runner holds the lease now, or Postgres did not answer for a whole lease —
+//! stops the job at once (it is idempotent, so stopping anywhere is safe): the run is finished
+//! without an outcome, counted as `lease_lost`, and no `failed_jobs` row is written (losing the
+//! lease is not the job's failure; the new holder runs it). A failure — an error, or a panic of
+//! the job, whose message becomes the error — writes (or updates) a `failed_jobs` row with the
+//! connection that failed (`none` for a panic) and the error; it is retried automatically after
 //! `BIOFEED_JOBS_RETRY_BACKOFF`, doubling, until `BIOFEED_JOBS_MAX_ATTEMPTS`, then waits for
-//! `biofeed jobs retry`.
+//! `biofeed jobs retry`. Either way the lease is released and the runner goes on serving.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +26,7 @@ use uuid::Uuid;
 
 use crate::consumer_progress::ConsumerProgress;
 use crate::jobs::{Context, Job, JobError};
-use crate::metrics::JobMetrics;
+use crate::metrics::{JobMetrics, RunOutcome};
 use crate::{JobsOptions, JobsSettings};
 
 /// How often the scheduler looks for due work.
@@ -121,44 +126,117 @@ fn backoff(settings: &JobsOptions, attempts: i32) -> f64 {
     (settings.retry_backoff.as_secs_f64() * 2f64.powi(doublings)).min(1800.0)
 }
 
+/// Why a run did not end with its job's success.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The job failed (an error or a panic); recorded in `failed_jobs`.
+    #[error(transparent)]
+    Failed(#[from] JobError),
+    /// The runner lost the job's lease and stopped the job; not recorded in `failed_jobs`.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
+}
+
+impl From<sqlx::Error> for RunError {
+    fn from(e: sqlx::Error) -> Self {
+        RunError::Failed(e.into())
+    }
+}
+
+/// Why a runner stopped holding a job's lease, and so stopped the job.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseLost {
+    /// The renewal matched no row: another runner holds the lease now (it expired and was
+    /// claimed again), or it was released.
+    #[error("the lease of {job} was taken over by another runner; the job was stopped")]
+    TakenOver {
+        /// The job.
+        job: &'static str,
+    },
+    /// No renewal succeeded for a whole lease, so another runner may hold it by now.
+    #[error(
+        "the lease of {job} could not be renewed for {lease:?} ({error}); the job was stopped"
+    )]
+    Unrenewable {
+        /// The job.
+        job: &'static str,
+        /// The lease.
+        lease: Duration,
+        /// The last renewal's error.
+        error: String,
+    },
+}
+
+/// A job claimed under a lease.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    job: Job,
+    /// The instance, unique per job in `job_runs`.
+    instance: DateTime<Utc>,
+    /// The failed_jobs row this run retries.
+    failed: Option<i64>,
+    /// Taken just before the claiming statement: the lease runs at least from then.
+    leased_at: Instant,
+}
+
 /// Runs `job` once, now, under the same lease as a scheduled run (so it never overlaps a
 /// runner's run of it); a failure is recorded in `failed_jobs` like any other — including
-/// ClickHouse not answering at all.
+/// ClickHouse not answering at all. Losing the lease stops the job and is returned as
+/// [`RunError::LeaseLost`].
 pub async fn run_once(settings: &JobsSettings, job: Job) -> anyhow::Result<u64> {
     let pool = settings.postgres.connect().await?;
     let ctx = context_recording(settings, pool, &[(job, None)]).await?;
     let metrics = JobMetrics::default();
     ensure_schedule(&ctx.pool).await?;
     let runner = runner_name();
-    let lease = settings.options.lease.as_secs_f64();
-    let deadline = Instant::now() + settings.options.lease * 2;
-    let instance = loop {
+    let (instance, leased_at) =
+        lease_when_free(&ctx.pool, &runner, job, ctx.settings.lease).await?;
+    let claim = Claim {
+        job,
+        instance,
+        failed: None,
+        leased_at,
+    };
+    let outcome = execute(&ctx, &metrics, &runner, &claim).await;
+    release(&ctx, &runner, job).await;
+    // The inner error itself, so that callers find a `JobError` in the chain (the binary's exit
+    // code tells a backend's failure by it).
+    outcome.map_err(|e| match e {
+        RunError::Failed(e) => anyhow::Error::from(e),
+        RunError::LeaseLost(e) => anyhow::Error::from(e),
+    })
+}
+
+/// Leases `job` to `runner` as soon as no other runner holds it, waiting at most two leases;
+/// returns the instance (the claim's time) and when the lease began at the earliest.
+async fn lease_when_free(
+    pool: &PgPool,
+    runner: &str,
+    job: Job,
+    lease: Duration,
+) -> anyhow::Result<(DateTime<Utc>, Instant)> {
+    let deadline = Instant::now().checked_add(lease.saturating_mul(2));
+    loop {
+        let leased_at = Instant::now();
         let claimed: Option<DateTime<Utc>> = sqlx::query_scalar(
             "UPDATE job_schedule SET leased_by = $2, lease_until = now() + make_interval(secs => $3)
-             WHERE job = $1 AND (lease_until IS NULL OR lease_until < now()) RETURNING now()",
+             WHERE job = $1 AND (lease_until IS NULL OR lease_until < now()) RETURNING clock_timestamp()",
         )
         .bind(job.name())
-        .bind(&runner)
-        .bind(lease)
-        .fetch_optional(&ctx.pool)
+        .bind(runner)
+        .bind(lease.as_secs_f64())
+        .fetch_optional(pool)
         .await?;
         if let Some(at) = claimed {
-            break at;
+            return Ok((at, leased_at));
         }
         anyhow::ensure!(
-            Instant::now() < deadline,
+            deadline.is_none_or(|d| Instant::now() < d),
             "another runner has been running {} for too long",
             job.name()
         );
         tokio::time::sleep(TICK).await;
-    };
-    let outcome = execute(&ctx, &metrics, &runner, job, instance, None).await;
-    sqlx::query("UPDATE job_schedule SET leased_by = NULL, lease_until = NULL WHERE job = $1 AND leased_by = $2")
-        .bind(job.name())
-        .bind(&runner)
-        .execute(&ctx.pool)
-        .await?;
-    Ok(outcome?)
+    }
 }
 
 async fn ensure_schedule(pool: &PgPool) -> Result<(), sqlx::Error> {
@@ -172,20 +250,26 @@ async fn ensure_schedule(pool: &PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Runs one instance of a claimed job: records the run, renews the lease meanwhile, and records
-/// a failure (or the resolution of `failed`, the failed_jobs row being retried).
+/// Runs one instance of a claimed job: records the run, renews the lease meanwhile (stopping
+/// the job if the lease is lost), and records a failure — an error or a panic — or the
+/// resolution of `claim.failed`, the failed_jobs row being retried.
 async fn execute(
     ctx: &Context,
     metrics: &JobMetrics,
     runner: &str,
-    job: Job,
-    instance: DateTime<Utc>,
-    failed: Option<i64>,
-) -> Result<u64, JobError> {
+    claim: &Claim,
+) -> Result<u64, RunError> {
+    let Claim {
+        job,
+        instance,
+        failed,
+        leased_at,
+    } = *claim;
     let pool = &ctx.pool;
     let run: Option<i64> = sqlx::query_scalar(
         "INSERT INTO job_runs (job, instance_at, runner) VALUES ($1, $2, $3)
-         ON CONFLICT (job, instance_at) DO UPDATE SET runner = EXCLUDED.runner, started_at = now()
+         ON CONFLICT (job, instance_at) DO UPDATE
+           SET runner = EXCLUDED.runner, started_at = now(), finished_at = NULL
            WHERE job_runs.outcome IS NULL
          RETURNING id",
     )
@@ -199,36 +283,37 @@ async fn execute(
         return Ok(0);
     };
     let started = Instant::now();
-    let renew = {
-        let pool = pool.clone();
-        let runner = runner.to_owned();
-        let lease = ctx.settings.lease;
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                let _ = sqlx::query(
-                    "UPDATE job_schedule SET lease_until = now() + make_interval(secs => $3)
-                     WHERE job = $1 AND leased_by = $2",
-                )
-                .bind(job.name())
-                .bind(&runner)
-                .bind(lease.as_secs_f64())
-                .execute(&pool)
-                .await;
-            }
-        })
-    };
-    let outcome = ctx.run(job).await;
-    renew.abort();
+    let ending = run_leased(ctx, runner, job, leased_at).await;
     let elapsed = started.elapsed();
-    metrics.observe(job, outcome.is_ok(), elapsed);
-    let (label, items) = match &outcome {
-        Ok(items) => ("ok", Some(i64::try_from(*items).unwrap_or(i64::MAX))),
-        Err(_) => ("failed", None),
+    let outcome = match ending {
+        Ending::Finished(outcome) => outcome,
+        Ending::Panicked(message) => {
+            tracing::error!(job = job.name(), panic = %message, "job panicked");
+            Err(JobError {
+                connection: "none",
+                message: format!("panicked: {message}"),
+            })
+        }
+        Ending::LeaseLost(lost) => {
+            metrics.observe(job, RunOutcome::LeaseLost, elapsed);
+            tracing::warn!(job = job.name(), %instance, error = %lost, "lease lost; job stopped");
+            abandon(pool, run, failed).await;
+            return Err(lost.into());
+        }
+    };
+    let result = if outcome.is_ok() {
+        RunOutcome::Ok
+    } else {
+        RunOutcome::Failed
+    };
+    metrics.observe(job, result, elapsed);
+    let items = match &outcome {
+        Ok(items) => Some(i64::try_from(*items).unwrap_or(i64::MAX)),
+        Err(_) => None,
     };
     sqlx::query("UPDATE job_runs SET finished_at = now(), outcome = $2, items = $3 WHERE id = $1")
         .bind(run)
-        .bind(label)
+        .bind(result.label())
         .bind(items)
         .execute(pool)
         .await?;
@@ -247,7 +332,173 @@ async fn execute(
             record_failure(&ctx.pool, &ctx.settings, job, e, failed).await?;
         }
     }
-    outcome
+    Ok(outcome?)
+}
+
+/// How a job's task ended, as the runner sees it.
+enum Ending {
+    /// It returned.
+    Finished(Result<u64, JobError>),
+    /// It panicked, with this message.
+    Panicked(String),
+    /// The lease was lost and the task aborted.
+    LeaseLost(LeaseLost),
+}
+
+/// Runs `job` in a task of its own while keeping `runner`'s lease of it: a panic ends the task
+/// only (and is reported), and losing the lease aborts the task before this returns.
+async fn run_leased(ctx: &Context, runner: &str, job: Job, leased_at: Instant) -> Ending {
+    let mut task = AbortOnDrop(tokio::spawn({
+        let ctx = ctx.clone();
+        async move {
+            #[cfg(feature = "testsuite")]
+            testsuite::panic_if_asked(job);
+            ctx.run(job).await
+        }
+    }));
+    tokio::select! {
+        biased;
+        joined = &mut task.0 => match joined {
+            Ok(outcome) => Ending::Finished(outcome),
+            Err(e) => Ending::Panicked(panic_message(e)),
+        },
+        lost = keep_lease(&ctx.pool, runner, job, ctx.settings.lease, leased_at) => {
+            task.0.abort();
+            // Wait until the job is really gone: it stops at its next await point.
+            let _ = (&mut task.0).await;
+            Ending::LeaseLost(lost)
+        }
+    }
+}
+
+/// A job's task, aborted when dropped, so that no job outlives the run that started it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic without a message".to_owned()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Renews `runner`'s lease of `job` every third of a lease, and returns only when the lease is
+/// lost: a renewal matched no row, or none succeeded for a whole lease since the last success
+/// (since `leased_at` at first) — the lease may have expired and been claimed again by then.
+async fn keep_lease(
+    pool: &PgPool,
+    runner: &str,
+    job: Job,
+    lease: Duration,
+    leased_at: Instant,
+) -> LeaseLost {
+    let mut renewed = leased_at;
+    let mut wait = lease / 3;
+    let mut last_error = "no renewal answered".to_owned();
+    loop {
+        tokio::time::sleep(wait).await;
+        let attempt = Instant::now();
+        let left = renewed.checked_add(lease).map_or(Duration::MAX, |until| {
+            until.saturating_duration_since(attempt)
+        });
+        if left.is_zero() {
+            return LeaseLost::Unrenewable {
+                job: job.name(),
+                lease,
+                error: last_error,
+            };
+        }
+        match tokio::time::timeout(left, renew(pool, runner, job, lease)).await {
+            Ok(Ok(true)) => {
+                renewed = attempt;
+                wait = lease / 3;
+            }
+            Ok(Ok(false)) => return LeaseLost::TakenOver { job: job.name() },
+            Ok(Err(e)) => {
+                tracing::warn!(job = job.name(), error = %e, "cannot renew the lease; retrying");
+                last_error = e.to_string();
+                // Sooner than usual: the lease runs out a third earlier with every miss.
+                wait = lease / 10;
+            }
+            Err(_) => {
+                return LeaseLost::Unrenewable {
+                    job: job.name(),
+                    lease,
+                    error: "the renewal did not answer in time".to_owned(),
+                }
+            }
+        }
+    }
+}
+
+/// Extends `runner`'s lease of `job`; false if `runner` does not hold it.
+async fn renew(
+    pool: &PgPool,
+    runner: &str,
+    job: Job,
+    lease: Duration,
+) -> Result<bool, sqlx::Error> {
+    let renewed = sqlx::query(
+        "UPDATE job_schedule SET lease_until = now() + make_interval(secs => $3)
+         WHERE job = $1 AND leased_by = $2",
+    )
+    .bind(job.name())
+    .bind(runner)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(renewed.rows_affected() == 1)
+}
+
+/// The bookkeeping of a run stopped because its lease was lost: finished without an outcome
+/// (the instance is not done, and may be run again), and a retried failed job due again at once
+/// (its retry did not happen; it runs when the lease is free).
+async fn abandon(pool: &PgPool, run: i64, failed: Option<i64>) {
+    let bookkeeping = async {
+        sqlx::query("UPDATE job_runs SET finished_at = now() WHERE id = $1")
+            .bind(run)
+            .execute(pool)
+            .await?;
+        if let Some(id) = failed {
+            sqlx::query(
+                "UPDATE failed_jobs SET next_attempt_at = now() WHERE id = $1 AND resolved_at IS NULL",
+            )
+            .bind(id)
+            .execute(pool)
+            .await?;
+        }
+        Ok::<(), sqlx::Error>(())
+    };
+    if let Err(e) = bookkeeping.await {
+        tracing::warn!(run, error = %e, "cannot record the stopped run");
+    }
+}
+
+/// Fault injection for the integration tests, compiled only with the `testsuite` feature (the
+/// root package enables it for its tests through a dev-dependency; release builds never have
+/// it): `BIOFEED_TESTSUITE_PANIC_JOB=<job name>` makes every run of that job panic, which no real
+/// input is known to do.
+#[cfg(feature = "testsuite")]
+mod testsuite {
+    use crate::jobs::Job;
+
+    pub(super) fn panic_if_asked(job: Job) {
+        if std::env::var("BIOFEED_TESTSUITE_PANIC_JOB").is_ok_and(|name| name == job.name()) {
+            panic!(
+                "testsuite: {} panics as BIOFEED_TESTSUITE_PANIC_JOB asks",
+                job.name()
+            );
+        }
+    }
 }
 
 async fn record_failure(
@@ -333,10 +584,31 @@ pub async fn retry(settings: &JobsSettings, id: Option<i64>) -> anyhow::Result<(
             failed += 1;
             continue;
         };
-        let instance: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
-            .fetch_one(&ctx.pool)
-            .await?;
-        match execute(&ctx, &metrics, &runner, job, instance, Some(id)).await {
+        // Under the job's lease, like any run: never beside a runner's run of the same job.
+        let (instance, leased_at) = match lease_when_free(
+            &ctx.pool,
+            &runner,
+            job,
+            ctx.settings.lease,
+        )
+        .await
+        {
+            Ok(leased) => leased,
+            Err(e) => {
+                tracing::warn!(id, job = job.name(), error = %format!("{e:#}"), "cannot lease the job; not retried");
+                failed += 1;
+                continue;
+            }
+        };
+        let claim = Claim {
+            job,
+            instance,
+            failed: Some(id),
+            leased_at,
+        };
+        let outcome = execute(&ctx, &metrics, &runner, &claim).await;
+        release(&ctx, &runner, job).await;
+        match outcome {
             Ok(_) => ok += 1,
             Err(_) => failed += 1,
         }
@@ -345,6 +617,7 @@ pub async fn retry(settings: &JobsSettings, id: Option<i64>) -> anyhow::Result<(
 }
 
 /// Runs the scheduler and workers until `stop` is set; then waits for running jobs to finish.
+/// A job that fails, panics or loses its lease ends its run only: the runner goes on serving.
 pub async fn run_runner(
     settings: JobsSettings,
     metrics: JobMetrics,
@@ -357,21 +630,24 @@ pub async fn run_runner(
     tracing::info!(runner = %runner, concurrency = settings.options.concurrency, "jobs runner started");
     let mut tasks = tokio::task::JoinSet::new();
     while !stop.load(Ordering::SeqCst) {
-        while tasks.try_join_next().is_some() {}
+        while let Some(joined) = tasks.try_join_next() {
+            if let Err(e) = joined {
+                tracing::error!(error = %e, "a worker ended abnormally");
+            }
+        }
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
             tokio::time::sleep(TICK).await;
             continue;
         };
         match claim(&ctx, &runner).await {
-            Ok(Some(work)) => {
+            Ok(Some(claim)) => {
                 let ctx = ctx.clone();
                 let metrics = metrics.clone();
                 let runner = runner.clone();
                 tasks.spawn(async move {
                     let _permit = permit;
-                    let (job, instance, failed) = work;
-                    let _ = execute(&ctx, &metrics, &runner, job, instance, failed).await;
-                    release(&ctx, &runner, job).await;
+                    let _ = execute(&ctx, &metrics, &runner, &claim).await;
+                    release(&ctx, &runner, claim.job).await;
                 });
             }
             Ok(None) => {
@@ -394,10 +670,9 @@ pub async fn run_runner(
     Ok(())
 }
 
-type Work = (Job, DateTime<Utc>, Option<i64>);
-
 /// Claims one due thing: a failed job due for its automatic retry, else a scheduled job.
-async fn claim(ctx: &Context, runner: &str) -> Result<Option<Work>, sqlx::Error> {
+async fn claim(ctx: &Context, runner: &str) -> Result<Option<Claim>, sqlx::Error> {
+    let leased_at = Instant::now();
     let lease = ctx.settings.lease.as_secs_f64();
     let mut tx = ctx.pool.begin().await?;
     // A due retry: it runs under its job's lease, like a scheduled run.
@@ -425,7 +700,12 @@ async fn claim(ctx: &Context, runner: &str) -> Result<Option<Work>, sqlx::Error>
             .fetch_one(&mut *tx)
             .await?;
             tx.commit().await?;
-            return Ok(Some((job, instance, Some(id))));
+            return Ok(Some(Claim {
+                job,
+                instance,
+                failed: Some(id),
+                leased_at,
+            }));
         }
     }
     let due: Option<(String, DateTime<Utc>)> = sqlx::query_as(
@@ -453,7 +733,12 @@ async fn claim(ctx: &Context, runner: &str) -> Result<Option<Work>, sqlx::Error>
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Some((job, instance, None)))
+    Ok(Some(Claim {
+        job,
+        instance,
+        failed: None,
+        leased_at,
+    }))
 }
 
 async fn release(ctx: &Context, runner: &str, job: Job) {

@@ -1,9 +1,11 @@
 //! `biofeed jobs`, run as the real binary against the real Postgres and ClickHouse: rollups
 //! against an independent aggregate (also after a full replay), session metrics against values
 //! computed by hand and served through the API's policy, purge, the analyst views, erasure,
-//! failures with ClickHouse down and their retry, and two runners side by side.
+//! failures with ClickHouse down and their retry, two runners side by side, a runner losing its
+//! lease, a panicking job, and an analyst sync of more sessions than one page.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 use biofeed_accounts::{users, AccountKeys, Accounts};
@@ -27,6 +29,23 @@ async fn jobs(stores: &Isolated, args: &[&str]) -> Run {
     let mut all = vec!["jobs"];
     all.extend_from_slice(args);
     run_biofeed(&all, &jobs_env(stores)).await
+}
+
+/// Polls `condition` (given a handle of `pool`) every 100 ms until it holds; fails the test,
+/// naming `what`, after `limit`.
+async fn wait_until<F, Fut>(limit: Duration, what: &str, pool: &PgPool, mut condition: F)
+where
+    F: FnMut(PgPool) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition(pool.clone()).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {limit:?} in vain until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn migrated() -> Isolated {
@@ -689,18 +708,35 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
     env.retain(|(k, _)| *k != "BIOFEED_JOBS_METRICS_LISTEN");
     env.push(("BIOFEED_JOBS_METRICS_LISTEN", format!("127.0.0.1:{port}")));
     let a = BiofeedProcess::start(&["jobs"], &env);
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("biofeed_jobs_runs_total{job=\"rollups\",outcome=\"ok\"}")
-            && metrics.contains("biofeed_jobs_run_duration_seconds_bucket"),
-        "{metrics}"
-    );
+    // Until both runners have worked: every job finished twice at least, by either runner, the
+    // three sessions computed, and runner a's metrics show it.
+    wait_until(
+        Duration::from_secs(60),
+        "both runners ran every job twice and computed the sessions",
+        &pool,
+        |pool| async move {
+            let (jobs, runners, computed): (i64, i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM (SELECT job FROM job_runs WHERE finished_at IS NOT NULL
+                                               GROUP BY job HAVING count(*) >= 2) AS twice),
+                        (SELECT count(DISTINCT runner) FROM job_runs),
+                        (SELECT count(*) FROM session_computations
+                         WHERE rollups_at IS NOT NULL AND metrics_at IS NOT NULL)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            let metrics = match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            jobs == 5
+                && runners == 2
+                && computed == 3
+                && metrics.contains("biofeed_jobs_runs_total{job=\"rollups\",outcome=\"ok\"}")
+                && metrics.contains("biofeed_jobs_run_duration_seconds_bucket")
+        },
+    )
+    .await;
     let ((code_a, log_a), (code_b, log_b)) = (a.stop().await, b.stop().await);
     assert_eq!((code_a, code_b), (0, 0), "{log_a}\n{log_b}");
 
@@ -718,7 +754,7 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert!(runs.len() >= 10, "both runners worked for 8 s: {runs:?}");
+    assert!(runs.len() >= 10, "both runners worked: {runs:?}");
     for job in [
         "rollups",
         "session_metrics",
@@ -750,4 +786,254 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
         .await
         .unwrap();
     assert_eq!(computed, 3);
+}
+
+/// `biofeed jobs run <job>` as a child process the test can wait for, killed if dropped.
+fn start_jobs_run(job: &str, env: &[(&'static str, String)]) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
+    command
+        .args(["jobs", "run", job])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.spawn().expect("biofeed starts")
+}
+
+#[tokio::test]
+async fn a_runner_whose_lease_is_taken_over_stops_its_job() {
+    let stores = migrated().await;
+    let pool = stores.settings.stores.postgres.connect().await.unwrap();
+    let user = new_user(&pool).await;
+    session(
+        &pool,
+        user,
+        "hrv_biofeedback",
+        &["heart_rate"],
+        "completed",
+        "1 hour",
+    )
+    .await;
+    // The analyst sync blocks on its read of `sessions` for as long as this transaction holds
+    // the table: a job that runs for as long as the test wants, with nothing in it for tests.
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let mut env = jobs_env(&stores);
+    env.push(("BIOFEED_JOBS_LEASE", "3s".to_owned()));
+    let child = start_jobs_run("analyst-sync", &env);
+    wait_until(
+        Duration::from_secs(30),
+        "the sync waits for the sessions",
+        &pool,
+        |pool| async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'analyst_sync')
+                    AND EXISTS (SELECT 1 FROM pg_stat_activity
+                                WHERE datname = current_database() AND wait_event_type = 'Lock'
+                                  AND query LIKE '%FROM sessions s JOIN exercises%')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+    // Another runner takes the lease over (as if this one's had expired and been claimed).
+    let stolen = sqlx::query(
+        "UPDATE job_schedule SET leased_by = 'another-runner', lease_until = now() + interval '1 hour'
+         WHERE job = 'analyst_sync'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(stolen.rows_affected(), 1);
+
+    // The runner notices at its next renewal (a second here) and stops the job, which would
+    // otherwise wait for the lock as long as the test holds it.
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the job was stopped when its lease was taken over")
+        .expect("waited");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lease of analyst_sync was taken over by another runner"),
+        "{stderr}"
+    );
+    let (finished, outcome): (Option<chrono::DateTime<chrono::Utc>>, Option<String>) =
+        sqlx::query_as("SELECT finished_at, outcome FROM job_runs WHERE job = 'analyst_sync'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        finished.is_some() && outcome.is_none(),
+        "stopped, neither done nor failed: {finished:?} {outcome:?}"
+    );
+    let failed: i64 = sqlx::query_scalar("SELECT count(*) FROM failed_jobs")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(failed, 0, "losing the lease is not the job's failure");
+    let holder: Option<String> =
+        sqlx::query_scalar("SELECT leased_by FROM job_schedule WHERE job = 'analyst_sync'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        holder.as_deref(),
+        Some("another-runner"),
+        "left to its holder"
+    );
+    lock.rollback().await.unwrap();
+    assert_eq!(
+        count(&stores, "SELECT count() FROM session_facts").await,
+        0,
+        "the stopped job sent nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_job_is_recorded_as_failed_its_lease_released_and_the_runner_goes_on() {
+    let stores = migrated().await;
+    let pool = stores.settings.stores.postgres.connect().await.unwrap();
+    let mut env = jobs_env(&stores);
+    for (k, v) in [
+        ("BIOFEED_JOBS_METRICS_LISTEN", "127.0.0.1:0"),
+        // Held for an hour unless released; no automatic retry nor second run meanwhile.
+        ("BIOFEED_JOBS_LEASE", "1h"),
+        ("BIOFEED_JOBS_RETRY_BACKOFF", "1h"),
+        ("BIOFEED_JOBS_SYNC_INTERVAL", "1h"),
+        ("BIOFEED_JOBS_ROLLUPS_INTERVAL", "100ms"),
+        // The `testsuite` feature's fault injection: every analyst sync in this runner panics.
+        ("BIOFEED_TESTSUITE_PANIC_JOB", "analyst_sync"),
+    ] {
+        env.push((k, v.to_owned()));
+    }
+    let runner = BiofeedProcess::start(&["jobs"], &env);
+    wait_until(
+        Duration::from_secs(30),
+        "the panic is a failed job and the lease is free",
+        &pool,
+        |pool| async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM failed_jobs WHERE job = 'analyst_sync')
+                    AND (SELECT leased_by IS NULL FROM job_schedule WHERE job = 'analyst_sync')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    let (connection, error, attempts): (String, String, i32) = sqlx::query_as(
+        "SELECT connection, error, attempts FROM failed_jobs WHERE job = 'analyst_sync'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((connection.as_str(), attempts), ("none", 1), "{error}");
+    assert!(
+        error.starts_with("panicked: testsuite: analyst_sync panics"),
+        "{error}"
+    );
+    let outcome: Option<String> =
+        sqlx::query_scalar("SELECT outcome FROM job_runs WHERE job = 'analyst_sync'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(outcome.as_deref(), Some("failed"));
+
+    // Another claim takes the job at once (a held lease would make it wait for an hour).
+    let mut once = jobs_env(&stores);
+    once.push(("BIOFEED_JOBS_LEASE", "1h".to_owned()));
+    let run = tokio::time::timeout(
+        Duration::from_secs(30),
+        run_biofeed(&["jobs", "run", "analyst-sync"], &once),
+    )
+    .await
+    .expect("the lease was free");
+    assert_eq!(run.code, 0, "{run:?}");
+
+    // The runner goes on serving: its rollups keep running after the panic.
+    wait_until(
+        Duration::from_secs(30),
+        "the runner runs jobs after the panic",
+        &pool,
+        |pool| async move {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'rollups' AND outcome = 'ok'
+                                  AND started_at > (SELECT failed_at FROM failed_jobs WHERE job = 'analyst_sync'))",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+    let (code, log) = runner.stop().await;
+    assert_eq!(code, 0, "{log}");
+}
+
+#[tokio::test]
+async fn analyst_sync_sends_every_session_changed_inside_its_overlap_window_however_many() {
+    let stores = migrated().await;
+    let pool = stores.settings.stores.postgres.connect().await.unwrap();
+    let user = new_user(&pool).await;
+    // One more session than a page holds, all stamped within 60 ms: inside one overlap window.
+    let sessions = biofeed_jobs::jobs::SYNC_BATCH + 1;
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, exercise_id, status, started_at, deadline_at, ended_at, updated_at)
+         SELECT gen_random_uuid(), $1, e.id, 'completed', now() - interval '3 hours',
+                now() + interval '1 hour', now() - interval '1 minute',
+                now() + i * interval '1 microsecond'
+         FROM exercises e, generate_series(1, $2) AS i WHERE e.name = 'hrv_biofeedback'",
+    )
+    .bind(user)
+    .bind(i64::try_from(sessions).unwrap())
+    .execute(&pool)
+    .await
+    .unwrap();
+    let sync = jobs(&stores, &["run", "analyst-sync"]).await;
+    assert_eq!(sync.code, 0, "{sync:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(sync.stdout.trim()).unwrap()["items"],
+        sessions,
+        "{sync:?}"
+    );
+    assert_eq!(
+        count(&stores, "SELECT uniqExact(session_id) FROM session_facts").await,
+        sessions
+    );
+    // And it goes on from there: a session that changes afterwards is mirrored by the next run.
+    let changed: Uuid = sqlx::query_scalar(
+        "UPDATE sessions SET status = 'purged', purge_reason = 'aborted', purged_at = now(),
+                updated_at = clock_timestamp()
+         WHERE id = (SELECT id FROM sessions ORDER BY updated_at LIMIT 1) RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let again = jobs(&stores, &["run", "analyst-sync"]).await;
+    assert_eq!(again.code, 0, "{again:?}");
+    assert_eq!(
+        count(
+            &stores,
+            &format!(
+                "SELECT count() FROM session_facts FINAL
+                 WHERE session_id = toUUID('{changed}') AND status = 'purged'"
+            )
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(&stores, "SELECT count() FROM completed_sessions").await,
+        sessions - 1
+    );
 }
