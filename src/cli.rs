@@ -140,24 +140,25 @@ pub enum BenchCommand {
     /// Points per second through the gateway (JSON and Avro, 1 and 8 channels) against
     /// producing the same frames straight into Kafka; request latency p50/p99.
     ///
-    /// Needs Postgres and Kafka migrated (`biofeed migrate`); makes and afterwards deletes a
-    /// bench user and topic of its own.
+    /// Needs the PII keys; makes a Postgres database (migrated, holding the bench user) and a
+    /// topic of its own, and drops them afterwards: nothing lands in the configured database.
     #[command(after_help = AFTER_HELP)]
     Gateway(Box<biofeed_ingest_gateway::bench::BenchGatewaySettings>),
 
     /// Points per second one consumer drains from Kafka into ClickHouse, against ClickHouse's
     /// own Kafka table engine with a materialized view on the same points; bytes per point on
-    /// disk. Makes and afterwards drops a database and topics of its own.
+    /// disk. Makes and afterwards drops Postgres and ClickHouse databases and topics of its own.
     #[command(after_help = AFTER_HELP)]
     Consume(Box<biofeed_consumers::bench::BenchConsumeSettings>),
 
     /// The whole pipeline under sustained load: many simulated devices post through HTTP to a
-    /// `biofeed up` of its own (own ClickHouse database and topics) for a fixed time; reports
+    /// `biofeed up` of its own (own Postgres and ClickHouse databases and topics, dropped
+    /// afterwards: nothing lands in the configured ones) for a fixed time; reports
     /// points/s offered vs stored, end-to-end latency (device send → queryable in ClickHouse)
     /// p50/p99, gateway p99, peak RSS, bytes per point on disk; then runs `bench gateway` and
     /// `bench consume` as the peer comparisons; writes a markdown report (docs/bench-e2e.md).
     ///
-    /// Needs `biofeed migrate` and the PII keys. Exit code 1 if a point was lost.
+    /// Needs the PII keys. Exit code 1 if a point was lost.
     #[command(after_help = AFTER_HELP)]
     E2e(Box<biofeed_simulator::bench::BenchE2eSettings>),
 }

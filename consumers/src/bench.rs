@@ -1,7 +1,7 @@
 //! `biofeed bench consume`: how fast one consumer drains a topic into ClickHouse, against
 //! ClickHouse's own Kafka table engine with a materialized view ingesting the same points.
 //!
-//! The run makes a ClickHouse database and two topics of its own. It preloads the frames (Avro)
+//! The run makes a Postgres database, a ClickHouse database and three topics of its own. It preloads the frames (Avro)
 //! into one topic and the same points as JSONEachRow (the closest format ClickHouse 18.16's
 //! Kafka engine reads; one message per frame, a row per line) into the other. Then it times one
 //! `biofeed consume` pipeline from start until every row is in `points`, and the Kafka engine
@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use biofeed_migrations::postgres::OwnDatabase;
 use biofeed_schema::{DataTypeName, SensorFrame};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -75,35 +76,16 @@ pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
     consume.stores.topics.dlq = format!("biofeed.bench.{id}.dlq");
     consume.options.group = format!("biofeed-bench-{id}");
     let json_topic = format!("biofeed.bench.{id}.json");
-    let ch = consume.stores.clickhouse.connect().await?;
-    biofeed_migrations::clickhouse::ClickHouseMigrations::embedded()?
-        .migrate(&ch)
-        .await?;
-    let admin: AdminClient<DefaultClientContext> = consume.stores.kafka.client_config().create()?;
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let topics = [
-        &consume.stores.topics.points,
-        &consume.stores.topics.dlq,
-        &json_topic,
-    ];
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 6, TopicReplication::Fixed(1)))
-        .collect();
-    admin
-        .create_topics(&new, &options)
+    // The consumer reads its checks (data types, erased people) from Postgres: a database of the
+    // bench's own, so the bench neither needs nor touches the configured one.
+    let database = OwnDatabase::create(&consume.stores.postgres, &format!("biofeed_bench_{id}"))
         .await
-        .context("creating the bench topics")?;
-
-    let outcome = measure(&settings, &consume, &json_topic, &ch).await;
-
-    let _ = ch
-        .server_client()
-        .query(&format!("DROP DATABASE IF EXISTS {}", ch.database()))
-        .execute()
-        .await;
-    let names: Vec<&str> = topics.iter().map(|t| t.as_str()).collect();
-    let _ = admin.delete_topics(&names, &options).await;
+        .context("creating the bench's own Postgres database")?;
+    consume.stores.postgres = database.settings.clone();
+    let outcome = run_on(&settings, &consume, &json_topic).await;
+    if let Err(e) = database.drop().await {
+        tracing::warn!(error = %e, "cannot drop the bench's own postgres database");
+    }
     let report = outcome?;
     eprintln!(
         "one consumer: {:.0} points/s ({:.2} s); kafka engine + materialized view: {}; ratio {}; {:.2} bytes/point on disk, {:.2} in Kafka",
@@ -122,6 +104,43 @@ pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
         "ratio": report.ratio, "bytes_per_point": report.bytes_per_point })
     );
     Ok(())
+}
+
+/// Makes the bench's ClickHouse database and topics, measures, and drops them again.
+async fn run_on(
+    settings: &BenchConsumeSettings,
+    consume: &ConsumeSettings,
+    json_topic: &str,
+) -> anyhow::Result<ConsumeBenchReport> {
+    let ch = consume.stores.clickhouse.connect().await?;
+    biofeed_migrations::clickhouse::ClickHouseMigrations::embedded()?
+        .migrate(&ch)
+        .await?;
+    let admin: AdminClient<DefaultClientContext> = consume.stores.kafka.client_config().create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let topics = [
+        consume.stores.topics.points.as_str(),
+        consume.stores.topics.dlq.as_str(),
+        json_topic,
+    ];
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 6, TopicReplication::Fixed(1)))
+        .collect();
+    admin
+        .create_topics(&new, &options)
+        .await
+        .context("creating the bench topics")?;
+
+    let outcome = measure(settings, consume, json_topic, &ch).await;
+
+    let _ = ch
+        .server_client()
+        .query(&format!("DROP DATABASE IF EXISTS {}", ch.database()))
+        .execute()
+        .await;
+    let _ = admin.delete_topics(&topics, &options).await;
+    outcome
 }
 
 fn bench_frames(settings: &BenchConsumeSettings) -> anyhow::Result<Vec<SensorFrame>> {

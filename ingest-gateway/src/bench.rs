@@ -7,8 +7,10 @@
 //! the same number of producers send the same Avro frames to Kafka directly, each waiting for
 //! its acknowledgement as the gateway does; and one producer keeps up to 10,000 frames in
 //! flight, which is Kafka's throughput ceiling when nobody waits per frame. Frames differ only in their frame id (patched into a
-//! pre-encoded body), so the load generator spends little CPU of its own. At the end the bench
-//! user and topic are deleted.
+//! pre-encoded body), so the load generator spends little CPU of its own. The bench user, its
+//! device and sessions live in a Postgres database of the bench's own (created and migrated at
+//! the start, dropped whole at the end, so nothing lands in the configured database), and the
+//! topic is the bench's own too, deleted at the end.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use biofeed_accounts::{devices, users, Accounts};
+use biofeed_migrations::postgres::OwnDatabase;
 use biofeed_schema::{DataTypeName, SensorFrame};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -99,46 +102,33 @@ pub struct ScenarioReport {
 
 /// Runs the benchmark, printing a line per scenario and, last, one JSON object.
 pub async fn run(settings: BenchGatewaySettings) -> anyhow::Result<()> {
-    let topic = format!("biofeed.bench.{}", Uuid::new_v4().simple());
+    let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let topic = format!("biofeed.bench.{id}");
+    // The bench's user, device and sessions go to a database of its own, dropped at the end.
+    let database = OwnDatabase::create(&settings.gateway.postgres, &format!("biofeed_bench_{id}"))
+        .await
+        .context("creating the bench's own Postgres database")?;
     let admin: AdminClient<DefaultClientContext> =
         settings.gateway.kafka.client_config().create()?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    admin
-        .create_topics(
-            &[NewTopic::new(&topic, 6, TopicReplication::Fixed(1)).set("retention.ms", "3600000")],
-            &options,
-        )
-        .await
-        .context("creating the bench topic")?
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
-
-    let mut gateway_settings = settings.gateway.clone();
-    gateway_settings.topics.points = topic.clone();
-    gateway_settings.listen = "127.0.0.1:0".parse()?;
-    gateway_settings.max_in_flight = gateway_settings.max_in_flight.max(settings.devices * 2);
-    let app = Application::build(gateway_settings.clone()).await?;
-    let url = format!("http://{}", app.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async move {
-        let _ = stopped.await;
-    }));
-
-    let accounts = Accounts {
-        pool: settings.gateway.postgres.connect().await?,
-        keys: settings.gateway.keys.clone(),
-    };
-    let email = users::Email::parse(&format!("bench-{}@bench.invalid", Uuid::new_v4().simple()))?;
-    let user = users::create_user(&accounts, &email, "user").await?;
-    let outcome = run_scenarios(&settings, &accounts, user, &url, &topic).await;
-
-    let _ = stop.send(());
-    let _ = server.await;
-    sqlx::query("DELETE FROM users WHERE id = $1")
-        .bind(user)
-        .execute(&accounts.pool)
-        .await?;
+    let outcome = async {
+        admin
+            .create_topics(
+                &[NewTopic::new(&topic, 6, TopicReplication::Fixed(1))
+                    .set("retention.ms", "3600000")],
+                &options,
+            )
+            .await
+            .context("creating the bench topic")?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
+        run_on(&settings, &database, &topic).await
+    }
+    .await;
+    if let Err(e) = database.drop().await {
+        tracing::warn!(error = %e, "cannot drop the bench's own postgres database");
+    }
     let _ = admin.delete_topics(&[&topic], &options).await;
     let reports = outcome?;
 
@@ -163,6 +153,40 @@ pub async fn run(settings: BenchGatewaySettings) -> anyhow::Result<()> {
     });
     println!("{summary}");
     Ok(())
+}
+
+/// Starts a gateway on the bench's own database and topic, runs the scenarios as one bench user,
+/// and stops the gateway.
+async fn run_on(
+    settings: &BenchGatewaySettings,
+    database: &OwnDatabase,
+    topic: &str,
+) -> anyhow::Result<Vec<ScenarioReport>> {
+    let mut gateway_settings = settings.gateway.clone();
+    gateway_settings.postgres = database.settings.clone();
+    gateway_settings.topics.points = topic.to_owned();
+    gateway_settings.listen = "127.0.0.1:0".parse()?;
+    gateway_settings.max_in_flight = gateway_settings.max_in_flight.max(settings.devices * 2);
+    let app = Application::build(gateway_settings.clone()).await?;
+    let url = format!("http://{}", app.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+
+    let accounts = Accounts {
+        pool: database.settings.connect().await?,
+        keys: settings.gateway.keys.clone(),
+    };
+    let email = users::Email::parse(&format!("bench-{}@bench.invalid", Uuid::new_v4().simple()))?;
+    let outcome = match users::create_user(&accounts, &email, "user").await {
+        Ok(user) => run_scenarios(settings, &accounts, user, &url, topic).await,
+        Err(e) => Err(e.into()),
+    };
+    let _ = stop.send(());
+    let _ = server.await;
+    accounts.pool.close().await;
+    outcome
 }
 
 async fn run_scenarios(

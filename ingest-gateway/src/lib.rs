@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -314,7 +314,12 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        // Axum's own 404 and 405 have empty bodies; every refusal is a problem. The 405 keeps the
+        // `Allow` header axum adds (it is only set when the answer has none).
         .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(
+            |method: Method| async move { ApiError::MethodNotAllowed(method) },
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_requests,

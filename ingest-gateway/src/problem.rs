@@ -4,7 +4,7 @@
 //! get an opaque message and the cause goes to the log. Details never contain PII: they name
 //! fields and limits, never echo personal values.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -27,6 +27,9 @@ pub enum ApiError {
     /// The thing does not exist, or the caller may not know it exists.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The route exists, but not with this method (the answer's `Allow` header lists those it has).
+    #[error("this route does not answer {0}")]
+    MethodNotAllowed(Method),
     /// The thing is in a state that forbids the request (e.g. a closed session).
     #[error("{0}")]
     Conflict(String),
@@ -93,6 +96,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large"),
             ApiError::UnsupportedMediaType(_) => {
@@ -128,6 +132,7 @@ fn title(code: &str) -> &'static str {
         "unauthenticated" => "Authentication required",
         "forbidden" => "Forbidden",
         "not-found" => "Not found",
+        "method-not-allowed" => "Method not allowed",
         "conflict" => "Conflict with the current state",
         "too-large" => "Too large",
         "unsupported-media-type" => "Unsupported media type",

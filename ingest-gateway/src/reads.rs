@@ -64,6 +64,7 @@ const SESSION_COLUMNS: &str = "s.id AS session_id, s.user_id, s.device_id, e.nam
 
 /// Paging of lists: newest first.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct Page {
     /// How many (1–1000, default 100).
@@ -234,6 +235,7 @@ pub async fn session(
 
 /// Which points to read.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PointsQuery {
     /// The data type (one the session declared).

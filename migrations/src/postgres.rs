@@ -1,5 +1,7 @@
 //! Postgres migrations: the SQL files of `migrations/postgres`, embedded and applied by sqlx.
 
+use biofeed_backends::postgres::PostgresSettings;
+use biofeed_backends::{BackendError, Service};
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
@@ -30,6 +32,82 @@ pub async fn migrate(pool: &PgPool) -> Result<StepReport, MigrateError> {
         store: "postgres",
         items,
     })
+}
+
+/// A migrated Postgres database of a run's own, beside the configured one on the same server:
+/// what the benchmarks use so that their users, devices and sessions never land in the
+/// configured database. Created empty by [`OwnDatabase::create`], dropped whole (with every
+/// row in it) by [`OwnDatabase::drop`].
+#[derive(Debug)]
+pub struct OwnDatabase {
+    /// Settings pointing at the new database.
+    pub settings: PostgresSettings,
+    server: PostgresSettings,
+    name: String,
+}
+
+impl OwnDatabase {
+    /// Creates the database `name` (a plain identifier: letters, digits and `_`) on the server of
+    /// `configured`, through a connection to the configured database, and applies the
+    /// migrations to it. A failed migration drops the new database again.
+    #[tracing::instrument(skip(configured))]
+    pub async fn create(configured: &PostgresSettings, name: &str) -> Result<Self, MigrateError> {
+        biofeed_backends::clickhouse::parse_identifier(name).map_err(|reason| {
+            MigrateError::Backend(BackendError::Failed {
+                service: Service::Postgres,
+                setting: biofeed_backends::postgres::URL_SETTING,
+                address: biofeed_backends::redacted_address(&configured.url),
+                reason: format!("database name: {reason}"),
+            })
+        })?;
+        let admin = configured.connect().await?;
+        let created = sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await;
+        admin.close().await;
+        created?;
+        let own = Self {
+            settings: configured.with_database(name),
+            server: configured.clone(),
+            name: name.to_owned(),
+        };
+        let migrated = async {
+            let pool = own.settings.connect().await?;
+            let report = migrate(&pool).await;
+            pool.close().await;
+            report
+        }
+        .await;
+        match migrated {
+            Ok(_) => Ok(own),
+            Err(e) => {
+                if let Err(dropped) = own.drop().await {
+                    tracing::warn!(error = %dropped, "cannot drop a database whose migration failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Drops the database and everything in it, closing connections still open to it.
+    #[tracing::instrument(skip(self), fields(name = %self.name))]
+    pub async fn drop(self) -> Result<(), MigrateError> {
+        let admin = self.server.connect().await?;
+        let dropped = sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&admin)
+        .await;
+        admin.close().await;
+        dropped?;
+        Ok(())
+    }
 }
 
 /// Reports which Postgres migrations are applied, changing nothing (not even creating sqlx's

@@ -1,5 +1,5 @@
 //! `biofeed bench e2e`: sustained ingest through HTTP from many simulated devices into a real
-//! `biofeed up` (its own process, on a database and topics of the bench's own), measured from the
+//! `biofeed up` (its own process, on Postgres and ClickHouse databases and topics of the bench's own), measured from the
 //! device's send to the point being queryable in ClickHouse; then the peer comparisons
 //! (`biofeed bench gateway`: direct librdkafka produce; `biofeed bench consume`: ClickHouse's
 //! Kafka engine) in the same run; a markdown report with the machine it ran on.
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use biofeed_accounts::{devices, users, AccountKeys, Accounts};
 use biofeed_backends::{parse_duration, StoreSettings};
+use biofeed_migrations::postgres::OwnDatabase;
 use biofeed_schema::{DataTypeName, SensorFrame};
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
@@ -177,30 +178,39 @@ pub async fn run(
     stores.clickhouse.database = format!("biofeed_e2e_{id}");
     stores.topics.points = format!("biofeed.e2e.{id}.points");
     stores.topics.dlq = format!("biofeed.e2e.{id}.dlq");
-    biofeed_migrations::migrate(&biofeed_migrations::MigrateSettings {
-        stores: stores.clone(),
-        layout: biofeed_migrations::TopicLayout {
-            points_partitions: 6,
-            points_retention: Duration::from_secs(86_400),
-            dlq_retention: Duration::from_secs(86_400),
-            replication_factor: 1,
-        },
-    })
-    .await
-    .context("migrating the bench's own database and topics (run `biofeed migrate` first)")?;
-    let accounts = Accounts {
-        pool: stores.postgres.connect().await?,
-        keys: settings.keys.clone(),
-    };
-    let outcome = measure(settings, &stores, &accounts, &id, &progress).await;
+    // The devices' users, sessions and the jobs' bookkeeping go to a Postgres database of the
+    // bench's own, dropped whole at the end: nothing lands in the configured one.
+    let database = OwnDatabase::create(&stores.postgres, &format!("biofeed_e2e_{id}"))
+        .await
+        .context("creating the bench's own Postgres database")?;
+    stores.postgres = database.settings.clone();
+    let outcome = async {
+        biofeed_migrations::migrate(&biofeed_migrations::MigrateSettings {
+            stores: stores.clone(),
+            layout: biofeed_migrations::TopicLayout {
+                points_partitions: 6,
+                points_retention: Duration::from_secs(86_400),
+                dlq_retention: Duration::from_secs(86_400),
+                replication_factor: 1,
+            },
+        })
+        .await
+        .context("migrating the bench's own databases and topics")?;
+        let accounts = Accounts {
+            pool: stores.postgres.connect().await?,
+            keys: settings.keys.clone(),
+        };
+        let outcome = measure(settings, &stores, &accounts, &id, &progress).await;
+        accounts.pool.close().await;
+        outcome
+    }
+    .await;
 
     // Clean up whatever happened.
-    progress("cleaning up the bench's database, topics and users");
-    let _ =
-        sqlx::query("DELETE FROM users WHERE id IN (SELECT user_id FROM devices WHERE model = $1)")
-            .bind(format!("e2e-bench-{id}"))
-            .execute(&accounts.pool)
-            .await;
+    progress("cleaning up the bench's databases and topics");
+    if let Err(e) = database.drop().await {
+        tracing::warn!(error = %e, "cannot drop the bench's own postgres database");
+    }
     if let Ok(ch) = stores.clickhouse.connect().await {
         let _ = ch
             .server_client()

@@ -188,7 +188,14 @@ pub async fn read_messages(brokers: &str, topic: &str) -> Vec<TopicMessage> {
         let metadata = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(5))
             .unwrap();
-        let partitions = metadata.topics()[0].partitions().len();
+        // A missing topic must fail the test, not read as an empty one.
+        let described = &metadata.topics()[0];
+        assert!(
+            described.error().is_none() && !described.partitions().is_empty(),
+            "topic {topic} exists ({:?})",
+            described.error()
+        );
+        let partitions = described.partitions().len();
         let mut assignment = TopicPartitionList::new();
         for p in 0..partitions {
             assignment

@@ -4,8 +4,12 @@ use std::process::Output;
 use std::time::Duration;
 
 use biofeed::cli::{Cli, Command};
+use biofeed_backends::clickhouse::ClickHouseSettings;
+use biofeed_backends::kafka::KafkaSettings;
 use biofeed_migrations::MigrateSettings;
 use clap::Parser;
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 
 /// The settings the binary would use with no arguments: `BIOFEED_…` from the environment
 /// (`compose/local test` exports them) or the loopback defaults.
@@ -62,6 +66,19 @@ impl Isolated {
         stores
     }
 
+    /// How many tables this test's Postgres database has (0 before `biofeed migrate`).
+    pub async fn postgres_tables(&self) -> i64 {
+        let pool = self.settings.stores.postgres.connect().await.unwrap();
+        let tables = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        tables
+    }
+
     /// The environment that points the binary at this test's stores.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         let s = &self.settings.stores;
@@ -80,6 +97,94 @@ impl Isolated {
     pub async fn biofeed(&self, args: &[&str]) -> Run {
         run_biofeed(args, &self.env()).await
     }
+}
+
+/// How long removing a test's stores may take: a test that stopped a private service must not
+/// hang on removing what that service held (its directory goes with it anyway).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Drop for Isolated {
+    /// Drops the test's Postgres and ClickHouse databases and deletes its two topics — by the
+    /// names `new` gave them, on whichever servers the settings point at now — each within
+    /// [`CLEANUP_TIMEOUT`]; failures are ignored (the names are the test's own, so a leftover
+    /// harms no other test). `Drop` cannot await and may run on the test's own single-threaded
+    /// runtime, so the removal runs on a thread with a runtime of its own.
+    fn drop(&mut self) {
+        let database = format!("biofeed_test_{}", self.id);
+        let topics = [
+            format!("biofeed.test.{}.points", self.id),
+            format!("biofeed.test.{}.dlq", self.id),
+        ];
+        let stores = self.settings.stores.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            // A timeout only means something is left behind; nothing to report.
+            let _timeouts = runtime.block_on(async {
+                tokio::join!(
+                    tokio::time::timeout(CLEANUP_TIMEOUT, drop_postgres(&database)),
+                    tokio::time::timeout(
+                        CLEANUP_TIMEOUT,
+                        drop_clickhouse(&stores.clickhouse, &database)
+                    ),
+                    tokio::time::timeout(CLEANUP_TIMEOUT, delete_topics(&stores.kafka, &topics)),
+                )
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Drops a test's Postgres database, closing whatever connections the test left open.
+async fn drop_postgres(database: &str) {
+    let Ok(admin) = default_settings().stores.postgres.connect().await else {
+        return;
+    };
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        .execute(&admin)
+        .await;
+    admin.close().await;
+}
+
+/// Drops a test's ClickHouse database.
+async fn drop_clickhouse(settings: &ClickHouseSettings, database: &str) {
+    let Ok(ch) = settings.connect().await else {
+        return;
+    };
+    let _ = ch
+        .server_client()
+        .query(&format!("DROP DATABASE IF EXISTS {database}"))
+        .execute()
+        .await;
+}
+
+/// Deletes a test's topics.
+async fn delete_topics(settings: &KafkaSettings, topics: &[String]) {
+    let Ok(admin) = settings
+        .client_config()
+        .create::<AdminClient<DefaultClientContext>>()
+    else {
+        return;
+    };
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let options = AdminOptions::new().operation_timeout(Some(CLEANUP_TIMEOUT));
+    let _ = admin.delete_topics(&names, &options).await;
+}
+
+/// How many databases on the configured Postgres server have a name `LIKE pattern`.
+pub async fn postgres_databases_like(pattern: &str) -> i64 {
+    let pool = default_settings().stores.postgres.connect().await.unwrap();
+    let count = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE $1")
+        .bind(pattern)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    count
 }
 
 /// What a run of the binary did.

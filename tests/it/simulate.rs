@@ -171,10 +171,8 @@ async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
 
 #[tokio::test]
 async fn bench_e2e_reports_its_figures_and_loses_no_point() {
+    // The configured Postgres database is left empty: the bench makes and migrates its own.
     let stores = Isolated::new().await;
-    biofeed_migrations::migrate(&stores.settings)
-        .await
-        .expect("migrate");
     let keys = AccountKeys::generate();
     let dir = crate::helpers::ServerProcess::new("e2e-report");
     let report = dir.dir.join("bench-e2e.md");
@@ -229,4 +227,55 @@ async fn bench_e2e_reports_its_figures_and_loses_no_point() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+    // Its users, sessions and job runs went to a Postgres database of its own, dropped at the
+    // end: the configured database is as empty as before.
+    assert_eq!(
+        stores.postgres_tables().await,
+        0,
+        "the configured database was written"
+    );
+    assert_eq!(
+        crate::helpers::postgres_databases_like("biofeed_e2e_%").await,
+        0,
+        "the bench's own database is dropped"
+    );
+}
+
+#[tokio::test]
+async fn bench_gateway_keeps_its_user_out_of_the_configured_database() {
+    // The configured Postgres database is left empty: the bench makes and migrates its own.
+    let stores = Isolated::new().await;
+    let keys = AccountKeys::generate();
+    let mut env = stores.env();
+    env.extend([
+        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
+        ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
+    ]);
+    let run = run_biofeed(
+        &[
+            "bench",
+            "gateway",
+            "--devices",
+            "2",
+            "--duration",
+            "1s",
+            "--channels",
+            "1",
+            "--formats",
+            "avro",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let summary: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert!(
+        summary["gateway_points_per_s"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+    assert_eq!(
+        stores.postgres_tables().await,
+        0,
+        "the configured database was written"
+    );
 }
