@@ -226,6 +226,39 @@ fn json_rows(frame: &SensorFrame) -> Vec<u8> {
     out
 }
 
+/// Records the frames' person and sessions (open) in the bench's own Postgres database, as the
+/// gateway would have before accepting them: the consumer writes only frames of sessions Postgres
+/// holds as open or completed. (The only rows this crate writes to Postgres, and only to a
+/// database the bench made and drops; the integration tests use it for theirs.)
+pub async fn register_sessions(
+    pool: &sqlx::PgPool,
+    frames: &[SensorFrame],
+) -> Result<(), sqlx::Error> {
+    let mut pairs: Vec<(Uuid, Uuid)> = frames.iter().map(|f| (f.user_id, f.session_id)).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    for (user, session) in pairs {
+        sqlx::query(
+            "INSERT INTO users (id, role_id, email_blind_index, email_ct)
+             SELECT $1, id, uuid_send($1), uuid_send($1) FROM roles WHERE name = 'user'
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(user)
+        .execute(pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, exercise_id, started_at, deadline_at)
+             SELECT $1, $2, min(id), now() - interval '1 day', now() + interval '1 day' FROM exercises
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(session)
+        .bind(user)
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
 async fn measure(
     settings: &BenchConsumeSettings,
     consume: &ConsumeSettings,
@@ -233,6 +266,9 @@ async fn measure(
     ch: &biofeed_backends::clickhouse::ClickHouse,
 ) -> anyhow::Result<ConsumeBenchReport> {
     let frames = bench_frames(settings)?;
+    let pool = consume.stores.postgres.connect().await?;
+    register_sessions(&pool, &frames).await?;
+    pool.close().await;
     let points: u64 = frames.iter().map(|f| f.samples() as u64).sum();
     let producer: FutureProducer = consume
         .stores

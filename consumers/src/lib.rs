@@ -11,8 +11,10 @@
 //! ClickHouse's `points` table (its SQL lives in `migrations/clickhouse`).
 //!
 //! Architecture invariants: the only crate that consumes Kafka; commits an offset only after
-//! ClickHouse acknowledged the rows (or Kafka the dead letter) of every message before it; reads
-//! Postgres (data types, erasure list) but never writes it; never speaks HTTP.
+//! ClickHouse acknowledged the rows (or Kafka the dead letter) of every message before it; writes
+//! a frame only if Postgres, asked just before the insert, holds its session as open or completed
+//! and its person as not erased; reads Postgres (data types, erasure list, session status) but
+//! never writes it (`bench consume` aside, into a database of its own); never speaks HTTP.
 
 pub mod bench;
 pub mod checks;

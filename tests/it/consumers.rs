@@ -91,30 +91,9 @@ async fn produce(
 /// Postgres holds as open or completed. Known ones are left as they are.
 pub(crate) async fn register_sessions(stores: &Isolated, frames: &[SensorFrame]) {
     let pg = stores.settings.stores.postgres.connect().await.unwrap();
-    let mut pairs: Vec<(Uuid, Uuid)> = frames.iter().map(|f| (f.user_id, f.session_id)).collect();
-    pairs.sort_unstable();
-    pairs.dedup();
-    for (user, session) in pairs {
-        sqlx::query(
-            "INSERT INTO users (id, role_id, email_blind_index, email_ct)
-             SELECT $1, id, uuid_send($1), uuid_send($1) FROM roles WHERE name = 'user'
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(user)
-        .execute(&pg)
+    biofeed_consumers::bench::register_sessions(&pg, frames)
         .await
         .unwrap();
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, exercise_id, started_at, deadline_at)
-             SELECT $1, $2, min(id), now() - interval '1 day', now() + interval '1 day' FROM exercises
-             ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(session)
-        .bind(user)
-        .execute(&pg)
-        .await
-        .unwrap();
-    }
 }
 
 /// Produces the frames to the test's points topic, their sessions registered first.

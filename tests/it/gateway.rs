@@ -989,29 +989,7 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
     // 429. The second is sent once the gateway reports the first in flight.
     let (_, waiting) = json_frame("rr_interval", 5, 1, 810.0);
     let pending = tokio::spawn(gw.post(&points).json(&waiting).send());
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let metrics = gw
-            .http
-            .get(format!("{}/metrics", gw.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if metrics
-            .lines()
-            .any(|line| line == "biofeed_gateway_in_flight_requests 1")
-        {
-            break;
-        }
-        assert!(
-            !pending.is_finished() && tokio::time::Instant::now() < deadline,
-            "the first request was never reported in flight:\n{metrics}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_for_in_flight(&gw, 1).await;
     let (_, extra) = json_frame("rr_interval", 5, 1, 820.0);
     let (overloaded, body, headers) =
         problem(gw.post(&points).json(&extra).send().await.unwrap()).await;
