@@ -150,3 +150,44 @@ pub async fn keep_writable(
     let dropped = before - kept.len();
     Ok((kept, dropped))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(offsets_us: Vec<i64>) -> SensorFrame {
+        SensorFrame {
+            frame_id: Uuid::nil(),
+            session_id: Uuid::nil(),
+            user_id: Uuid::nil(),
+            device_id: Uuid::nil(),
+            data_type: biofeed_schema::DataTypeName::parse("rr_interval").unwrap(),
+            channels: 1,
+            received_at_us: 0,
+            t0_us: 1_000_000,
+            values: vec![800.0; offsets_us.len()],
+            offsets_us,
+        }
+    }
+
+    fn checks() -> Checks {
+        let mut checks = Checks::default();
+        checks.data_types.insert(
+            "rr_interval".to_owned(),
+            Spec {
+                channels: 1,
+                min: 300.0,
+                max: 2000.0,
+            },
+        );
+        checks
+    }
+
+    #[test]
+    fn a_frame_accepted_with_a_repeated_instant_before_the_gateway_refused_them_is_still_written() {
+        let payload = biofeed_schema::encode(&frame(vec![0, 1_000, 1_000]));
+        assert!(matches!(checks().judge(&payload), Verdict::Write(_)));
+        let payload = biofeed_schema::encode(&frame(vec![0, 1_000, 500]));
+        assert!(matches!(checks().judge(&payload), Verdict::Dead(_)));
+    }
+}

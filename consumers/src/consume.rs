@@ -105,6 +105,10 @@ impl Pipeline {
     /// reading; first waits for the previous batch's insert and commits its offsets. Returns
     /// false when shutdown came while ClickHouse was still failing: nothing more is committed.
     fn flush<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) -> bool {
+        if self.abandoned {
+            // A batch was given up: nothing after it may be committed (that would skip it).
+            return false;
+        }
         while self.in_flight.len() >= usize::from(self.limits.inserts_in_flight)
             || (self.frames.is_empty() && !self.in_flight.is_empty())
         {
@@ -115,7 +119,7 @@ impl Pipeline {
         if self.frames.is_empty() {
             // Only dead letters or dropped frames since the last commit.
             let pending = std::mem::take(&mut self.pending);
-            self.commit(consumer, &pending);
+            self.commit(consumer, pending);
             return true;
         }
         let frames = std::mem::take(&mut self.frames);
@@ -199,25 +203,33 @@ impl Pipeline {
         self.metrics.batch_rows.observe(rows as f64);
         self.metrics.rows_written.inc_by(rows);
         self.metrics.frames_written.inc_by(frames as u64);
-        self.commit(consumer, &in_flight.offsets);
+        self.commit(consumer, in_flight.offsets);
         true
     }
 
+    /// Commits `offsets` (next offset per partition). If the commit fails, they are kept and
+    /// go with the next commit, so that a partition without new messages does not stay behind
+    /// (purge and erasure wait for the group's committed offsets).
     fn commit<C: ConsumerContext>(
-        &self,
+        &mut self,
         consumer: &BaseConsumer<C>,
-        pending: &HashMap<(String, i32), i64>,
+        offsets: HashMap<(String, i32), i64>,
     ) {
-        if pending.is_empty() {
+        if offsets.is_empty() || self.abandoned {
             return;
         }
-        let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), next) in pending {
-            let _ = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next));
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), next) in &offsets {
+            let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
         }
-        if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
-            // The rows are in ClickHouse; the messages will be read again and collapse there.
-            tracing::warn!(error = %e, "offset commit failed; the batch will be re-read and deduplicated");
+        if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+            // The rows are in ClickHouse; if the partitions move before the next commit, the
+            // messages are read again and collapse there.
+            tracing::warn!(error = %e, "offset commit failed; retrying it with the next commit");
+            for (key, next) in offsets {
+                // A newer offset read since supersedes this one.
+                self.pending.entry(key).or_insert(next);
+            }
         }
     }
 }
@@ -318,8 +330,12 @@ pub(crate) fn consume_loop(
             Some(Err(e)) => {
                 if let Some((code, reason)) = consumer.client().fatal_error() {
                     // E.g. another member took this one's group.instance.id: this consumer can
-                    // no longer commit. Stop without writing more; nothing uncommitted is lost.
+                    // no longer commit. Stop without writing or committing more (closing the
+                    // consumer must not drain either); what is uncommitted is read again by the
+                    // member that has the partitions now.
                     tracing::error!(?code, reason, "kafka consumer failed for good");
+                    parts.shutdown.store(true, Ordering::Relaxed);
+                    lock(&pipeline).abandoned = true;
                     return Err(ConsumeError::Fatal(reason));
                 }
                 tracing::warn!(error = %e, "kafka consumer error");

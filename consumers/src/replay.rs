@@ -12,6 +12,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::runtime::Handle;
+use uuid::Uuid;
 
 use crate::checks::{Checks, Verdict};
 use crate::sink::PointsSink;
@@ -245,5 +246,25 @@ fn write(
         .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
     summary.frames += kept.len() as u64;
     summary.points += rows;
+    // A replay commits nothing, so purge and erasure cannot wait for it: a session closed or a
+    // person erased while this insert ran is deleted again here, now that the rows are in.
+    let written: Vec<(Uuid, Uuid)> = kept.iter().map(|f| (f.session_id, f.user_id)).collect();
+    let still = rt
+        .block_on(crate::checks::writable_sessions(pool, &written))
+        .map_err(ConsumeError::Postgres)?;
+    let mut closed: Vec<(Uuid, Uuid)> = written
+        .into_iter()
+        .filter(|pair| !still.contains(pair))
+        .collect();
+    closed.sort_unstable();
+    closed.dedup();
+    if !closed.is_empty() {
+        tracing::info!(
+            sessions = closed.len(),
+            "sessions closed or erased while the replay wrote them: deleting their rows again"
+        );
+        rt.block_on(sink.delete_sessions(&closed))
+            .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
+    }
     Ok(())
 }

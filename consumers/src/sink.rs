@@ -97,6 +97,34 @@ impl PointsSink {
         Ok(rows)
     }
 
+    /// Deletes the rows of these (session, user) pairs (`ALTER TABLE … DELETE`, which
+    /// ClickHouse applies in the background; purge and erasure verify theirs).
+    pub async fn delete_sessions(
+        &self,
+        sessions: &[(Uuid, Uuid)],
+    ) -> Result<(), clickhouse::error::Error> {
+        let list = |ids: Vec<String>| ids.join(",");
+        let session_ids = list(
+            sessions
+                .iter()
+                .map(|(s, _)| format!("toUUID('{s}')"))
+                .collect(),
+        );
+        let user_ids = list(
+            sessions
+                .iter()
+                .map(|(_, u)| format!("toUUID('{u}')"))
+                .collect(),
+        );
+        self.client
+            .query(&format!(
+                "ALTER TABLE {} DELETE WHERE user_id IN ({user_ids}) AND session_id IN ({session_ids})",
+                self.table
+            ))
+            .execute()
+            .await
+    }
+
     /// Inserts, retrying with exponential backoff (100 ms doubling to 5 s) until it succeeds or
     /// `give_up` says so. Returns the rows written, or `None` when it gave up.
     pub async fn insert_until_done(

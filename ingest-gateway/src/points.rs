@@ -148,8 +148,8 @@ pub async fn post_points(
         reject(&state, &ApiError::TooManyRequests, 0);
         return Err(ApiError::TooManyRequests);
     };
-    let _in_flight = InFlight::hold(permit, &inner.metrics.in_flight);
-    let result = accept(&state, device, &id, &headers, body).await;
+    let in_flight = InFlight::hold(permit, &inner.metrics.in_flight);
+    let result = accept(&state, device, &id, &headers, body, in_flight).await;
     if let Err((e, points)) = &result {
         reject(&state, e, *points);
     }
@@ -157,8 +157,9 @@ pub async fn post_points(
 }
 
 /// A point request being handled: its in-flight permit and its count in the gauge, given back
-/// together when the request ends however it ends (answered, failed, or dropped because the
-/// client went away).
+/// together when the request's work ends however it ends (answered, failed, or dropped because
+/// the client went away). A publication outlives its request if the client goes away: the
+/// permit goes with it, so memory stays bounded by the permits times the body limit.
 struct InFlight {
     _permit: OwnedSemaphorePermit,
     gauge: Gauge<i64, AtomicI64>,
@@ -199,6 +200,7 @@ async fn accept(
     id: &str,
     headers: &HeaderMap,
     body: axum::body::Body,
+    in_flight: InFlight,
 ) -> Result<(StatusCode, Json<FrameAccepted>), (ApiError, usize)> {
     let inner = &state.inner;
     let session_id = parse_session_id(id).map_err(|e| (e, 0))?;
@@ -281,6 +283,7 @@ async fn accept(
         })?;
     frame
         .check_shape()
+        .and_then(|()| frame.check_distinct_times())
         .map_err(|e| fail(shape_problem(e, frame.channels)))?;
     if frame.channels != spec.channels {
         return Err(fail(ApiError::invalid(
@@ -301,7 +304,7 @@ async fn accept(
     .map_err(fail)?;
 
     let payload = biofeed_schema::encode(&frame);
-    match publish_once(state, session_id, frame.frame_id, payload).await {
+    match publish_once(state, session_id, frame.frame_id, payload, in_flight).await {
         Ok(Publication::Published) => {
             inner.metrics.points_accepted.inc_by(points as u64);
             Ok((
@@ -359,6 +362,7 @@ async fn publish_once(
     session_id: Uuid,
     frame_id: Uuid,
     payload: Vec<u8>,
+    in_flight: InFlight,
 ) -> Result<Publication, ApiError> {
     let inner = &state.inner;
     let seen_key = (session_id, frame_id);
@@ -388,31 +392,57 @@ async fn publish_once(
             })
         };
     }
-    let task_state = state.clone();
+    let claim = Claim {
+        state: state.clone(),
+        key: seen_key,
+        outcome: outcome_tx,
+        _in_flight: in_flight,
+    };
     let publication = tokio::spawn(async move {
-        let inner = &task_state.inner;
+        let inner = &claim.state.inner;
         let mut key = Uuid::encode_buffer();
         let key = session_id.hyphenated().encode_lower(&mut key);
         let result = inner.publisher.publish(key, &payload, &inner.metrics).await;
-        // Record the outcome before telling the waiters, so that a waiter told "failed" and
-        // posting again finds the id free.
-        if result.is_ok() {
-            inner.frames_seen.insert(seen_key, FrameState::Accepted);
-        } else {
-            inner.frames_seen.invalidate(&seen_key);
-        }
-        let _ = outcome_tx.send(Some(result.is_ok()));
+        claim.settle(result.is_ok());
         result
     });
     match publication.await {
         Ok(Ok(())) => Ok(Publication::Published),
         Ok(Err(e)) => Err(e),
-        Err(e) => {
-            // The task panicked before it recorded anything: free the id for a retry.
-            inner.frames_seen.invalidate(&seen_key);
-            Err(ApiError::Internal(anyhow::anyhow!(
-                "the publishing task failed: {e}"
-            )))
+        Err(e) => Err(ApiError::Internal(anyhow::anyhow!(
+            "the publishing task failed: {e}"
+        ))),
+    }
+}
+
+/// A frame id claimed by the request publishing it, and that request's in-flight place. Settled
+/// with the outcome once Kafka answered; dropped unsettled (the publishing task panicked), it
+/// frees the id, so that a retry can publish, and its waiters are told to post again.
+struct Claim {
+    state: AppState,
+    key: (Uuid, Uuid),
+    outcome: watch::Sender<Option<bool>>,
+    _in_flight: InFlight,
+}
+
+impl Claim {
+    /// Records the outcome before telling the waiters, so that a waiter told "failed" and
+    /// posting again finds the id free.
+    fn settle(self, acknowledged: bool) {
+        let frames_seen = &self.state.inner.frames_seen;
+        if acknowledged {
+            frames_seen.insert(self.key, FrameState::Accepted);
+        } else {
+            frames_seen.invalidate(&self.key);
+        }
+        self.outcome.send_replace(Some(acknowledged));
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.outcome.borrow().is_none() {
+            self.state.inner.frames_seen.invalidate(&self.key);
         }
     }
 }

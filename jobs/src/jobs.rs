@@ -107,6 +107,9 @@ pub struct Context {
     pub settings: JobsOptions,
 }
 
+/// The Postgres advisory lock the erasure takes alone and the derived-data jobs share.
+const DERIVED_DATA_LOCK: i64 = 0x6269_6f66_6565_6401;
+
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -128,6 +131,32 @@ fn uuid_list(ids: &[Uuid]) -> String {
 impl Context {
     /// Runs one sweep of `job`; returns how many items (sessions, users) it handled.
     pub async fn run(&self, job: Job) -> Result<u64, JobError> {
+        // The erasure deletes what the derived-data jobs write: it runs alone, after every
+        // rollups, metrics or sync run that may have read an erased person's sessions before the
+        // erasure committed has written; any that starts later no longer sees them. A
+        // transaction-level lock, so a stopped or panicking job cannot leave it held.
+        let mut lock = self.pool.begin().await?;
+        match job {
+            Job::Erasure => {
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(DERIVED_DATA_LOCK)
+                    .execute(&mut *lock)
+                    .await?;
+            }
+            Job::Rollups | Job::SessionMetrics | Job::AnalystSync => {
+                sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+                    .bind(DERIVED_DATA_LOCK)
+                    .execute(&mut *lock)
+                    .await?;
+            }
+            Job::Purge => {}
+        }
+        let outcome = self.run_unlocked(job).await;
+        lock.rollback().await?;
+        outcome
+    }
+
+    async fn run_unlocked(&self, job: Job) -> Result<u64, JobError> {
         match job {
             Job::Rollups => self.rollups().await,
             Job::SessionMetrics => self.session_metrics().await,

@@ -94,7 +94,7 @@ pub struct JobsOptions {
     /// held when they started (so that no row of a purged session or erased person can land
     /// after the deletion) before failing and being retried later.
     #[arg(long = "consumer-wait", id = "jobs_consumer_wait", value_name = "DURATION", env = "BIOFEED_JOBS_CONSUMER_WAIT",
-          default_value = "2m", value_parser = parse_duration)]
+          default_value = "30s", value_parser = parse_duration)]
     pub consumer_wait: Duration,
 
     /// How long to wait for a ClickHouse deletion (mutation) to finish before failing the job.

@@ -97,7 +97,10 @@ async fn context_recording(
         Ok(ctx) => Ok(ctx),
         Err(e) => {
             let error = JobError {
-                connection: "clickhouse",
+                connection: match e.service() {
+                    biofeed_backends::Service::Kafka => "kafka",
+                    _ => "clickhouse",
+                },
                 message: e.to_string(),
             };
             for (job, failed) in jobs {
@@ -407,9 +410,13 @@ async fn keep_lease(
     loop {
         tokio::time::sleep(wait).await;
         let attempt = Instant::now();
-        let left = renewed.checked_add(lease).map_or(Duration::MAX, |until| {
-            until.saturating_duration_since(attempt)
-        });
+        // A tenth of the lease short of its end, so that this runner stops before another one
+        // can claim the job (clocks and the stop itself take a moment).
+        let left = renewed
+            .checked_add(lease - lease / 10)
+            .map_or(Duration::MAX, |until| {
+                until.saturating_duration_since(attempt)
+            });
         if left.is_zero() {
             return LeaseLost::Unrenewable {
                 job: job.name(),
@@ -426,8 +433,8 @@ async fn keep_lease(
             Ok(Err(e)) => {
                 tracing::warn!(job = job.name(), error = %e, "cannot renew the lease; retrying");
                 last_error = e.to_string();
-                // Sooner than usual: the lease runs out a third earlier with every miss.
-                wait = lease / 10;
+                // Sooner than usual, and never past the lease's end.
+                wait = (lease / 10).min(left.saturating_sub(attempt.elapsed()));
             }
             Err(_) => {
                 return LeaseLost::Unrenewable {

@@ -132,12 +132,6 @@ impl SensorFrame {
                     previous: index,
                 });
             }
-            if pair[1] == pair[0] {
-                return Err(FrameError::Repeated {
-                    index: index + 1,
-                    previous: index,
-                });
-            }
         }
         for (index, offset) in self.offsets_us.iter().enumerate() {
             if self.t0_us.checked_add(*offset).is_none() {
@@ -145,6 +139,24 @@ impl SensorFrame {
             }
         }
         Ok(())
+    }
+
+    /// Whether every sample instant occurs once (times strictly ascending). A separate check
+    /// from [`SensorFrame::check_shape`]: the gateway refuses a repeated instant (ClickHouse keeps
+    /// one row per instant, so it would be accepted but not stored), while a consumer still
+    /// writes frames accepted before that rule (their repeats collapse, as they always did).
+    pub fn check_distinct_times(&self) -> Result<(), FrameError> {
+        match self
+            .offsets_us
+            .windows(2)
+            .position(|pair| pair[1] == pair[0])
+        {
+            Some(index) => Err(FrameError::Repeated {
+                index: index + 1,
+                previous: index,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -235,8 +247,9 @@ mod tests {
         let mut f = frame();
         f.offsets_us = vec![0, 10, 10];
         f.values = vec![0.0; 6];
+        assert_eq!(f.check_shape(), Ok(()));
         assert_eq!(
-            f.check_shape(),
+            f.check_distinct_times(),
             Err(FrameError::Repeated {
                 index: 2,
                 previous: 1

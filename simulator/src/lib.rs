@@ -449,10 +449,6 @@ impl Device {
                 })),
             )
             .await?;
-        let user_id: Uuid = signed_up["user_id"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("sign-up answered without a user id"))?;
         let login = self
             .call(
                 reqwest::Method::POST,
@@ -461,6 +457,13 @@ impl Device {
                 Some(json!({ "email": self.email, "password": password })),
             )
             .await?;
+        // The login names the user too: a sign-up whose answer was lost in a gateway restart
+        // (its retry answered 409, the account exists) has no body to read it from.
+        let user_id: Uuid = signed_up["user_id"]
+            .as_str()
+            .or_else(|| login["user_id"].as_str())
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("neither sign-up nor login answered with a user id"))?;
         let token = login["token"].as_str().unwrap_or_default().to_owned();
         let (exercise, data_types, model) = self.kind.exercise();
         let device = self

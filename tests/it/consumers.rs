@@ -338,6 +338,8 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
         ),
     );
     payloads.insert(12, ("garbage".to_owned(), b"not a frame".to_vec()));
+    register_sessions(&stores, &good).await;
+    register_sessions(&stores, std::slice::from_ref(&unknown)).await;
     produce(
         &stores.settings.stores.kafka.brokers,
         &stores.settings.stores.topics.points,
@@ -488,7 +490,7 @@ async fn frames_of_erased_users_are_dropped_on_consume_and_on_replay() {
     let (code, stderr) = consumer.stop().await;
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stderr.contains("10 frames of erased users dropped"),
+        stderr.contains("10 frames of erased users and 0 of closed sessions dropped"),
         "{stderr}"
     );
     let run = stores.biofeed(&["replay"]).await;
