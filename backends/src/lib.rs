@@ -6,13 +6,16 @@
 //! connecting with a bounded timeout so that a wrong address fails within seconds with an error
 //! that names the setting and the address tried.
 //!
+//! It also holds the process's stop signal ([`shutdown`]), which every long-running part shares.
+//!
 //! Architecture invariants: owns no table and no topic and knows nothing of the data; it hands
-//! out connected clients and nothing else. Credentials never appear in its errors or logs.
+//! out connected clients and the stop signal, nothing else. Credentials never appear in its errors or logs.
 
 mod address;
 pub mod clickhouse;
 pub mod kafka;
 pub mod postgres;
+pub mod shutdown;
 
 use std::time::Duration;
 

@@ -8,8 +8,6 @@
 //! from the moment its materialized view exists until every row is in an equivalent table. It
 //! prints both rates, their ratio and the bytes per point on disk, and drops what it made.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -308,17 +306,17 @@ async fn measure(
     let started = Instant::now();
     let prepared = crate::prepare(consume.clone(), &mut registry).await?;
     let written = prepared.metrics().rows_written.clone();
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = biofeed_backends::shutdown::Shutdown::new();
     let watcher = {
-        let stop = Arc::clone(&stop);
+        let stop = stop.clone();
         tokio::spawn(async move {
             while written.get() < points {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            stop.store(true, Ordering::Relaxed);
+            stop.fire();
         })
     };
-    prepared.run(Arc::clone(&stop)).await?;
+    prepared.run(stop).await?;
     watcher.await?;
     let consumer_seconds = started.elapsed().as_secs_f64();
     let stored: u64 = ch

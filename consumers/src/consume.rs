@@ -8,10 +8,10 @@
 //! collapse in the table.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use biofeed_backends::shutdown::Shutdown;
 use biofeed_schema::SensorFrame;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{BorrowedMessage, Message};
@@ -46,7 +46,7 @@ struct Pipeline {
     pool: PgPool,
     metrics: ConsumerMetrics,
     limits: BatchLimits,
-    shutdown: Arc<AtomicBool>,
+    shutdown: Shutdown,
     frames: Vec<SensorFrame>,
     rows: usize,
     bytes: usize,
@@ -126,10 +126,10 @@ impl Pipeline {
         let count = frames.len();
         let sink = self.sink.clone();
         let pool = self.pool.clone();
-        let shutdown = Arc::clone(&self.shutdown);
+        let shutdown = self.shutdown.clone();
         let metrics = self.metrics.clone();
         let task = self.rt.spawn(async move {
-            let give_up = || shutdown.load(Ordering::Relaxed);
+            let give_up = || shutdown.is_fired();
             let frames = writable_frames(&pool, frames, &metrics, give_up).await?;
             if frames.is_empty() {
                 return Some((0, 0));
@@ -280,10 +280,10 @@ pub(crate) struct LoopParts {
     pub metrics: ConsumerMetrics,
     pub limits: BatchLimits,
     pub refresh: Duration,
-    pub shutdown: Arc<AtomicBool>,
+    pub shutdown: Shutdown,
 }
 
-/// Runs the loop on the current (blocking) thread until `shutdown` is set.
+/// Runs the loop on the current (blocking) thread until `shutdown` fires.
 pub(crate) fn consume_loop(
     parts: LoopParts,
     config: rdkafka::ClientConfig,
@@ -301,7 +301,7 @@ pub(crate) fn consume_loop(
         pool: parts.pool.clone(),
         metrics: parts.metrics.clone(),
         limits: parts.limits,
-        shutdown: Arc::clone(&parts.shutdown),
+        shutdown: parts.shutdown.clone(),
         frames: Vec::new(),
         rows: 0,
         bytes: 0,
@@ -323,7 +323,7 @@ pub(crate) fn consume_loop(
 
     let mut last_refresh = Instant::now();
     let mut last_lag = Instant::now();
-    while !parts.shutdown.load(Ordering::Relaxed) {
+    while !parts.shutdown.is_fired() {
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Ok(message)) => lock(&pipeline).handle(&message),
@@ -334,7 +334,7 @@ pub(crate) fn consume_loop(
                     // consumer must not drain either); what is uncommitted is read again by the
                     // member that has the partitions now.
                     tracing::error!(?code, reason, "kafka consumer failed for good");
-                    parts.shutdown.store(true, Ordering::Relaxed);
+                    parts.shutdown.fire();
                     lock(&pipeline).abandoned = true;
                     return Err(ConsumeError::Fatal(reason));
                 }

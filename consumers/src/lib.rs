@@ -25,10 +25,9 @@ pub mod replay;
 pub mod rows;
 pub mod sink;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use biofeed_backends::shutdown::Shutdown;
 use biofeed_backends::{parse_duration, BackendError, StoreSettings};
 use prometheus_client::registry::Registry;
 
@@ -193,7 +192,7 @@ pub async fn prepare(
         metrics: ConsumerMetrics::register(registry),
         limits: settings.options.batch,
         refresh: settings.options.refresh,
-        shutdown: Arc::new(AtomicBool::new(false)),
+        shutdown: Shutdown::new(),
     };
     let mut config = settings.stores.kafka.client_config();
     let instance_id = settings
@@ -233,8 +232,8 @@ impl PreparedConsumer {
         &self.parts.metrics
     }
 
-    /// Consumes until `shutdown` is set, then writes and commits what it holds.
-    pub async fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<ConsumeSummary, ConsumeError> {
+    /// Consumes until `shutdown` fires, then writes and commits what it holds.
+    pub async fn run(mut self, shutdown: Shutdown) -> Result<ConsumeSummary, ConsumeError> {
         self.parts.shutdown = shutdown;
         let (parts, config, topic) = (self.parts, self.config, self.topic);
         tokio::task::spawn_blocking(move || consume::consume_loop(parts, config, &topic))
@@ -271,28 +270,4 @@ pub async fn replay(
     })
     .await
     .map_err(|e| ConsumeError::Kafka(format!("the replay thread failed: {e}")))?
-}
-
-/// Sets `flag` on SIGTERM or Ctrl-C.
-pub fn stop_on_signal(flag: Arc<AtomicBool>) {
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            if let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            } else {
-                let _ = ctrl_c.await;
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        tracing::info!("stopping: writing and committing the batch in hand");
-        flag.store(true, Ordering::Relaxed);
-    });
 }

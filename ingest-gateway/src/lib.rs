@@ -191,38 +191,11 @@ impl Application {
 
 /// Runs the gateway until SIGTERM or Ctrl-C.
 pub async fn run(settings: GatewaySettings) -> anyhow::Result<()> {
+    let shutdown = biofeed_backends::shutdown::Shutdown::on_signal();
     Application::build(settings)
         .await?
-        .run_until(shutdown_signal())
+        .run_until(shutdown.wait())
         .await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for ctrl-c");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutting down: finishing requests in flight");
 }
 
 /// The OpenAPI description of the HTTP API.

@@ -51,3 +51,51 @@ pub async fn serve(
         .await?;
     Ok(())
 }
+
+/// The `/metrics` endpoint of a process other than the gateway: bound first (a taken port
+/// fails before any work starts), served once the process's metrics are registered, stopped
+/// when its work is done.
+pub struct MetricsEndpoint {
+    listener: tokio::net::TcpListener,
+}
+
+impl MetricsEndpoint {
+    /// Binds `listen`.
+    pub async fn bind(listen: SocketAddr) -> anyhow::Result<Self> {
+        Ok(Self {
+            listener: bind(listen).await?,
+        })
+    }
+
+    /// The bound address.
+    pub fn address(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves `registry` until the returned handle is stopped.
+    pub fn serve(self, registry: Registry) -> ServingMetrics {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(self.listener, Arc::new(registry), async move {
+            let _ = stopped.await;
+        }));
+        ServingMetrics { stop, task }
+    }
+}
+
+/// A `/metrics` endpoint being served.
+pub struct ServingMetrics {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ServingMetrics {
+    /// Stops serving; a failure of the endpoint is logged (the work it reported on is done).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "the metrics endpoint failed"),
+            Err(e) => tracing::warn!(error = %e, "the metrics endpoint panicked"),
+        }
+    }
+}

@@ -107,3 +107,15 @@ pub struct GatewaySettings {
     #[command(flatten, next_help_heading = "Keys")]
     pub keys: AccountKeys,
 }
+
+impl GatewaySettings {
+    /// Where the services are, as the other parts of one process (`biofeed up`) take them.
+    pub fn stores(&self) -> biofeed_backends::StoreSettings {
+        biofeed_backends::StoreSettings {
+            postgres: self.postgres.clone(),
+            clickhouse: self.clickhouse.clone(),
+            kafka: self.kafka.clone(),
+            topics: self.topics.clone(),
+        }
+    }
+}

@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use biofeed_backends::clickhouse::ClickHouseSettings;
 use biofeed_backends::kafka::{KafkaSettings, TopicNames};
-use biofeed_backends::parse_duration;
 use biofeed_backends::postgres::PostgresSettings;
+use biofeed_backends::{parse_duration, StoreSettings};
 
 pub use crate::jobs::Job;
 pub use crate::runner::{failed_jobs, retry, run_once, run_runner, FailedJob};
@@ -136,6 +136,21 @@ pub struct JobsSettings {
         help_heading = "Kafka"
     )]
     pub consumer_group: String,
+}
+
+impl JobsSettings {
+    /// A runner's settings beside the other parts of one process (`biofeed up`): the same
+    /// stores, and the consumer group whose progress purge and erasure wait for.
+    pub fn beside(options: JobsOptions, stores: &StoreSettings, consumer_group: &str) -> Self {
+        Self {
+            options,
+            postgres: stores.postgres.clone(),
+            clickhouse: stores.clickhouse.clone(),
+            kafka: stores.kafka.clone(),
+            topics: stores.topics.clone(),
+            consumer_group: consumer_group.to_owned(),
+        }
+    }
 }
 
 impl JobsOptions {

@@ -15,10 +15,10 @@
 //! `BIOFEED_JOBS_RETRY_BACKOFF`, doubling, until `BIOFEED_JOBS_MAX_ATTEMPTS`, then waits for
 //! `biofeed jobs retry`. Either way the lease is released and the runner goes on serving.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use biofeed_backends::shutdown::Shutdown;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
@@ -623,12 +623,12 @@ pub async fn retry(settings: &JobsSettings, id: Option<i64>) -> anyhow::Result<(
     Ok((ok, failed))
 }
 
-/// Runs the scheduler and workers until `stop` is set; then waits for running jobs to finish.
+/// Runs the scheduler and workers until `stop` fires; then waits for running jobs to finish.
 /// A job that fails, panics or loses its lease ends its run only: the runner goes on serving.
 pub async fn run_runner(
     settings: JobsSettings,
     metrics: JobMetrics,
-    stop: Arc<AtomicBool>,
+    stop: Shutdown,
 ) -> anyhow::Result<()> {
     let ctx = context(&settings).await?;
     ensure_schedule(&ctx.pool).await?;
@@ -636,7 +636,7 @@ pub async fn run_runner(
     let slots = Arc::new(Semaphore::new(settings.options.concurrency as usize));
     tracing::info!(runner = %runner, concurrency = settings.options.concurrency, "jobs runner started");
     let mut tasks = tokio::task::JoinSet::new();
-    while !stop.load(Ordering::SeqCst) {
+    while !stop.is_fired() {
         while let Some(joined) = tasks.try_join_next() {
             if let Err(e) = joined {
                 tracing::error!(error = %e, "a worker ended abnormally");

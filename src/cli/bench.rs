@@ -1,0 +1,63 @@
+//! `biofeed bench …`: the benchmarks, each printing its figures as last-line JSON.
+
+use clap::Subcommand;
+
+use crate::cli::AFTER_HELP;
+
+/// `biofeed bench …`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Points per second through the gateway (JSON and Avro, 1 and 8 channels) against
+    /// producing the same frames straight into Kafka; request latency p50/p99.
+    ///
+    /// Needs the PII keys; makes a Postgres database (migrated, holding the bench user) and a
+    /// topic of its own, and drops them afterwards: nothing lands in the configured database.
+    #[command(after_help = AFTER_HELP)]
+    Gateway(Box<biofeed_ingest_gateway::bench::BenchGatewaySettings>),
+
+    /// Points per second one consumer drains from Kafka into ClickHouse, against ClickHouse's
+    /// own Kafka table engine with a materialized view on the same points; bytes per point on
+    /// disk. Makes and afterwards drops Postgres and ClickHouse databases and topics of its own.
+    #[command(after_help = AFTER_HELP)]
+    Consume(Box<biofeed_consumers::bench::BenchConsumeSettings>),
+
+    /// The whole pipeline under sustained load: many simulated devices post through HTTP to a
+    /// `biofeed up` of its own (own Postgres and ClickHouse databases and topics, dropped
+    /// afterwards: nothing lands in the configured ones) for a fixed time; reports
+    /// points/s offered vs stored, end-to-end latency (device send → queryable in ClickHouse)
+    /// p50/p99, gateway p99, peak RSS, bytes per point on disk; then runs `bench gateway` and
+    /// `bench consume` as the peer comparisons; writes a markdown report (docs/bench-e2e.md).
+    ///
+    /// Needs the PII keys. Exit code 1 if a point was lost.
+    #[command(after_help = AFTER_HELP)]
+    E2e(Box<biofeed_simulator::bench::BenchE2eSettings>),
+}
+
+pub(crate) async fn run_e2e(
+    settings: biofeed_simulator::bench::BenchE2eSettings,
+) -> anyhow::Result<()> {
+    let figures =
+        biofeed_simulator::bench::run(&settings, |step| eprintln!("bench e2e: {step}")).await?;
+    eprintln!(
+        "end to end: {:.0} points/s offered, {:.0} stored (ratio {:.3}); latency device → queryable p50 {:.0} ms, p99 {:.0} ms; \
+         gateway p99 {:.1} ms; peak RSS {:.0} MiB; {:.2} bytes/point; {} accepted, {} stored; report in {}",
+        figures.offered_points_per_s,
+        figures.stored_points_per_s,
+        figures.ratio,
+        figures.e2e_p50_ms,
+        figures.e2e_p99_ms,
+        figures.gateway_p99_ms,
+        figures.peak_rss_mib,
+        figures.bytes_per_point,
+        figures.accepted,
+        figures.stored,
+        settings.report.display()
+    );
+    println!("{}", serde_json::to_string(&figures)?);
+    anyhow::ensure!(
+        figures.lost == 0,
+        "{} accepted points never became queryable",
+        figures.lost
+    );
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `biofeed up`: the gateway, a consumer and a jobs runner in one process.
+
+use biofeed_ingest_gateway::GatewaySettings;
+use clap::Args;
+
+use biofeed_backends::shutdown::{run_parts, Part, Shutdown};
+use biofeed_consumers::ConsumeSettings;
+use biofeed_ingest_gateway::metrics_endpoint::MetricsEndpoint;
+use biofeed_ingest_gateway::Application;
+use biofeed_jobs::metrics::JobMetrics;
+use biofeed_jobs::JobsSettings;
+use prometheus_client::registry::Registry;
+
+/// Arguments of `biofeed up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address of the Prometheus endpoint of the consumer and the jobs runner (the gateway
+    /// serves its own at /metrics).
+    #[arg(
+        long = "metrics-listen",
+        id = "up_metrics_listen",
+        value_name = "ADDR",
+        env = "BIOFEED_UP_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: std::net::SocketAddr,
+    /// The gateway's settings, and where every service is.
+    #[command(flatten)]
+    pub gateway: Box<GatewaySettings>,
+    /// The consumer's settings.
+    #[command(flatten, next_help_heading = "Consumer")]
+    pub consumer: biofeed_consumers::ConsumerOptions,
+    /// The jobs runner's settings.
+    #[command(flatten, next_help_heading = "Jobs")]
+    pub jobs: biofeed_jobs::JobsOptions,
+}
+
+pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::on_signal();
+    let gateway = *args.gateway;
+    let stores = gateway.stores();
+    let jobs = JobsSettings::beside(args.jobs, &stores, &args.consumer.group);
+    let endpoint = MetricsEndpoint::bind(args.metrics_listen).await?;
+    let mut registry = Registry::default();
+    let consumer = biofeed_consumers::prepare(
+        ConsumeSettings {
+            options: args.consumer,
+            stores,
+        },
+        &mut registry,
+    )
+    .await?;
+    let job_metrics = JobMetrics::registered(&mut registry);
+    let app = Application::build(gateway).await?;
+    eprintln!(
+        "biofeed up: gateway on http://{}, consumer and jobs metrics on http://{}/metrics",
+        app.local_addr()?,
+        endpoint.address()?
+    );
+    let metrics = endpoint.serve(registry);
+    let outcome = run_parts(
+        &shutdown,
+        vec![
+            Part::new("gateway", app.run_until(shutdown.wait())),
+            Part::new("consumer", consume(consumer, shutdown.clone())),
+            Part::new(
+                "jobs",
+                biofeed_jobs::run_runner(jobs, job_metrics, shutdown.clone()),
+            ),
+        ],
+    )
+    .await;
+    metrics.stop().await;
+    Ok(outcome?)
+}
+
+/// The consumer's part: runs, then says what it did.
+async fn consume(
+    consumer: biofeed_consumers::PreparedConsumer,
+    shutdown: Shutdown,
+) -> Result<(), biofeed_consumers::ConsumeError> {
+    let summary = consumer.run(shutdown).await?;
+    eprintln!(
+        "consumer stopped: {} rows written, {} frames dead-lettered, {} frames of erased users and {} of closed sessions dropped",
+        summary.rows, summary.dead_lettered, summary.dropped_erased, summary.dropped_closed
+    );
+    Ok(())
+}
