@@ -143,13 +143,13 @@ pub enum BenchCommand {
     /// Needs the PII keys; makes a Postgres database (migrated, holding the bench user) and a
     /// topic of its own, and drops them afterwards: nothing lands in the configured database.
     #[command(after_help = AFTER_HELP)]
-    Gateway(Box<biofeed_ingest_gateway::bench::BenchGatewaySettings>),
+    Gateway(Box<biofeed_bench::gateway::BenchGatewaySettings>),
 
     /// Points per second one consumer drains from Kafka into ClickHouse, against ClickHouse's
     /// own Kafka table engine with a materialized view on the same points; bytes per point on
     /// disk. Makes and afterwards drops Postgres and ClickHouse databases and topics of its own.
     #[command(after_help = AFTER_HELP)]
-    Consume(Box<biofeed_consumers::bench::BenchConsumeSettings>),
+    Consume(Box<biofeed_bench::consume::BenchConsumeSettings>),
 
     /// The whole pipeline under sustained load: many simulated devices post through HTTP to a
     /// `biofeed up` of its own (own Postgres and ClickHouse databases and topics, dropped
@@ -160,7 +160,7 @@ pub enum BenchCommand {
     ///
     /// Needs the PII keys. Exit code 1 if a point was lost.
     #[command(after_help = AFTER_HELP)]
-    E2e(Box<biofeed_simulator::bench::BenchE2eSettings>),
+    E2e(Box<biofeed_bench::e2e::BenchE2eSettings>),
 }
 
 /// Arguments of `biofeed consume`.
@@ -520,10 +520,10 @@ impl Cli {
             Command::Admin(command) => exit_with(run_admin(command).await),
             Command::Jobs(args) => exit_with(run_jobs(args).await),
             Command::Bench(BenchCommand::Gateway(settings)) => {
-                exit_with(biofeed_ingest_gateway::bench::run(*settings).await)
+                exit_with(biofeed_bench::gateway::run(*settings).await)
             }
             Command::Bench(BenchCommand::Consume(settings)) => {
-                exit_with(biofeed_consumers::bench::run(*settings).await)
+                exit_with(biofeed_bench::consume::run(*settings).await)
             }
             Command::Bench(BenchCommand::E2e(settings)) => {
                 exit_with(run_bench_e2e(*settings).await)
@@ -563,6 +563,7 @@ fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
             eprintln!("error: {e:#}");
             let unavailable = e.chain().any(|cause| {
                 cause.is::<biofeed_backends::BackendError>()
+                    || cause.is::<biofeed_simulator::GatewayUnavailable>()
                     || cause.is::<biofeed_jobs::jobs::JobError>()
                     || cause
                         .downcast_ref::<AccountsError>()
@@ -625,9 +626,8 @@ async fn run_consume(args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_bench_e2e(settings: biofeed_simulator::bench::BenchE2eSettings) -> anyhow::Result<()> {
-    let figures =
-        biofeed_simulator::bench::run(&settings, |step| eprintln!("bench e2e: {step}")).await?;
+async fn run_bench_e2e(settings: biofeed_bench::e2e::BenchE2eSettings) -> anyhow::Result<()> {
+    let figures = biofeed_bench::e2e::run(&settings, |step| eprintln!("bench e2e: {step}")).await?;
     eprintln!(
         "end to end: {:.0} points/s offered, {:.0} stored (ratio {:.3}); latency device → queryable p50 {:.0} ms, p99 {:.0} ms; \
          gateway p99 {:.1} ms; peak RSS {:.0} MiB; {:.2} bytes/point; {} accepted, {} stored; report in {}",

@@ -45,8 +45,6 @@ pub enum Service {
     ClickHouse,
     /// Kafka: the points topic and its dead letters.
     Kafka,
-    /// A biofeed gateway, for its clients (`biofeed simulate`).
-    Gateway,
 }
 
 impl std::fmt::Display for Service {
@@ -55,7 +53,6 @@ impl std::fmt::Display for Service {
             Service::Postgres => "postgres",
             Service::ClickHouse => "clickhouse",
             Service::Kafka => "kafka",
-            Service::Gateway => "the gateway",
         })
     }
 }
