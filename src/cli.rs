@@ -163,10 +163,10 @@ impl Cli {
             Command::Admin(command) => exit_with(admin::run(command).await),
             Command::Jobs(args) => exit_with(jobs::run(args).await),
             Command::Bench(BenchCommand::Gateway(settings)) => {
-                exit_with(biofeed_ingest_gateway::bench::run(*settings).await)
+                exit_with(biofeed_bench::gateway::run(*settings).await)
             }
             Command::Bench(BenchCommand::Consume(settings)) => {
-                exit_with(biofeed_consumers::bench::run(*settings).await)
+                exit_with(biofeed_bench::consume::run(*settings).await)
             }
             Command::Bench(BenchCommand::E2e(settings)) => {
                 exit_with(bench::run_e2e(*settings).await)
@@ -183,6 +183,8 @@ pub(crate) fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
             eprintln!("error: {e:#}");
             let unavailable = e.chain().any(|cause| {
                 cause.is::<biofeed_backends::BackendError>()
+                    || cause.is::<biofeed_simulator::GatewayUnavailable>()
+                    || cause.is::<biofeed_simulator::GatewayUnavailable>()
                     || cause.is::<biofeed_jobs::jobs::JobError>()
                     || cause
                         .downcast_ref::<AccountsError>()

@@ -48,8 +48,6 @@ pub enum Service {
     ClickHouse,
     /// Kafka: the points topic and its dead letters.
     Kafka,
-    /// A biofeed gateway, for its clients (`biofeed simulate`).
-    Gateway,
 }
 
 impl std::fmt::Display for Service {
@@ -58,7 +56,6 @@ impl std::fmt::Display for Service {
             Service::Postgres => "postgres",
             Service::ClickHouse => "clickhouse",
             Service::Kafka => "kafka",
-            Service::Gateway => "the gateway",
         })
     }
 }

@@ -14,9 +14,8 @@
 //! ClickHouse acknowledged the rows (or Kafka the dead letter) of every message before it; writes
 //! a frame only if Postgres, asked just before the insert, holds its session as open or completed
 //! and its person as not erased; reads Postgres (data types, erasure list, session status) but
-//! never writes it (`bench consume` aside, into a database of its own); never speaks HTTP.
+//! never writes it; does not depend on `biofeed-migrations`; never speaks HTTP.
 
-pub mod bench;
 pub mod checks;
 pub mod consume;
 pub mod dead_letters;

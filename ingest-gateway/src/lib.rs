@@ -20,7 +20,6 @@
 //! ClickHouse, never writes to it. Nothing personal goes to Kafka or the logs.
 
 pub mod auth;
-pub mod bench;
 pub mod body;
 pub mod catalog;
 pub mod export;

@@ -7,16 +7,15 @@
 //! JSON), an EEG headset (`alpha_neurofeedback`: 8 channels at 256 Hz, Avro). Signals: [`signals`].
 //!
 //! Architecture invariants: a client only — it knows biofeed through its HTTP API and the Avro
-//! schema, nothing else; every person it makes is synthetic (`sim-…@example.org`).
+//! schema, nothing else (no storage driver, no `accounts`: `cargo tree -p biofeed-simulator`
+//! shows none, which a test holds); every person it makes is synthetic (`sim-…@example.org`).
 
-pub mod bench;
 pub mod signals;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use biofeed_backends::parse_duration;
 use biofeed_schema::{DataTypeName, SensorFrame};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -99,6 +98,30 @@ pub struct SimulateSettings {
     pub seed: Option<u64>,
 }
 
+/// The gateway could not be used: it did not answer its health check, or answered an error.
+/// Retrying later may help (`biofeed simulate` exits 3, as for an unreachable backing service).
+#[derive(Debug, thiserror::Error)]
+#[error("the gateway at {address} (setting BIOFEED_SIMULATE_URL) failed: {reason}")]
+pub struct GatewayUnavailable {
+    /// The gateway's URL as configured.
+    pub address: String,
+    /// What went wrong, as the HTTP client said it.
+    pub reason: String,
+}
+
+/// Parses a positive duration such as `5s`, `1500ms` or `2min`, with the same words as every
+/// other `biofeed` duration setting (`biofeed_backends::parse_duration`, which this client does
+/// not link: that crate brings the Postgres, ClickHouse and Kafka drivers).
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    let parsed = humantime::parse_duration(value).map_err(|e| {
+        format!("'{value}' is not a duration ({e}); write e.g. 5s, 1500ms, 2min, 7days")
+    })?;
+    if parsed.is_zero() {
+        return Err("must be longer than zero".to_owned());
+    }
+    Ok(parsed)
+}
+
 fn parse_url(value: &str) -> Result<reqwest::Url, String> {
     reqwest::Url::parse(value)
         .ok()
@@ -168,7 +191,7 @@ pub struct Progress {
 }
 
 /// The `q` quantile of sorted values (nearest rank), 0 for none.
-pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
+fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted
         .get(((sorted.len() as f64 - 1.0) * q).round().max(0.0) as usize)
         .copied()
@@ -176,7 +199,7 @@ pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 /// Microseconds since the epoch, now.
-pub(crate) fn now_us() -> i64 {
+fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
@@ -290,9 +313,7 @@ pub async fn simulate(
         .send()
         .await
         .and_then(reqwest::Response::error_for_status)
-        .map_err(|e| biofeed_backends::BackendError::Failed {
-            service: biofeed_backends::Service::Gateway,
-            setting: "BIOFEED_SIMULATE_URL",
+        .map_err(|e| GatewayUnavailable {
             address: url.to_string(),
             reason: e.to_string(),
         })?;

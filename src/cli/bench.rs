@@ -13,13 +13,13 @@ pub enum BenchCommand {
     /// Needs the PII keys; makes a Postgres database (migrated, holding the bench user) and a
     /// topic of its own, and drops them afterwards: nothing lands in the configured database.
     #[command(after_help = AFTER_HELP)]
-    Gateway(Box<biofeed_ingest_gateway::bench::BenchGatewaySettings>),
+    Gateway(Box<biofeed_bench::gateway::BenchGatewaySettings>),
 
     /// Points per second one consumer drains from Kafka into ClickHouse, against ClickHouse's
     /// own Kafka table engine with a materialized view on the same points; bytes per point on
     /// disk. Makes and afterwards drops Postgres and ClickHouse databases and topics of its own.
     #[command(after_help = AFTER_HELP)]
-    Consume(Box<biofeed_consumers::bench::BenchConsumeSettings>),
+    Consume(Box<biofeed_bench::consume::BenchConsumeSettings>),
 
     /// The whole pipeline under sustained load: many simulated devices post through HTTP to a
     /// `biofeed up` of its own (own Postgres and ClickHouse databases and topics, dropped
@@ -30,14 +30,11 @@ pub enum BenchCommand {
     ///
     /// Needs the PII keys. Exit code 1 if a point was lost.
     #[command(after_help = AFTER_HELP)]
-    E2e(Box<biofeed_simulator::bench::BenchE2eSettings>),
+    E2e(Box<biofeed_bench::e2e::BenchE2eSettings>),
 }
 
-pub(crate) async fn run_e2e(
-    settings: biofeed_simulator::bench::BenchE2eSettings,
-) -> anyhow::Result<()> {
-    let figures =
-        biofeed_simulator::bench::run(&settings, |step| eprintln!("bench e2e: {step}")).await?;
+pub(crate) async fn run_e2e(settings: biofeed_bench::e2e::BenchE2eSettings) -> anyhow::Result<()> {
+    let figures = biofeed_bench::e2e::run(&settings, |step| eprintln!("bench e2e: {step}")).await?;
     eprintln!(
         "end to end: {:.0} points/s offered, {:.0} stored (ratio {:.3}); latency device → queryable p50 {:.0} ms, p99 {:.0} ms; \
          gateway p99 {:.1} ms; peak RSS {:.0} MiB; {:.2} bytes/point; {} accepted, {} stored; report in {}",

@@ -91,7 +91,7 @@ async fn produce(
 /// Postgres holds as open or completed. Known ones are left as they are.
 pub(crate) async fn register_sessions(stores: &Isolated, frames: &[SensorFrame]) {
     let pg = stores.settings.stores.postgres.connect().await.unwrap();
-    biofeed_consumers::bench::register_sessions(&pg, frames)
+    biofeed_bench::consume::register_sessions(&pg, frames)
         .await
         .unwrap();
 }

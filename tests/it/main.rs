@@ -11,6 +11,7 @@ mod gateway;
 mod gateway_app;
 mod helpers;
 mod jobs;
+mod layering;
 mod migrate;
 mod people;
 mod privacy;

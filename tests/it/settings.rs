@@ -390,3 +390,20 @@ async fn the_master_key_can_come_from_a_file() {
         "file@example.org"
     );
 }
+
+#[tokio::test]
+async fn simulate_against_an_unreachable_gateway_fails_as_retryable_naming_the_setting() {
+    let closed = closed_port().await;
+    let run = run_biofeed(
+        &["simulate", "--duration", "1s"],
+        &[("BIOFEED_SIMULATE_URL", format!("http://{closed}"))],
+    )
+    .await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("the gateway at")
+            && run.stderr.contains("BIOFEED_SIMULATE_URL")
+            && run.stderr.contains(&closed),
+        "{run:?}"
+    );
+}

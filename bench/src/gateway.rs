@@ -1,7 +1,7 @@
 //! `biofeed bench gateway`: how many points per second the gateway takes, against the ceiling of
 //! producing the same frames straight into Kafka with librdkafka.
 //!
-//! The run starts a gateway in this process on a free port (or targets `--url`), makes a bench
+//! The run starts a gateway in this process on a free port, makes a bench
 //! user with one device and one session per simulated device, and a topic of its own. Each
 //! device posts 1 kHz-style frames back to back, waiting for each answer, for the duration; then
 //! the same number of producers send the same Avro frames to Kafka directly, each waiting for
@@ -16,17 +16,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use biofeed_accounts::{devices, users, Accounts};
-use biofeed_migrations::postgres::OwnDatabase;
+use biofeed_ingest_gateway::{Application, GatewaySettings};
 use biofeed_schema::{DataTypeName, SensorFrame};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::{Application, GatewaySettings};
+use crate::harness::{now_us, percentile, OwnStores};
 
 /// Frame encodings a bench scenario can post.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -102,34 +99,21 @@ pub struct ScenarioReport {
 
 /// Runs the benchmark, printing a line per scenario and, last, one JSON object.
 pub async fn run(settings: BenchGatewaySettings) -> anyhow::Result<()> {
-    let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
-    let topic = format!("biofeed.bench.{id}");
+    let mut own = OwnStores::new(&settings.gateway.kafka, 12);
+    let topic = format!("biofeed.bench.{}", own.id);
     // The bench's user, device and sessions go to a database of its own, dropped at the end.
-    let database = OwnDatabase::create(&settings.gateway.postgres, &format!("biofeed_bench_{id}"))
-        .await
-        .context("creating the bench's own Postgres database")?;
-    let admin: AdminClient<DefaultClientContext> =
-        settings.gateway.kafka.client_config().create()?;
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let postgres = own
+        .postgres(
+            &settings.gateway.postgres,
+            &format!("biofeed_bench_{}", own.id),
+        )
+        .await?;
     let outcome = async {
-        admin
-            .create_topics(
-                &[NewTopic::new(&topic, 6, TopicReplication::Fixed(1))
-                    .set("retention.ms", "3600000")],
-                &options,
-            )
-            .await
-            .context("creating the bench topic")?
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|(t, e)| anyhow::anyhow!("creating topic {t}: {e}"))?;
-        run_on(&settings, &database, &topic).await
+        own.create_topics(&[&topic]).await?;
+        run_on(&settings, postgres, &topic).await
     }
     .await;
-    if let Err(e) = database.drop().await {
-        tracing::warn!(error = %e, "cannot drop the bench's own postgres database");
-    }
-    let _ = admin.delete_topics(&[&topic], &options).await;
+    own.clean_up().await;
     let reports = outcome?;
 
     let best = reports
@@ -159,11 +143,11 @@ pub async fn run(settings: BenchGatewaySettings) -> anyhow::Result<()> {
 /// and stops the gateway.
 async fn run_on(
     settings: &BenchGatewaySettings,
-    database: &OwnDatabase,
+    postgres: biofeed_backends::postgres::PostgresSettings,
     topic: &str,
 ) -> anyhow::Result<Vec<ScenarioReport>> {
     let mut gateway_settings = settings.gateway.clone();
-    gateway_settings.postgres = database.settings.clone();
+    gateway_settings.postgres = postgres.clone();
     gateway_settings.topics.points = topic.to_owned();
     gateway_settings.listen = "127.0.0.1:0".parse()?;
     gateway_settings.max_in_flight = gateway_settings.max_in_flight.max(settings.devices * 2);
@@ -175,7 +159,7 @@ async fn run_on(
     }));
 
     let accounts = Accounts {
-        pool: database.settings.connect().await?,
+        pool: postgres.connect().await?,
         keys: settings.gateway.keys.clone(),
     };
     let email = users::Email::parse(&format!("bench-{}@bench.invalid", Uuid::new_v4().simple()))?;
@@ -189,6 +173,16 @@ async fn run_on(
     outcome
 }
 
+/// What every scenario of a run posts with and to.
+struct Target<'a> {
+    settings: &'a BenchGatewaySettings,
+    http: reqwest::Client,
+    token: String,
+    url: &'a str,
+    topic: &'a str,
+    producer: FutureProducer,
+}
+
 async fn run_scenarios(
     settings: &BenchGatewaySettings,
     accounts: &Accounts,
@@ -197,8 +191,14 @@ async fn run_scenarios(
     topic: &str,
 ) -> anyhow::Result<Vec<ScenarioReport>> {
     let device = devices::create_device(&accounts.pool, user, "bench").await?;
-    let http = reqwest_client(settings.devices as usize)?;
-    let producer = direct_producer(&settings.gateway)?;
+    let target = Target {
+        settings,
+        http: reqwest_client(settings.devices as usize)?,
+        token: device.token,
+        url,
+        topic,
+        producer: direct_producer(&settings.gateway)?,
+    };
     let mut reports = Vec::new();
     for &channels in &settings.channels {
         let (exercise, data_type) = match channels {
@@ -206,41 +206,11 @@ async fn run_scenarios(
             8 => ("alpha_neurofeedback", "eeg"),
             other => anyhow::bail!("--channels {other}: the bench posts 1 (ecg) or 8 (eeg)"),
         };
-        let mut sessions = Vec::new();
-        for _ in 0..settings.devices {
-            let response = http
-                .post(format!("{url}/v1/sessions"))
-                .bearer_auth(&device.token)
-                .json(&serde_json::json!({ "exercise": exercise, "data_types": [data_type] }))
-                .send()
-                .await?;
-            anyhow::ensure!(
-                response.status() == 201,
-                "opening a bench session: {}",
-                response.text().await?
-            );
-            let body: serde_json::Value = response.json().await?;
-            sessions.push(
-                body["session_id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .parse::<Uuid>()?,
-            );
-        }
+        let sessions = target.open_sessions(exercise, data_type).await?;
         for &format in &settings.formats {
-            let report = scenario(
-                settings,
-                &http,
-                &device.token,
-                url,
-                topic,
-                &producer,
-                &sessions,
-                format,
-                channels,
-                data_type,
-            )
-            .await?;
+            let report = target
+                .scenario(&sessions, format, channels, data_type)
+                .await?;
             eprintln!(
                 "{:>4} × {} ch × {} samples: gateway {:>9.0} points/s, direct {:>9.0} points/s (ratio {:.2}), pipelined {:>9.0} points/s (ratio {:.2}), p50 {:.1} ms, p99 {:.1} ms, {:.2} B/point to Kafka, {} errors",
                 format!("{:?}", report.format).to_lowercase(),
@@ -270,10 +240,11 @@ fn reqwest_client(connections: usize) -> anyhow::Result<reqwest::Client> {
 }
 
 fn direct_producer(settings: &GatewaySettings) -> anyhow::Result<FutureProducer> {
-    Ok(
-        crate::publisher::frame_producer_config(&settings.kafka, "biofeed-bench-direct")
-            .create()?,
+    Ok(biofeed_ingest_gateway::publisher::frame_producer_config(
+        &settings.kafka,
+        "biofeed-bench-direct",
     )
+    .create()?)
 }
 
 /// Frames per device with different values, cycled, so that Kafka's compression sees data as
@@ -281,6 +252,10 @@ fn direct_producer(settings: &GatewaySettings) -> anyhow::Result<FutureProducer>
 /// (≈2 KB each) span more than LZ4's 64 KiB match window, so no frame compresses against a copy
 /// of itself.
 const VARIANTS: u64 = 64;
+
+/// Where a frame id sits in a single-object Avro frame (after the 10-byte header and the
+/// string's length byte).
+const AVRO_FRAME_ID_AT: usize = 11;
 
 /// A frame of `samples` × `channels` values at 1 kHz, starting one second ago: a sine wave plus
 /// noise from `seed`.
@@ -291,9 +266,6 @@ fn bench_frame(
     channels: u16,
     seed: u64,
 ) -> anyhow::Result<SensorFrame> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_micros() as i64;
     let n = samples as usize * usize::from(channels);
     Ok(SensorFrame {
         frame_id: Uuid::new_v4(),
@@ -303,7 +275,7 @@ fn bench_frame(
         data_type: DataTypeName::parse(data_type).map_err(anyhow::Error::msg)?,
         channels,
         received_at_us: 0,
-        t0_us: now - 1_000_000,
+        t0_us: now_us() - 1_000_000,
         offsets_us: (0..i64::from(samples)).map(|i| i * 1_000).collect(),
         values: noisy_sine(n, seed),
     })
@@ -353,167 +325,239 @@ fn with_new_id(template: &[u8], at: usize) -> Vec<u8> {
     body
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn scenario(
-    settings: &BenchGatewaySettings,
-    http: &reqwest::Client,
-    token: &str,
-    url: &str,
-    topic: &str,
-    producer: &FutureProducer,
-    sessions: &[Uuid],
-    format: BenchFormat,
-    channels: u16,
-    data_type: &str,
-) -> anyhow::Result<ScenarioReport> {
-    let content_type = match format {
-        BenchFormat::Json => "application/json",
-        BenchFormat::Avro => "application/avro",
-    };
-    // Per device: (session, [(request body, frame id position, Kafka payload); VARIANTS]).
-    let mut templates = Vec::new();
-    for (index, session) in sessions.iter().enumerate() {
-        let mut variants = Vec::new();
-        for variant in 0..VARIANTS {
-            let frame = bench_frame(
-                *session,
-                data_type,
-                settings.samples,
-                channels,
-                index as u64 * VARIANTS + variant,
-            )?;
-            let (body, at) = template(&frame, format)?;
-            variants.push((body, at, biofeed_schema::encode(&frame)));
-        }
-        templates.push((*session, variants));
-    }
-    let request_bytes = templates[0].1[0].0.len() as f64 / f64::from(settings.samples);
-    let kafka_bytes = templates[0].1[0].2.len() as f64 / f64::from(settings.samples);
+/// One variant of a device's frame: the request body, where its frame id sits, and the same
+/// frame as the Kafka payload.
+#[derive(Clone)]
+struct Variant {
+    body: Vec<u8>,
+    id_at: usize,
+    avro: Vec<u8>,
+}
 
-    // Through the gateway.
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (session, variants) in templates.clone() {
-        let (http, stop, errors) = (http.clone(), Arc::clone(&stop), Arc::clone(&errors));
-        let endpoint = format!("{url}/v1/sessions/{session}/points");
-        let token = token.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            for (body, at, _) in variants.iter().cycle() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
+/// A device's session and the frames it cycles through.
+type DeviceFrames = (Uuid, Vec<Variant>);
+
+impl Target<'_> {
+    /// Opens one session per simulated device through the gateway.
+    async fn open_sessions(&self, exercise: &str, data_type: &str) -> anyhow::Result<Vec<Uuid>> {
+        let mut sessions = Vec::new();
+        for _ in 0..self.settings.devices {
+            let response = self
+                .http
+                .post(format!("{}/v1/sessions", self.url))
+                .bearer_auth(&self.token)
+                .json(&serde_json::json!({ "exercise": exercise, "data_types": [data_type] }))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status() == 201,
+                "opening a bench session: {}",
+                response.text().await?
+            );
+            let body: serde_json::Value = response.json().await?;
+            sessions.push(
+                body["session_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .parse::<Uuid>()?,
+            );
+        }
+        Ok(sessions)
+    }
+
+    /// One scenario: the gateway, then Kafka directly with the same concurrency, then Kafka
+    /// pipelined.
+    async fn scenario(
+        &self,
+        sessions: &[Uuid],
+        format: BenchFormat,
+        channels: u16,
+        data_type: &str,
+    ) -> anyhow::Result<ScenarioReport> {
+        let samples = f64::from(self.settings.samples);
+        let frames = self.frames(sessions, format, channels, data_type)?;
+        let first = &frames[0].1[0];
+        let request_bytes = first.body.len() as f64 / samples;
+        let kafka_bytes = first.avro.len() as f64 / samples;
+
+        let (mut latencies_ms, errors, gateway_elapsed) =
+            self.through_gateway(frames.clone(), format).await?;
+        let gateway_points = latencies_ms.len() as f64 * samples;
+        latencies_ms.sort_by(f64::total_cmp);
+        // No accepted request, no latency: `null` in the JSON rather than a made-up 0.
+        let latency = |q: f64| {
+            if latencies_ms.is_empty() {
+                f64::NAN
+            } else {
+                percentile(&latencies_ms, q)
+            }
+        };
+        let pipelined_frames = frames[0].clone();
+        let (direct_frames, direct_elapsed) = self.direct(frames).await?;
+        let (pipelined, pipelined_elapsed) = self.pipelined(&pipelined_frames).await;
+
+        let gateway_points_per_s = gateway_points / gateway_elapsed;
+        let direct_points_per_s = direct_frames as f64 * samples / direct_elapsed;
+        let pipelined_points_per_s = pipelined as f64 * samples / pipelined_elapsed;
+        Ok(ScenarioReport {
+            format,
+            channels,
+            samples_per_frame: self.settings.samples,
+            gateway_points_per_s,
+            direct_points_per_s,
+            ratio: gateway_points_per_s / direct_points_per_s,
+            pipelined_points_per_s,
+            ratio_to_pipelined: gateway_points_per_s / pipelined_points_per_s,
+            latency_p50_ms: latency(0.50),
+            latency_p99_ms: latency(0.99),
+            request_bytes_per_point: request_bytes,
+            kafka_bytes_per_point: kafka_bytes,
+            errors,
+        })
+    }
+
+    /// Per device: its session and [`VARIANTS`] frames of it.
+    fn frames(
+        &self,
+        sessions: &[Uuid],
+        format: BenchFormat,
+        channels: u16,
+        data_type: &str,
+    ) -> anyhow::Result<Vec<DeviceFrames>> {
+        let mut devices = Vec::new();
+        for (index, session) in sessions.iter().enumerate() {
+            let mut variants = Vec::new();
+            for variant in 0..VARIANTS {
+                let seed = index as u64 * VARIANTS + variant;
+                let frame =
+                    bench_frame(*session, data_type, self.settings.samples, channels, seed)?;
+                let (body, id_at) = template(&frame, format)?;
+                let avro = biofeed_schema::encode(&frame);
+                variants.push(Variant { body, id_at, avro });
+            }
+            devices.push((*session, variants));
+        }
+        Ok(devices)
+    }
+
+    /// Every device posts through the gateway, waiting for each answer, for the duration;
+    /// returns the latencies of the frames accepted (ms), the requests not answered 202, and
+    /// the seconds taken.
+    async fn through_gateway(
+        &self,
+        frames: Vec<DeviceFrames>,
+        format: BenchFormat,
+    ) -> anyhow::Result<(Vec<f64>, u64, f64)> {
+        let content_type = match format {
+            BenchFormat::Json => "application/json",
+            BenchFormat::Avro => "application/avro",
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for (session, variants) in frames {
+            let (http, stop, errors) = (self.http.clone(), Arc::clone(&stop), Arc::clone(&errors));
+            let endpoint = format!("{}/v1/sessions/{session}/points", self.url);
+            let token = self.token.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                for variant in variants.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let request = http
+                        .post(&endpoint)
+                        .bearer_auth(&token)
+                        .header("content-type", content_type)
+                        .body(with_new_id(&variant.body, variant.id_at));
+                    let sent = Instant::now();
+                    match request.send().await {
+                        Ok(response) if response.status() == 202 => {
+                            latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                        }
+                        _ => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
-                let request = http
-                    .post(&endpoint)
-                    .bearer_auth(&token)
-                    .header("content-type", content_type)
-                    .body(with_new_id(body, *at));
-                let sent = Instant::now();
-                match request.send().await {
-                    Ok(response) if response.status() == 202 => latencies.push(sent.elapsed()),
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                latencies
+            }));
+        }
+        tokio::time::sleep(self.settings.duration).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut latencies = Vec::new();
+        for task in tasks {
+            latencies.extend(task.await?);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        Ok((latencies, errors.load(Ordering::Relaxed), elapsed))
+    }
+
+    /// Straight into Kafka, same concurrency, same wait for the acknowledgement; returns the
+    /// frames acknowledged and the seconds taken.
+    async fn direct(&self, frames: Vec<DeviceFrames>) -> anyhow::Result<(u64, f64)> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for (session, variants) in frames {
+            let (producer, stop) = (self.producer.clone(), Arc::clone(&stop));
+            let (topic, key) = (self.topic.to_owned(), session.to_string());
+            tasks.push(tokio::spawn(async move {
+                let mut sent = 0u64;
+                for variant in variants.iter().cycle() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let payload = with_new_id(&variant.avro, AVRO_FRAME_ID_AT);
+                    let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                    if producer.send(record, Duration::from_secs(5)).await.is_ok() {
+                        sent += 1;
+                    }
+                }
+                sent
+            }));
+        }
+        tokio::time::sleep(self.settings.duration).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut sent = 0;
+        for task in tasks {
+            sent += task.await?;
+        }
+        Ok((sent, started.elapsed().as_secs_f64()))
+    }
+
+    /// One producer, many frames in flight: what Kafka takes when nobody waits per frame;
+    /// returns the frames acknowledged and the seconds taken.
+    async fn pipelined(&self, (session, variants): &DeviceFrames) -> (u64, f64) {
+        let key = session.to_string();
+        let started = Instant::now();
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut acknowledged = 0u64;
+        for variant in variants.iter().cycle() {
+            if started.elapsed() >= self.settings.duration {
+                break;
+            }
+            let payload = with_new_id(&variant.avro, AVRO_FRAME_ID_AT);
+            let record = FutureRecord::to(self.topic).key(&key).payload(&payload);
+            match self.producer.send_result(record) {
+                Ok(delivery) => in_flight.push_back(delivery),
+                Err(_) => {
+                    // The local queue is full: wait for the oldest frame.
+                    if let Some(oldest) = in_flight.pop_front() {
+                        acknowledged += u64::from(matches!(oldest.await, Ok(Ok(_))));
                     }
                 }
             }
-            latencies
-        }));
-    }
-    tokio::time::sleep(settings.duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await?);
-    }
-    let gateway_elapsed = started.elapsed().as_secs_f64();
-    let gateway_points = latencies.len() as f64 * f64::from(settings.samples);
-    latencies.sort_unstable();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .unwrap_or(f64::NAN)
-    };
-
-    // Straight into Kafka, same concurrency, same wait for the acknowledgement.
-    let templates_for_pipeline = templates[0].clone();
-    let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (session, variants) in templates {
-        let (producer, stop) = (producer.clone(), Arc::clone(&stop));
-        let (topic, key) = (topic.to_owned(), session.to_string());
-        tasks.push(tokio::spawn(async move {
-            let mut sent = 0u64;
-            for (_, _, avro) in variants.iter().cycle() {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let payload = with_new_id(avro, 11);
-                let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-                if producer.send(record, Duration::from_secs(5)).await.is_ok() {
-                    sent += 1;
-                }
-            }
-            sent
-        }));
-    }
-    tokio::time::sleep(settings.duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut direct_frames = 0;
-    for task in tasks {
-        direct_frames += task.await?;
-    }
-    let direct_elapsed = started.elapsed().as_secs_f64();
-
-    // One producer, many frames in flight: what Kafka takes when nobody waits per frame.
-    let (session, variants) = &templates_for_pipeline;
-    let key = session.to_string();
-    let started = Instant::now();
-    let mut in_flight = std::collections::VecDeque::new();
-    let mut pipelined_frames = 0u64;
-    for (_, _, avro) in variants.iter().cycle() {
-        if started.elapsed() >= settings.duration {
-            break;
-        }
-        let payload = with_new_id(avro, 11);
-        match producer.send_result(FutureRecord::to(topic).key(&key).payload(&payload)) {
-            Ok(delivery) => in_flight.push_back(delivery),
-            Err(_) => {
-                // The local queue is full: wait for the oldest frame.
+            if in_flight.len() >= 10_000 {
                 if let Some(oldest) = in_flight.pop_front() {
-                    pipelined_frames += u64::from(matches!(oldest.await, Ok(Ok(_))));
+                    acknowledged += u64::from(matches!(oldest.await, Ok(Ok(_))));
                 }
             }
         }
-        if in_flight.len() >= 10_000 {
-            if let Some(oldest) = in_flight.pop_front() {
-                pipelined_frames += u64::from(matches!(oldest.await, Ok(Ok(_))));
-            }
+        for delivery in in_flight {
+            acknowledged += u64::from(matches!(delivery.await, Ok(Ok(_))));
         }
+        (acknowledged, started.elapsed().as_secs_f64())
     }
-    for delivery in in_flight {
-        pipelined_frames += u64::from(matches!(delivery.await, Ok(Ok(_))));
-    }
-    let pipelined_points_per_s =
-        pipelined_frames as f64 * f64::from(settings.samples) / started.elapsed().as_secs_f64();
-    let gateway_points_per_s = gateway_points / gateway_elapsed;
-    let direct_points_per_s = direct_frames as f64 * f64::from(settings.samples) / direct_elapsed;
-    Ok(ScenarioReport {
-        format,
-        channels,
-        samples_per_frame: settings.samples,
-        gateway_points_per_s,
-        direct_points_per_s,
-        ratio: gateway_points_per_s / direct_points_per_s,
-        pipelined_points_per_s,
-        ratio_to_pipelined: gateway_points_per_s / pipelined_points_per_s,
-        latency_p50_ms: percentile(0.50),
-        latency_p99_ms: percentile(0.99),
-        request_bytes_per_point: request_bytes,
-        kafka_bytes_per_point: kafka_bytes,
-        errors: errors.load(Ordering::Relaxed),
-    })
 }

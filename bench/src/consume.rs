@@ -10,16 +10,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use biofeed_migrations::postgres::OwnDatabase;
+use biofeed_backends::clickhouse::ClickHouse;
+use biofeed_consumers::ConsumeSettings;
 use biofeed_schema::{DataTypeName, SensorFrame};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::ConsumeSettings;
+use crate::harness::OwnStores;
 
 /// Settings of `biofeed bench consume`.
 #[derive(Debug, Clone, clap::Args)]
@@ -67,7 +65,8 @@ pub struct ConsumeBenchReport {
 
 /// Runs the benchmark; the last line printed is one JSON object.
 pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
-    let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let mut own = OwnStores::new(&settings.consume.stores.kafka, 12);
+    let id = own.id.clone();
     let mut consume = settings.consume.clone();
     consume.stores.clickhouse.database = format!("biofeed_bench_{id}");
     consume.stores.topics.points = format!("biofeed.bench.{id}.points");
@@ -76,14 +75,25 @@ pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
     let json_topic = format!("biofeed.bench.{id}.json");
     // The consumer reads its checks (data types, erased people) from Postgres: a database of the
     // bench's own, so the bench neither needs nor touches the configured one.
-    let database = OwnDatabase::create(&consume.stores.postgres, &format!("biofeed_bench_{id}"))
-        .await
-        .context("creating the bench's own Postgres database")?;
-    consume.stores.postgres = database.settings.clone();
-    let outcome = run_on(&settings, &consume, &json_topic).await;
-    if let Err(e) = database.drop().await {
-        tracing::warn!(error = %e, "cannot drop the bench's own postgres database");
+    consume.stores.postgres = own
+        .postgres(&consume.stores.postgres, &format!("biofeed_bench_{id}"))
+        .await?;
+    own.clickhouse(&consume.stores.clickhouse);
+    let outcome = async {
+        own.create_topics(&[
+            consume.stores.topics.points.as_str(),
+            consume.stores.topics.dlq.as_str(),
+            json_topic.as_str(),
+        ])
+        .await?;
+        let ch = consume.stores.clickhouse.connect().await?;
+        biofeed_migrations::clickhouse::ClickHouseMigrations::embedded()?
+            .migrate(&ch)
+            .await?;
+        measure(&settings, &consume, &json_topic, &ch).await
     }
+    .await;
+    own.clean_up().await;
     let report = outcome?;
     eprintln!(
         "one consumer: {:.0} points/s ({:.2} s); kafka engine + materialized view: {}; ratio {}; {:.2} bytes/point on disk, {:.2} in Kafka",
@@ -102,43 +112,6 @@ pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
         "ratio": report.ratio, "bytes_per_point": report.bytes_per_point })
     );
     Ok(())
-}
-
-/// Makes the bench's ClickHouse database and topics, measures, and drops them again.
-async fn run_on(
-    settings: &BenchConsumeSettings,
-    consume: &ConsumeSettings,
-    json_topic: &str,
-) -> anyhow::Result<ConsumeBenchReport> {
-    let ch = consume.stores.clickhouse.connect().await?;
-    biofeed_migrations::clickhouse::ClickHouseMigrations::embedded()?
-        .migrate(&ch)
-        .await?;
-    let admin: AdminClient<DefaultClientContext> = consume.stores.kafka.client_config().create()?;
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let topics = [
-        consume.stores.topics.points.as_str(),
-        consume.stores.topics.dlq.as_str(),
-        json_topic,
-    ];
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 6, TopicReplication::Fixed(1)))
-        .collect();
-    admin
-        .create_topics(&new, &options)
-        .await
-        .context("creating the bench topics")?;
-
-    let outcome = measure(settings, consume, json_topic, &ch).await;
-
-    let _ = ch
-        .server_client()
-        .query(&format!("DROP DATABASE IF EXISTS {}", ch.database()))
-        .execute()
-        .await;
-    let _ = admin.delete_topics(&topics, &options).await;
-    outcome
 }
 
 fn bench_frames(settings: &BenchConsumeSettings) -> anyhow::Result<Vec<SensorFrame>> {
@@ -226,8 +199,8 @@ fn json_rows(frame: &SensorFrame) -> Vec<u8> {
 
 /// Records the frames' person and sessions (open) in the bench's own Postgres database, as the
 /// gateway would have before accepting them: the consumer writes only frames of sessions Postgres
-/// holds as open or completed. (The only rows this crate writes to Postgres, and only to a
-/// database the bench made and drops; the integration tests use it for theirs.)
+/// holds as open or completed. (The bench writes these rows only to a database it made and
+/// drops; the integration tests use it for theirs.)
 pub async fn register_sessions(
     pool: &sqlx::PgPool,
     frames: &[SensorFrame],
@@ -257,12 +230,47 @@ pub async fn register_sessions(
     Ok(())
 }
 
+/// Loads the topics, then times one biofeed consumer and (unless skipped) the Kafka engine.
 async fn measure(
     settings: &BenchConsumeSettings,
     consume: &ConsumeSettings,
     json_topic: &str,
-    ch: &biofeed_backends::clickhouse::ClickHouse,
+    ch: &ClickHouse,
 ) -> anyhow::Result<ConsumeBenchReport> {
+    let (points, kafka_bytes) = load(settings, consume, json_topic).await?;
+    let consumer_seconds = time_consumer(consume, ch, points).await?;
+    let bytes: u64 = ch
+        .server_client()
+        .query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = ? AND table = 'points' AND active")
+        .bind(ch.database())
+        .fetch_one()
+        .await?;
+    let (kafka_engine_seconds, kafka_engine_points_per_s) = if settings.no_peer {
+        (None, None)
+    } else {
+        let (seconds, loaded) = time_kafka_engine(consume, json_topic, ch, points).await?;
+        (Some(seconds), Some(loaded as f64 / seconds))
+    };
+    let consumer_points_per_s = points as f64 / consumer_seconds;
+    Ok(ConsumeBenchReport {
+        points,
+        consumer_points_per_s,
+        kafka_engine_points_per_s,
+        ratio: kafka_engine_points_per_s.map(|p| consumer_points_per_s / p),
+        bytes_per_point: bytes as f64 / points as f64,
+        kafka_bytes_per_point: kafka_bytes,
+        consumer_seconds,
+        kafka_engine_seconds,
+    })
+}
+
+/// Registers the frames' sessions and preloads the frames as Avro (and, for the peer, as
+/// JSONEachRow); returns the points loaded and the Avro bytes per point.
+async fn load(
+    settings: &BenchConsumeSettings,
+    consume: &ConsumeSettings,
+    json_topic: &str,
+) -> anyhow::Result<(u64, f64)> {
     let frames = bench_frames(settings)?;
     let pool = consume.stores.postgres.connect().await?;
     register_sessions(&pool, &frames).await?;
@@ -299,12 +307,18 @@ async fn measure(
         )
         .await?;
     }
-    drop(frames);
+    Ok((points, kafka_bytes))
+}
 
-    // One biofeed consumer, from start to the last row.
+/// One biofeed consumer, from its start until all `points` are in `points`; returns the seconds.
+async fn time_consumer(
+    consume: &ConsumeSettings,
+    ch: &ClickHouse,
+    points: u64,
+) -> anyhow::Result<f64> {
     let mut registry = prometheus_client::registry::Registry::default();
     let started = Instant::now();
-    let prepared = crate::prepare(consume.clone(), &mut registry).await?;
+    let prepared = biofeed_consumers::prepare(consume.clone(), &mut registry).await?;
     let written = prepared.metrics().rows_written.clone();
     let stop = biofeed_backends::shutdown::Shutdown::new();
     let watcher = {
@@ -318,7 +332,7 @@ async fn measure(
     };
     prepared.run(stop).await?;
     watcher.await?;
-    let consumer_seconds = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     let stored: u64 = ch
         .client()
         .query("SELECT count() FROM points")
@@ -328,73 +342,69 @@ async fn measure(
         stored >= points,
         "only {stored} of {points} rows reached ClickHouse"
     );
-    let bytes: u64 = ch
-        .server_client()
-        .query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = ? AND table = 'points' AND active")
-        .bind(ch.database())
-        .fetch_one()
-        .await?;
+    Ok(seconds)
+}
 
-    // The peer: ClickHouse reads the JSON topic itself.
-    let (kafka_engine_seconds, kafka_engine_points_per_s) = if settings.no_peer {
-        (None, None)
-    } else {
-        let client = ch.client();
-        client
-            .query("CREATE TABLE points_peer AS points ENGINE = MergeTree PARTITION BY toYYYYMM(toDateTime(intDiv(t_us, 1000000))) ORDER BY (user_id, session_id, data_type, t_us)")
-            .execute()
+/// The peer: ClickHouse reads the JSON topic itself, through a Kafka table and a materialized
+/// view into a table like `points`; returns the seconds to its last progress and the rows it
+/// loaded by then.
+async fn time_kafka_engine(
+    consume: &ConsumeSettings,
+    json_topic: &str,
+    ch: &ClickHouse,
+    points: u64,
+) -> anyhow::Result<(f64, u64)> {
+    let client = ch.client();
+    client
+        .query("CREATE TABLE points_peer AS points ENGINE = MergeTree PARTITION BY toYYYYMM(toDateTime(intDiv(t_us, 1000000))) ORDER BY (user_id, session_id, data_type, t_us)")
+        .execute()
+        .await?;
+    client
+        .query(&format!(
+            "CREATE TABLE points_queue (user_id UUID, session_id UUID, data_type String, t_us Int64, values Array(Float32), ingested_at DateTime) \
+             ENGINE = Kafka('{}', '{json_topic}', 'biofeed-bench-peer-{}', 'JSONEachRow')",
+            consume.stores.kafka.brokers,
+            Uuid::new_v4().simple()
+        ))
+        .execute()
+        .await?;
+    let started = Instant::now();
+    client
+        .query(
+            "CREATE MATERIALIZED VIEW points_peer_mv TO points_peer AS SELECT * FROM points_queue",
+        )
+        .execute()
+        .await?;
+    // ClickHouse 18.16's Kafka engine may hold its last partial block until more messages
+    // come; so the peer is done when every row arrived, or when 99% did and nothing more
+    // arrives for 5 s. Its rate counts the rows it loaded up to its last progress.
+    let deadline = Duration::from_secs(600);
+    let (mut loaded, mut last_progress) = (0u64, started.elapsed());
+    loop {
+        let n: u64 = client
+            .query("SELECT count() FROM points_peer")
+            .fetch_one()
             .await?;
-        client
-            .query(&format!(
-                "CREATE TABLE points_queue (user_id UUID, session_id UUID, data_type String, t_us Int64, values Array(Float32), ingested_at DateTime) \
-                 ENGINE = Kafka('{}', '{json_topic}', 'biofeed-bench-peer-{}', 'JSONEachRow')",
-                consume.stores.kafka.brokers,
-                Uuid::new_v4().simple()
-            ))
-            .execute()
-            .await?;
-        let started = Instant::now();
-        client.query("CREATE MATERIALIZED VIEW points_peer_mv TO points_peer AS SELECT * FROM points_queue").execute().await?;
-        // ClickHouse 18.16's Kafka engine may hold its last partial block until more messages
-        // come; so the peer is done when every row arrived, or when 99% did and nothing more
-        // arrives for 5 s. Its rate counts the rows it loaded up to its last progress.
-        let deadline = Duration::from_secs(600);
-        let (mut loaded, mut last_progress) = (0u64, started.elapsed());
-        loop {
-            let n: u64 = client
-                .query("SELECT count() FROM points_peer")
-                .fetch_one()
-                .await?;
-            if n > loaded {
-                (loaded, last_progress) = (n, started.elapsed());
-            }
-            let stalled = started.elapsed() - last_progress > Duration::from_secs(5);
-            if loaded >= points || (stalled && loaded * 100 >= points * 99) {
-                break;
-            }
-            anyhow::ensure!(
-                started.elapsed() < deadline,
-                "the Kafka engine loaded only {loaded} of {points} points in {deadline:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        if n > loaded {
+            (loaded, last_progress) = (n, started.elapsed());
         }
-        if loaded < points {
-            eprintln!("the Kafka engine held back its last {} rows; its rate counts the {loaded} it loaded", points - loaded);
+        let stalled = started.elapsed() - last_progress > Duration::from_secs(5);
+        if loaded >= points || (stalled && loaded * 100 >= points * 99) {
+            break;
         }
-        let seconds = last_progress.as_secs_f64();
-        client.query("DROP TABLE points_peer_mv").execute().await?;
-        client.query("DROP TABLE points_queue").execute().await?;
-        (Some(seconds), Some(loaded as f64 / seconds))
-    };
-    let consumer_points_per_s = points as f64 / consumer_seconds;
-    Ok(ConsumeBenchReport {
-        points,
-        consumer_points_per_s,
-        kafka_engine_points_per_s,
-        ratio: kafka_engine_points_per_s.map(|p| consumer_points_per_s / p),
-        bytes_per_point: bytes as f64 / points as f64,
-        kafka_bytes_per_point: kafka_bytes,
-        consumer_seconds,
-        kafka_engine_seconds,
-    })
+        anyhow::ensure!(
+            started.elapsed() < deadline,
+            "the Kafka engine loaded only {loaded} of {points} points in {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if loaded < points {
+        eprintln!(
+            "the Kafka engine held back its last {} rows; its rate counts the {loaded} it loaded",
+            points - loaded
+        );
+    }
+    client.query("DROP TABLE points_peer_mv").execute().await?;
+    client.query("DROP TABLE points_queue").execute().await?;
+    Ok((last_progress.as_secs_f64(), loaded))
 }

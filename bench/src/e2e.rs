@@ -1,0 +1,514 @@
+//! `biofeed bench e2e`: sustained ingest through HTTP from many simulated devices into a real
+//! `biofeed up` (its own process, on Postgres and ClickHouse databases and topics of the bench's own), measured from the
+//! device's send to the point being queryable in ClickHouse; then the peer comparisons
+//! (`biofeed bench gateway`: direct librdkafka produce; `biofeed bench consume`: ClickHouse's
+//! Kafka engine) in the same run; a markdown report with the machine it ran on.
+
+mod devices;
+mod report;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use biofeed_accounts::{AccountKeys, Accounts};
+use biofeed_backends::clickhouse::ClickHouse;
+use biofeed_backends::{parse_duration, StoreSettings};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::e2e::devices::{Devices, Probes};
+use crate::harness::{peak_rss_mib, percentile, OwnStores};
+
+/// Settings of `biofeed bench e2e`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchE2eSettings {
+    /// Simulated devices posting at once, each in its own session. The default offers 10 % more
+    /// than the 1,000,000 points/s target, so that storing at least that much can show.
+    #[arg(long = "devices", id = "e2e_devices", value_name = "N", env = "BIOFEED_BENCH_E2E_DEVICES",
+          default_value_t = 1100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub devices: u32,
+
+    /// Samples per second of each device (single-channel ECG-like stream).
+    #[arg(long = "rate", id = "e2e_rate", value_name = "HZ", env = "BIOFEED_BENCH_E2E_RATE",
+          default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub rate_hz: u32,
+
+    /// How often each device posts what it sampled since its last post.
+    #[arg(long = "frame-interval", id = "e2e_frame_interval", value_name = "DURATION", env = "BIOFEED_BENCH_E2E_FRAME_INTERVAL",
+          default_value = "1s", value_parser = parse_duration)]
+    pub frame_interval: Duration,
+
+    /// How long the sustained load runs (after a 10 s warm-up).
+    #[arg(long = "duration", id = "e2e_duration", value_name = "DURATION", env = "BIOFEED_BENCH_E2E_DURATION",
+          default_value = "60s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Where to write the markdown report.
+    #[arg(
+        long = "report",
+        id = "e2e_report",
+        value_name = "PATH",
+        env = "BIOFEED_BENCH_E2E_REPORT",
+        default_value = "docs/bench-e2e.md"
+    )]
+    pub report: std::path::PathBuf,
+
+    /// Skip the peer comparisons (bench gateway, bench consume).
+    #[arg(long = "no-peers", id = "e2e_no_peers")]
+    pub no_peers: bool,
+
+    /// Where the services are.
+    #[command(flatten)]
+    pub stores: StoreSettings,
+
+    /// PII keys (the bench's users are created with them and `biofeed up` runs with them).
+    #[command(flatten, next_help_heading = "Keys")]
+    pub keys: AccountKeys,
+}
+
+/// The figures of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct E2eFigures {
+    /// Devices.
+    pub devices: u32,
+    /// Samples per second per device.
+    pub rate_hz: u32,
+    /// Seconds of sustained load measured.
+    pub seconds: f64,
+    /// Points per second the devices offered.
+    pub offered_points_per_s: f64,
+    /// Points per second the gateway accepted.
+    pub accepted_points_per_s: f64,
+    /// Points per second that became queryable in ClickHouse.
+    pub stored_points_per_s: f64,
+    /// stored / offered.
+    pub ratio: f64,
+    /// Points accepted in the whole run.
+    pub accepted: u64,
+    /// Points in ClickHouse at the end (`FINAL`).
+    pub stored: u64,
+    /// accepted − stored after draining (0: nothing lost).
+    pub lost: i64,
+    /// Device send → queryable, median, ms.
+    pub e2e_p50_ms: f64,
+    /// Device send → queryable, 99th percentile, ms.
+    pub e2e_p99_ms: f64,
+    /// Gateway request latency, median, ms.
+    pub gateway_p50_ms: f64,
+    /// Gateway request latency, 99th percentile, ms.
+    pub gateway_p99_ms: f64,
+    /// Requests answered 429/503 and retried.
+    pub retried: u64,
+    /// Peak resident memory of the `biofeed up` process, MiB.
+    pub peak_rss_mib: f64,
+    /// Bytes per point on disk in ClickHouse.
+    pub bytes_per_point: f64,
+    /// `biofeed bench gateway`'s last line, if run.
+    pub gateway_peer: Option<serde_json::Value>,
+    /// `biofeed bench consume`'s last line, if run.
+    pub consume_peer: Option<serde_json::Value>,
+}
+
+/// A child `biofeed` process, stopped with SIGTERM when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The environment a child `biofeed` needs to use `stores` and `keys`.
+fn child_env(stores: &StoreSettings, keys: &AccountKeys) -> Vec<(&'static str, String)> {
+    vec![
+        ("BIOFEED_POSTGRES_URL", stores.postgres.url.to_string()),
+        ("BIOFEED_CLICKHOUSE_URL", stores.clickhouse.url.to_string()),
+        ("BIOFEED_CLICKHOUSE_USER", stores.clickhouse.user.clone()),
+        (
+            "BIOFEED_CLICKHOUSE_PASSWORD",
+            stores.clickhouse.password.clone(),
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_DATABASE",
+            stores.clickhouse.database.clone(),
+        ),
+        ("BIOFEED_KAFKA_BROKERS", stores.kafka.brokers.clone()),
+        ("BIOFEED_POINTS_TOPIC", stores.topics.points.clone()),
+        ("BIOFEED_DLQ_TOPIC", stores.topics.dlq.clone()),
+        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
+        ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
+        (
+            "BIOFEED_MASTER_KEY_VERSION",
+            keys.master_key_version.to_string(),
+        ),
+    ]
+}
+
+/// Runs a peer benchmark as a child process and returns its last line.
+fn peer(args: &[&str], env: &[(&'static str, String)]) -> anyhow::Result<serde_json::Value> {
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("BIOFEED_LOG", "warn")
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    anyhow::ensure!(output.status.success(), "biofeed {args:?} failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    Ok(serde_json::from_str(stdout.lines().last().unwrap_or("{}"))?)
+}
+
+/// Runs the benchmark; returns its figures (and writes the report).
+pub async fn run(
+    settings: &BenchE2eSettings,
+    progress: impl Fn(&str) + Send + Sync + 'static,
+) -> anyhow::Result<E2eFigures> {
+    let mut own = OwnStores::new(&settings.stores.kafka, 10);
+    let id = own.id.clone();
+    let mut stores = settings.stores.clone();
+    stores.clickhouse.database = format!("biofeed_e2e_{id}");
+    stores.topics.points = format!("biofeed.e2e.{id}.points");
+    stores.topics.dlq = format!("biofeed.e2e.{id}.dlq");
+    // The devices' users, sessions and the jobs' bookkeeping go to a Postgres database of the
+    // bench's own, dropped whole at the end: nothing lands in the configured one.
+    stores.postgres = own
+        .postgres(&stores.postgres, &format!("biofeed_e2e_{id}"))
+        .await?;
+    own.clickhouse(&stores.clickhouse);
+    own.topics(&[&stores.topics.points, &stores.topics.dlq]);
+    let outcome = async {
+        biofeed_migrations::migrate(&biofeed_migrations::MigrateSettings {
+            stores: stores.clone(),
+            layout: biofeed_migrations::TopicLayout {
+                points_partitions: 6,
+                points_retention: Duration::from_secs(86_400),
+                dlq_retention: Duration::from_secs(86_400),
+                replication_factor: 1,
+            },
+        })
+        .await
+        .context("migrating the bench's own databases and topics")?;
+        let accounts = Accounts {
+            pool: stores.postgres.connect().await?,
+            keys: settings.keys.clone(),
+        };
+        let outcome = measure(settings, &stores, &accounts, &id, &progress).await;
+        accounts.pool.close().await;
+        outcome
+    }
+    .await;
+
+    // Clean up whatever happened.
+    progress("cleaning up the bench's databases and topics");
+    own.clean_up().await;
+    let mut figures = outcome?;
+    if !settings.no_peers {
+        let env = child_env(&settings.stores, &settings.keys);
+        progress(
+            "peer 1/2: biofeed bench gateway (the gateway against producing straight into Kafka)",
+        );
+        figures.gateway_peer = peer(
+            &[
+                "bench",
+                "gateway",
+                "--formats",
+                "avro",
+                "--channels",
+                "1",
+                "--duration",
+                "10s",
+            ],
+            &env,
+        )
+        .ok();
+        progress(
+            "peer 2/2: biofeed bench consume (one consumer against ClickHouse's Kafka engine)",
+        );
+        figures.consume_peer = peer(&["bench", "consume"], &env).ok();
+    }
+    report::write_report(settings, &figures)?;
+    Ok(figures)
+}
+
+/// Starts `biofeed up` on the bench's own stores, drives the devices through a warm-up and the
+/// measured load, waits until every accepted point is queryable, and gathers the figures.
+async fn measure(
+    settings: &BenchE2eSettings,
+    stores: &StoreSettings,
+    accounts: &Accounts,
+    id: &str,
+    progress: &(impl Fn(&str) + Send + Sync),
+) -> anyhow::Result<E2eFigures> {
+    progress("starting biofeed up on the bench's own database and topics");
+    let (up, url) = start_up(settings, stores, id).await?;
+    let pid = up.0.id();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(settings.devices as usize)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    wait_ready(&http, &url).await?;
+
+    progress(&format!(
+        "registering {} devices and opening their sessions",
+        settings.devices
+    ));
+    let sessions = devices::register(settings, accounts, &http, &url, id).await?;
+    let mut load = Devices::start(settings, &http, &url, &sessions);
+
+    // The prober: when a probe frame's last sample is queryable, its end-to-end latency is known.
+    let ch = stores.clickhouse.connect().await?;
+    let probe_users: HashMap<Uuid, Uuid> = sessions
+        .iter()
+        .take(load.probe_count)
+        .map(|d| (d.session, d.user))
+        .collect();
+    let e2e = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let prober = tokio::spawn(probe(
+        ch.clone(),
+        Arc::clone(&load.probes),
+        Arc::clone(&load.stop),
+        Arc::clone(&e2e),
+        probe_users,
+    ));
+
+    let window = sustain(settings, &load, &ch, &e2e, progress).await?;
+    load.stop().await;
+    prober.abort();
+
+    progress("draining: waiting until every accepted point is queryable");
+    let total_accepted = load.accepted.load(Ordering::Relaxed);
+    let stored = drain(&ch, total_accepted).await?;
+    let peak_rss_mib = peak_rss_mib(pid);
+    let bytes: u64 = ch
+        .server_client()
+        .query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = ? AND table = 'points' AND active")
+        .bind(&stores.clickhouse.database)
+        .fetch_one()
+        .await
+        .unwrap_or(0);
+    drop(up);
+
+    let mut gateway = load.latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    gateway.sort_by(f64::total_cmp);
+    let mut e2e = e2e.lock().map(|l| l.clone()).unwrap_or_default();
+    e2e.sort_by(f64::total_cmp);
+    let offered_rate = window.offered as f64 / window.seconds;
+    let stored_rate = window.stored as f64 / window.seconds;
+    Ok(E2eFigures {
+        devices: settings.devices,
+        rate_hz: settings.rate_hz,
+        seconds: window.seconds,
+        offered_points_per_s: offered_rate,
+        accepted_points_per_s: window.accepted as f64 / window.seconds,
+        stored_points_per_s: stored_rate,
+        ratio: stored_rate / offered_rate.max(1e-9),
+        accepted: total_accepted,
+        stored,
+        lost: total_accepted as i64 - stored as i64,
+        e2e_p50_ms: percentile(&e2e, 0.5),
+        e2e_p99_ms: percentile(&e2e, 0.99),
+        gateway_p50_ms: percentile(&gateway, 0.5),
+        gateway_p99_ms: percentile(&gateway, 0.99),
+        retried: load.retried.load(Ordering::Relaxed),
+        peak_rss_mib,
+        bytes_per_point: bytes as f64 / stored.max(1) as f64,
+        gateway_peer: None,
+        consume_peer: None,
+    })
+}
+
+/// Spawns `biofeed up` on `stores`, on free ports; returns it and its gateway's URL.
+async fn start_up(
+    settings: &BenchE2eSettings,
+    stores: &StoreSettings,
+    id: &str,
+) -> anyhow::Result<(Child, String)> {
+    let (port, metrics_port) = (free_port()?, free_port()?);
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .args(["up", "--log", "warn"])
+        .envs(
+            child_env(stores, &settings.keys)
+                .iter()
+                .map(|(k, v)| (*k, v.as_str())),
+        )
+        .env("BIOFEED_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "BIOFEED_UP_METRICS_LISTEN",
+            format!("127.0.0.1:{metrics_port}"),
+        )
+        .env("BIOFEED_CONSUMER_GROUP", format!("biofeed-e2e-{id}"))
+        .env("BIOFEED_GATEWAY_MAX_IN_FLIGHT", "4096")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+    Ok((Child(command.spawn()?), format!("http://127.0.0.1:{port}")))
+}
+
+/// Waits up to a minute for the gateway at `url` to say it is ready.
+async fn wait_ready(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let ready = Instant::now() + Duration::from_secs(60);
+    while !http
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        anyhow::ensure!(
+            Instant::now() < ready,
+            "biofeed up did not become ready within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// Looks for the probe frames' last samples in ClickHouse every 100 ms until `stop`, recording
+/// each one's device send → queryable latency (ms) in `e2e`.
+async fn probe(
+    ch: ClickHouse,
+    probes: Arc<Probes>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    e2e: Arc<Mutex<Vec<f64>>>,
+    users: HashMap<Uuid, Uuid>,
+) {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Stored {
+        #[serde(with = "clickhouse::serde::uuid")]
+        session_id: Uuid,
+        t_us: i64,
+    }
+    let client = ch.client();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Each pending probe's last sample by its whole sort key (user, session, data type,
+        // time): ClickHouse reads one granule per probe, so probing does not compete with the
+        // load it measures.
+        let wanted = probes.lock().map_or_else(
+            |_| String::new(),
+            |p| {
+                p.iter()
+                    .filter_map(|(session, last_t, _)| {
+                        users.get(session).map(|user| {
+                            format!("(user_id = toUUID('{user}') AND session_id = toUUID('{session}') AND data_type = 'ecg' AND t_us = {last_t})")
+                        })
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" OR ")
+            },
+        );
+        if wanted.is_empty() {
+            continue;
+        }
+        let stored: Vec<Stored> = match client
+            .query(&format!(
+                "SELECT session_id, t_us FROM points WHERE {wanted}"
+            ))
+            .fetch_all()
+            .await
+        {
+            Ok(rows) => rows,
+            Err(_) => continue,
+        };
+        let seen = Instant::now();
+        if let (Ok(mut probes), Ok(mut e2e)) = (probes.lock(), e2e.lock()) {
+            probes.retain(|(session, last_t, sent)| {
+                let found = stored
+                    .iter()
+                    .any(|r| r.session_id == *session && r.t_us == *last_t);
+                if found {
+                    e2e.push((seen - *sent).as_secs_f64() * 1e3);
+                }
+                !found
+            });
+        }
+    }
+}
+
+/// What the measured window saw: points offered, accepted and stored in it, and its length.
+struct Window {
+    offered: u64,
+    accepted: u64,
+    stored: u64,
+    seconds: f64,
+}
+
+/// Warms up for 10 s (latencies so far forgotten), then measures for `settings.duration`,
+/// reporting progress every 10 s.
+async fn sustain(
+    settings: &BenchE2eSettings,
+    load: &Devices,
+    ch: &ClickHouse,
+    e2e: &Mutex<Vec<f64>>,
+    progress: &(impl Fn(&str) + Send + Sync),
+) -> anyhow::Result<Window> {
+    let count = || async {
+        ch.client()
+            .query("SELECT count() FROM points")
+            .fetch_one::<u64>()
+            .await
+    };
+    progress("warming up for 10 s");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    if let Ok(mut e2e) = e2e.lock() {
+        e2e.clear();
+    }
+    if let Ok(mut l) = load.latencies.lock() {
+        l.clear();
+    }
+    let (offered0, accepted0, stored0, t0) = (
+        load.offered.load(Ordering::Relaxed),
+        load.accepted.load(Ordering::Relaxed),
+        count().await?,
+        Instant::now(),
+    );
+    progress(&format!("sustained load for {:?}", settings.duration));
+    let secs = settings.duration.as_secs();
+    for s in 1..=secs {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if s % 10 == 0 || s == secs {
+            let stored = count().await.unwrap_or(stored0);
+            progress(&format!(
+                "{s}/{secs} s: {:.0} points/s accepted, {:.0} stored",
+                (load.accepted.load(Ordering::Relaxed) - accepted0) as f64
+                    / t0.elapsed().as_secs_f64(),
+                (stored.saturating_sub(stored0)) as f64 / t0.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(Window {
+        offered: load.offered.load(Ordering::Relaxed) - offered0,
+        accepted: load.accepted.load(Ordering::Relaxed) - accepted0,
+        stored: count().await?.saturating_sub(stored0),
+        seconds,
+    })
+}
+
+/// Waits up to two minutes until `accepted` points are queryable (`FINAL`); returns how many are.
+async fn drain(ch: &ClickHouse, accepted: u64) -> anyhow::Result<u64> {
+    let drain = Instant::now() + Duration::from_secs(120);
+    let mut stored = 0;
+    while Instant::now() < drain {
+        stored = ch
+            .client()
+            .query("SELECT count() FROM points FINAL")
+            .fetch_one::<u64>()
+            .await?;
+        if stored >= accepted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(stored)
+}

@@ -1,0 +1,135 @@
+//! The markdown report of `biofeed bench e2e`: the figures against their targets, the peers',
+//! the machine it ran on and the settings that shaped it.
+
+use anyhow::Context as _;
+
+use super::{BenchE2eSettings, E2eFigures};
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0 / 1024.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores ({cpu}), {memory:.0} GiB memory, Linux {}",
+        kernel.trim()
+    )
+}
+
+/// The settings of the `biofeed up` child that shape these figures, as it saw them: each as
+/// `NAME=value`, and whether it was set (differs from the default).
+fn tuning() -> Vec<(String, bool)> {
+    [
+        ("BIOFEED_CLICKHOUSE_COMPRESSION", "lz4"),
+        ("BIOFEED_GATEWAY_AUTH_CACHE_TTL", "2s"),
+        ("BIOFEED_GATEWAY_SESSION_CACHE_TTL", "2s"),
+        ("BIOFEED_BATCH_MAX_AGE", "500ms"),
+        ("BIOFEED_BATCH_MAX_ROWS", "500000"),
+        ("BIOFEED_INSERTS_IN_FLIGHT", "3"),
+    ]
+    .iter()
+    .map(|(name, default)| match std::env::var(name) {
+        Ok(value) if value != *default => (format!("{name}={value}"), true),
+        _ => (format!("{name}={default}"), false),
+    })
+    .collect()
+}
+
+/// Writes the markdown report of a run to `settings.report`.
+pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyhow::Result<()> {
+    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
+    let number = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
+    let gateway_peer = match &f.gateway_peer {
+        Some(v) => format!(
+            "| `biofeed bench gateway`: the gateway vs producing the same Avro frames straight into Kafka (librdkafka) | {:.0} points/s | {:.0} points/s | {:.2} | gateway p99 {:.1} ms |\n",
+            number(v, "gateway_points_per_s"),
+            number(v, "direct_points_per_s"),
+            number(v, "ratio"),
+            number(v, "latency_p99_ms"),
+        ),
+        None => "| `biofeed bench gateway` | not run | | | |\n".to_owned(),
+    };
+    let consume_peer = match &f.consume_peer {
+        Some(v) => format!(
+            "| `biofeed bench consume`: one consumer vs ClickHouse's Kafka engine + materialized view | {:.0} points/s | {:.0} points/s | {:.2} | {:.2} bytes/point on disk |\n",
+            number(v, "consumer_points_per_s"),
+            number(v, "kafka_engine_points_per_s"),
+            number(v, "ratio"),
+            number(v, "bytes_per_point"),
+        ),
+        None => "| `biofeed bench consume` | not run | | | |\n".to_owned(),
+    };
+    let report = format!(
+        "# biofeed end-to-end benchmark\n\n\
+         Written by `biofeed bench e2e` on {date}, on {machine}, with PostgreSQL, ClickHouse \
+         and Kafka on the same machine (`compose/local up`).\n\n\
+         Load: {devices} simulated devices, each one session streaming a single-channel signal at \
+         {rate} Hz, posting Avro frames every {interval:?} through HTTP to `biofeed up` (gateway, \
+         consumer and jobs in one process); {secs:.0} s measured after a 10 s warm-up. Settings that \
+         matter here: {tuning}.\n\n\
+         | figure | value | target |\n|---|---|---|\n\
+         | points/s offered | {offered:.0} | |\n\
+         | points/s accepted (202) | {accepted_rate:.0} | |\n\
+         | points/s stored (queryable in ClickHouse) | {stored_rate:.0} | ≥ 1,000,000: {t1} |\n\
+         | stored / offered | {ratio:.3} | |\n\
+         | end-to-end latency p50 / p99 (device send → queryable) | {e50:.0} ms / {e99:.0} ms | p99 < 2 s: {t2} |\n\
+         | gateway request latency p50 / p99 | {g50:.1} ms / {g99:.1} ms | |\n\
+         | points accepted / stored after draining | {acc} / {sto} | none lost: {t3} |\n\
+         | requests retried after 429/503 | {retried} | |\n\
+         | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
+         | bytes per point on disk | {bpp:.2} | |\n\n\
+         ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
+         Reproduce: `compose/local up && biofeed migrate && {env}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}`.\n",
+        env = tuning().iter().filter(|(_, set)| *set).map(|(s, _)| format!("{s} ")).collect::<String>(),
+        duration = settings.duration,
+        date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        tuning = tuning().iter().map(|(s, _)| format!("`{s}`")).collect::<Vec<_>>().join(", "),
+        machine = machine(),
+        devices = f.devices,
+        rate = f.rate_hz,
+        interval = settings.frame_interval,
+        secs = f.seconds,
+        offered = f.offered_points_per_s,
+        accepted_rate = f.accepted_points_per_s,
+        stored_rate = f.stored_points_per_s,
+        t1 = verdict(f.stored_points_per_s >= 1_000_000.0),
+        ratio = f.ratio,
+        e50 = f.e2e_p50_ms,
+        e99 = f.e2e_p99_ms,
+        t2 = verdict(f.e2e_p99_ms < 2_000.0 && f.e2e_p99_ms > 0.0),
+        g50 = f.gateway_p50_ms,
+        g99 = f.gateway_p99_ms,
+        acc = f.accepted,
+        sto = f.stored,
+        t3 = verdict(f.lost == 0),
+        retried = f.retried,
+        rss = f.peak_rss_mib,
+        bpp = f.bytes_per_point,
+        gp = gateway_peer,
+        cp = consume_peer,
+    );
+    if let Some(dir) = settings
+        .report
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&settings.report, report)
+        .with_context(|| format!("writing the report to {}", settings.report.display()))?;
+    Ok(())
+}
