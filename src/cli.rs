@@ -181,37 +181,46 @@ pub(crate) fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             eprintln!("error: {e:#}");
-            let unavailable = e.chain().any(|cause| {
-                cause.is::<biofeed_backends::BackendError>()
-                    || cause.is::<biofeed_simulator::GatewayUnavailable>()
-                    || cause.is::<biofeed_simulator::GatewayUnavailable>()
-                    || cause.is::<biofeed_jobs::jobs::JobError>()
-                    || cause
-                        .downcast_ref::<AccountsError>()
-                        .is_some_and(|a| matches!(a, AccountsError::Postgres(_)))
-            });
-            let refused = e.chain().any(|cause| {
-                cause
-                    .downcast_ref::<AccountsError>()
-                    .is_some_and(|a| matches!(a, AccountsError::EmailTaken))
-            });
-            let usage = e.chain().any(|cause| {
-                cause.is::<Refused>()
-                    || cause
-                        .downcast_ref::<AccountsError>()
-                        .is_some_and(|a| matches!(a, AccountsError::Invalid { .. }))
-            });
-            ExitCode::from(if unavailable {
-                exit::UNAVAILABLE
-            } else if refused {
-                exit::REFUSED
-            } else if usage {
-                exit::USAGE
-            } else {
-                exit::FAILURE
-            })
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The exit code of a failure: the first error in the chain that knows whether a retry can help
+/// decides 3 (retry later) or 1; refusals an operator must resolve are 4, bad input 2.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(a) = cause.downcast_ref::<AccountsError>() {
+            match a {
+                AccountsError::EmailTaken => return exit::REFUSED,
+                AccountsError::Invalid { .. } => return exit::USAGE,
+                AccountsError::Postgres(_) => return exit::UNAVAILABLE,
+                _ => {}
+            }
+        }
+        if cause.is::<Refused>() {
+            return exit::USAGE;
+        }
+        let retryable = if cause.is::<biofeed_backends::BackendError>()
+            || cause.is::<biofeed_simulator::GatewayUnavailable>()
+        {
+            Some(true)
+        } else if let Some(r) = cause.downcast_ref::<biofeed_jobs::RunnerError>() {
+            Some(r.is_retryable())
+        } else if let Some(j) = cause.downcast_ref::<biofeed_jobs::jobs::JobError>() {
+            Some(j.is_retryable())
+        } else if let Some(c) = cause.downcast_ref::<biofeed_consumers::ConsumeError>() {
+            Some(c.is_retryable())
+        } else {
+            None
+        };
+        match retryable {
+            Some(true) => return exit::UNAVAILABLE,
+            Some(false) => return exit::FAILURE,
+            None => {}
+        }
+    }
+    exit::FAILURE
 }
 
 /// A time for the CLI's tables (RFC 3339, to the second, UTC), or `-`.

@@ -289,10 +289,7 @@ pub(crate) fn consume_loop(
     config: rdkafka::ClientConfig,
     topic: &str,
 ) -> Result<ConsumeSummary, ConsumeError> {
-    let checks = parts
-        .rt
-        .block_on(Checks::load(&parts.pool))
-        .map_err(ConsumeError::Postgres)?;
+    let checks = parts.rt.block_on(Checks::load(&parts.pool))?;
     let pipeline = Arc::new(Mutex::new(Pipeline {
         rt: parts.rt.clone(),
         sink: parts.sink,
@@ -311,14 +308,10 @@ pub(crate) fn consume_loop(
         abandoned: false,
         frames_abandoned: 0,
     }));
-    let consumer: BaseConsumer<FlushOnRevoke> = config
-        .create_with_context(FlushOnRevoke {
-            pipeline: Arc::clone(&pipeline),
-        })
-        .map_err(|e| ConsumeError::Kafka(e.to_string()))?;
-    consumer
-        .subscribe(&[topic])
-        .map_err(|e| ConsumeError::Kafka(e.to_string()))?;
+    let consumer: BaseConsumer<FlushOnRevoke> = config.create_with_context(FlushOnRevoke {
+        pipeline: Arc::clone(&pipeline),
+    })?;
+    consumer.subscribe(&[topic])?;
     tracing::info!(topic, "consuming");
 
     let mut last_refresh = Instant::now();

@@ -42,7 +42,7 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     /// An idempotent, `acks=all` producer to `topic`.
-    pub fn new(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<Self> {
+    pub fn new(kafka: &KafkaSettings, topic: &str) -> Result<Self, rdkafka::error::KafkaError> {
         let producer = kafka
             .client_config()
             .set("client.id", "biofeed-consumer-dlq")

@@ -46,13 +46,22 @@ pub enum ConsumeError {
     Backend(#[from] BackendError),
     /// Kafka failed.
     #[error("kafka: {0}")]
-    Kafka(String),
+    Kafka(#[from] rdkafka::error::KafkaError),
     /// ClickHouse failed (replay gives up; consume retries instead).
     #[error("clickhouse: {0}")]
-    ClickHouse(String),
-    /// Postgres failed while reading data types or the erasure list.
+    ClickHouse(#[from] clickhouse::error::Error),
+    /// Postgres failed while reading data types, the erasure list or sessions' status.
     #[error("postgres: {0}")]
-    Postgres(sqlx::Error),
+    Postgres(#[from] sqlx::Error),
+    /// The topic or partition to replay does not exist.
+    #[error("{0}")]
+    NoSuchPartition(String),
+    /// Messages deleted by retention mid-range left a gap the replay waited for in vain.
+    #[error("no messages for {0:?} before the end of the range")]
+    Gap(std::time::Duration),
+    /// The consume or replay thread panicked.
+    #[error("the {0} thread failed: {1}")]
+    Panicked(&'static str, String),
     /// Kafka failed for good (e.g. another member took this one's `group.instance.id`).
     #[error("kafka failed for good: {0}; if another consumer uses the same instance id, give each its own BIOFEED_CONSUMER_INSTANCE_ID")]
     Fatal(String),
@@ -63,6 +72,22 @@ pub enum ConsumeError {
         /// Frames not written.
         frames: usize,
     },
+}
+
+impl ConsumeError {
+    /// Whether trying again later can help: a backend failing can recover; a missing partition,
+    /// a fenced instance id or a panic need an operator first.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ConsumeError::Backend(_)
+                | ConsumeError::Kafka(_)
+                | ConsumeError::ClickHouse(_)
+                | ConsumeError::Postgres(_)
+                | ConsumeError::Gap(_)
+                | ConsumeError::Abandoned { .. }
+        )
+    }
 }
 
 /// When a batch is written.
@@ -182,11 +207,8 @@ pub async fn prepare(
     settings.stores.kafka.connect_admin().await?;
     let parts = consume::LoopParts {
         rt: tokio::runtime::Handle::current(),
-        sink: PointsSink::connect(ch.client(), "points")
-            .await
-            .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?,
-        dead: DeadLetters::new(&settings.stores.kafka, &settings.stores.topics.dlq)
-            .map_err(|e| ConsumeError::Kafka(e.to_string()))?,
+        sink: PointsSink::connect(ch.client(), "points").await?,
+        dead: DeadLetters::new(&settings.stores.kafka, &settings.stores.topics.dlq)?,
         pool,
         metrics: ConsumerMetrics::register(registry),
         limits: settings.options.batch,
@@ -237,7 +259,7 @@ impl PreparedConsumer {
         let (parts, config, topic) = (self.parts, self.config, self.topic);
         tokio::task::spawn_blocking(move || consume::consume_loop(parts, config, &topic))
             .await
-            .map_err(|e| ConsumeError::Kafka(format!("the consume thread failed: {e}")))?
+            .map_err(|e| ConsumeError::Panicked("consume", e.to_string()))?
     }
 }
 
@@ -259,14 +281,12 @@ pub async fn replay(
     let pool = settings.stores.postgres.connect().await?;
     let ch = settings.stores.clickhouse.connect().await?;
     settings.stores.kafka.connect_admin().await?;
-    let checks = Checks::load(&pool).await.map_err(ConsumeError::Postgres)?;
-    let sink = PointsSink::connect(ch.client(), "points")
-        .await
-        .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
+    let checks = Checks::load(&pool).await?;
+    let sink = PointsSink::connect(ch.client(), "points").await?;
     let rt = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         replay::replay_blocking(rt, &settings, sink, checks, pool, &progress)
     })
     .await
-    .map_err(|e| ConsumeError::Kafka(format!("the replay thread failed: {e}")))?
+    .map_err(|e| ConsumeError::Panicked("replay", e.to_string()))?
 }

@@ -70,7 +70,6 @@ pub(crate) fn replay_blocking(
     } else {
         &settings.stores.topics.points
     };
-    let kafka = |e: rdkafka::error::KafkaError| ConsumeError::Kafka(e.to_string());
     let consumer: BaseConsumer = settings
         .stores
         .kafka
@@ -81,16 +80,13 @@ pub(crate) fn replay_blocking(
         )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .create()
-        .map_err(kafka)?;
+        .create()?;
     let timeout = settings
         .stores
         .kafka
         .connect_timeout
         .max(Duration::from_secs(5));
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(kafka)?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -99,7 +95,7 @@ pub(crate) fn replay_blocking(
         .filter(|p| settings.partition.is_none_or(|only| only == *p))
         .collect();
     if partitions.is_empty() {
-        return Err(ConsumeError::Kafka(match settings.partition {
+        return Err(ConsumeError::NoSuchPartition(match settings.partition {
             Some(p) => format!("topic {topic} has no partition {p}"),
             None => format!("topic {topic} does not exist"),
         }));
@@ -109,11 +105,9 @@ pub(crate) fn replay_blocking(
     let by_time = |millis: i64| -> Result<HashMap<i32, i64>, ConsumeError> {
         let mut query = TopicPartitionList::new();
         for p in &partitions {
-            query
-                .add_partition_offset(topic, *p, Offset::Offset(millis))
-                .map_err(kafka)?;
+            query.add_partition_offset(topic, *p, Offset::Offset(millis))?;
         }
-        let answer = consumer.offsets_for_times(query, timeout).map_err(kafka)?;
+        let answer = consumer.offsets_for_times(query, timeout)?;
         Ok(answer
             .elements()
             .iter()
@@ -132,9 +126,7 @@ pub(crate) fn replay_blocking(
     let ends = settings.to.map(by_time).transpose()?;
     let mut ranges = Vec::new();
     for p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, *p, timeout)
-            .map_err(kafka)?;
+        let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
         let start = starts
             .as_ref()
             .and_then(|s| s.get(p).copied())
@@ -160,11 +152,9 @@ pub(crate) fn replay_blocking(
     }
     let mut assignment = TopicPartitionList::new();
     for r in &ranges {
-        assignment
-            .add_partition_offset(topic, r.partition, Offset::Offset(r.start))
-            .map_err(kafka)?;
+        assignment.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
     }
-    consumer.assign(&assignment).map_err(kafka)?;
+    consumer.assign(&assignment)?;
 
     let mut done: HashMap<i32, bool> = ranges.iter().map(|r| (r.partition, false)).collect();
     let ends: HashMap<i32, i64> = ranges.iter().map(|r| (r.partition, r.end)).collect();
@@ -206,9 +196,7 @@ pub(crate) fn replay_blocking(
             None => {
                 // Messages deleted by retention mid-range leave gaps; stop waiting eventually.
                 if idle_since.elapsed() > Duration::from_secs(30) {
-                    return Err(ConsumeError::Kafka(
-                        "no messages for 30 s before the end of the range".to_owned(),
-                    ));
+                    return Err(ConsumeError::Gap(Duration::from_secs(30)));
                 }
             }
         }
@@ -241,17 +229,13 @@ fn write(
     if kept.is_empty() {
         return Ok(());
     }
-    let rows = rt
-        .block_on(sink.insert(&kept))
-        .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
+    let rows = rt.block_on(sink.insert(&kept))?;
     summary.frames += kept.len() as u64;
     summary.points += rows;
     // A replay commits nothing, so purge and erasure cannot wait for it: a session closed or a
     // person erased while this insert ran is deleted again here, now that the rows are in.
     let written: Vec<(Uuid, Uuid)> = kept.iter().map(|f| (f.session_id, f.user_id)).collect();
-    let still = rt
-        .block_on(crate::checks::writable_sessions(pool, &written))
-        .map_err(ConsumeError::Postgres)?;
+    let still = rt.block_on(crate::checks::writable_sessions(pool, &written))?;
     let mut closed: Vec<(Uuid, Uuid)> = written
         .into_iter()
         .filter(|pair| !still.contains(pair))
@@ -263,8 +247,7 @@ fn write(
             sessions = closed.len(),
             "sessions closed or erased while the replay wrote them: deleting their rows again"
         );
-        rt.block_on(sink.delete_sessions(&closed))
-            .map_err(|e| ConsumeError::ClickHouse(e.to_string()))?;
+        rt.block_on(sink.delete_sessions(&closed))?;
     }
     Ok(())
 }

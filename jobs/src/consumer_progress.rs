@@ -35,8 +35,7 @@ impl ConsumerProgress {
             .set("client.id", "biofeed-jobs")
             .set("group.id", group)
             .set("enable.auto.commit", "false")
-            .create()
-            .map_err(kafka_error)?;
+            .create()?;
         Ok(Self {
             client: Arc::new(client),
             topic: topic.to_owned(),
@@ -60,12 +59,10 @@ impl ConsumerProgress {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(JobError {
-                    connection: "kafka",
-                    message: format!(
-                        "consumer group {} is still {behind} messages short of what the points topic held when the job started, after {timeout:?}; deleting now could let those rows land afterwards, so the deletion waits",
-                        self.group
-                    ),
+                return Err(JobError::ConsumersBehind {
+                    group: self.group.clone(),
+                    behind,
+                    waited: timeout,
                 });
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -79,26 +76,19 @@ impl ConsumerProgress {
         let me = self.clone();
         tokio::task::spawn_blocking(move || work(&me))
             .await
-            .map_err(|e| JobError {
-                connection: "kafka",
-                message: format!("the kafka query failed: {e}"),
-            })?
+            .map_err(|e| JobError::Panicked(format!("the kafka query failed: {e}")))?
     }
 
     /// Each non-empty partition's end (next offset to be written).
     fn ends(&self) -> Result<Vec<(i32, i64)>, JobError> {
         let timeout = Duration::from_secs(10);
-        let metadata = self
-            .client
-            .fetch_metadata(Some(&self.topic), timeout)
-            .map_err(kafka_error)?;
+        let metadata = self.client.fetch_metadata(Some(&self.topic), timeout)?;
         let mut ends = Vec::new();
         for topic in metadata.topics() {
             for partition in topic.partitions() {
-                let (low, high) = self
-                    .client
-                    .fetch_watermarks(&self.topic, partition.id(), timeout)
-                    .map_err(kafka_error)?;
+                let (low, high) =
+                    self.client
+                        .fetch_watermarks(&self.topic, partition.id(), timeout)?;
                 if high > low {
                     ends.push((partition.id(), high));
                 }
@@ -115,8 +105,7 @@ impl ConsumerProgress {
         }
         let committed = self
             .client
-            .committed_offsets(partitions, Duration::from_secs(10))
-            .map_err(kafka_error)?;
+            .committed_offsets(partitions, Duration::from_secs(10))?;
         let mut behind = 0;
         for (partition, end) in ends {
             let at = committed
@@ -130,12 +119,5 @@ impl ConsumerProgress {
             behind += (end - at.unwrap_or(0)).max(0);
         }
         Ok(behind)
-    }
-}
-
-fn kafka_error(e: rdkafka::error::KafkaError) -> JobError {
-    JobError {
-        connection: "kafka",
-        message: e.to_string(),
     }
 }

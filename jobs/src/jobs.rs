@@ -66,31 +66,67 @@ impl Job {
     }
 }
 
-/// A job failed; `connection` names the backend it was using.
+/// A job failed. [`JobError::connection`] names the backend involved (what `failed_jobs`
+/// records), [`JobError::is_retryable`] whether running it again later can help.
 #[derive(Debug, thiserror::Error)]
-#[error("{connection}: {message}")]
-pub struct JobError {
-    /// `postgres`, `clickhouse` or `kafka`; `none` when the job itself failed (it panicked).
-    pub connection: &'static str,
-    /// What failed.
-    pub message: String,
+pub enum JobError {
+    /// Postgres failed.
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// ClickHouse failed.
+    #[error("clickhouse: {0}")]
+    ClickHouse(#[from] clickhouse::error::Error),
+    /// Kafka failed (reading the consumer group's progress).
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A backend could not be reached when the job started.
+    #[error(transparent)]
+    Unreachable(#[from] biofeed_backends::BackendError),
+    /// A ClickHouse deletion did not finish in time.
+    #[error("clickhouse: {left} rows still present {waited:?} after deleting them")]
+    DeletionUnfinished {
+        /// Rows left.
+        left: u64,
+        /// How long the job waited.
+        waited: Duration,
+    },
+    /// The consumers had not yet written what the points topic held when the job started, so
+    /// deleting now could let those rows land afterwards: the deletion waits.
+    #[error("kafka: consumer group {group} is still {behind} messages short of what the points topic held when the job started, after {waited:?}; deleting now could let those rows land afterwards, so the deletion waits")]
+    ConsumersBehind {
+        /// The consumer group.
+        group: String,
+        /// Messages it still has to commit.
+        behind: i64,
+        /// How long the job waited.
+        waited: Duration,
+    },
+    /// The job panicked: a bug, which a retry does not fix.
+    #[error("panicked: {0}")]
+    Panicked(String),
 }
 
-impl From<sqlx::Error> for JobError {
-    fn from(e: sqlx::Error) -> Self {
-        JobError {
-            connection: "postgres",
-            message: e.to_string(),
+impl JobError {
+    /// The backend involved — `postgres`, `clickhouse` or `kafka` — or `none` when the job
+    /// itself failed (it panicked).
+    pub fn connection(&self) -> &'static str {
+        match self {
+            JobError::Postgres(_) => "postgres",
+            JobError::ClickHouse(_) | JobError::DeletionUnfinished { .. } => "clickhouse",
+            JobError::Kafka(_) | JobError::ConsumersBehind { .. } => "kafka",
+            JobError::Unreachable(e) => match e.service() {
+                biofeed_backends::Service::Postgres => "postgres",
+                biofeed_backends::Service::ClickHouse => "clickhouse",
+                biofeed_backends::Service::Kafka => "kafka",
+            },
+            JobError::Panicked(_) => "none",
         }
     }
-}
 
-impl From<clickhouse::error::Error> for JobError {
-    fn from(e: clickhouse::error::Error) -> Self {
-        JobError {
-            connection: "clickhouse",
-            message: e.to_string(),
-        }
+    /// Whether running the job again later can help: a backend failing, slow or behind may
+    /// recover; a panic is a bug that needs a fix first.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, JobError::Panicked(_))
     }
 }
 
@@ -418,12 +454,9 @@ impl Context {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(JobError {
-                    connection: "clickhouse",
-                    message: format!(
-                        "{left} rows still present {:?} after deleting them",
-                        self.settings.mutation_timeout
-                    ),
+                return Err(JobError::DeletionUnfinished {
+                    left,
+                    waited: self.settings.mutation_timeout,
                 });
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

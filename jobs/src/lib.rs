@@ -30,7 +30,7 @@ use biofeed_backends::postgres::PostgresSettings;
 use biofeed_backends::{parse_duration, StoreSettings};
 
 pub use crate::jobs::Job;
-pub use crate::runner::{failed_jobs, retry, run_once, run_runner, FailedJob};
+pub use crate::runner::{failed_jobs, retry, run_once, run_runner, FailedJob, RunnerError};
 
 /// The runner's own settings (without where the services are), shared by `biofeed jobs` and
 /// `biofeed up`.

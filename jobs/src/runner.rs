@@ -57,8 +57,46 @@ pub struct FailedJob {
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
+/// What the runner's entry points can fail with (a job's own failure is a [`JobError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The job failed.
+    #[error(transparent)]
+    Job(#[from] JobError),
+    /// The job's lease was lost and the job stopped; another runner runs it.
+    #[error(transparent)]
+    LeaseLost(#[from] LeaseLost),
+    /// A backend could not be reached at start.
+    #[error(transparent)]
+    Unreachable(#[from] biofeed_backends::BackendError),
+    /// Postgres failed (the runner's own bookkeeping).
+    #[error("postgres: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// Another runner held the job's lease for longer than two leases.
+    #[error("another runner has been running {0} for too long")]
+    Busy(&'static str),
+    /// No unresolved failed job has this id.
+    #[error("no unresolved failed job with id {0}")]
+    NoSuchFailedJob(i64),
+}
+
+impl RunnerError {
+    /// Whether trying again later can help (a backend failing, a busy lease) or not (a job that
+    /// panicked, an unknown id).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RunnerError::Job(e) => e.is_retryable(),
+            RunnerError::LeaseLost(_)
+            | RunnerError::Unreachable(_)
+            | RunnerError::Postgres(_)
+            | RunnerError::Busy(_) => true,
+            RunnerError::NoSuchFailedJob(_) => false,
+        }
+    }
+}
+
 /// Connects to both stores.
-pub async fn context(settings: &JobsSettings) -> anyhow::Result<Context> {
+pub async fn context(settings: &JobsSettings) -> Result<Context, RunnerError> {
     let pool = settings.postgres.connect().await?;
     Ok(context_with(settings, pool).await?)
 }
@@ -79,7 +117,7 @@ async fn context_with(
             service: biofeed_backends::Service::Kafka,
             setting: "BIOFEED_KAFKA_BROKERS",
             address: settings.kafka.brokers.clone(),
-            reason: e.message,
+            reason: e.to_string(),
         })?,
         pool,
         settings: settings.options.clone(),
@@ -92,17 +130,11 @@ async fn context_recording(
     settings: &JobsSettings,
     pool: PgPool,
     jobs: &[(Job, Option<i64>)],
-) -> anyhow::Result<Context> {
+) -> Result<Context, RunnerError> {
     match context_with(settings, pool.clone()).await {
         Ok(ctx) => Ok(ctx),
         Err(e) => {
-            let error = JobError {
-                connection: match e.service() {
-                    biofeed_backends::Service::Kafka => "kafka",
-                    _ => "clickhouse",
-                },
-                message: e.to_string(),
-            };
+            let error = JobError::Unreachable(e);
             for (job, failed) in jobs {
                 if let Err(e) =
                     record_failure(&pool, &settings.options, *job, &error, *failed).await
@@ -110,7 +142,7 @@ async fn context_recording(
                     tracing::warn!(error = %e, "cannot record the failure");
                 }
             }
-            Err(e.into())
+            Err(RunnerError::Job(error))
         }
     }
 }
@@ -186,7 +218,7 @@ struct Claim {
 /// runner's run of it); a failure is recorded in `failed_jobs` like any other — including
 /// ClickHouse not answering at all. Losing the lease stops the job and is returned as
 /// [`RunError::LeaseLost`].
-pub async fn run_once(settings: &JobsSettings, job: Job) -> anyhow::Result<u64> {
+pub async fn run_once(settings: &JobsSettings, job: Job) -> Result<u64, RunnerError> {
     let pool = settings.postgres.connect().await?;
     let ctx = context_recording(settings, pool, &[(job, None)]).await?;
     let metrics = JobMetrics::default();
@@ -205,8 +237,8 @@ pub async fn run_once(settings: &JobsSettings, job: Job) -> anyhow::Result<u64> 
     // The inner error itself, so that callers find a `JobError` in the chain (the binary's exit
     // code tells a backend's failure by it).
     outcome.map_err(|e| match e {
-        RunError::Failed(e) => anyhow::Error::from(e),
-        RunError::LeaseLost(e) => anyhow::Error::from(e),
+        RunError::Failed(e) => RunnerError::Job(e),
+        RunError::LeaseLost(e) => RunnerError::LeaseLost(e),
     })
 }
 
@@ -217,7 +249,7 @@ async fn lease_when_free(
     runner: &str,
     job: Job,
     lease: Duration,
-) -> anyhow::Result<(DateTime<Utc>, Instant)> {
+) -> Result<(DateTime<Utc>, Instant), RunnerError> {
     let deadline = Instant::now().checked_add(lease.saturating_mul(2));
     loop {
         let leased_at = Instant::now();
@@ -233,11 +265,9 @@ async fn lease_when_free(
         if let Some(at) = claimed {
             return Ok((at, leased_at));
         }
-        anyhow::ensure!(
-            deadline.is_none_or(|d| Instant::now() < d),
-            "another runner has been running {} for too long",
-            job.name()
-        );
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(RunnerError::Busy(job.name()));
+        }
         tokio::time::sleep(TICK).await;
     }
 }
@@ -292,10 +322,7 @@ async fn execute(
         Ending::Finished(outcome) => outcome,
         Ending::Panicked(message) => {
             tracing::error!(job = job.name(), panic = %message, "job panicked");
-            Err(JobError {
-                connection: "none",
-                message: format!("panicked: {message}"),
-            })
+            Err(JobError::Panicked(message))
         }
         Ending::LeaseLost(lost) => {
             metrics.observe(job, RunOutcome::LeaseLost, elapsed);
@@ -523,8 +550,8 @@ async fn record_failure(
                  WHERE id = $1 RETURNING attempts",
             )
             .bind(id)
-            .bind(&error.message)
-            .bind(error.connection)
+            .bind(error.to_string())
+            .bind(error.connection())
             .fetch_one(pool)
             .await?;
             let next = (attempts < max).then(|| backoff(settings, attempts));
@@ -541,9 +568,9 @@ async fn record_failure(
                  VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
             )
             .bind(job.name())
-            .bind(error.connection)
+            .bind(error.connection())
             .bind(serde_json::json!({ "job": job.name(), "sweep": true }))
-            .bind(&error.message)
+            .bind(error.to_string())
             .bind(next)
             .execute(pool)
             .await?;
@@ -553,7 +580,10 @@ async fn record_failure(
 }
 
 /// The failed jobs, unresolved only unless `all`.
-pub async fn failed_jobs(settings: &JobsSettings, all: bool) -> anyhow::Result<Vec<FailedJob>> {
+pub async fn failed_jobs(
+    settings: &JobsSettings,
+    all: bool,
+) -> Result<Vec<FailedJob>, RunnerError> {
     let pool = settings.postgres.connect().await?;
     Ok(sqlx::query_as(
         "SELECT id, job, connection, payload, error, failed_at, attempts, retried_at, resolved_at, next_attempt_at
@@ -565,7 +595,7 @@ pub async fn failed_jobs(settings: &JobsSettings, all: bool) -> anyhow::Result<V
 }
 
 /// Retries failed jobs now (one by id, or every unresolved one); returns (succeeded, failed).
-pub async fn retry(settings: &JobsSettings, id: Option<i64>) -> anyhow::Result<(u64, u64)> {
+pub async fn retry(settings: &JobsSettings, id: Option<i64>) -> Result<(u64, u64), RunnerError> {
     let pool = settings.postgres.connect().await?;
     ensure_schedule(&pool).await?;
     let rows: Vec<(i64, String)> = sqlx::query_as(
@@ -575,7 +605,7 @@ pub async fn retry(settings: &JobsSettings, id: Option<i64>) -> anyhow::Result<(
     .fetch_all(&pool)
     .await?;
     if let (Some(id), true) = (id, rows.is_empty()) {
-        anyhow::bail!("no unresolved failed job with id {id}");
+        return Err(RunnerError::NoSuchFailedJob(id));
     }
     let known: Vec<(Job, Option<i64>)> = rows
         .iter()
@@ -629,7 +659,7 @@ pub async fn run_runner(
     settings: JobsSettings,
     metrics: JobMetrics,
     stop: Shutdown,
-) -> anyhow::Result<()> {
+) -> Result<(), RunnerError> {
     let ctx = context(&settings).await?;
     ensure_schedule(&ctx.pool).await?;
     let runner = runner_name();

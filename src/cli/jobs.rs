@@ -82,7 +82,7 @@ pub(crate) async fn run(args: JobsArgs) -> anyhow::Result<()> {
             let serving = endpoint.serve(registry);
             let outcome = biofeed_jobs::run_runner(*args.settings, metrics, shutdown).await;
             serving.stop().await;
-            outcome
+            Ok(outcome?)
         }
         Some(JobsCommand::Run { job, settings }) => {
             let items = biofeed_jobs::run_once(&settings, job).await?;
