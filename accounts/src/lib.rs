@@ -6,8 +6,10 @@
 //! wrapped by the master key, rotated by [`rotation`]; a keyed blind index for email lookup),
 //! users and profiles ([`users`]), passwords ([`passwords`], argon2id), login tokens and the
 //! failed-login throttle ([`login`]), relationships and consent ([`relationships`]), the one access
-//! policy ([`policy`]) and its audit log ([`audit`]), erasure by crypto-shredding ([`erase`]), and
-//! device tokens ([`devices`]). Also owns `login_tokens`, `login_throttle` and `erased_users`.
+//! policy ([`policy`]) and its audit log ([`audit`]), erasure by crypto-shredding ([`erase`]),
+//! device tokens ([`devices`]), changes of one's own profile and password ([`profile_change`]),
+//! and the `biofeed-export/1` export of everything held about a person ([`export`], with the
+//! samples read through a [`export::Recordings`] its caller gives). Also owns `login_tokens`, `login_throttle` and `erased_users`.
 //!
 //! Architecture invariants: the only crate that sees plaintext PII or uses aes-gcm and argon2;
 //! plaintext PII never leaves it except to the person it belongs to (or an audited admin). Access
@@ -18,9 +20,11 @@ pub mod audit;
 pub mod crypto;
 pub mod devices;
 pub mod erase;
+pub mod export;
 pub mod login;
 pub mod passwords;
 pub mod policy;
+pub mod profile_change;
 pub mod relationships;
 pub mod rotation;
 pub mod users;

@@ -134,14 +134,7 @@ pub async fn login(
     throttle.clear_account(pool).await?;
 
     if verified == Verified::YesRehash {
-        let hasher = passwords.clone();
-        let password_owned = password.to_owned();
-        let new_hash = tokio::task::spawn_blocking(move || hasher.hash(&password_owned))
-            .await
-            .map_err(|e| AccountsError::Invalid {
-                field: "password",
-                reason: format!("rehashing did not finish: {e}"),
-            })??;
+        let new_hash = passwords.hash_off_thread(password.to_owned()).await?;
         sqlx::query("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1")
             .bind(user_id)
             .bind(new_hash)

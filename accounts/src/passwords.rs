@@ -95,6 +95,18 @@ impl Passwords {
         self.hash_unchecked(password.as_bytes())
     }
 
+    /// [`hash`](Self::hash) on a blocking thread, for async callers: argon2 would stall the
+    /// async threads for the whole hash.
+    pub async fn hash_off_thread(&self, password: String) -> Result<String, AccountsError> {
+        let hasher = self.clone();
+        tokio::task::spawn_blocking(move || hasher.hash(&password))
+            .await
+            .map_err(|e| AccountsError::Invalid {
+                field: "password",
+                reason: format!("hashing did not finish: {e}"),
+            })?
+    }
+
     fn hash_unchecked(&self, password: &[u8]) -> Result<String, AccountsError> {
         let salt = SaltString::generate(&mut OsRng);
         self.argon2()

@@ -4,6 +4,7 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use uuid::Uuid;
 
 use crate::crypto::{DataKey, Place};
+use crate::passwords::Passwords;
 use crate::{Accounts, AccountsError};
 
 /// A checked email address. Only its blind index and its ciphertext are stored.
@@ -230,6 +231,20 @@ pub async fn create_user(
         },
     )
     .await
+}
+
+/// Creates a user who logs in with `password`, for sign-up and `biofeed admin user create`
+/// alike: the password is checked against the rules and hashed (off the async threads) into
+/// `user.password_hash` before anything else, so a sign-up refused for a taken email costs what
+/// a real one does; then [`create`].
+pub async fn create_with_password(
+    accounts: &Accounts,
+    passwords: &Passwords,
+    mut user: NewUser,
+    password: String,
+) -> Result<Uuid, AccountsError> {
+    user.password_hash = Some(passwords.hash_off_thread(password).await?);
+    create(accounts, &user).await
 }
 
 /// Creates a user: a fresh data key wrapped by the master key, every PII field sealed under it.

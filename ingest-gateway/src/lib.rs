@@ -1,15 +1,18 @@
-//! The HTTP face of biofeed: devices open sessions and post points here.
+//! The HTTP face of biofeed, in two halves on one port.
 //!
-//! Data path of a frame: `POST /v1/sessions/{id}/points` → device token checked ([`auth`]) →
-//! body read within its limit and decompressed ([`body`]) → JSON or Avro parsed into a
-//! [`SensorFrame`](biofeed_schema::SensorFrame) → checked against the session and its data type
-//! ([`points`]) → Avro single-object encoded and published to `biofeed.points.v1` keyed by session
-//! id ([`publisher`]) → 202 once Kafka acknowledged. Every refusal is an RFC 7807 problem
-//! ([`problem`]). `/healthz`, `/readyz`, `/metrics` and `/openapi.json` serve operators.
+//! - [`device`]: devices open sessions, post points and close sessions. Data path of a frame:
+//!   `POST /v1/sessions/{id}/points` → device token checked → body read within its limit and
+//!   decompressed ([`body`]) → parsed into a [`SensorFrame`](biofeed_schema::SensorFrame) →
+//!   checked against the session and its data type → published to `biofeed.points.v1` keyed by
+//!   session id → 202 once Kafka acknowledged.
+//! - [`people`]: sign-up, login, one's profile, devices and relationships, reads of sessions and
+//!   points (from ClickHouse) and the export, each decided by the accounts policy and audited
+//!   there.
 //!
-//! People use the same service ([`people`], [`reads`], [`export`]): sign-up, login, their profile,
-//! relationships, and reads of sessions and points (from ClickHouse), each decided by the accounts
-//! policy and audited there.
+//! Each half has its own routes and its own state, holding only what it needs; [`router`]
+//! merges them with what they share: every refusal an RFC 7807 problem ([`problem`]), the
+//! policy's decision counted ([`access`]), the metrics, and `/healthz`, `/readyz`, `/metrics`
+//! and `/openapi.json` for operators.
 //!
 //! Owns the session endpoints and the Postgres tables `sessions` and `session_data_types` (their
 //! SQL lives in `migrations/postgres`), and publishing to the points topic.
@@ -17,20 +20,17 @@
 //! Architecture invariants: the only crate that speaks HTTP (axum); a device hears 2xx only after
 //! Kafka acknowledged its frame; it decides no access by itself (every read or change of a person's
 //! data asks `accounts`' policy; device tokens and PII go through `accounts`) and only reads
-//! ClickHouse, never writes to it. Nothing personal goes to Kafka or the logs.
+//! ClickHouse, never writes to it. Nothing personal goes to Kafka or the logs. The device half
+//! never reads personal data; the people half never publishes to Kafka.
 
-pub mod auth;
+mod access;
+mod bearer;
 pub mod body;
-pub mod catalog;
-pub mod export;
+pub mod device;
 pub mod metrics;
 pub mod metrics_endpoint;
 pub mod people;
-pub mod points;
 pub mod problem;
-pub mod publisher;
-pub mod reads;
-pub mod sessions;
 pub mod settings;
 
 use std::net::SocketAddr;
@@ -41,58 +41,40 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
-use biofeed_accounts::devices::DeviceIdentity;
 use biofeed_accounts::Accounts;
-use moka::sync::Cache;
+use biofeed_backends::clickhouse::ClickHouse;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
-use crate::catalog::CatalogHandle;
+use crate::access::Access;
+use crate::device::auth::DeviceTokenCache;
+use crate::device::catalog::CatalogHandle;
+// The benchmark reaches the producer's settings at their old path.
+pub use crate::device::publisher;
+use crate::device::publisher::Publisher;
+use crate::device::{DeviceParts, DeviceState, Limits};
 use crate::metrics::{Metrics, RequestLabels};
+use crate::people::{PeopleInner, PeopleState};
 use crate::problem::ApiError;
-use crate::publisher::Publisher;
-use crate::sessions::SessionFacts;
 pub use crate::settings::GatewaySettings;
 
-/// The limits the handlers apply.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest body after decompression.
-    pub max_body_bytes: usize,
-    /// Most samples per frame.
-    pub max_samples_per_frame: usize,
-    /// Allowed clock skew of sample times.
-    pub max_clock_skew: Duration,
-    /// How long a session may stay open.
-    pub session_deadline: Duration,
-}
-
-/// Shared state of the handlers.
+/// The state of the whole application: each half's, and what the operator endpoints read.
 #[derive(Clone)]
 pub struct AppState {
-    inner: Arc<Inner>,
+    device: DeviceState,
+    people: PeopleState,
+    operator: Arc<Operator>,
 }
 
-struct Inner {
-    accounts: Accounts,
-    clickhouse: biofeed_backends::clickhouse::ClickHouse,
-    passwords: biofeed_accounts::passwords::Passwords,
-    login: biofeed_accounts::login::LoginSettings,
-    policy: biofeed_accounts::policy::Policy,
-    terms_version: String,
-    max_read_points: u32,
-    publisher: Publisher,
-    catalog: CatalogHandle,
-    sessions: Cache<Uuid, Arc<SessionFacts>>,
-    auth_cache: Cache<[u8; 32], Option<DeviceIdentity>>,
-    frames_seen: Cache<(Uuid, Uuid), points::FrameState>,
-    in_flight: Arc<Semaphore>,
-    metrics: Metrics,
-    limits: Limits,
+/// What `/readyz` and `/metrics` read, and the request counter.
+struct Operator {
+    pool: sqlx::PgPool,
+    clickhouse: ClickHouse,
+    publisher: Arc<Publisher>,
+    metrics: Arc<Metrics>,
 }
 
 /// The running gateway, bound to its port.
@@ -120,45 +102,53 @@ impl Application {
                 settings.listen
             )
         })?;
-        let max_in_flight = settings.max_in_flight as usize;
+        let accounts = Accounts {
+            pool: pool.clone(),
+            keys: settings.keys,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let access = Access::new(
+            accounts.clone(),
+            biofeed_accounts::policy::Policy {
+                consent: settings.consent,
+            },
+            Arc::clone(&metrics),
+        );
+        let publisher = Arc::new(publisher);
+        let device_tokens = DeviceTokenCache::new(settings.auth_cache_ttl);
         let state = AppState {
-            inner: Arc::new(Inner {
-                accounts: Accounts {
-                    pool,
-                    keys: settings.keys,
-                },
-                clickhouse,
-                passwords,
-                login: settings.login,
-                policy: biofeed_accounts::policy::Policy {
-                    consent: settings.consent,
-                },
-                terms_version: settings.terms_version,
-                max_read_points: settings.max_read_points,
-                publisher,
+            device: DeviceState::new(DeviceParts {
+                accounts: accounts.clone(),
+                access: access.clone(),
+                publisher: Arc::clone(&publisher),
                 catalog,
-                sessions: Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(settings.session_cache_ttl)
-                    .build(),
-                auth_cache: Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(settings.auth_cache_ttl)
-                    .build(),
-                // Frame ids accepted recently: a device's retry comes within seconds; ClickHouse
-                // collapses anything older that slips through.
-                frames_seen: Cache::builder()
-                    .max_capacity(1_000_000)
-                    .time_to_live(Duration::from_secs(600))
-                    .build(),
-                in_flight: Arc::new(Semaphore::new(max_in_flight)),
-                metrics: Metrics::default(),
+                session_cache_ttl: settings.session_cache_ttl,
+                device_tokens: device_tokens.clone(),
+                max_in_flight: settings.max_in_flight as usize,
+                metrics: Arc::clone(&metrics),
                 limits: Limits {
                     max_body_bytes: usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX),
                     max_samples_per_frame: settings.max_samples_per_frame as usize,
                     max_clock_skew: settings.max_clock_skew,
                     session_deadline: settings.session_deadline,
                 },
+            }),
+            people: PeopleState::new(PeopleInner {
+                accounts,
+                clickhouse: clickhouse.clone(),
+                passwords,
+                login: settings.login,
+                access,
+                terms_version: settings.terms_version,
+                max_read_points: settings.max_read_points,
+                device_tokens,
+                metrics: Arc::clone(&metrics),
+            }),
+            operator: Arc::new(Operator {
+                pool,
+                clickhouse,
+                publisher,
+                metrics,
             }),
         };
         Ok(Self { listener, state })
@@ -182,7 +172,7 @@ impl Application {
         )
         .with_graceful_shutdown(shutdown)
         .await?;
-        state.inner.publisher.flush(Duration::from_secs(10));
+        state.operator.publisher.flush(Duration::from_secs(10));
         tracing::info!("gateway stopped");
         Ok(())
     }
@@ -203,14 +193,22 @@ pub async fn run(settings: GatewaySettings) -> anyhow::Result<()> {
     info(title = "biofeed gateway", description = "Devices open sessions and post biofeedback points; \
         people sign up, log in, manage their profile and relationships, and read the data the access \
         policy lets them read."),
-    paths(sessions::open_session, points::post_points, sessions::complete_session, sessions::abort_session,
-        people::sign_up, people::log_in, people::log_out, people::get_me, people::patch_me, people::delete_me,
-        export::export_me, people::register_device, people::list_devices, people::revoke_device, people::invite, people::list_relationships, people::accept, people::revoke,
-        reads::user_sessions, reads::session, reads::session_points, reads::session_metrics, reads::access_log),
-    components(schemas(problem::Problem, points::JsonFrame, points::FrameAccepted, sessions::OpenSession,
-        sessions::SessionOpened, sessions::CompleteSession, sessions::SessionClosed, people::SignUp,
-        people::SignedUp, people::Login, people::Token, people::ProfilePatch, people::EraseMe, people::Invite, people::RegisterDevice, people::DeviceRegistered,
-        reads::SessionView, reads::Sample, reads::Bucket, reads::Points, reads::SessionMetric, reads::SessionMetrics)),
+    paths(device::sessions::open_session, device::points::post_points, device::sessions::complete_session,
+        device::sessions::abort_session,
+        people::accounts::sign_up, people::accounts::log_in, people::accounts::log_out,
+        people::profile::get_me, people::profile::patch_me, people::profile::delete_me,
+        people::export::export_me, people::devices::register_device, people::devices::list_devices,
+        people::devices::revoke_device, people::relationships::invite,
+        people::relationships::list_relationships, people::relationships::accept, people::relationships::revoke,
+        people::reads::user_sessions, people::reads::session, people::reads::session_points,
+        people::reads::session_metrics, people::reads::access_log),
+    components(schemas(problem::Problem, device::points::JsonFrame, device::points::FrameAccepted,
+        device::sessions::OpenSession, device::sessions::SessionOpened, device::sessions::CompleteSession,
+        device::sessions::SessionClosed, people::accounts::SignUp, people::accounts::SignedUp,
+        people::accounts::Login, people::accounts::Token, people::profile::ProfilePatch, people::profile::EraseMe,
+        people::relationships::Invite, people::devices::RegisterDevice, people::devices::DeviceRegistered,
+        people::recordings::SessionView, people::reads::Sample, people::reads::Bucket, people::reads::Points,
+        people::reads::SessionMetric, people::reads::SessionMetrics)),
     modifiers(&TokenSchemes),
     tags((name = "sessions", description = "a device's sessions"), (name = "points", description = "samples"),
         (name = "accounts", description = "sign-up, login, one's own profile, export and erasure"),
@@ -246,46 +244,20 @@ impl utoipa::Modify for TokenSchemes {
     }
 }
 
-/// The whole HTTP application, for `serve` and for tests.
+/// The whole HTTP application, for `serve` and for tests: the device half's routes and the
+/// people half's, each on its own state, merged with the operator endpoints; every answer counted
+/// and every refusal, the router's own 404 and 405 included, a problem.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/sessions", post(sessions::open_session))
-        .route("/v1/sessions/{id}/points", post(points::post_points))
-        .route(
-            "/v1/sessions/{id}/complete",
-            post(sessions::complete_session),
-        )
-        .route("/v1/sessions/{id}/abort", post(sessions::abort_session))
-        .route("/v1/sessions/{id}", get(reads::session))
-        .route("/v1/sessions/{id}/points", get(reads::session_points))
-        .route("/v1/sessions/{id}/metrics", get(reads::session_metrics))
-        .route("/v1/users", post(people::sign_up))
-        .route("/v1/users/{id}/sessions", get(reads::user_sessions))
-        .route("/v1/users/{id}/access-log", get(reads::access_log))
-        .route("/v1/auth/login", post(people::log_in))
-        .route("/v1/auth/logout", post(people::log_out))
-        .route(
-            "/v1/me",
-            get(people::get_me)
-                .patch(people::patch_me)
-                .delete(people::delete_me),
-        )
-        .route("/v1/me/export", get(export::export_me))
-        .route(
-            "/v1/me/devices",
-            post(people::register_device).get(people::list_devices),
-        )
-        .route("/v1/me/devices/{id}/revoke", post(people::revoke_device))
-        .route(
-            "/v1/relationships",
-            post(people::invite).get(people::list_relationships),
-        )
-        .route("/v1/relationships/{id}/accept", post(people::accept))
-        .route("/v1/relationships/{id}/revoke", post(people::revoke))
+    let operator = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+        .with_state(Arc::clone(&state.operator));
+    Router::new()
+        .merge(device::routes().with_state(state.device))
+        .merge(people::routes().with_state(state.people))
+        .merge(operator)
         // Axum's own 404 and 405 have empty bodies; every refusal is a problem. The 405 keeps the
         // `Allow` header axum adds (it is only set when the answer has none).
         .fallback(|| async { ApiError::NotFound("route") })
@@ -293,13 +265,21 @@ pub fn router(state: AppState) -> Router {
             |method: Method| async move { ApiError::MethodNotAllowed(method) },
         )
         .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+            state.operator,
             count_requests,
         ))
-        .with_state(state)
 }
 
-async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// A path's session id; a malformed one cannot name a session, so it is 404 like a missing one.
+pub fn parse_session_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::try_parse(id).map_err(|_| ApiError::NotFound("session"))
+}
+
+async fn count_requests(
+    State(operator): State<Arc<Operator>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -307,8 +287,7 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = request.method().to_string();
     let response = next.run(request).await;
-    state
-        .inner
+    operator
         .metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -320,12 +299,8 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
     response
 }
 
-async fn readyz(State(state): State<AppState>) -> Response {
-    let inner = Arc::clone(&state.inner);
-    let postgres = sqlx::query("SELECT 1")
-        .execute(&inner.accounts.pool)
-        .await
-        .is_ok();
+async fn readyz(State(inner): State<Arc<Operator>>) -> Response {
+    let postgres = sqlx::query("SELECT 1").execute(&inner.pool).await.is_ok();
     let clickhouse = inner
         .clickhouse
         .client()
@@ -351,13 +326,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(operator): State<Arc<Operator>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.inner.metrics.render(),
+        operator.metrics.render(),
     )
         .into_response()
 }

@@ -99,31 +99,35 @@ pub(crate) async fn run(command: UserCommand) -> anyhow::Result<()> {
             store,
         } => {
             let email = users::Email::parse(&email)?;
-            let password_hash = if password_stdin {
+            let password = if password_stdin {
                 let mut line = String::new();
                 std::io::stdin().read_line(&mut line)?;
                 let password = line.trim_end_matches(['\r', '\n']).to_owned();
+                // A password the rules refuse is refused before Postgres is reached.
+                biofeed_accounts::passwords::check_new_password(&password)?;
                 let hasher = biofeed_accounts::passwords::Passwords::new(&passwords)?;
-                Some(tokio::task::spawn_blocking(move || hasher.hash(&password)).await??)
+                Some((hasher, password))
             } else {
                 None
             };
             let accounts = store.connect().await?;
-            let id = users::create(
-                &accounts,
-                &users::NewUser {
-                    email,
-                    role,
-                    password_hash,
-                    fields: users::ProfileFields {
-                        birth_date,
-                        country,
-                        ..Default::default()
-                    },
-                    terms_version: None,
+            let user = users::NewUser {
+                email,
+                role,
+                password_hash: None,
+                fields: users::ProfileFields {
+                    birth_date,
+                    country,
+                    ..Default::default()
                 },
-            )
-            .await?;
+                terms_version: None,
+            };
+            let id = match password {
+                Some((hasher, password)) => {
+                    users::create_with_password(&accounts, &hasher, user, password).await?
+                }
+                None => users::create(&accounts, &user).await?,
+            };
             println!("{id}");
         }
         UserCommand::List {
@@ -193,8 +197,11 @@ pub(crate) async fn run(command: UserCommand) -> anyhow::Result<()> {
             users::audit_operator_export(&accounts, user_id).await?;
             let (tx, mut rx) = tokio::sync::mpsc::channel(16);
             let export = tokio::spawn(async move {
-                biofeed_ingest_gateway::export::export_user(&accounts, &clickhouse, user_id, tx)
-                    .await
+                let recordings = biofeed_ingest_gateway::people::recordings::StoredRecordings::new(
+                    accounts.clone(),
+                    clickhouse,
+                );
+                biofeed_accounts::export::export_user(&accounts, &recordings, user_id, tx).await
             });
             let mut stdout = std::io::stdout().lock();
             while let Some(line) = rx.recv().await {

@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::DeviceAuth;
 use crate::body::{parse_json, read_body};
-use crate::catalog::DataTypeSpec;
+use crate::device::auth::DeviceAuth;
+use crate::device::catalog::DataTypeSpec;
+use crate::device::DeviceState;
+use crate::parse_session_id;
 use crate::problem::{ApiError, Problem};
-use crate::AppState;
 
 /// Largest JSON body of the session endpoints.
 const SESSION_BODY_LIMIT: usize = 64 * 1024;
@@ -88,7 +89,7 @@ pub struct SessionClosed {
     security(("device_token" = []))
 )]
 pub async fn open_session(
-    State(state): State<AppState>,
+    State(state): State<DeviceState>,
     DeviceAuth(device): DeviceAuth,
     headers: HeaderMap,
     body: axum::body::Body,
@@ -97,7 +98,10 @@ pub async fn open_session(
     let inner = &state.inner;
     // The device acts for its user: may this user record (a minor needs a guardian's consent)?
     let actor = Actor::load(&inner.accounts.pool, device.user_id).await?;
-    crate::people::allow(&state, &actor, Action::OpenSession, device.user_id).await?;
+    inner
+        .access
+        .allow(&actor, Action::OpenSession, device.user_id)
+        .await?;
     let mut catalog = inner.catalog.get();
     if catalog.exercise(&request.exercise).is_none() {
         catalog = inner.catalog.fresh(&inner.accounts.pool).await?;
@@ -192,7 +196,7 @@ pub async fn open_session(
     security(("device_token" = []))
 )]
 pub async fn complete_session(
-    State(state): State<AppState>,
+    State(state): State<DeviceState>,
     DeviceAuth(device): DeviceAuth,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -230,7 +234,7 @@ pub async fn complete_session(
     security(("device_token" = []))
 )]
 pub async fn abort_session(
-    State(state): State<AppState>,
+    State(state): State<DeviceState>,
     DeviceAuth(device): DeviceAuth,
     Path(id): Path<String>,
 ) -> Result<Json<SessionClosed>, ApiError> {
@@ -239,7 +243,7 @@ pub async fn abort_session(
 }
 
 async fn close(
-    state: &AppState,
+    state: &DeviceState,
     user: Uuid,
     session_id: Uuid,
     status: &str,
@@ -284,15 +288,10 @@ async fn close(
     }))
 }
 
-/// A path's session id; a malformed one cannot name a session, so it is 404 like a missing one.
-pub fn parse_session_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::try_parse(id).map_err(|_| ApiError::NotFound("session"))
-}
-
 /// The facts of a session of `user`, from the cache or Postgres; `None` when there is no such
 /// session of this user.
 pub async fn session_facts(
-    state: &AppState,
+    state: &DeviceState,
     user: Uuid,
     session_id: Uuid,
 ) -> Result<Option<Arc<SessionFacts>>, ApiError> {

@@ -1,5 +1,5 @@
-//! Export (GDPR article 15 and 20): everything biofeed holds about a person, streamed as
-//! newline-delimited JSON (`application/x-ndjson`), one object per line, each with a `type`:
+//! Export (GDPR articles 15 and 20): everything biofeed holds about a person, as
+//! newline-delimited JSON, one object per line, each with a `type`:
 //!
 //! | `type` | what |
 //! |---|---|
@@ -12,24 +12,21 @@
 //! | `access` | one record of the access log about the person |
 //! | `end` | last line: counts of each type. An export without it was cut short. |
 //!
-//! The same function serves `GET /v1/me/export` and `biofeed admin user export`.
+//! [`export_user`] writes the lines for `GET /v1/me/export` and `biofeed admin user export`
+//! alike. It reads the person's own records here (profile, relationships, devices, access log);
+//! what they recorded — sessions and their samples, kept in stores this crate does not talk to
+//! (the samples are in ClickHouse) — comes through a [`Recordings`] given by the caller, so the
+//! export decides the format and the order in one place while the reading of ClickHouse stays
+//! where ClickHouse is read (the gateway's `people::recordings`).
 
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
-use biofeed_accounts::policy::Action;
-use biofeed_accounts::{audit, devices, relationships, users, Accounts, AccountsError};
-use chrono::Utc;
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use crate::auth::UserAuth;
-use crate::people::allow;
-use crate::problem::ApiError;
-use crate::reads::{Sample, SessionView};
-use crate::AppState;
+use crate::{audit, devices, relationships, users, Accounts, AccountsError};
 
 /// The format name on the first line.
 pub const FORMAT: &str = "biofeed-export/1";
@@ -59,9 +56,9 @@ pub enum ExportError {
     /// Postgres or the keys failed.
     #[error(transparent)]
     Accounts(#[from] AccountsError),
-    /// ClickHouse failed.
-    #[error("clickhouse: {0}")]
-    ClickHouse(#[from] clickhouse::error::Error),
+    /// The store of the samples failed.
+    #[error("points: {0}")]
+    Points(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The reader went away.
     #[error("the reader of the export went away")]
     Closed,
@@ -73,36 +70,67 @@ impl From<sqlx::Error> for ExportError {
     }
 }
 
-struct Lines(mpsc::Sender<Bytes>);
-
-impl Lines {
-    async fn send(&self, kind: &str, value: impl Serialize) -> Result<(), ExportError> {
-        let mut object = serde_json::to_value(value).map_err(|e| {
-            ExportError::Accounts(AccountsError::Invalid {
-                field: "export",
-                reason: e.to_string(),
-            })
-        })?;
-        let mut line = serde_json::Map::new();
-        line.insert("type".to_owned(), kind.into());
-        if let Some(fields) = object.as_object_mut() {
-            line.append(fields);
-        }
-        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-        bytes.push(b'\n');
-        self.0
-            .send(Bytes::from(bytes))
-            .await
-            .map_err(|_| ExportError::Closed)
-    }
+/// One session of the person, as the export needs it.
+#[derive(Debug, Clone)]
+pub struct RecordedSession {
+    /// The session.
+    pub session_id: Uuid,
+    /// When it started: sessions are paged by it.
+    pub started_at: DateTime<Utc>,
+    /// The data types it streamed: one run of `points` lines each.
+    pub data_types: Vec<String>,
+    /// The session as its `session` line shows it, location included (the export goes only to
+    /// the person).
+    pub line: serde_json::Value,
 }
 
-/// Writes the export of `user` as lines into `out`.
+/// One sample: its time and one value per channel.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Sample time, µs since the epoch.
+    pub t_us: i64,
+    /// One value per channel.
+    pub values: Vec<f32>,
+}
+
+/// What a person recorded, read from where it is kept: the export's seam to the stores this
+/// crate does not talk to. Implemented by the gateway over Postgres and ClickHouse.
+pub trait Recordings: Sync {
+    /// A reader of one session's samples of one data type.
+    type Samples: SampleReader + Send;
+
+    /// The person's sessions, newest first, started before `before` (all when `None`), at most
+    /// `limit` of them.
+    fn sessions(
+        &self,
+        user: Uuid,
+        before: Option<DateTime<Utc>>,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<RecordedSession>, ExportError>> + Send;
+
+    /// The samples of `user`'s `session` of `data_type`, in time order.
+    fn samples(
+        &self,
+        user: Uuid,
+        session: Uuid,
+        data_type: &str,
+    ) -> Result<Self::Samples, ExportError>;
+}
+
+/// Samples in time order, one at a time.
+pub trait SampleReader {
+    /// The next sample, or `None` after the last.
+    fn next(&mut self) -> impl Future<Output = Result<Option<Sample>, ExportError>> + Send;
+}
+
+/// Writes the export of `user` as lines into `out`, one `Vec` per line (newline included), and
+/// returns the counts written on the last line. The caller decides who may ask (the policy, or
+/// an operator with [`users::audit_operator_export`]).
 pub async fn export_user(
     accounts: &Accounts,
-    clickhouse: &clickhouse::Client,
+    recordings: &impl Recordings,
     user: Uuid,
-    out: mpsc::Sender<Bytes>,
+    out: mpsc::Sender<Vec<u8>>,
 ) -> Result<ExportCounts, ExportError> {
     let lines = Lines(out);
     let pool = &accounts.pool;
@@ -135,12 +163,12 @@ pub async fn export_user(
     }
     let mut before = None;
     loop {
-        let page = crate::reads::sessions_of_user(accounts, user, before, 500).await?;
+        let page = recordings.sessions(user, before, 500).await?;
         let Some(last) = page.last() else { break };
         before = Some(last.started_at);
         for session in page {
-            counts.points += export_points(clickhouse, &lines, &session).await?;
-            lines.send("session", &session).await?;
+            counts.points += export_points(recordings, &lines, user, &session).await?;
+            lines.send("session", &session.line).await?;
             counts.sessions += 1;
         }
     }
@@ -158,26 +186,19 @@ pub async fn export_user(
     Ok(counts)
 }
 
+/// Writes the `points` lines of one session, [`SAMPLES_PER_LINE`] samples at most per line.
 async fn export_points(
-    clickhouse: &clickhouse::Client,
+    recordings: &impl Recordings,
     lines: &Lines,
-    session: &SessionView,
+    user: Uuid,
+    session: &RecordedSession,
 ) -> Result<u64, ExportError> {
     let mut written = 0;
     for data_type in &session.data_types {
-        let mut cursor = clickhouse
-            .query(
-                "SELECT t_us, values FROM points FINAL
-                 WHERE user_id = toUUID(?) AND session_id = toUUID(?) AND data_type = ?
-                 ORDER BY t_us",
-            )
-            .bind(session.user_id.to_string())
-            .bind(session.session_id.to_string())
-            .bind(data_type)
-            .fetch::<Sample>()?;
+        let mut samples = recordings.samples(user, session.session_id, data_type)?;
         let mut chunk: Vec<Sample> = Vec::with_capacity(SAMPLES_PER_LINE);
         loop {
-            let next = cursor.next().await?;
+            let next = samples.next().await?;
             let done = next.is_none();
             if let Some(sample) = next {
                 chunk.push(sample);
@@ -204,39 +225,24 @@ async fn export_points(
     Ok(written)
 }
 
-/// Streams everything held about the caller (see the module documentation for the format).
-#[utoipa::path(get, path = "/v1/me/export", tag = "accounts",
-    responses((status = 200, description = "newline-delimited JSON; complete when its last line has type `end`",
-               content_type = "application/x-ndjson", body = String)),
-    security(("login_token" = [])))]
-pub async fn export_me(
-    State(state): State<AppState>,
-    UserAuth { actor, .. }: UserAuth,
-) -> Result<Response, ApiError> {
-    let me = actor.user_id;
-    allow(
-        &state,
-        &actor,
-        Action::ManageProfile { resource: "export" },
-        me,
-    )
-    .await?;
-    let (tx, rx) = mpsc::channel::<Bytes>(16);
-    let inner = state.inner.clone();
-    tokio::spawn(async move {
-        let client = inner.clickhouse.client();
-        if let Err(e) = export_user(&inner.accounts, &client, me, tx).await {
-            tracing::warn!(user_id = %me, error = %e, "export cut short");
+/// The export's output: each line is an object whose first key is its `type`.
+struct Lines(mpsc::Sender<Vec<u8>>);
+
+impl Lines {
+    async fn send(&self, kind: &str, value: impl Serialize) -> Result<(), ExportError> {
+        let mut object = serde_json::to_value(value).map_err(|e| {
+            ExportError::Accounts(AccountsError::Invalid {
+                field: "export",
+                reason: e.to_string(),
+            })
+        })?;
+        let mut line = serde_json::Map::new();
+        line.insert("type".to_owned(), kind.into());
+        if let Some(fields) = object.as_object_mut() {
+            line.append(fields);
         }
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|bytes| (Ok::<_, std::io::Error>(bytes), rx))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+        bytes.push(b'\n');
+        self.0.send(bytes).await.map_err(|_| ExportError::Closed)
+    }
 }

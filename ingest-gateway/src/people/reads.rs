@@ -7,60 +7,18 @@ use axum::extract::{Path, State};
 use axum::http::Uri;
 use axum::Json;
 use biofeed_accounts::audit::{self, AccessRecord};
-use biofeed_accounts::crypto::Place;
 use biofeed_accounts::policy::Action;
-use biofeed_accounts::{Accounts, AccountsError};
 use chrono::{DateTime, Utc};
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use crate::auth::UserAuth;
-use crate::people::allow;
+use crate::parse_session_id;
+use crate::people::auth::UserAuth;
+use crate::people::recordings::{reveal_locations, sessions_of, SessionView, SESSION_COLUMNS};
+use crate::people::PeopleState;
 use crate::problem::{ApiError, Problem};
-use crate::sessions::parse_session_id;
-use crate::AppState;
-
-/// A session as people read it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
-pub struct SessionView {
-    /// The session.
-    pub session_id: Uuid,
-    /// Whose.
-    pub user_id: Uuid,
-    /// Recorded by which device (None if the device was deleted).
-    pub device_id: Option<Uuid>,
-    /// The exercise's name.
-    pub exercise: String,
-    /// `open`, `completed`, `aborted`, `expired` or `purged`.
-    pub status: String,
-    /// The data types it streams.
-    pub data_types: Vec<String>,
-    /// When it started.
-    pub started_at: DateTime<Utc>,
-    /// When it expires if still open.
-    pub deadline_at: DateTime<Utc>,
-    /// When it ended.
-    pub ended_at: Option<DateTime<Utc>>,
-    /// The user's feedback after the session.
-    #[schema(value_type = Object)]
-    pub feedback: Option<serde_json::Value>,
-    /// Where it happened: shown to its owner only.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[sqlx(skip)]
-    pub location: Option<String>,
-    #[serde(skip)]
-    #[schema(ignore)]
-    location_ct: Option<Vec<u8>>,
-}
-
-const SESSION_COLUMNS: &str = "s.id AS session_id, s.user_id, s.device_id, e.name AS exercise, s.status,
-    coalesce(array_agg(d.name ORDER BY d.name) FILTER (WHERE d.name IS NOT NULL), '{}') AS data_types,
-    s.started_at, s.deadline_at, s.ended_at, s.feedback, s.location_ct
-    FROM sessions s JOIN exercises e ON e.id = s.exercise_id
-    LEFT JOIN session_data_types sd ON sd.session_id = s.id
-    LEFT JOIN data_types d ON d.id = sd.data_type_id";
 
 /// Paging of lists: newest first.
 #[derive(Debug, Deserialize, IntoParams)]
@@ -90,61 +48,6 @@ fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
         .map_err(|e| ApiError::malformed(format!("query string: {}", e.body_text())))
 }
 
-/// Sessions of `user`, newest first, started before `before`, with their locations (for the
-/// export, which only ever goes to the user).
-pub(crate) async fn sessions_of_user(
-    accounts: &Accounts,
-    user: Uuid,
-    before: Option<DateTime<Utc>>,
-    limit: i64,
-) -> Result<Vec<SessionView>, AccountsError> {
-    sessions_of(accounts, user, user, before, limit).await
-}
-
-/// Sessions of `owner`, newest first; the location decrypted for the owner only.
-async fn sessions_of(
-    accounts: &Accounts,
-    owner: Uuid,
-    reader: Uuid,
-    before: Option<DateTime<Utc>>,
-    limit: i64,
-) -> Result<Vec<SessionView>, AccountsError> {
-    let rows: Vec<SessionView> = sqlx::query_as(&format!(
-        "SELECT {SESSION_COLUMNS} WHERE s.user_id = $1 AND ($2::timestamptz IS NULL OR s.started_at < $2)
-         GROUP BY s.id, e.name ORDER BY s.started_at DESC LIMIT $3"
-    ))
-    .bind(owner)
-    .bind(before)
-    .bind(limit)
-    .fetch_all(&accounts.pool)
-    .await?;
-    reveal_locations(accounts, rows, reader).await
-}
-
-async fn reveal_locations(
-    accounts: &Accounts,
-    mut rows: Vec<SessionView>,
-    reader: Uuid,
-) -> Result<Vec<SessionView>, AccountsError> {
-    for row in &mut rows {
-        if let (Some(ct), true) = (row.location_ct.take(), row.user_id == reader) {
-            let plain = biofeed_accounts::users::open_for_user(
-                accounts,
-                row.user_id,
-                Place {
-                    table: "sessions",
-                    column: "location_ct",
-                    row: row.session_id,
-                },
-                &ct,
-            )
-            .await?;
-            row.location = Some(String::from_utf8_lossy(&plain).into_owned());
-        }
-    }
-    Ok(rows)
-}
-
 fn parse_user_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(id).map_err(|_| ApiError::NotFound("user"))
 }
@@ -157,7 +60,7 @@ fn parse_user_id(id: &str) -> Result<Uuid, ApiError> {
         (status = 404, description = "no such user whose data you may read", body = Problem, content_type = "application/problem+json"),
     ), security(("login_token" = [])))]
 pub async fn user_sessions(
-    State(state): State<AppState>,
+    State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
     uri: Uri,
@@ -174,22 +77,24 @@ pub async fn user_sessions(
                 .map_err(|_| ApiError::invalid("before", "must be an RFC 3339 time"))
         })
         .transpose()?;
-    allow(
-        &state,
-        &actor,
-        Action::ReadData {
-            resource: "sessions",
-        },
-        owner,
-    )
-    .await?;
+    state
+        .inner
+        .access
+        .allow(
+            &actor,
+            Action::ReadData {
+                resource: "sessions",
+            },
+            owner,
+        )
+        .await?;
     Ok(Json(
         sessions_of(&state.inner.accounts, owner, actor.user_id, before, limit).await?,
     ))
 }
 
 /// The owner of a session, if it exists.
-async fn owner_of(state: &AppState, session: Uuid) -> Result<Uuid, ApiError> {
+async fn owner_of(state: &PeopleState, session: Uuid) -> Result<Uuid, ApiError> {
     sqlx::query_scalar("SELECT user_id FROM sessions WHERE id = $1")
         .bind(session)
         .fetch_optional(&state.inner.accounts.pool)
@@ -205,21 +110,23 @@ async fn owner_of(state: &AppState, session: Uuid) -> Result<Uuid, ApiError> {
         (status = 404, description = "no such session whose data you may read", body = Problem, content_type = "application/problem+json"),
     ), security(("login_token" = [])))]
 pub async fn session(
-    State(state): State<AppState>,
+    State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
     let session_id = parse_session_id(&id)?;
     let owner = owner_of(&state, session_id).await?;
-    allow(
-        &state,
-        &actor,
-        Action::ReadData {
-            resource: "session",
-        },
-        owner,
-    )
-    .await?;
+    state
+        .inner
+        .access
+        .allow(
+            &actor,
+            Action::ReadData {
+                resource: "session",
+            },
+            owner,
+        )
+        .await?;
     let rows: Vec<SessionView> = sqlx::query_as(&format!(
         "SELECT {SESSION_COLUMNS} WHERE s.id = $1 GROUP BY s.id, e.name"
     ))
@@ -320,20 +227,18 @@ fn parse_time(field: &'static str, value: Option<&str>) -> Result<Option<i64>, A
         (status = 503, description = "the points store is unavailable", body = Problem, content_type = "application/problem+json"),
     ), security(("login_token" = [])))]
 pub async fn session_points(
-    State(state): State<AppState>,
+    State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
     uri: Uri,
 ) -> Result<Json<Points>, ApiError> {
     let session_id = parse_session_id(&id)?;
     let owner = owner_of(&state, session_id).await?;
-    allow(
-        &state,
-        &actor,
-        Action::ReadData { resource: "points" },
-        owner,
-    )
-    .await?;
+    state
+        .inner
+        .access
+        .allow(&actor, Action::ReadData { resource: "points" }, owner)
+        .await?;
     let request: PointsQuery = query(&uri)?;
     let declared: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM session_data_types sd JOIN data_types d ON d.id = sd.data_type_id
@@ -458,21 +363,23 @@ pub struct SessionMetrics {
         (status = 503, description = "the points store is unavailable", body = Problem, content_type = "application/problem+json"),
     ), security(("login_token" = [])))]
 pub async fn session_metrics(
-    State(state): State<AppState>,
+    State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
 ) -> Result<Json<SessionMetrics>, ApiError> {
     let session_id = parse_session_id(&id)?;
     let owner = owner_of(&state, session_id).await?;
-    allow(
-        &state,
-        &actor,
-        Action::ReadData {
-            resource: "metrics",
-        },
-        owner,
-    )
-    .await?;
+    state
+        .inner
+        .access
+        .allow(
+            &actor,
+            Action::ReadData {
+                resource: "metrics",
+            },
+            owner,
+        )
+        .await?;
     let (status, computed_at): (String, Option<DateTime<Utc>>) = sqlx::query_as(
         "SELECT s.status, c.metrics_at FROM sessions s
          LEFT JOIN session_computations c ON c.session_id = s.id WHERE s.id = $1",
@@ -508,7 +415,7 @@ pub async fn session_metrics(
         (status = 404, description = "no such user whose log you may read", body = Problem, content_type = "application/problem+json"),
     ), security(("login_token" = [])))]
 pub async fn access_log(
-    State(state): State<AppState>,
+    State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
     uri: Uri,
@@ -524,7 +431,11 @@ pub async fn access_log(
                 .map_err(|_| ApiError::invalid("before", "must be a record id"))
         })
         .transpose()?;
-    allow(&state, &actor, Action::ReadAccessLog, subject).await?;
+    state
+        .inner
+        .access
+        .allow(&actor, Action::ReadAccessLog, subject)
+        .await?;
     Ok(Json(
         audit::access_log(&state.inner.accounts.pool, subject, before, limit).await?,
     ))

@@ -15,12 +15,13 @@ use tokio::sync::{watch, OwnedSemaphorePermit};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::auth::DeviceAuth;
 use crate::body::{parse_json, read_body};
+use crate::device::auth::DeviceAuth;
+use crate::device::sessions::session_facts;
+use crate::device::DeviceState;
 use crate::metrics::ReasonLabels;
+use crate::parse_session_id;
 use crate::problem::{ApiError, Problem};
-use crate::sessions::{parse_session_id, session_facts};
-use crate::AppState;
 
 /// A frame as JSON: one data type's samples, one row of channel values per timestamp.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -137,7 +138,7 @@ pub struct FrameAccepted {
     security(("device_token" = []))
 )]
 pub async fn post_points(
-    State(state): State<AppState>,
+    State(state): State<DeviceState>,
     DeviceAuth(device): DeviceAuth,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -181,7 +182,7 @@ impl Drop for InFlight {
     }
 }
 
-fn reject(state: &AppState, error: &ApiError, points: usize) {
+fn reject(state: &DeviceState, error: &ApiError, points: usize) {
     let (_, code) = error.status_and_code();
     state
         .inner
@@ -195,7 +196,7 @@ fn reject(state: &AppState, error: &ApiError, points: usize) {
 
 /// The work of `post_points`; errors carry how many points they cost (for the metrics).
 async fn accept(
-    state: &AppState,
+    state: &DeviceState,
     device: biofeed_accounts::devices::DeviceIdentity,
     id: &str,
     headers: &HeaderMap,
@@ -358,7 +359,7 @@ enum Publication {
 /// The publication runs in a task of its own, so a client that goes away mid-request neither
 /// cancels it nor leaves its frame id claimed: the outcome is recorded either way.
 async fn publish_once(
-    state: &AppState,
+    state: &DeviceState,
     session_id: Uuid,
     frame_id: Uuid,
     payload: Vec<u8>,
@@ -419,7 +420,7 @@ async fn publish_once(
 /// with the outcome once Kafka answered; dropped unsettled (the publishing task panicked), it
 /// frees the id, so that a retry can publish, and its waiters are told to post again.
 struct Claim {
-    state: AppState,
+    state: DeviceState,
     key: (Uuid, Uuid),
     outcome: watch::Sender<Option<bool>>,
     _in_flight: InFlight,

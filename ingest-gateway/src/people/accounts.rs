@@ -1,0 +1,182 @@
+//! Accounts: sign-up, login and logout.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use biofeed_accounts::login;
+use biofeed_accounts::users::{self, Email, NewUser, ProfileFields};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::metrics::OutcomeLabels;
+use crate::people::auth::UserAuth;
+use crate::people::{json_body, peer_address, PeopleState};
+use crate::problem::{ApiError, Problem};
+
+/// Roles people may give themselves at sign-up; admins and analysts are made by an operator.
+const SELF_SERVICE_ROLES: [&str; 3] = ["user", "guardian", "practitioner"];
+
+/// A sign-up.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignUp {
+    /// Email address, the login name; stored only encrypted and as a keyed blind index.
+    pub email: String,
+    /// Password, at least 10 characters; stored only as an argon2id hash.
+    pub password: String,
+    /// `user` (default), `guardian` or `practitioner`.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// The terms version being accepted; must equal the current one (`BIOFEED_TERMS_VERSION`).
+    pub accept_terms: String,
+    /// The profile; `birth_date` is required (it decides whether a guardian must consent).
+    #[schema(value_type = Object)]
+    pub profile: ProfileFields,
+}
+
+/// A created account.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SignedUp {
+    /// The new user's id: others name you by it in relationship invitations.
+    pub user_id: Uuid,
+    /// The terms version accepted.
+    pub terms_version: String,
+}
+
+/// Credentials.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    /// Email address.
+    pub email: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A login token.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Token {
+    /// Send it as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// When it stops working (RFC 3339).
+    pub expires_at: String,
+    /// Whose it is.
+    pub user_id: Uuid,
+}
+
+/// Creates an account. One live account per email: an email that already has one is refused
+/// with 409 and nothing is created (the password is hashed all the same, so a refused sign-up
+/// costs what a real one does).
+#[utoipa::path(post, path = "/v1/users", tag = "accounts", request_body = SignUp,
+    responses(
+        (status = 201, description = "created", body = SignedUp),
+        (status = 409, description = "this email already has an account", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field breaks a rule (named in `field`)", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn sign_up(
+    State(state): State<PeopleState>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<SignedUp>), ApiError> {
+    let request: SignUp = json_body(&headers, body).await?;
+    let inner = &state.inner;
+    let role = request.role.unwrap_or_else(|| "user".to_owned());
+    if !SELF_SERVICE_ROLES.contains(&role.as_str()) {
+        return Err(ApiError::invalid(
+            "role",
+            "must be user, guardian or practitioner; admins and analysts are created by an operator",
+        ));
+    }
+    if request.accept_terms != inner.terms_version {
+        return Err(ApiError::invalid(
+            "accept_terms",
+            format!("must be the current terms version, {}", inner.terms_version),
+        ));
+    }
+    if request.profile.birth_date.is_none() {
+        return Err(ApiError::invalid(
+            "profile/birth_date",
+            "is required at sign-up",
+        ));
+    }
+    let email = Email::parse(&request.email)?;
+    request.profile.validate()?;
+    // Hashed before the email is checked, so that a taken email costs a whole sign-up's work.
+    let user_id = users::create_with_password(
+        &inner.accounts,
+        &inner.passwords,
+        NewUser {
+            email,
+            role,
+            password_hash: None,
+            fields: request.profile,
+            terms_version: Some(inner.terms_version.clone()),
+        },
+        request.password,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(SignedUp {
+            user_id,
+            terms_version: inner.terms_version.clone(),
+        }),
+    ))
+}
+
+/// Logs in: an opaque bearer token for the people-facing endpoints.
+#[utoipa::path(post, path = "/v1/auth/login", tag = "accounts", request_body = Login,
+    responses(
+        (status = 200, description = "logged in", body = Token),
+        (status = 401, description = "wrong email or password", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many failed logins for this account or address; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn log_in(
+    State(state): State<PeopleState>,
+    extensions: axum::http::Extensions,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<Token>, ApiError> {
+    let request: Login = json_body(&headers, body).await?;
+    let inner = &state.inner;
+    let attempt = login::login(
+        &inner.accounts,
+        &inner.passwords,
+        &inner.login,
+        &request.email,
+        &request.password,
+        peer_address(&extensions),
+    )
+    .await;
+    let outcome = match &attempt {
+        Ok(_) => "ok",
+        Err(login::LoginError::Throttled { .. }) => "throttled",
+        Err(_) => "refused",
+    };
+    inner
+        .metrics
+        .logins
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+    let logged_in = attempt?;
+    Ok(Json(Token {
+        token: logged_in.token,
+        token_type: "Bearer".to_owned(),
+        expires_at: logged_in.expires_at.to_rfc3339(),
+        user_id: logged_in.user_id,
+    }))
+}
+
+/// Logs out: the token stops working at once.
+#[utoipa::path(post, path = "/v1/auth/logout", tag = "accounts",
+    responses((status = 204, description = "logged out")), security(("login_token" = [])))]
+pub async fn log_out(
+    State(state): State<PeopleState>,
+    auth: UserAuth,
+) -> Result<StatusCode, ApiError> {
+    login::logout(&state.inner.accounts.pool, &auth.token).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

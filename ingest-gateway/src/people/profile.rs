@@ -1,0 +1,186 @@
+//! One's own profile: read it, change it (a password change included), erase the account.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::Json;
+use biofeed_accounts::erase::{self, Erased};
+use biofeed_accounts::login;
+use biofeed_accounts::policy::Action;
+use biofeed_accounts::profile_change::{change_profile, ProfileChange};
+use biofeed_accounts::users::{self, Profile};
+use serde::Deserialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::people::auth::UserAuth;
+use crate::people::{json_body, peer_address, PeopleState};
+use crate::problem::{ApiError, Problem};
+
+/// Changes to one's profile: only what is given changes; `null` clears a field.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfilePatch {
+    /// A new email (login name).
+    #[serde(default)]
+    pub email: Option<String>,
+    /// Profile fields to change, e.g. `{"location": "Berlin", "gender": null}`.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub profile: Option<serde_json::Map<String, serde_json::Value>>,
+    /// A new password; needs `current_password`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The current password, for a password change.
+    #[serde(default)]
+    pub current_password: Option<String>,
+}
+
+/// Confirmation of an erasure request.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EraseMe {
+    /// The current password.
+    pub password: String,
+}
+
+/// One's own profile, decrypted.
+#[utoipa::path(get, path = "/v1/me", tag = "accounts",
+    responses((status = 200, description = "the profile", body = Object)), security(("login_token" = [])))]
+pub async fn get_me(
+    State(state): State<PeopleState>,
+    UserAuth { actor, .. }: UserAuth,
+) -> Result<Json<Profile>, ApiError> {
+    let me = actor.user_id;
+    state
+        .inner
+        .access
+        .allow(
+            &actor,
+            Action::ManageProfile {
+                resource: "profile",
+            },
+            me,
+        )
+        .await?;
+    Ok(Json(users::profile(&state.inner.accounts, me).await?))
+}
+
+/// Changes one's own profile. A password change needs the current password, checked under the
+/// failed-login throttle, and logs out every other login token of the person (the token the
+/// change was made with stays valid).
+#[utoipa::path(patch, path = "/v1/me", tag = "accounts", request_body = ProfilePatch,
+    responses(
+        (status = 200, description = "the changed profile", body = Object),
+        (status = 403, description = "wrong current password", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the new email already has an account", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field breaks a rule (named in `field`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many failed password checks (logins included) for this account or address; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn patch_me(
+    State(state): State<PeopleState>,
+    UserAuth { actor, token }: UserAuth,
+    extensions: axum::http::Extensions,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<Profile>, ApiError> {
+    let request: ProfilePatch = json_body(&headers, body).await?;
+    let me = actor.user_id;
+    state
+        .inner
+        .access
+        .allow(
+            &actor,
+            Action::ManageProfile {
+                resource: "profile",
+            },
+            me,
+        )
+        .await?;
+    let inner = &state.inner;
+    let change = ProfileChange {
+        email: request.email,
+        fields: request.profile,
+        password: request.password,
+        current_password: request.current_password,
+    };
+    let changed = change_profile(
+        &inner.accounts,
+        &inner.passwords,
+        &inner.login,
+        me,
+        change,
+        peer_address(&extensions),
+        &token,
+    )
+    .await
+    .map_err(|e| match e {
+        login::LoginError::BadCredentials => {
+            ApiError::Forbidden("the current password is wrong".to_owned())
+        }
+        e => e.into(),
+    })?;
+    Ok(Json(changed))
+}
+
+/// Erases one's own account (GDPR article 17): the data key is destroyed, personal data and
+/// sessions deleted, and the points queued for deletion from ClickHouse. Cannot be undone. The
+/// password is checked under the failed-login throttle.
+#[utoipa::path(delete, path = "/v1/me", tag = "accounts", request_body = EraseMe,
+    responses(
+        (status = 200, description = "erased", body = Object),
+        (status = 403, description = "wrong password", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many failed password checks (logins included) for this account or address; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn delete_me(
+    State(state): State<PeopleState>,
+    UserAuth { actor, .. }: UserAuth,
+    extensions: axum::http::Extensions,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<Erased>, ApiError> {
+    let request: EraseMe = json_body(&headers, body).await?;
+    let me = actor.user_id;
+    state
+        .inner
+        .access
+        .allow(
+            &actor,
+            Action::ManageProfile {
+                resource: "account",
+            },
+            me,
+        )
+        .await?;
+    let inner = &state.inner;
+    check_password(&state, me, &request.password, &extensions).await?;
+    let erased = erase::erase_user(&inner.accounts, me, Some(me)).await?;
+    inner.device_tokens.forget_all();
+    Ok(Json(erased))
+}
+
+/// Checks the caller's password before an erasure, under the login throttle: 403 if wrong, 429
+/// with `Retry-After` once the account or the address has used up its failures (even if right).
+async fn check_password(
+    state: &PeopleState,
+    user: Uuid,
+    password: &str,
+    extensions: &axum::http::Extensions,
+) -> Result<(), ApiError> {
+    let inner = &state.inner;
+    match login::check_password(
+        &inner.accounts,
+        &inner.passwords,
+        &inner.login,
+        user,
+        password,
+        peer_address(extensions),
+    )
+    .await
+    {
+        Ok(()) => Ok(()),
+        Err(login::LoginError::BadCredentials) => {
+            Err(ApiError::Forbidden("the password is wrong".to_owned()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
