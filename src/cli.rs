@@ -201,19 +201,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.is::<Refused>() {
             return exit::USAGE;
         }
-        let retryable = if cause.is::<biofeed_backends::BackendError>()
-            || cause.is::<biofeed_simulator::GatewayUnavailable>()
-        {
-            Some(true)
-        } else if let Some(r) = cause.downcast_ref::<biofeed_jobs::RunnerError>() {
-            Some(r.is_retryable())
-        } else if let Some(j) = cause.downcast_ref::<biofeed_jobs::jobs::JobError>() {
-            Some(j.is_retryable())
-        } else if let Some(c) = cause.downcast_ref::<biofeed_consumers::ConsumeError>() {
-            Some(c.is_retryable())
-        } else {
-            None
-        };
+        let retryable = retry_hint(cause);
         match retryable {
             Some(true) => return exit::UNAVAILABLE,
             Some(false) => return exit::FAILURE,
@@ -221,6 +209,25 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
     }
     exit::FAILURE
+}
+
+/// Whether this error knows that a retry can help (`Some(true)`), cannot (`Some(false)`), or
+/// does not say (`None`).
+fn retry_hint(cause: &(dyn std::error::Error + 'static)) -> Option<bool> {
+    if cause.is::<biofeed_backends::BackendError>()
+        || cause.is::<biofeed_simulator::GatewayUnavailable>()
+    {
+        return Some(true);
+    }
+    if let Some(r) = cause.downcast_ref::<biofeed_jobs::RunnerError>() {
+        return Some(r.is_retryable());
+    }
+    if let Some(j) = cause.downcast_ref::<biofeed_jobs::jobs::JobError>() {
+        return Some(j.is_retryable());
+    }
+    cause
+        .downcast_ref::<biofeed_consumers::ConsumeError>()
+        .map(biofeed_consumers::ConsumeError::is_retryable)
 }
 
 /// A time for the CLI's tables (RFC 3339, to the second, UTC), or `-`.

@@ -98,122 +98,151 @@ pub(crate) async fn run(command: UserCommand) -> anyhow::Result<()> {
             passwords,
             store,
         } => {
-            let email = users::Email::parse(&email)?;
-            let password = if password_stdin {
-                let mut line = String::new();
-                std::io::stdin().read_line(&mut line)?;
-                let password = line.trim_end_matches(['\r', '\n']).to_owned();
-                // A password the rules refuse is refused before Postgres is reached.
-                biofeed_accounts::passwords::check_new_password(&password)?;
-                let hasher = biofeed_accounts::passwords::Passwords::new(&passwords)?;
-                Some((hasher, password))
-            } else {
-                None
+            let profile = users::ProfileFields {
+                birth_date,
+                country,
+                ..Default::default()
             };
-            let accounts = store.connect().await?;
-            let user = users::NewUser {
-                email,
-                role,
-                password_hash: None,
-                fields: users::ProfileFields {
-                    birth_date,
-                    country,
-                    ..Default::default()
-                },
-                terms_version: None,
-            };
-            let id = match password {
-                Some((hasher, password)) => {
-                    users::create_with_password(&accounts, &hasher, user, password).await?
-                }
-                None => users::create(&accounts, &user).await?,
-            };
-            println!("{id}");
+            create(email, role, password_stdin, profile, &passwords, store).await
         }
         UserCommand::List {
             role,
             show_pii,
             json,
             store,
-        } => {
-            let accounts = store.connect().await?;
-            let listing =
-                users::list_users(&accounts, role.as_deref(), show_pii.then_some(None)).await?;
-            if show_pii {
-                eprintln!(
-                    "showing emails of {} users; each reveal is in the audit log",
-                    listing.len()
-                );
-            }
-            if json {
-                for user in &listing {
-                    println!("{}", serde_json::to_string(user)?);
-                }
-            } else {
-                println!(
-                    "{:<36}  {:<12}  {:<20}  {:<20}  email",
-                    "user", "role", "created", "erased"
-                );
-                for u in &listing {
-                    println!(
-                        "{:<36}  {:<12}  {:<20}  {:<20}  {}",
-                        u.user_id,
-                        u.role,
-                        utc_or_dash(Some(u.created_at)),
-                        utc_or_dash(u.deleted_at),
-                        u.email.as_deref().unwrap_or("(hidden: --show-pii)")
-                    );
-                }
-            }
-        }
+        } => list(role, show_pii, json, store).await,
         UserCommand::Erase {
             user_id,
             yes,
             store,
-        } => {
-            if !yes {
-                return Err(Refused(format!(
-                    "erasing user {user_id} cannot be undone: run again with --yes"
-                ))
-                .into());
-            }
-            let accounts = store.connect().await?;
-            let erased = erase::erase_user(&accounts, user_id, None).await?;
-            eprintln!(
-                "erased user {user_id}: data key destroyed; {} sessions, {} devices and {} relationships deleted; \
-                 ClickHouse deletion queued for the jobs runner",
-                erased.sessions, erased.devices, erased.relationships
-            );
-            println!("{}", serde_json::to_string(&erased)?);
-        }
+        } => erase_user(user_id, yes, store).await,
         UserCommand::Export {
             user_id,
             store,
             clickhouse,
-        } => {
-            use std::io::Write;
-            let accounts = store.connect().await?;
-            let clickhouse = clickhouse.connect().await?.client();
-            users::audit_operator_export(&accounts, user_id).await?;
-            let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-            let export = tokio::spawn(async move {
-                let recordings = biofeed_ingest_gateway::people::recordings::StoredRecordings::new(
-                    accounts.clone(),
-                    clickhouse,
-                );
-                biofeed_accounts::export::export_user(&accounts, &recordings, user_id, tx).await
-            });
-            let mut stdout = std::io::stdout().lock();
-            while let Some(line) = rx.recv().await {
-                stdout.write_all(&line)?;
-            }
-            stdout.flush()?;
-            let counts = export.await??;
-            eprintln!(
-                "exported user {user_id}: {} sessions, {} points, {} relationships, {} access records",
-                counts.sessions, counts.points, counts.relationships, counts.access
+        } => export(user_id, store, clickhouse).await,
+    }
+}
+
+async fn create(
+    email: String,
+    role: String,
+    password_stdin: bool,
+    profile: users::ProfileFields,
+    passwords: &biofeed_accounts::passwords::PasswordSettings,
+    store: AccountStore,
+) -> anyhow::Result<()> {
+    let email = users::Email::parse(&email)?;
+    let password = if password_stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        let password = line.trim_end_matches(['\r', '\n']).to_owned();
+        // A password the rules refuse is refused before Postgres is reached.
+        biofeed_accounts::passwords::check_new_password(&password)?;
+        let hasher = biofeed_accounts::passwords::Passwords::new(passwords)?;
+        Some((hasher, password))
+    } else {
+        None
+    };
+    let accounts = store.connect().await?;
+    let user = users::NewUser {
+        email,
+        role,
+        password_hash: None,
+        fields: profile,
+        terms_version: None,
+    };
+    let id = match password {
+        Some((hasher, password)) => {
+            users::create_with_password(&accounts, &hasher, user, password).await?
+        }
+        None => users::create(&accounts, &user).await?,
+    };
+    println!("{id}");
+    Ok(())
+}
+
+async fn list(
+    role: Option<String>,
+    show_pii: bool,
+    json: bool,
+    store: AccountStore,
+) -> anyhow::Result<()> {
+    let accounts = store.connect().await?;
+    let listing = users::list_users(&accounts, role.as_deref(), show_pii.then_some(None)).await?;
+    if show_pii {
+        eprintln!(
+            "showing emails of {} users; each reveal is in the audit log",
+            listing.len()
+        );
+    }
+    if json {
+        for user in &listing {
+            println!("{}", serde_json::to_string(user)?);
+        }
+    } else {
+        println!(
+            "{:<36}  {:<12}  {:<20}  {:<20}  email",
+            "user", "role", "created", "erased"
+        );
+        for u in &listing {
+            println!(
+                "{:<36}  {:<12}  {:<20}  {:<20}  {}",
+                u.user_id,
+                u.role,
+                utc_or_dash(Some(u.created_at)),
+                utc_or_dash(u.deleted_at),
+                u.email.as_deref().unwrap_or("(hidden: --show-pii)")
             );
         }
     }
+    Ok(())
+}
+
+async fn erase_user(user_id: Uuid, yes: bool, store: AccountStore) -> anyhow::Result<()> {
+    if !yes {
+        return Err(Refused(format!(
+            "erasing user {user_id} cannot be undone: run again with --yes"
+        ))
+        .into());
+    }
+    let accounts = store.connect().await?;
+    let erased = erase::erase_user(&accounts, user_id, None).await?;
+    eprintln!(
+        "erased user {user_id}: data key destroyed; {} sessions, {} devices and {} relationships deleted; \
+         ClickHouse deletion queued for the jobs runner",
+        erased.sessions, erased.devices, erased.relationships
+    );
+    println!("{}", serde_json::to_string(&erased)?);
+    Ok(())
+}
+
+async fn export(
+    user_id: Uuid,
+    store: AccountStore,
+    clickhouse: biofeed_backends::clickhouse::ClickHouseSettings,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let accounts = store.connect().await?;
+    let clickhouse = clickhouse.connect().await?.client();
+    users::audit_operator_export(&accounts, user_id).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let export = tokio::spawn(async move {
+        let recordings = biofeed_ingest_gateway::people::recordings::StoredRecordings::new(
+            accounts.clone(),
+            clickhouse,
+        );
+        biofeed_accounts::export::export_user(&accounts, &recordings, user_id, tx).await
+    });
+    let mut stdout = std::io::stdout().lock();
+    while let Some(line) = rx.recv().await {
+        stdout.write_all(&line)?;
+    }
+    stdout.flush()?;
+    let counts = export.await??;
+    eprintln!(
+        "exported user {user_id}: {} sessions, {} points, {} relationships, {} access records",
+        counts.sessions, counts.points, counts.relationships, counts.access
+    );
     Ok(())
 }
