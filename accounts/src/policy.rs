@@ -267,6 +267,8 @@ impl Policy {
         Ok(decision)
     }
 
+    /// The decision table behind `authorize`: one arm per action; the relationship arms, which
+    /// first load the relationship, are worked out in `may_accept` and `may_revoke`.
     async fn decide(
         &self,
         accounts: &Accounts,
@@ -328,55 +330,57 @@ impl Policy {
                 }
             }
             Action::AcceptRelationship { group } => {
-                let Some(facts) = group_facts(&accounts.pool, group).await? else {
-                    return Ok(Err(Denied::NotFound("relationship")));
-                };
-                let party = actor.user_id == facts.lead_id || actor.user_id == facts.follower_id;
-                let guardian_of_follower =
-                    has_guardian_actor(&accounts.pool, actor.user_id, facts.follower_id).await?;
-                if facts.follower_id != subject || !(party || guardian_of_follower) {
-                    Err(Denied::NotFound("relationship"))
-                } else if facts.revoked_at.is_some() {
-                    Err(Denied::Forbidden("the relationship was revoked".to_owned()))
-                } else if facts.consented_at.is_some() {
-                    Err(Denied::Forbidden(
-                        "the relationship is already accepted".to_owned(),
-                    ))
-                } else if CARE_KINDS.contains(&facts.relationship_type.as_str())
-                    && self.is_minor(accounts, facts.follower_id).await?
-                {
-                    if guardian_of_follower {
-                        Ok(())
-                    } else {
-                        Err(Denied::Forbidden(
-                            "the follower is below the consent age: their guardian accepts"
-                                .to_owned(),
-                        ))
-                    }
-                } else if party && facts.invited_by != Some(actor.user_id) {
-                    Ok(())
-                } else {
-                    Err(Denied::Forbidden(
-                        "the relationship is accepted by the party who did not invite".to_owned(),
-                    ))
-                }
+                self.may_accept(accounts, actor, group, subject).await?
             }
             Action::RevokeRelationship { group } => {
-                let Some(facts) = group_facts(&accounts.pool, group).await? else {
-                    return Ok(Err(Denied::NotFound("relationship")));
-                };
-                let party = actor.user_id == facts.lead_id || actor.user_id == facts.follower_id;
-                if facts.follower_id == subject
-                    && (party
-                        || has_guardian_actor(&accounts.pool, actor.user_id, facts.follower_id)
-                            .await?)
-                {
-                    Ok(())
-                } else {
-                    Err(Denied::NotFound("relationship"))
-                }
+                may_revoke(&accounts.pool, actor, group, subject).await?
             }
         })
+    }
+
+    /// Decides an `AcceptRelationship`: only a party or the follower's guardian learns the
+    /// relationship exists, and a minor's care relationship is accepted by their guardian,
+    /// any other by the party who did not invite.
+    async fn may_accept(
+        &self,
+        accounts: &Accounts,
+        actor: &Actor,
+        group: Uuid,
+        subject: Uuid,
+    ) -> Result<Result<(), Denied>, AccountsError> {
+        let Some(facts) = group_facts(&accounts.pool, group).await? else {
+            return Ok(Err(Denied::NotFound("relationship")));
+        };
+        let party = actor.user_id == facts.lead_id || actor.user_id == facts.follower_id;
+        let guardian_of_follower =
+            has_guardian_actor(&accounts.pool, actor.user_id, facts.follower_id).await?;
+        Ok(
+            if facts.follower_id != subject || !(party || guardian_of_follower) {
+                Err(Denied::NotFound("relationship"))
+            } else if facts.revoked_at.is_some() {
+                Err(Denied::Forbidden("the relationship was revoked".to_owned()))
+            } else if facts.consented_at.is_some() {
+                Err(Denied::Forbidden(
+                    "the relationship is already accepted".to_owned(),
+                ))
+            } else if CARE_KINDS.contains(&facts.relationship_type.as_str())
+                && self.is_minor(accounts, facts.follower_id).await?
+            {
+                if guardian_of_follower {
+                    Ok(())
+                } else {
+                    Err(Denied::Forbidden(
+                        "the follower is below the consent age: their guardian accepts".to_owned(),
+                    ))
+                }
+            } else if party && facts.invited_by != Some(actor.user_id) {
+                Ok(())
+            } else {
+                Err(Denied::Forbidden(
+                    "the relationship is accepted by the party who did not invite".to_owned(),
+                ))
+            },
+        )
     }
 
     /// Whether `user` is below their consent age.
@@ -384,6 +388,29 @@ impl Policy {
         let fields = crate::users::profile(accounts, user).await?.fields;
         Ok(self.consent.is_minor(&fields))
     }
+}
+
+/// Decides a `RevokeRelationship`: either party or the follower's guardian may end it; anyone
+/// else is told it does not exist.
+async fn may_revoke(
+    pool: &PgPool,
+    actor: &Actor,
+    group: Uuid,
+    subject: Uuid,
+) -> Result<Result<(), Denied>, AccountsError> {
+    let Some(facts) = group_facts(pool, group).await? else {
+        return Ok(Err(Denied::NotFound("relationship")));
+    };
+    let party = actor.user_id == facts.lead_id || actor.user_id == facts.follower_id;
+    Ok(
+        if facts.follower_id == subject
+            && (party || has_guardian_actor(pool, actor.user_id, facts.follower_id).await?)
+        {
+            Ok(())
+        } else {
+            Err(Denied::NotFound("relationship"))
+        },
+    )
 }
 
 /// Whether the actor leads the subject in a live, consented relationship of a kind the actor's

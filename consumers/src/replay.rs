@@ -70,7 +70,36 @@ pub(crate) fn replay_blocking(
     } else {
         &settings.stores.topics.points
     };
-    let consumer: BaseConsumer = settings
+    let consumer = replay_consumer(settings)?;
+    let timeout = settings
+        .stores
+        .kafka
+        .connect_timeout
+        .max(Duration::from_secs(5));
+    let partitions = partitions_to_read(&consumer, settings, topic, timeout)?;
+    let ranges = ranges_to_read(&consumer, settings, topic, &partitions, timeout)?;
+    if ranges.is_empty() {
+        return Ok(ReplaySummary::default());
+    }
+    let mut assignment = TopicPartitionList::new();
+    for r in &ranges {
+        assignment.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
+    }
+    consumer.assign(&assignment)?;
+    read_ranges(
+        &consumer,
+        &ranges,
+        &checks,
+        settings.batch.max_rows,
+        progress,
+        &mut |batch, summary| write(&rt, &pool, &sink, batch, summary),
+    )
+}
+
+/// Creates a consumer in a group of its own that commits nothing, so a replay never moves the
+/// running consumers' offsets.
+fn replay_consumer(settings: &ReplaySettings) -> Result<BaseConsumer, ConsumeError> {
+    Ok(settings
         .stores
         .kafka
         .client_config()
@@ -80,12 +109,17 @@ pub(crate) fn replay_blocking(
         )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .create()?;
-    let timeout = settings
-        .stores
-        .kafka
-        .connect_timeout
-        .max(Duration::from_secs(5));
+        .create()?)
+}
+
+/// Lists the topic's partitions to read (all, or only the one asked for), failing when there
+/// is none so a typo in the topic or partition is not mistaken for an empty range.
+fn partitions_to_read(
+    consumer: &BaseConsumer,
+    settings: &ReplaySettings,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, ConsumeError> {
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let partitions: Vec<i32> = metadata
         .topics()
@@ -100,32 +134,52 @@ pub(crate) fn replay_blocking(
             None => format!("topic {topic} does not exist"),
         }));
     }
+    Ok(partitions)
+}
 
-    // Where each partition starts and ends: by timestamp, or the whole retained log.
-    let by_time = |millis: i64| -> Result<HashMap<i32, i64>, ConsumeError> {
-        let mut query = TopicPartitionList::new();
-        for p in &partitions {
-            query.add_partition_offset(topic, *p, Offset::Offset(millis))?;
-        }
-        let answer = consumer.offsets_for_times(query, timeout)?;
-        Ok(answer
-            .elements()
-            .iter()
-            .map(|e| {
-                (
-                    e.partition(),
-                    match e.offset() {
-                        Offset::Offset(o) => o,
-                        _ => i64::MAX,
-                    },
-                )
-            })
-            .collect())
-    };
+/// Asks Kafka for each partition's first offset at or after `millis` (`i64::MAX` when there
+/// is none), so a time range can be turned into offset ranges.
+fn offsets_at_time(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: &[i32],
+    millis: i64,
+    timeout: Duration,
+) -> Result<HashMap<i32, i64>, ConsumeError> {
+    let mut query = TopicPartitionList::new();
+    for p in partitions {
+        query.add_partition_offset(topic, *p, Offset::Offset(millis))?;
+    }
+    let answer = consumer.offsets_for_times(query, timeout)?;
+    Ok(answer
+        .elements()
+        .iter()
+        .map(|e| {
+            (
+                e.partition(),
+                match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => i64::MAX,
+                },
+            )
+        })
+        .collect())
+}
+
+/// Works out where each partition starts and ends: by timestamp, or the whole retained log,
+/// kept within the watermarks; partitions with nothing to read are left out.
+fn ranges_to_read(
+    consumer: &BaseConsumer,
+    settings: &ReplaySettings,
+    topic: &str,
+    partitions: &[i32],
+    timeout: Duration,
+) -> Result<Vec<Range>, ConsumeError> {
+    let by_time = |millis| offsets_at_time(consumer, topic, partitions, millis, timeout);
     let starts = settings.from.map(by_time).transpose()?;
     let ends = settings.to.map(by_time).transpose()?;
     let mut ranges = Vec::new();
-    for p in &partitions {
+    for p in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, *p, timeout)?;
         let start = starts
             .as_ref()
@@ -145,17 +199,26 @@ pub(crate) fn replay_blocking(
             });
         }
     }
+    Ok(ranges)
+}
+
+/// Hands a batch of frames on (to `write`), emptying it and counting what became of them.
+type Flush<'a> =
+    dyn FnMut(&mut Vec<SensorFrame>, &mut ReplaySummary) -> Result<(), ConsumeError> + 'a;
+
+/// Reads the assigned ranges to their ends, judging each message and handing batches of
+/// frames to `flush` (at `max_rows` rows, and once more at the end); gives up with
+/// `ConsumeError::Gap` after 30 idle seconds, as retention may have deleted the range's tail.
+fn read_ranges(
+    consumer: &BaseConsumer,
+    ranges: &[Range],
+    checks: &Checks,
+    max_rows: usize,
+    progress: &dyn Fn(u64, u64),
+    flush: &mut Flush<'_>,
+) -> Result<ReplaySummary, ConsumeError> {
     let total: u64 = ranges.iter().map(|r| (r.end - r.start) as u64).sum();
     let mut summary = ReplaySummary::default();
-    if ranges.is_empty() {
-        return Ok(summary);
-    }
-    let mut assignment = TopicPartitionList::new();
-    for r in &ranges {
-        assignment.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
-    }
-    consumer.assign(&assignment)?;
-
     let mut done: HashMap<i32, bool> = ranges.iter().map(|r| (r.partition, false)).collect();
     let ends: HashMap<i32, i64> = ranges.iter().map(|r| (r.partition, r.end)).collect();
     let mut batch: Vec<SensorFrame> = Vec::new();
@@ -200,13 +263,12 @@ pub(crate) fn replay_blocking(
                 }
             }
         }
-        if batch_rows >= settings.batch.max_rows || (!batch.is_empty() && done.values().all(|d| *d))
-        {
-            write(&rt, &pool, &sink, &mut batch, &mut summary)?;
+        if batch_rows >= max_rows || (!batch.is_empty() && done.values().all(|d| *d)) {
+            flush(&mut batch, &mut summary)?;
             batch_rows = 0;
         }
     }
-    write(&rt, &pool, &sink, &mut batch, &mut summary)?;
+    flush(&mut batch, &mut summary)?;
     Ok(summary)
 }
 

@@ -388,6 +388,12 @@ struct Device {
     progress: Arc<Progress>,
 }
 
+/// Who a simulated device records for, and the token it records with.
+struct Enrolled {
+    user_id: Uuid,
+    device_token: String,
+}
+
 #[derive(Default)]
 struct DeviceOutcome {
     sessions: Vec<SessionRecord>,
@@ -450,8 +456,32 @@ impl Device {
         (outcome, stopped)
     }
 
+    /// Signs the simulated person up, registers the device and records sessions back to back
+    /// until `deadline`; each finished session is added to `outcome` as it ends.
     async fn record(&self, deadline: Instant, outcome: &mut DeviceOutcome) -> anyhow::Result<()> {
         let mut rng = StdRng::seed_from_u64(self.seed);
+        let enrolled = self.enrol(&mut rng).await?;
+        self.progress.ready.fetch_add(1, Ordering::Relaxed);
+
+        let mut body = Body {
+            heart: Heart::new(self.seed, now_us()),
+            oximeter: Oximeter::new(self.seed),
+            eeg: Eeg::new(self.seed),
+        };
+        while Instant::now() + Duration::from_secs(1) < deadline {
+            let session = self
+                .record_session(&mut rng, &mut body, &enrolled, deadline, outcome)
+                .await?;
+            self.progress.sessions.fetch_add(1, Ordering::Relaxed);
+            outcome.sessions.push(session);
+        }
+        Ok(())
+    }
+
+    /// Signs up and logs in as a new person with a made-up profile, registers this device and,
+    /// when a practitioner is set, links the person to them; draws from `rng` in a fixed order
+    /// so a seed always makes the same person.
+    async fn enrol(&self, rng: &mut StdRng) -> anyhow::Result<Enrolled> {
         let password = format!("sim-{}", Uuid::new_v4().simple());
         let years = rng.gen_range(20..70);
         let countries = ["DE", "FR", "NL", "SE", "GB", "US", "ES", "IT"];
@@ -486,7 +516,7 @@ impl Device {
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| anyhow::anyhow!("neither sign-up nor login answered with a user id"))?;
         let token = login["token"].as_str().unwrap_or_default().to_owned();
-        let (exercise, data_types, model) = self.kind.exercise();
+        let (_, _, model) = self.kind.exercise();
         let device = self
             .call(
                 reqwest::Method::POST,
@@ -505,69 +535,88 @@ impl Device {
             )
             .await?;
         }
-        self.progress.ready.fetch_add(1, Ordering::Relaxed);
+        Ok(Enrolled {
+            user_id,
+            device_token,
+        })
+    }
 
-        let mut body = Body {
-            heart: Heart::new(self.seed, now_us()),
-            oximeter: Oximeter::new(self.seed),
-            eeg: Eeg::new(self.seed),
-        };
+    /// Records one session: opens it, posts what `body` measures every frame interval until a
+    /// randomly drawn length (or `deadline`) has passed, then aborts or completes it; returns
+    /// the session's record, its points being those the gateway accepted.
+    async fn record_session(
+        &self,
+        rng: &mut StdRng,
+        body: &mut Body,
+        enrolled: &Enrolled,
+        deadline: Instant,
+        outcome: &mut DeviceOutcome,
+    ) -> anyhow::Result<SessionRecord> {
+        let device_token = enrolled.device_token.as_str();
+        let (exercise, data_types, _) = self.kind.exercise();
         let length = self.settings.session_length.as_secs_f64();
-        while Instant::now() + Duration::from_secs(1) < deadline {
-            let opened = self
-                .call(
-                    reqwest::Method::POST,
-                    "/v1/sessions",
-                    Some(&device_token),
-                    Some(json!({ "exercise": exercise, "data_types": data_types })),
-                )
-                .await?;
-            let session: Uuid = opened["session_id"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("opening a session answered without its id"))?;
-            let ends = (Instant::now() + Duration::from_secs_f64(length * rng.gen_range(0.5..1.5)))
-                .min(deadline);
-            let mut last = now_us();
-            // Skip what happened before the session opened.
-            let _ = body.measure(self.kind, last - 1, last);
-            let mut points = 0u64;
-            while Instant::now() < ends {
-                tokio::time::sleep(self.settings.frame_interval.min(ends - Instant::now())).await;
-                let now = now_us();
-                let measured = body.measure(self.kind, last, now);
-                last = now;
-                points += self.post(session, &device_token, measured, outcome).await?;
-            }
-            let status = if rng.gen_bool(self.settings.abort_share) {
-                self.call(
-                    reqwest::Method::POST,
-                    &format!("/v1/sessions/{session}/abort"),
-                    Some(&device_token),
-                    None,
-                )
-                .await?;
-                "aborted"
-            } else {
-                let feelings = ["calm", "focused", "relaxed", "tired", "alert"];
-                self.call(
-                    reqwest::Method::POST,
-                    &format!("/v1/sessions/{session}/complete"),
-                    Some(&device_token),
-                    Some(json!({ "feedback": { "feeling": feelings[rng.gen_range(0..feelings.len())], "rating": rng.gen_range(1..=5) } })),
-                )
-                .await?;
-                "completed"
-            };
-            self.progress.sessions.fetch_add(1, Ordering::Relaxed);
-            outcome.sessions.push(SessionRecord {
-                session_id: session,
-                user_id,
-                status: status.to_owned(),
-                points,
-            });
+        let opened = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/sessions",
+                Some(device_token),
+                Some(json!({ "exercise": exercise, "data_types": data_types })),
+            )
+            .await?;
+        let session: Uuid = opened["session_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("opening a session answered without its id"))?;
+        let ends = (Instant::now() + Duration::from_secs_f64(length * rng.gen_range(0.5..1.5)))
+            .min(deadline);
+        let mut last = now_us();
+        // Skip what happened before the session opened.
+        let _ = body.measure(self.kind, last - 1, last);
+        let mut points = 0u64;
+        while Instant::now() < ends {
+            tokio::time::sleep(self.settings.frame_interval.min(ends - Instant::now())).await;
+            let now = now_us();
+            let measured = body.measure(self.kind, last, now);
+            last = now;
+            points += self.post(session, device_token, measured, outcome).await?;
         }
-        Ok(())
+        let status = self.end_session(rng, session, device_token).await?;
+        Ok(SessionRecord {
+            session_id: session,
+            user_id: enrolled.user_id,
+            status: status.to_owned(),
+            points,
+        })
+    }
+
+    /// Ends a session the way `abort_share` says (aborted, or completed with random feedback)
+    /// and returns the status it ended in.
+    async fn end_session(
+        &self,
+        rng: &mut StdRng,
+        session: Uuid,
+        device_token: &str,
+    ) -> anyhow::Result<&'static str> {
+        if rng.gen_bool(self.settings.abort_share) {
+            self.call(
+                reqwest::Method::POST,
+                &format!("/v1/sessions/{session}/abort"),
+                Some(device_token),
+                None,
+            )
+            .await?;
+            Ok("aborted")
+        } else {
+            let feelings = ["calm", "focused", "relaxed", "tired", "alert"];
+            self.call(
+                reqwest::Method::POST,
+                &format!("/v1/sessions/{session}/complete"),
+                Some(device_token),
+                Some(json!({ "feedback": { "feeling": feelings[rng.gen_range(0..feelings.len())], "rating": rng.gen_range(1..=5) } })),
+            )
+            .await?;
+            Ok("completed")
+        }
     }
 
     /// Posts each series as a frame (the headset's as Avro, the rest as JSON); returns the points

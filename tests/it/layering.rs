@@ -83,3 +83,67 @@ fn no_production_crate_links_the_benchmarks() {
         assert_links_none(package, &["biofeed-bench"]);
     }
 }
+
+/// Every `.rs` file under `dir` (relative to the repository), with its text.
+fn sources(dir: &str) -> Vec<(std::path::PathBuf, String)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                out.push((path, text));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir),
+        &mut out,
+    );
+    out
+}
+
+/// The production crates' sources (not the binary's, not the tests').
+const CRATES: [&str; 9] = [
+    "schema",
+    "backends",
+    "migrations",
+    "accounts",
+    "ingest-gateway",
+    "consumers",
+    "jobs",
+    "simulator",
+    "bench",
+];
+
+#[test]
+fn only_the_gateway_speaks_http_as_a_server_and_only_accounts_hashes_or_seals() {
+    for krate in CRATES {
+        for (path, text) in sources(&format!("{krate}/src")) {
+            if krate != "ingest-gateway" {
+                assert!(!text.contains("axum::"), "{} uses axum", path.display());
+            }
+            if krate != "accounts" {
+                for path_prefix in ["argon2::", "aes_gcm::"] {
+                    assert!(
+                        !text.contains(path_prefix),
+                        "{} uses {path_prefix}",
+                        path.display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_binary_stays_thin_no_file_over_400_lines() {
+    let files = sources("src");
+    assert!(files.len() > 3, "the CLI is split by subcommand");
+    for (path, text) in files {
+        let lines = text.lines().count();
+        assert!(lines <= 400, "{} has {lines} lines", path.display());
+    }
+}

@@ -195,6 +195,9 @@ fn reject(state: &DeviceState, error: &ApiError, points: usize) {
 }
 
 /// The work of `post_points`; errors carry how many points they cost (for the metrics).
+///
+/// Kept as three steps — reading the frame, checking it, publishing it — so each step's
+/// errors and their point counts can be read in one place.
 async fn accept(
     state: &DeviceState,
     device: biofeed_accounts::devices::DeviceIdentity,
@@ -203,8 +206,20 @@ async fn accept(
     body: axum::body::Body,
     in_flight: InFlight,
 ) -> Result<(StatusCode, Json<FrameAccepted>), (ApiError, usize)> {
-    let inner = &state.inner;
     let session_id = parse_session_id(id).map_err(|e| (e, 0))?;
+    let (frame, received_at_us) = read_frame(state, device, session_id, headers, body).await?;
+    let points = frame.samples();
+    check_frame(state, device, session_id, &frame, received_at_us)
+        .await
+        .map_err(|e| (e, points))?;
+    publish_frame(state, session_id, &frame, in_flight)
+        .await
+        .map_err(|e| (e, points))
+}
+
+/// Tells from the `Content-Type` whether the body is Avro (`true`) or JSON (`false`), so an
+/// unsupported type is refused before the body is read at all.
+fn is_avro_body(headers: &HeaderMap) -> Result<bool, (ApiError, usize)> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -216,120 +231,156 @@ async fn accept(
                 .to_ascii_lowercase()
         })
         .unwrap_or_default();
-    let is_avro = match content_type.as_str() {
-        "application/json" => false,
-        "application/avro" | "avro/binary" | "application/vnd.apache.avro+binary" => true,
-        other => {
-            return Err((
-                ApiError::UnsupportedMediaType(format!(
-                    "Content-Type '{}' is not supported: send application/json or application/avro",
-                    other.escape_debug()
-                )),
-                0,
-            ))
-        }
-    };
-    let bytes = read_body(headers, body, inner.limits.max_body_bytes)
+    match content_type.as_str() {
+        "application/json" => Ok(false),
+        "application/avro" | "avro/binary" | "application/vnd.apache.avro+binary" => Ok(true),
+        other => Err((
+            ApiError::UnsupportedMediaType(format!(
+                "Content-Type '{}' is not supported: send application/json or application/avro",
+                other.escape_debug()
+            )),
+            0,
+        )),
+    }
+}
+
+/// Reads the body and decodes it into a `SensorFrame` stamped with the device's user, the
+/// device and the time it was received (returned too, as the clock-skew checks need it), so
+/// the later checks see one shape whichever encoding the device chose.
+async fn read_frame(
+    state: &DeviceState,
+    device: biofeed_accounts::devices::DeviceIdentity,
+    session_id: Uuid,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<(SensorFrame, i64), (ApiError, usize)> {
+    let is_avro = is_avro_body(headers)?;
+    let bytes = read_body(headers, body, state.inner.limits.max_body_bytes)
         .await
         .map_err(|e| (e, 0))?;
     let received_at_us = now_us();
     let frame = if is_avro {
-        let mut frame = biofeed_schema::decode(&bytes).map_err(|e| {
-            (
-                ApiError::malformed(format!("the Avro body is not a SensorFrame: {e}")),
-                0,
-            )
-        })?;
-        if frame.session_id != session_id {
-            return Err((
-                ApiError::invalid("session_id", "differs from the session in the path"),
-                frame.samples(),
-            ));
-        }
-        frame.user_id = device.user_id;
-        frame.device_id = device.device_id;
-        frame.received_at_us = received_at_us;
-        frame
+        from_avro(&bytes, session_id, device, received_at_us)?
     } else {
         let json: JsonFrame = parse_json(&bytes).map_err(|e| (e, 0))?;
         from_json(json, session_id, device, received_at_us)?
     };
-    let points = frame.samples();
-    let fail = |e: ApiError| (e, points);
+    Ok((frame, received_at_us))
+}
 
+/// Decodes an Avro body and sets the fields the gateway owns, so a device cannot post into
+/// another session nor pose as another user or device.
+fn from_avro(
+    bytes: &[u8],
+    session_id: Uuid,
+    device: biofeed_accounts::devices::DeviceIdentity,
+    received_at_us: i64,
+) -> Result<SensorFrame, (ApiError, usize)> {
+    let mut frame = biofeed_schema::decode(bytes).map_err(|e| {
+        (
+            ApiError::malformed(format!("the Avro body is not a SensorFrame: {e}")),
+            0,
+        )
+    })?;
+    if frame.session_id != session_id {
+        return Err((
+            ApiError::invalid("session_id", "differs from the session in the path"),
+            frame.samples(),
+        ));
+    }
+    frame.user_id = device.user_id;
+    frame.device_id = device.device_id;
+    frame.received_at_us = received_at_us;
+    Ok(frame)
+}
+
+/// Checks a decoded frame against the limits, the session (it must be the user's and open)
+/// and the declared data type, so nothing Kafka receives breaks a rule the session set.
+async fn check_frame(
+    state: &DeviceState,
+    device: biofeed_accounts::devices::DeviceIdentity,
+    session_id: Uuid,
+    frame: &SensorFrame,
+    received_at_us: i64,
+) -> Result<(), ApiError> {
+    let inner = &state.inner;
+    let points = frame.samples();
     if points > inner.limits.max_samples_per_frame {
-        return Err(fail(ApiError::TooLarge(format!(
+        return Err(ApiError::TooLarge(format!(
             "the frame has {points} samples; at most {} are allowed",
             inner.limits.max_samples_per_frame
-        ))));
+        )));
     }
     let facts = session_facts(state, device.user_id, session_id)
-        .await
-        .map_err(fail)?
-        .ok_or_else(|| fail(ApiError::NotFound("session")))?;
+        .await?
+        .ok_or(ApiError::NotFound("session"))?;
     if !facts.open {
-        return Err(fail(ApiError::Conflict(
+        return Err(ApiError::Conflict(
             "the session is closed: it takes no more points".to_owned(),
-        )));
+        ));
     }
     let spec = facts
         .data_types
         .iter()
         .find(|d| d.name == frame.data_type)
         .ok_or_else(|| {
-            fail(ApiError::invalid(
+            ApiError::invalid(
                 "data_type",
                 "is not one of the data types the session declared",
-            ))
+            )
         })?;
     frame
         .check_shape()
         .and_then(|()| frame.check_distinct_times())
-        .map_err(|e| fail(shape_problem(e, frame.channels)))?;
+        .map_err(|e| shape_problem(e, frame.channels))?;
     if frame.channels != spec.channels {
-        return Err(fail(ApiError::invalid(
+        return Err(ApiError::invalid(
             "values",
             format!(
                 "has {} channels per sample; {} has {}",
                 frame.channels, spec.name, spec.channels
             ),
-        )));
+        ));
     }
-    check_values(&frame, spec.min_value, spec.max_value).map_err(fail)?;
+    check_values(frame, spec.min_value, spec.max_value)?;
     let skew_us = i64::try_from(inner.limits.max_clock_skew.as_micros()).unwrap_or(i64::MAX);
     check_times(
-        &frame,
+        frame,
         facts.started_at_us.saturating_sub(skew_us),
         received_at_us.saturating_add(skew_us),
     )
-    .map_err(fail)?;
+}
 
-    let payload = biofeed_schema::encode(&frame);
-    match publish_once(state, session_id, frame.frame_id, payload, in_flight).await {
-        Ok(Publication::Published) => {
-            inner.metrics.points_accepted.inc_by(points as u64);
-            Ok((
-                StatusCode::ACCEPTED,
-                Json(FrameAccepted {
-                    frame_id: frame.frame_id,
-                    points,
-                    duplicate: false,
-                }),
-            ))
-        }
-        Ok(Publication::AlreadyAccepted) => {
-            inner.metrics.duplicate_frames.inc();
-            Ok((
-                StatusCode::OK,
-                Json(FrameAccepted {
-                    frame_id: frame.frame_id,
-                    points,
-                    duplicate: true,
-                }),
-            ))
-        }
-        Err(e) => Err(fail(e)),
-    }
+/// Publishes a checked frame once per frame id and answers 202 (published now) or 200 (a
+/// duplicate), counting it in the matching metric.
+async fn publish_frame(
+    state: &DeviceState,
+    session_id: Uuid,
+    frame: &SensorFrame,
+    in_flight: InFlight,
+) -> Result<(StatusCode, Json<FrameAccepted>), ApiError> {
+    let metrics = &state.inner.metrics;
+    let points = frame.samples();
+    let payload = biofeed_schema::encode(frame);
+    let (status, duplicate) =
+        match publish_once(state, session_id, frame.frame_id, payload, in_flight).await? {
+            Publication::Published => {
+                metrics.points_accepted.inc_by(points as u64);
+                (StatusCode::ACCEPTED, false)
+            }
+            Publication::AlreadyAccepted => {
+                metrics.duplicate_frames.inc();
+                (StatusCode::OK, true)
+            }
+        };
+    Ok((
+        status,
+        Json(FrameAccepted {
+            frame_id: frame.frame_id,
+            points,
+            duplicate,
+        }),
+    ))
 }
 
 /// What the gateway knows of a frame id it saw in the last minutes.
