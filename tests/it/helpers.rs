@@ -1,9 +1,11 @@
 //! Test helpers: isolated stores per test, and running the real binary.
 
+use std::fmt::Display;
 use std::process::Output;
 use std::time::Duration;
 
 use biofeed::cli::{Cli, Command};
+use biofeed_accounts::AccountKeys;
 use biofeed_backends::clickhouse::ClickHouseSettings;
 use biofeed_backends::kafka::KafkaSettings;
 use biofeed_migrations::MigrateSettings;
@@ -59,11 +61,50 @@ impl Isolated {
 
     /// A fresh set of stores, migrated (`biofeed migrate`'s library call).
     pub async fn migrated() -> Self {
-        let stores = Self::new().await;
+        Self::migrated_with(|_| {}).await
+    }
+
+    /// A fresh set of stores whose settings `adjust` changes (e.g. to point at a private
+    /// server), then migrated.
+    pub async fn migrated_with(adjust: impl FnOnce(&mut MigrateSettings)) -> Self {
+        let mut stores = Self::new().await;
+        adjust(&mut stores.settings);
         biofeed_migrations::migrate(&stores.settings)
             .await
             .expect("migrate");
         stores
+    }
+
+    /// Writes rows straight into ClickHouse's `points` (as the consumer writes them): one per
+    /// `(t_us, values)` sample.
+    pub async fn insert_points(
+        &self,
+        user: uuid::Uuid,
+        session: uuid::Uuid,
+        data_type: &str,
+        samples: &[(i64, Vec<f32>)],
+    ) {
+        let ch = self.settings.stores.clickhouse.connect().await.unwrap();
+        for chunk in samples.chunks(2000) {
+            let rows: Vec<String> = chunk
+                .iter()
+                .map(|(t, values)| {
+                    let values: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+                    format!(
+                        "(toUUID('{user}'), toUUID('{session}'), '{data_type}', {t}, [{}], now())",
+                        values.join(",")
+                    )
+                })
+                .collect();
+            ch.client()
+                .query(&format!(
+                    "INSERT INTO points (user_id, session_id, data_type, t_us, values, ingested_at) VALUES {}",
+                    rows.join(",")
+                ))
+                .execute()
+                .await
+                .unwrap();
+        }
     }
 
     /// How many tables this test's Postgres database has (0 before `biofeed migrate`).
@@ -96,6 +137,73 @@ impl Isolated {
     /// Runs `biofeed <args>` against this test's stores.
     pub async fn biofeed(&self, args: &[&str]) -> Run {
         run_biofeed(args, &self.env()).await
+    }
+}
+
+/// `env` with `key` set to `value` (replacing any value it had).
+pub fn with(
+    env: Vec<(&'static str, String)>,
+    key: &'static str,
+    value: String,
+) -> Vec<(&'static str, String)> {
+    env.into_iter()
+        .filter(|(k, _)| *k != key)
+        .chain([(key, value)])
+        .collect()
+}
+
+/// The master and blind-index keys as the binary reads them from the environment.
+pub fn key_env(keys: &AccountKeys) -> Vec<(&'static str, String)> {
+    vec![
+        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
+        ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
+    ]
+}
+
+/// Tries `attempt` every `every` until it answers `Ok`, and returns that; fails the test with
+/// the last `Err` once `limit` has passed (a watchdog, not a timing).
+pub async fn eventually<T>(
+    limit: Duration,
+    every: Duration,
+    mut attempt: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(why) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "waited {limit:?} in vain: {why}"
+            ),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Polls `condition` every `every` until it holds; fails the test, naming `what`, once `limit`
+/// has passed (a watchdog, not a timing).
+pub async fn wait_until(
+    limit: Duration,
+    every: Duration,
+    what: impl Display,
+    mut condition: impl AsyncFnMut() -> bool,
+) {
+    eventually(limit, every, async || {
+        if condition().await {
+            Ok(())
+        } else {
+            Err(format!("until {what}"))
+        }
+    })
+    .await;
+}
+
+/// The Prometheus text an HTTP server serves at `{base}/metrics` (`base` like
+/// `http://127.0.0.1:9000`); empty while it does not answer.
+pub async fn metrics_text(base: &str) -> String {
+    match reqwest::get(format!("{base}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
     }
 }
 
@@ -273,6 +381,18 @@ impl ServerProcess {
         );
     }
 
+    /// Waits until `started` (a probe of the server) holds, polling every 200 ms; fails the test,
+    /// naming `name` and the directory (its logs), after `limit`.
+    pub async fn wait_started(
+        &self,
+        name: &str,
+        limit: Duration,
+        started: impl AsyncFnMut() -> bool,
+    ) {
+        let what = format!("{name} started; see {}", self.dir.display());
+        wait_until(limit, Duration::from_millis(200), what, started).await;
+    }
+
     /// Kills the process outright, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -327,9 +447,15 @@ impl BiofeedProcess {
 
     /// Waits for the process to end by itself (a watchdog: 5 minutes); its exit code and output.
     pub async fn wait(self) -> Run {
-        let output = tokio::time::timeout(Duration::from_secs(300), self.0.wait_with_output())
+        self.wait_within(Duration::from_secs(300), "the process ends by itself")
             .await
-            .expect("the process ends by itself")
+    }
+
+    /// Waits for the process to end, failing the test, naming `what`, after `limit`.
+    pub async fn wait_within(self, limit: Duration, what: &str) -> Run {
+        let output = tokio::time::timeout(limit, self.0.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("{what} within {limit:?}"))
             .expect("waited");
         Run {
             code: output.status.code().unwrap_or(-1),

@@ -5,7 +5,6 @@
 //! lease, a panicking job, and an analyst sync of more sessions than one page.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::time::Duration;
 
 use biofeed_accounts::{users, AccountKeys, Accounts};
@@ -16,7 +15,7 @@ use uuid::Uuid;
 
 use crate::consumers::{consumer_env, produce_frames, wait_for_points, ConsumerProcess};
 use crate::gateway_app::{now_us, TestGateway};
-use crate::helpers::{run_biofeed, BiofeedProcess, Isolated, Run};
+use crate::helpers::{run_biofeed, wait_until, BiofeedProcess, Isolated, Run};
 
 /// The environment of a jobs command against `stores`: sessions settle at once.
 fn jobs_env(stores: &Isolated) -> Vec<(&'static str, String)> {
@@ -25,27 +24,17 @@ fn jobs_env(stores: &Isolated) -> Vec<(&'static str, String)> {
     env
 }
 
+/// [`jobs_env`] with `extra` settings.
+fn jobs_env_with(stores: &Isolated, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = jobs_env(stores);
+    env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    env
+}
+
 async fn jobs(stores: &Isolated, args: &[&str]) -> Run {
     let mut all = vec!["jobs"];
     all.extend_from_slice(args);
     run_biofeed(&all, &jobs_env(stores)).await
-}
-
-/// Polls `condition` (given a handle of `pool`) every 100 ms until it holds; fails the test,
-/// naming `what`, after `limit`.
-async fn wait_until<F, Fut>(limit: Duration, what: &str, pool: &PgPool, mut condition: F)
-where
-    F: FnMut(PgPool) -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while !condition(pool.clone()).await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waited {limit:?} in vain until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn migrated() -> Isolated {
@@ -97,35 +86,22 @@ async fn session(
     id
 }
 
-/// Writes rows straight into `points` (as the consumer writes them).
-async fn insert_points(
-    stores: &Isolated,
-    user: Uuid,
-    session: Uuid,
-    data_type: &str,
-    samples: &[(i64, Vec<f32>)],
-) {
-    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
-    for chunk in samples.chunks(2000) {
-        let rows: Vec<String> = chunk
-            .iter()
-            .map(|(t, values)| {
-                let values: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
-                format!(
-                    "(toUUID('{user}'), toUUID('{session}'), '{data_type}', {t}, [{}], now())",
-                    values.join(",")
-                )
-            })
-            .collect();
-        ch.client()
-            .query(&format!(
-                "INSERT INTO points (user_id, session_id, data_type, t_us, values, ingested_at) VALUES {}",
-                rows.join(",")
-            ))
-            .execute()
-            .await
-            .unwrap();
-    }
+/// A heart-rate session of the HRV exercise, as [`session`] leaves it.
+async fn heart_rate_session(pool: &PgPool, user: Uuid, status: &str, deadline_in: &str) -> Uuid {
+    session(
+        pool,
+        user,
+        "hrv_biofeedback",
+        &["heart_rate"],
+        status,
+        deadline_in,
+    )
+    .await
+}
+
+/// The number of items a `biofeed jobs run` reports on its standard output.
+fn items(run: &Run) -> Value {
+    serde_json::from_str::<Value>(run.stdout.trim()).unwrap()["items"].clone()
 }
 
 async fn count(stores: &Isolated, sql: &str) -> u64 {
@@ -240,11 +216,7 @@ async fn rollups_equal_an_independent_aggregate_also_after_a_full_replay() {
 
     let run = jobs(&stores, &["run", "rollups"]).await;
     assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(
-        serde_json::from_str::<Value>(run.stdout.trim()).unwrap()["items"],
-        1,
-        "{run:?}"
-    );
+    assert_eq!(items(&run), 1, "{run:?}");
     let (per_second, per_minute) = (
         aggregate(&frames, 1_000_000),
         aggregate(&frames, 60_000_000),
@@ -277,11 +249,7 @@ async fn rollups_equal_an_independent_aggregate_also_after_a_full_replay() {
     );
     let again = jobs(&stores, &["run", "rollups"]).await;
     assert_eq!(again.code, 0, "{again:?}");
-    assert_eq!(
-        serde_json::from_str::<Value>(again.stdout.trim()).unwrap()["items"],
-        1,
-        "recomputed after the replay"
-    );
+    assert_eq!(items(&again), 1, "recomputed after the replay");
     assert_same(
         &rollups(&stores, "rollups_1s", session).await,
         &per_second,
@@ -294,11 +262,7 @@ async fn rollups_equal_an_independent_aggregate_also_after_a_full_replay() {
     );
     // Nothing due now: a third run handles nothing.
     let idle = jobs(&stores, &["run", "rollups"]).await;
-    assert_eq!(
-        serde_json::from_str::<Value>(idle.stdout.trim()).unwrap()["items"],
-        0,
-        "{idle:?}"
-    );
+    assert_eq!(items(&idle), 0, "{idle:?}");
 }
 
 #[tokio::test]
@@ -346,13 +310,17 @@ async fn session_metrics_equal_hand_computed_values_and_are_read_through_the_pol
             (t, vec![*v])
         })
         .collect();
-    insert_points(&gw.stores, owner.id, hrv, "rr_interval", &rr).await;
+    gw.stores
+        .insert_points(owner.id, hrv, "rr_interval", &rr)
+        .await;
     // SpO2 at 1 Hz with a 60 s gap: mean 91.8, min 88, 4 s below 90 %.
     let spo2: Vec<(i64, Vec<f32>)> = [(0, 97.0), (1, 89.0), (2, 88.0), (62, 89.0), (63, 96.0)]
         .iter()
         .map(|(s, v)| (t0 + s * 1_000_000, vec![*v]))
         .collect();
-    insert_points(&gw.stores, owner.id, oximetry, "spo2", &spo2).await;
+    gw.stores
+        .insert_points(owner.id, oximetry, "spo2", &spo2)
+        .await;
     // 8 s of a 10 Hz, 20 µV rhythm on all 8 channels: alpha power 200 µV².
     let eeg_samples: Vec<(i64, Vec<f32>)> = (0..8 * 256)
         .map(|i| {
@@ -361,7 +329,9 @@ async fn session_metrics_equal_hand_computed_values_and_are_read_through_the_pol
             (t0 + (s * 1e6) as i64, vec![v; 8])
         })
         .collect();
-    insert_points(&gw.stores, owner.id, eeg, "eeg", &eeg_samples).await;
+    gw.stores
+        .insert_points(owner.id, eeg, "eeg", &eeg_samples)
+        .await;
     for session in [hrv, oximetry, eeg] {
         let response = gw
             .http
@@ -440,42 +410,10 @@ async fn purge_removes_exactly_the_failed_sessions_points_and_analysts_see_compl
     let stores = migrated().await;
     let pool = stores.settings.stores.postgres.connect().await.unwrap();
     let user = new_user(&pool).await;
-    let completed = session(
-        &pool,
-        user,
-        "hrv_biofeedback",
-        &["heart_rate"],
-        "completed",
-        "1 hour",
-    )
-    .await;
-    let aborted = session(
-        &pool,
-        user,
-        "hrv_biofeedback",
-        &["heart_rate"],
-        "aborted",
-        "1 hour",
-    )
-    .await;
-    let overdue = session(
-        &pool,
-        user,
-        "hrv_biofeedback",
-        &["heart_rate"],
-        "open",
-        "-1 hour",
-    )
-    .await;
-    let running = session(
-        &pool,
-        user,
-        "hrv_biofeedback",
-        &["heart_rate"],
-        "open",
-        "1 hour",
-    )
-    .await;
+    let completed = heart_rate_session(&pool, user, "completed", "1 hour").await;
+    let aborted = heart_rate_session(&pool, user, "aborted", "1 hour").await;
+    let overdue = heart_rate_session(&pool, user, "open", "-1 hour").await;
+    let running = heart_rate_session(&pool, user, "open", "1 hour").await;
     let t0 = now_us() - 3_600_000_000;
     for (k, s) in [completed, aborted, overdue, running]
         .into_iter()
@@ -484,7 +422,7 @@ async fn purge_removes_exactly_the_failed_sessions_points_and_analysts_see_compl
         let samples: Vec<(i64, Vec<f32>)> = (0..10 + k as i64)
             .map(|i| (t0 + i * 1_000_000, vec![60.0 + i as f32]))
             .collect();
-        insert_points(&stores, user, s, "heart_rate", &samples).await;
+        stores.insert_points(user, s, "heart_rate", &samples).await;
     }
     // The analyst views show the completed session only, before any purge.
     let sync = jobs(&stores, &["run", "analyst-sync"]).await;
@@ -522,11 +460,7 @@ async fn purge_removes_exactly_the_failed_sessions_points_and_analysts_see_compl
 
     let purge = jobs(&stores, &["run", "purge"]).await;
     assert_eq!(purge.code, 0, "{purge:?}");
-    assert_eq!(
-        serde_json::from_str::<Value>(purge.stdout.trim()).unwrap()["items"],
-        2,
-        "{purge:?}"
-    );
+    assert_eq!(items(&purge), 2, "{purge:?}");
     let points_of =
         |s: Uuid| format!("SELECT count() FROM points WHERE session_id = toUUID('{s}')");
     assert_eq!(count(&stores, &points_of(completed)).await, 10);
@@ -568,28 +502,26 @@ async fn purge_removes_exactly_the_failed_sessions_points_and_analysts_see_compl
     assert_eq!(status_of(running), ("open", None));
     // Running it again purges nothing more.
     let again = jobs(&stores, &["run", "purge"]).await;
-    assert_eq!(
-        serde_json::from_str::<Value>(again.stdout.trim()).unwrap()["items"],
-        0
-    );
+    assert_eq!(items(&again), 0);
     assert_eq!(count(&stores, &points_of(completed)).await, 10);
 }
 
 #[tokio::test]
 async fn with_clickhouse_down_a_job_leaves_a_failed_row_and_retry_resolves_it() {
     let mut clickhouse = crate::private_clickhouse::PrivateClickHouse::start().await;
-    let mut stores = Isolated::new().await;
-    stores.settings.stores.clickhouse.url = clickhouse.url().parse().unwrap();
-    biofeed_migrations::migrate(&stores.settings)
-        .await
-        .expect("migrate");
+    let stores = Isolated::migrated_with(|settings| {
+        settings.stores.clickhouse.url = clickhouse.url().parse().unwrap();
+    })
+    .await;
     let pool = stores.settings.stores.postgres.connect().await.unwrap();
     let (erased, kept) = (new_user(&pool).await, new_user(&pool).await);
     for user in [erased, kept] {
         let samples: Vec<(i64, Vec<f32>)> = (0..5)
             .map(|i| (now_us() - i * 1_000_000, vec![70.0]))
             .collect();
-        insert_points(&stores, user, Uuid::new_v4(), "heart_rate", &samples).await;
+        stores
+            .insert_points(user, Uuid::new_v4(), "heart_rate", &samples)
+            .await;
     }
     sqlx::query("INSERT INTO erased_users (user_id) VALUES ($1)")
         .bind(erased)
@@ -680,29 +612,23 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
     let pool = stores.settings.stores.postgres.connect().await.unwrap();
     let user = new_user(&pool).await;
     for _ in 0..3 {
-        let s = session(
-            &pool,
-            user,
-            "hrv_biofeedback",
-            &["heart_rate"],
-            "completed",
-            "1 hour",
-        )
-        .await;
-        insert_points(&stores, user, s, "heart_rate", &[(now_us(), vec![60.0])]).await;
+        let s = heart_rate_session(&pool, user, "completed", "1 hour").await;
+        stores
+            .insert_points(user, s, "heart_rate", &[(now_us(), vec![60.0])])
+            .await;
     }
-    let mut env = jobs_env(&stores);
-    for (k, v) in [
-        ("BIOFEED_JOBS_METRICS_LISTEN", "127.0.0.1:0"),
-        ("BIOFEED_JOBS_ROLLUPS_INTERVAL", "20ms"),
-        ("BIOFEED_JOBS_METRICS_INTERVAL", "20ms"),
-        ("BIOFEED_JOBS_PURGE_INTERVAL", "20ms"),
-        ("BIOFEED_JOBS_ERASURE_INTERVAL", "20ms"),
-        ("BIOFEED_JOBS_SYNC_INTERVAL", "20ms"),
-        ("BIOFEED_JOBS_CONCURRENCY", "3"),
-    ] {
-        env.push((k, v.to_owned()));
-    }
+    let mut env = jobs_env_with(
+        &stores,
+        &[
+            ("BIOFEED_JOBS_METRICS_LISTEN", "127.0.0.1:0"),
+            ("BIOFEED_JOBS_ROLLUPS_INTERVAL", "20ms"),
+            ("BIOFEED_JOBS_METRICS_INTERVAL", "20ms"),
+            ("BIOFEED_JOBS_PURGE_INTERVAL", "20ms"),
+            ("BIOFEED_JOBS_ERASURE_INTERVAL", "20ms"),
+            ("BIOFEED_JOBS_SYNC_INTERVAL", "20ms"),
+            ("BIOFEED_JOBS_CONCURRENCY", "3"),
+        ],
+    );
     let b = BiofeedProcess::start(&["jobs"], &env);
     let port = crate::helpers::free_port();
     env.retain(|(k, _)| *k != "BIOFEED_JOBS_METRICS_LISTEN");
@@ -712,9 +638,9 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
     // three sessions computed, and runner a's metrics show it.
     wait_until(
         Duration::from_secs(60),
+        Duration::from_millis(100),
         "both runners ran every job twice and computed the sessions",
-        &pool,
-        |pool| async move {
+        async || {
             let (jobs, runners, computed): (i64, i64, i64) = sqlx::query_as(
                 "SELECT (SELECT count(*) FROM (SELECT job FROM job_runs WHERE finished_at IS NOT NULL
                                                GROUP BY job HAVING count(*) >= 2) AS twice),
@@ -781,26 +707,8 @@ async fn two_runners_side_by_side_never_run_the_same_job_at_once() {
     let runners: std::collections::BTreeSet<&str> =
         runs.iter().map(|r| r.runner.as_str()).collect();
     assert_eq!(runners.len(), 2, "both runners took work: {runners:?}");
-    let computed: i64 = sqlx::query_scalar("SELECT count(*) FROM session_computations WHERE rollups_at IS NOT NULL AND metrics_at IS NOT NULL")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(computed, 3);
-}
-
-/// `biofeed jobs run <job>` as a child process the test can wait for, killed if dropped.
-fn start_jobs_run(job: &str, env: &[(&'static str, String)]) -> tokio::process::Child {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
-    command
-        .args(["jobs", "run", job])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    command.spawn().expect("biofeed starts")
+    let computed = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM session_computations WHERE rollups_at IS NOT NULL AND metrics_at IS NOT NULL");
+    assert_eq!(computed.fetch_one(&pool).await.unwrap(), 3);
 }
 
 #[tokio::test]
@@ -808,15 +716,7 @@ async fn a_runner_whose_lease_is_taken_over_stops_its_job() {
     let stores = migrated().await;
     let pool = stores.settings.stores.postgres.connect().await.unwrap();
     let user = new_user(&pool).await;
-    session(
-        &pool,
-        user,
-        "hrv_biofeedback",
-        &["heart_rate"],
-        "completed",
-        "1 hour",
-    )
-    .await;
+    heart_rate_session(&pool, user, "completed", "1 hour").await;
     // The analyst sync blocks on its read of `sessions` for as long as this transaction holds
     // the table: a job that runs for as long as the test wants, with nothing in it for tests.
     let mut lock = pool.begin().await.unwrap();
@@ -824,14 +724,13 @@ async fn a_runner_whose_lease_is_taken_over_stops_its_job() {
         .execute(&mut *lock)
         .await
         .unwrap();
-    let mut env = jobs_env(&stores);
-    env.push(("BIOFEED_JOBS_LEASE", "3s".to_owned()));
-    let child = start_jobs_run("analyst-sync", &env);
+    let env = jobs_env_with(&stores, &[("BIOFEED_JOBS_LEASE", "3s")]);
+    let child = BiofeedProcess::start(&["jobs", "run", "analyst-sync"], &env);
     wait_until(
         Duration::from_secs(30),
+        Duration::from_millis(100),
         "the sync waits for the sessions",
-        &pool,
-        |pool| async move {
+        async || {
             sqlx::query_scalar::<_, bool>(
                 "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'analyst_sync')
                     AND EXISTS (SELECT 1 FROM pg_stat_activity
@@ -856,12 +755,14 @@ async fn a_runner_whose_lease_is_taken_over_stops_its_job() {
 
     // The runner notices at its next renewal (a second here) and stops the job, which would
     // otherwise wait for the lock as long as the test holds it.
-    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("the job was stopped when its lease was taken over")
-        .expect("waited");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let run = child
+        .wait_within(
+            Duration::from_secs(30),
+            "the job was stopped when its lease was taken over",
+        )
+        .await;
+    let stderr = run.stderr;
+    assert_eq!(run.code, 1, "{stderr}");
     assert!(
         stderr.contains("lease of analyst_sync was taken over by another runner"),
         "{stderr}"
@@ -902,25 +803,25 @@ async fn a_runner_whose_lease_is_taken_over_stops_its_job() {
 async fn a_panicking_job_is_recorded_as_failed_its_lease_released_and_the_runner_goes_on() {
     let stores = migrated().await;
     let pool = stores.settings.stores.postgres.connect().await.unwrap();
-    let mut env = jobs_env(&stores);
-    for (k, v) in [
-        ("BIOFEED_JOBS_METRICS_LISTEN", "127.0.0.1:0"),
-        // Held for an hour unless released; no automatic retry nor second run meanwhile.
-        ("BIOFEED_JOBS_LEASE", "1h"),
-        ("BIOFEED_JOBS_RETRY_BACKOFF", "1h"),
-        ("BIOFEED_JOBS_SYNC_INTERVAL", "1h"),
-        ("BIOFEED_JOBS_ROLLUPS_INTERVAL", "100ms"),
-        // The `testsuite` feature's fault injection: every analyst sync in this runner panics.
-        ("BIOFEED_TESTSUITE_PANIC_JOB", "analyst_sync"),
-    ] {
-        env.push((k, v.to_owned()));
-    }
+    let env = jobs_env_with(
+        &stores,
+        &[
+            ("BIOFEED_JOBS_METRICS_LISTEN", "127.0.0.1:0"),
+            // Held for an hour unless released; no automatic retry nor second run meanwhile.
+            ("BIOFEED_JOBS_LEASE", "1h"),
+            ("BIOFEED_JOBS_RETRY_BACKOFF", "1h"),
+            ("BIOFEED_JOBS_SYNC_INTERVAL", "1h"),
+            ("BIOFEED_JOBS_ROLLUPS_INTERVAL", "100ms"),
+            // The `testsuite` feature's fault injection: every analyst sync in this runner panics.
+            ("BIOFEED_TESTSUITE_PANIC_JOB", "analyst_sync"),
+        ],
+    );
     let runner = BiofeedProcess::start(&["jobs"], &env);
     wait_until(
         Duration::from_secs(30),
+        Duration::from_millis(100),
         "the panic is a failed job and the lease is free",
-        &pool,
-        |pool| async move {
+        async || {
             sqlx::query_scalar::<_, bool>(
                 "SELECT EXISTS (SELECT 1 FROM failed_jobs WHERE job = 'analyst_sync')
                     AND (SELECT leased_by IS NULL FROM job_schedule WHERE job = 'analyst_sync')",
@@ -950,8 +851,7 @@ async fn a_panicking_job_is_recorded_as_failed_its_lease_released_and_the_runner
     assert_eq!(outcome.as_deref(), Some("failed"));
 
     // Another claim takes the job at once (a held lease would make it wait for an hour).
-    let mut once = jobs_env(&stores);
-    once.push(("BIOFEED_JOBS_LEASE", "1h".to_owned()));
+    let once = jobs_env_with(&stores, &[("BIOFEED_JOBS_LEASE", "1h")]);
     let run = tokio::time::timeout(
         Duration::from_secs(30),
         run_biofeed(&["jobs", "run", "analyst-sync"], &once),
@@ -963,9 +863,9 @@ async fn a_panicking_job_is_recorded_as_failed_its_lease_released_and_the_runner
     // The runner goes on serving: its rollups keep running after the panic.
     wait_until(
         Duration::from_secs(30),
+        Duration::from_millis(100),
         "the runner runs jobs after the panic",
-        &pool,
-        |pool| async move {
+        async || {
             sqlx::query_scalar::<_, bool>(
                 "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'rollups' AND outcome = 'ok'
                                   AND started_at > (SELECT failed_at FROM failed_jobs WHERE job = 'analyst_sync'))",
@@ -1001,11 +901,7 @@ async fn analyst_sync_sends_every_session_changed_inside_its_overlap_window_howe
     .unwrap();
     let sync = jobs(&stores, &["run", "analyst-sync"]).await;
     assert_eq!(sync.code, 0, "{sync:?}");
-    assert_eq!(
-        serde_json::from_str::<Value>(sync.stdout.trim()).unwrap()["items"],
-        sessions,
-        "{sync:?}"
-    );
+    assert_eq!(items(&sync), sessions, "{sync:?}");
     assert_eq!(
         count(&stores, "SELECT uniqExact(session_id) FROM session_facts").await,
         sessions

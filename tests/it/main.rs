@@ -20,3 +20,4 @@ mod private_kafka;
 mod services;
 mod settings;
 mod simulate;
+mod up;

@@ -203,33 +203,13 @@ impl TestGateway {
         assert_eq!(status, 201, "{body}");
         let session: Uuid = body["session_id"].as_str().unwrap().parse().unwrap();
         let t0 = (now_us() / 60_000_000 - 10) * 60_000_000;
-        let rows: Vec<String> = values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                format!(
-                    "(toUUID('{}'), toUUID('{session}'), 'heart_rate', {}, [{v}], now())",
-                    person.id,
-                    t0 + i as i64 * 1_000_000
-                )
-            })
+        let samples: Vec<(i64, Vec<f32>)> = (0_i64..)
+            .zip(values)
+            .map(|(i, v)| (t0 + i * 1_000_000, vec![*v]))
             .collect();
-        let ch = self
-            .stores
-            .settings
-            .stores
-            .clickhouse
-            .connect()
-            .await
-            .unwrap();
-        ch.client()
-            .query(&format!(
-                "INSERT INTO points (user_id, session_id, data_type, t_us, values, ingested_at) VALUES {}",
-                rows.join(",")
-            ))
-            .execute()
-            .await
-            .unwrap();
+        self.stores
+            .insert_points(person.id, session, "heart_rate", &samples)
+            .await;
         (session, t0)
     }
 }

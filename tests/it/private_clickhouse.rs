@@ -63,22 +63,13 @@ impl PrivateClickHouse {
             .stderr(Stdio::null());
         self.process.spawn(&mut command);
         let client = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let answer = client
-                .get(format!("{}/?query=SELECT%201", self.url()))
-                .send()
-                .await;
-            if answer.is_ok_and(|r| r.status().is_success()) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "private clickhouse did not start; see {}",
-                self.process.dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let url = self.url();
+        self.process
+            .wait_started("private clickhouse", Duration::from_secs(60), async || {
+                let answer = client.get(format!("{url}/?query=SELECT%201")).send().await;
+                answer.is_ok_and(|r| r.status().is_success())
+            })
+            .await;
     }
 
     /// Kills the server outright.

@@ -99,10 +99,9 @@ impl PrivateKafka {
             .stdin(Stdio::null());
         self.process.spawn(&mut command);
         let brokers = self.brokers();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-        loop {
+        let metadata = async || {
             let brokers = brokers.clone();
-            let up = tokio::task::spawn_blocking(move || {
+            tokio::task::spawn_blocking(move || {
                 let consumer: BaseConsumer = rdkafka::ClientConfig::new()
                     .set("bootstrap.servers", &brokers)
                     .create()
@@ -112,17 +111,11 @@ impl PrivateKafka {
                     .is_ok_and(|m| !m.brokers().is_empty())
             })
             .await
-            .unwrap();
-            if up {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "private kafka did not start; see {}",
-                self.process.dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+            .unwrap()
+        };
+        self.process
+            .wait_started("private kafka", Duration::from_secs(90), metadata)
+            .await;
     }
 
     /// Kills the broker outright, as a crash or a pulled cable would.

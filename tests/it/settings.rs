@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::helpers::{run_biofeed, Isolated};
+use crate::helpers::{run_biofeed, with, Isolated};
 
 /// A loopback port where a socket accepts connections and never says a word: the worst kind of
 /// unreachable server, which only a timeout can catch. Counts the connections it accepted.
@@ -32,15 +32,17 @@ async fn closed_port() -> String {
     address
 }
 
-fn with(
-    env: Vec<(&'static str, String)>,
-    key: &'static str,
-    value: String,
-) -> Vec<(&'static str, String)> {
-    env.into_iter()
-        .filter(|(k, _)| *k != key)
-        .chain([(key, value)])
-        .collect()
+/// `biofeed migrate` with `env` exits 3 (a connection failure), naming `setting` and
+/// `address`, and no password.
+async fn migrate_fails_to_connect(env: &[(&str, String)], setting: &str, address: &str) {
+    let run = run_biofeed(&["migrate"], env).await;
+    assert_eq!(run.code, 3, "{setting}: {run:?}");
+    assert!(run.stderr.contains(setting), "{setting} named: {run:?}");
+    assert!(run.stderr.contains(address), "address named: {run:?}");
+    assert!(
+        !run.stderr.contains("hunter2"),
+        "no password in errors: {run:?}"
+    );
 }
 
 #[tokio::test]
@@ -67,14 +69,7 @@ async fn a_silent_service_fails_within_its_timeout_naming_the_setting() {
     for (setting, value, timeout_setting) in cases {
         let env = with(test.env(), setting, value);
         let env = with(env, timeout_setting, "1s".to_owned());
-        let run = run_biofeed(&["migrate"], &env).await;
-        assert_eq!(run.code, 3, "{setting}: {run:?}");
-        assert!(run.stderr.contains(setting), "{setting} named: {run:?}");
-        assert!(run.stderr.contains(&silent), "address named: {run:?}");
-        assert!(
-            !run.stderr.contains("hunter2"),
-            "no password in errors: {run:?}"
-        );
+        migrate_fails_to_connect(&env, setting, &silent).await;
     }
 }
 
@@ -91,14 +86,7 @@ async fn a_refused_connection_fails_at_once_naming_the_setting() {
         ("BIOFEED_KAFKA_BROKERS", closed.clone()),
     ];
     for (setting, value) in cases {
-        let run = run_biofeed(&["migrate"], &with(test.env(), setting, value)).await;
-        assert_eq!(run.code, 3, "{setting}: {run:?}");
-        assert!(run.stderr.contains(setting), "{setting} named: {run:?}");
-        assert!(run.stderr.contains(&closed), "address named: {run:?}");
-        assert!(
-            !run.stderr.contains("hunter2"),
-            "no password in errors: {run:?}"
-        );
+        migrate_fails_to_connect(&with(test.env(), setting, value), setting, &closed).await;
     }
 }
 

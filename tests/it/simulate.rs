@@ -9,55 +9,20 @@ use biofeed_accounts::AccountKeys;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::helpers::{free_port, run_biofeed, BiofeedProcess, Isolated};
+use crate::helpers::{eventually, key_env, metrics_text, run_biofeed, Isolated};
+use crate::up::{simulated_points, start_up, stored_points, UpSettings};
 
 #[tokio::test]
 async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
-    let stores = Isolated::new().await;
-    biofeed_migrations::migrate(&stores.settings)
-        .await
-        .expect("migrate");
-    let keys = AccountKeys::generate();
-    let (port, metrics_port) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{port}");
-    let mut env = stores.env();
-    env.extend([
-        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
-        ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
-        ("BIOFEED_GATEWAY_LISTEN", format!("127.0.0.1:{port}")),
-        (
-            "BIOFEED_UP_METRICS_LISTEN",
-            format!("127.0.0.1:{metrics_port}"),
-        ),
-        ("BIOFEED_CONSUMER_GROUP", format!("test-up-{}", stores.id)),
-        ("BIOFEED_BATCH_MAX_AGE", "200ms".to_owned()),
-        ("BIOFEED_JOBS_SETTLE", "1s".to_owned()),
-        ("BIOFEED_JOBS_ROLLUPS_INTERVAL", "1s".to_owned()),
-        ("BIOFEED_JOBS_METRICS_INTERVAL", "1s".to_owned()),
-        ("BIOFEED_JOBS_PURGE_INTERVAL", "1s".to_owned()),
-        ("BIOFEED_JOBS_SYNC_INTERVAL", "1s".to_owned()),
-    ]);
-    let up = BiofeedProcess::start(&["up"], &env);
-    let http = reqwest::Client::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !http
-        .get(format!("{url}/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "biofeed up never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let stores = Isolated::migrated().await;
+    let up = UpSettings::new(&stores, &AccountKeys::generate(), "up");
+    let process = start_up(&up.env, &up.url).await;
 
     let run = run_biofeed(
         &[
             "simulate",
             "--url",
-            &url,
+            &up.url,
             "--devices",
             "4",
             "--duration",
@@ -69,24 +34,12 @@ async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
             "--seed",
             "42",
         ],
-        &env,
+        &up.env,
     )
     .await;
     assert_eq!(run.code, 0, "{run:?}");
     let summary: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
-    let sessions = summary["sessions"].as_array().unwrap();
-    let of = |status: &str| -> BTreeMap<Uuid, u64> {
-        sessions
-            .iter()
-            .filter(|s| s["status"] == status)
-            .map(|s| {
-                (
-                    s["session_id"].as_str().unwrap().parse().unwrap(),
-                    s["points"].as_u64().unwrap(),
-                )
-            })
-            .collect()
-    };
+    let of = |status: &str| simulated_points(&summary, |s| s == status);
     let (completed, aborted) = (of("completed"), of("aborted"));
     assert!(!completed.is_empty() && !aborted.is_empty(), "{summary}");
     assert!(
@@ -102,23 +55,9 @@ async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
 
     // The consumer stores the points, the jobs purge the aborted sessions': wait (a watchdog, not
     // a timing) until ClickHouse holds exactly the completed sessions' points.
-    #[derive(clickhouse::Row, serde::Deserialize)]
-    struct Count {
-        #[serde(with = "clickhouse::serde::uuid")]
-        session_id: Uuid,
-        points: u64,
-    }
-    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let stored = loop {
-        let rows: Vec<Count> = ch
-            .client()
-            .query("SELECT session_id, count() AS points FROM points FINAL GROUP BY session_id")
-            .fetch_all()
-            .await
-            .unwrap();
-        let stored: BTreeMap<Uuid, u64> =
-            rows.into_iter().map(|r| (r.session_id, r.points)).collect();
+        let stored = stored_points(&stores).await;
         if stored == expected || tokio::time::Instant::now() >= deadline {
             break stored;
         }
@@ -130,60 +69,62 @@ async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
     );
 
     let pool = stores.settings.stores.postgres.connect().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let statuses: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM sessions")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-        let purged = statuses
-            .iter()
-            .filter(|(id, st)| aborted.contains_key(id) && st == "purged")
-            .count();
-        if purged == aborted.len() {
-            assert!(statuses
+    let statuses = eventually(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        async || {
+            let statuses: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, status FROM sessions")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            let purged = statuses
                 .iter()
-                .filter(|(id, _)| completed.contains_key(id))
-                .all(|(_, st)| st == "completed"));
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "aborted sessions were not all marked purged: {statuses:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let metrics = http
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+                .filter(|(id, st)| aborted.contains_key(id) && st == "purged")
+                .count();
+            if purged == aborted.len() {
+                Ok(statuses)
+            } else {
+                Err(format!(
+                    "aborted sessions were not all marked purged: {statuses:?}"
+                ))
+            }
+        },
+    )
+    .await;
+    assert!(statuses
+        .iter()
+        .filter(|(id, _)| completed.contains_key(id))
+        .all(|(_, st)| st == "completed"));
+    let metrics = metrics_text(&up.metrics).await;
     assert!(
         metrics.contains("biofeed_consumer_") && metrics.contains("biofeed_jobs_runs_total"),
         "{metrics}"
     );
-    let (code, stderr) = up.stop().await;
+    let (code, stderr) = process.stop().await;
     assert_eq!(code, 0, "{stderr}");
+}
+
+/// Runs `biofeed bench <args>` on `stores` (left unmigrated: the bench makes and migrates its
+/// own databases) with fresh keys; checks it succeeded and returns its last-line JSON.
+async fn bench(stores: &Isolated, args: &[&str]) -> Value {
+    let mut env = stores.env();
+    env.extend(key_env(&AccountKeys::generate()));
+    let mut all = vec!["bench"];
+    all.extend_from_slice(args);
+    let run = run_biofeed(&all, &env).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap()
 }
 
 #[tokio::test]
 async fn bench_e2e_reports_its_figures_and_loses_no_point() {
     // The configured Postgres database is left empty: the bench makes and migrates its own.
     let stores = Isolated::new().await;
-    let keys = AccountKeys::generate();
     let dir = crate::helpers::ServerProcess::new("e2e-report");
     let report = dir.dir.join("bench-e2e.md");
-    let mut env = stores.env();
-    env.extend([
-        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
-        ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
-    ]);
-    let run = run_biofeed(
+    let figures = bench(
+        &stores,
         &[
-            "bench",
             "e2e",
             "--devices",
             "4",
@@ -195,11 +136,8 @@ async fn bench_e2e_reports_its_figures_and_loses_no_point() {
             "--report",
             report.to_str().unwrap(),
         ],
-        &env,
     )
     .await;
-    assert_eq!(run.code, 0, "{run:?}");
-    let figures: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(figures["lost"], 0, "{figures}");
     assert!(figures["accepted"].as_u64().unwrap() > 0, "{figures}");
     assert_eq!(figures["accepted"], figures["stored"], "{figures}");
@@ -245,15 +183,9 @@ async fn bench_e2e_reports_its_figures_and_loses_no_point() {
 async fn bench_gateway_keeps_its_user_out_of_the_configured_database() {
     // The configured Postgres database is left empty: the bench makes and migrates its own.
     let stores = Isolated::new().await;
-    let keys = AccountKeys::generate();
-    let mut env = stores.env();
-    env.extend([
-        ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
-        ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
-    ]);
-    let run = run_biofeed(
+    let summary = bench(
+        &stores,
         &[
-            "bench",
             "gateway",
             "--devices",
             "2",
@@ -264,11 +196,8 @@ async fn bench_gateway_keeps_its_user_out_of_the_configured_database() {
             "--formats",
             "avro",
         ],
-        &env,
     )
     .await;
-    assert_eq!(run.code, 0, "{run:?}");
-    let summary: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
     assert!(
         summary["gateway_points_per_s"].as_f64().unwrap() > 0.0,
         "{summary}"
