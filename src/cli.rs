@@ -238,6 +238,27 @@ pub(crate) fn utc_or_dash(time: Option<chrono::DateTime<chrono::Utc>>) -> String
     )
 }
 
+/// Rows as JSON lines (with `--json`: `to_json` is `serde_json::to_string`), or as a table:
+/// `header`, then each row's `line`.
+pub(crate) fn print_rows<T>(
+    rows: &[T],
+    to_json: Option<fn(&T) -> serde_json::Result<String>>,
+    header: &str,
+    line: impl Fn(&T) -> String,
+) -> anyhow::Result<()> {
+    if let Some(to_json) = to_json {
+        for row in rows {
+            println!("{}", to_json(row)?);
+        }
+    } else {
+        println!("{header}");
+        for row in rows {
+            println!("{}", line(row));
+        }
+    }
+    Ok(())
+}
+
 /// A progress bar on standard error for long admin work.
 pub(crate) fn progress_bar(verb: &str, things: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);

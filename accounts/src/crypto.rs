@@ -56,7 +56,7 @@ pub struct AccountKeys {
         env = "BIOFEED_MASTER_KEY",
         hide_env_values = true,
         required_unless_present = "master_key_file",
-        value_parser = SecretKeyParser("BIOFEED_MASTER_KEY")
+        value_parser = secret_key("BIOFEED_MASTER_KEY")
     )]
     master_key_value: Option<Key32>,
 
@@ -68,7 +68,7 @@ pub struct AccountKeys {
         value_name = "PATH",
         env = "BIOFEED_MASTER_KEY_FILE",
         conflicts_with = "master_key",
-        value_parser = KeyFileParser
+        value_parser = Refusing(key_file)
     )]
     master_key_file: Option<Key32>,
 
@@ -91,7 +91,7 @@ pub struct AccountKeys {
         value_name = "BASE64",
         env = "BIOFEED_BLIND_INDEX_KEY",
         hide_env_values = true,
-        value_parser = SecretKeyParser("BIOFEED_BLIND_INDEX_KEY")
+        value_parser = secret_key("BIOFEED_BLIND_INDEX_KEY")
     )]
     pub blind_index_key: Key32,
 
@@ -105,7 +105,7 @@ pub struct AccountKeys {
         hide_env_values = true,
         default_value = "",
         hide_default_value = true,
-        value_parser = PreviousKeysParser
+        value_parser = Refusing(previous_keys)
     )]
     pub previous_master_keys: PreviousKeys,
 }
@@ -141,26 +141,6 @@ impl PreviousKeys {
             .map(|(v, k)| format!("{v}:{}", k.to_base64()))
             .collect::<Vec<_>>()
             .join(",")
-    }
-}
-
-#[derive(Clone, Copy)]
-struct PreviousKeysParser;
-
-impl clap::builder::TypedValueParser for PreviousKeysParser {
-    type Value = PreviousKeys;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        _arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<PreviousKeys, clap::Error> {
-        value
-            .to_str()
-            .ok_or(KeyError::PreviousMalformed)
-            .and_then(PreviousKeys::parse)
-            .map_err(|e| refusal(cmd, &e))
     }
 }
 
@@ -205,61 +185,68 @@ impl Key32 {
     }
 }
 
-/// Parses a key setting. Unlike clap's usual "invalid value '…'" error, a refusal never repeats
-/// the value: a mistyped key is still mostly key.
-#[derive(Clone, Copy)]
-struct SecretKeyParser(&'static str);
-
-impl clap::builder::TypedValueParser for SecretKeyParser {
-    type Value = Key32;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        _arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<Key32, clap::Error> {
+/// A key setting: base64 of 32 bytes; a refusal names the setting.
+fn secret_key(
+    setting: &'static str,
+) -> Refusing<impl Fn(&std::ffi::OsStr) -> Result<Key32, KeyError> + Clone + Send + Sync + 'static>
+{
+    Refusing(move |value: &std::ffi::OsStr| {
         value
             .to_str()
-            .ok_or(KeyError::Malformed { setting: self.0 })
-            .and_then(|v| Key32::parse(v, self.0))
-            .map_err(|e| refusal(cmd, &e))
-    }
+            .ok_or(KeyError::Malformed { setting })
+            .and_then(|v| Key32::parse(v, setting))
+    })
 }
 
 /// Reads a key file: base64 of 32 bytes, surrounding whitespace ignored. Errors name the path,
 /// never the content.
-#[derive(Clone, Copy)]
-struct KeyFileParser;
+fn key_file(value: &std::ffi::OsStr) -> Result<Key32, String> {
+    let path = std::path::Path::new(value);
+    match std::fs::read_to_string(path) {
+        Ok(text) => Key32::parse(&text, "BIOFEED_MASTER_KEY_FILE").map_err(|_| {
+            format!(
+                "BIOFEED_MASTER_KEY_FILE: {} must hold base64 of exactly 32 random bytes",
+                path.display()
+            )
+        }),
+        Err(e) => Err(format!(
+            "BIOFEED_MASTER_KEY_FILE: cannot read {}: {e}",
+            path.display()
+        )),
+    }
+}
 
-impl clap::builder::TypedValueParser for KeyFileParser {
-    type Value = Key32;
+/// The previous master keys setting.
+fn previous_keys(value: &std::ffi::OsStr) -> Result<PreviousKeys, KeyError> {
+    value
+        .to_str()
+        .ok_or(KeyError::PreviousMalformed)
+        .and_then(PreviousKeys::parse)
+}
+
+/// A value parser for secret settings. Unlike clap's usual "invalid value '…'" error, a refusal
+/// never repeats the value (a mistyped key is still mostly key): it says only what `F` says.
+#[derive(Clone, Copy)]
+struct Refusing<F>(F);
+
+impl<T, E, F> clap::builder::TypedValueParser for Refusing<F>
+where
+    T: Clone + Send + Sync + 'static,
+    E: std::fmt::Display,
+    F: Fn(&std::ffi::OsStr) -> Result<T, E> + Clone + Send + Sync + 'static,
+{
+    type Value = T;
 
     fn parse_ref(
         &self,
         cmd: &clap::Command,
         _arg: Option<&clap::Arg>,
         value: &std::ffi::OsStr,
-    ) -> Result<Key32, clap::Error> {
-        let path = std::path::Path::new(value);
-        let message = match std::fs::read_to_string(path) {
-            Ok(text) => match Key32::parse(&text, "BIOFEED_MASTER_KEY_FILE") {
-                Ok(key) => return Ok(key),
-                Err(_) => format!(
-                    "BIOFEED_MASTER_KEY_FILE: {} must hold base64 of exactly 32 random bytes",
-                    path.display()
-                ),
-            },
-            Err(e) => format!(
-                "BIOFEED_MASTER_KEY_FILE: cannot read {}: {e}",
-                path.display()
-            ),
-        };
-        Err(refusal(cmd, &message))
+    ) -> Result<T, clap::Error> {
+        (self.0)(value).map_err(|e| refusal(cmd, &e))
     }
 }
 
-/// A key setting refused with `message` only: clap's usual error would repeat the value.
 fn refusal(cmd: &clap::Command, message: &dyn std::fmt::Display) -> clap::Error {
     clap::Error::raw(
         clap::error::ErrorKind::ValueValidation,
@@ -535,7 +522,7 @@ mod tests {
     fn malformed_keys_name_the_setting_and_show_no_material() {
         use clap::builder::TypedValueParser;
         let cmd = clap::Command::new("test");
-        let parser = SecretKeyParser("BIOFEED_MASTER_KEY");
+        let parser = secret_key("BIOFEED_MASTER_KEY");
         let err = parser
             .parse_ref(&cmd, None, "c2hvcnQ=".as_ref())
             .unwrap_err()

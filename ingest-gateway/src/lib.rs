@@ -223,23 +223,21 @@ impl utoipa::Modify for TokenSchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "device_token",
+        let bearer = |description: &str| {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("a device token from `biofeed admin device create`"))
+                    .description(Some(description))
                     .build(),
-            ),
+            )
+        };
+        components.add_security_scheme(
+            "device_token",
+            bearer("a device token from `biofeed admin device create`"),
         );
         components.add_security_scheme(
             "login_token",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("a login token from `POST /v1/auth/login`"))
-                    .build(),
-            ),
+            bearer("a login token from `POST /v1/auth/login`"),
         );
     }
 }

@@ -23,13 +23,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ConnectInfo;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Json, Router};
 use biofeed_accounts::login::LoginSettings;
 use biofeed_accounts::passwords::Passwords;
+use biofeed_accounts::policy::{Action, Actor};
 use biofeed_accounts::Accounts;
 use biofeed_backends::clickhouse::ClickHouse;
+use sqlx::PgPool;
+use uuid::Uuid;
 
 use crate::access::Access;
 use crate::body::{parse_json, read_body};
@@ -99,6 +102,31 @@ impl PeopleState {
             inner: Arc::new(inner),
         }
     }
+
+    /// Postgres.
+    fn pool(&self) -> &PgPool {
+        &self.inner.accounts.pool
+    }
+
+    /// Asks the accounts policy whether `actor` may do `action` to `subject`'s data (it audits);
+    /// a refusal is its answer, 404 or 403.
+    async fn allow(&self, actor: &Actor, action: Action, subject: Uuid) -> Result<(), ApiError> {
+        self.inner.access.allow(actor, action, subject).await
+    }
+
+    /// Asks the accounts policy whether `actor` may manage their own `resource` (profile,
+    /// devices, …); their id if so.
+    async fn allow_own(&self, actor: &Actor, resource: &'static str) -> Result<Uuid, ApiError> {
+        let me = actor.user_id;
+        self.allow(actor, Action::ManageProfile { resource }, me)
+            .await?;
+        Ok(me)
+    }
+}
+
+/// A created thing: 201 with its JSON.
+fn created<T>(body: T) -> (StatusCode, Json<T>) {
+    (StatusCode::CREATED, Json(body))
 }
 
 /// A JSON body of at most [`BODY_LIMIT`] bytes.

@@ -11,7 +11,7 @@ use uuid::Uuid;
 pub use self::relationship::RelationshipCommand;
 pub use self::user::UserCommand;
 
-use crate::cli::{progress_bar, AFTER_HELP};
+use crate::cli::{print_rows, progress_bar, AFTER_HELP};
 
 /// `biofeed admin …`.
 #[derive(Debug, Subcommand)]
@@ -157,21 +157,25 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
         }
         AdminCommand::Device(DeviceCommand::List { user_id, postgres }) => {
             let rows = devices::list_devices(&postgres.connect().await?, user_id).await?;
-            println!(
-                "{:<36}  {:<36}  {:<20}  {:<20}  {:<20}  model",
-                "device", "user", "created", "last seen", "revoked"
-            );
-            for d in rows {
-                println!(
-                    "{:<36}  {:<36}  {:<20}  {:<20}  {:<20}  {}",
-                    d.id,
-                    d.user_id,
-                    d.created_at,
-                    d.last_seen_at.as_deref().unwrap_or("-"),
-                    d.revoked_at.as_deref().unwrap_or("-"),
-                    d.model
-                );
-            }
+            print_rows(
+                &rows,
+                None,
+                &format!(
+                    "{:<36}  {:<36}  {:<20}  {:<20}  {:<20}  model",
+                    "device", "user", "created", "last seen", "revoked"
+                ),
+                |d| {
+                    format!(
+                        "{:<36}  {:<36}  {:<20}  {:<20}  {:<20}  {}",
+                        d.id,
+                        d.user_id,
+                        d.created_at,
+                        d.last_seen_at.as_deref().unwrap_or("-"),
+                        d.revoked_at.as_deref().unwrap_or("-"),
+                        d.model
+                    )
+                },
+            )?;
         }
     }
     Ok(())

@@ -6,7 +6,7 @@ use biofeed_backends::shutdown::Shutdown;
 use biofeed_ingest_gateway::metrics_endpoint::MetricsEndpoint;
 use prometheus_client::registry::Registry;
 
-use crate::cli::{utc_or_dash, AFTER_HELP};
+use crate::cli::{print_rows, utc_or_dash, AFTER_HELP};
 
 /// Arguments of `biofeed jobs`.
 #[derive(Debug, Args)]
@@ -99,22 +99,20 @@ pub(crate) async fn run(args: JobsArgs) -> anyhow::Result<()> {
             settings,
         }) => {
             let rows = biofeed_jobs::failed_jobs(&settings, all).await?;
-            if json {
-                for row in &rows {
-                    println!("{}", serde_json::to_string(row)?);
-                }
-            } else {
-                println!(
+            print_rows(
+                &rows,
+                json.then_some(serde_json::to_string),
+                &format!(
                     "{:>6}  {:<16}  {:<10}  {:>8}  {:<20}  {:<20}  error",
                     "id", "job", "connection", "attempts", "failed", "next retry"
-                );
-                for row in &rows {
+                ),
+                |row| {
                     let next = if row.resolved_at.is_some() {
                         "resolved".to_owned()
                     } else {
                         utc_or_dash(row.next_attempt_at)
                     };
-                    println!(
+                    format!(
                         "{:>6}  {:<16}  {:<10}  {:>8}  {:<20}  {:<20}  {}",
                         row.id,
                         row.job,
@@ -123,10 +121,9 @@ pub(crate) async fn run(args: JobsArgs) -> anyhow::Result<()> {
                         utc_or_dash(Some(row.failed_at)),
                         next,
                         row.error
-                    );
-                }
-            }
-            Ok(())
+                    )
+                },
+            )
         }
         Some(JobsCommand::Retry { id, settings, .. }) => {
             let (ok, failed) = biofeed_jobs::retry(&settings, id).await?;

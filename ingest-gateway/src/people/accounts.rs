@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::metrics::OutcomeLabels;
 use crate::people::auth::UserAuth;
-use crate::people::{json_body, peer_address, PeopleState};
+use crate::people::{created, json_body, peer_address, PeopleState};
 use crate::problem::{ApiError, Problem};
 
 /// Roles people may give themselves at sign-up; admins and analysts are made by an operator.
@@ -118,13 +118,10 @@ pub async fn sign_up(
         request.password,
     )
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(SignedUp {
-            user_id,
-            terms_version: inner.terms_version.clone(),
-        }),
-    ))
+    Ok(created(SignedUp {
+        user_id,
+        terms_version: inner.terms_version.clone(),
+    }))
 }
 
 /// Logs in: an opaque bearer token for the people-facing endpoints.
@@ -177,6 +174,6 @@ pub async fn log_out(
     State(state): State<PeopleState>,
     auth: UserAuth,
 ) -> Result<StatusCode, ApiError> {
-    login::logout(&state.inner.accounts.pool, &auth.token).await?;
+    login::logout(state.pool(), &auth.token).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,13 +4,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use biofeed_accounts::devices;
-use biofeed_accounts::policy::Action;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::people::auth::UserAuth;
-use crate::people::{json_body, PeopleState};
+use crate::people::{created, json_body, PeopleState};
 use crate::problem::{ApiError, Problem};
 
 /// A device to register.
@@ -44,26 +43,12 @@ pub async fn register_device(
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<DeviceRegistered>), ApiError> {
     let request: RegisterDevice = json_body(&headers, body).await?;
-    let me = actor.user_id;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ManageProfile {
-                resource: "devices",
-            },
-            me,
-        )
-        .await?;
-    let device = devices::create_device(&state.inner.accounts.pool, me, &request.model).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(DeviceRegistered {
-            device_id: device.id,
-            token: device.token,
-        }),
-    ))
+    let me = state.allow_own(&actor, "devices").await?;
+    let device = devices::create_device(state.pool(), me, &request.model).await?;
+    Ok(created(DeviceRegistered {
+        device_id: device.id,
+        token: device.token,
+    }))
 }
 
 /// One's own devices (no tokens).
@@ -73,21 +58,8 @@ pub async fn list_devices(
     State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
 ) -> Result<Json<Vec<devices::DeviceRow>>, ApiError> {
-    let me = actor.user_id;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ManageProfile {
-                resource: "devices",
-            },
-            me,
-        )
-        .await?;
-    Ok(Json(
-        devices::list_devices(&state.inner.accounts.pool, Some(me)).await?,
-    ))
+    let me = state.allow_own(&actor, "devices").await?;
+    Ok(Json(devices::list_devices(state.pool(), Some(me)).await?))
 }
 
 /// Revokes one of one's own devices: its token stops working.
@@ -103,19 +75,8 @@ pub async fn revoke_device(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let device = Uuid::try_parse(&id).map_err(|_| ApiError::NotFound("device"))?;
-    let me = actor.user_id;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ManageProfile {
-                resource: "devices",
-            },
-            me,
-        )
-        .await?;
-    devices::revoke_device(&state.inner.accounts.pool, device, Some(me)).await?;
+    let me = state.allow_own(&actor, "devices").await?;
+    devices::revoke_device(state.pool(), device, Some(me)).await?;
     state.inner.device_tokens.forget_all();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -9,7 +9,6 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use biofeed_accounts::export::export_user;
-use biofeed_accounts::policy::Action;
 use tokio::sync::mpsc;
 
 use crate::people::auth::UserAuth;
@@ -26,12 +25,7 @@ pub async fn export_me(
     State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
 ) -> Result<Response, ApiError> {
-    let me = actor.user_id;
-    state
-        .inner
-        .access
-        .allow(&actor, Action::ManageProfile { resource: "export" }, me)
-        .await?;
+    let me = state.allow_own(&actor, "export").await?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>(16);
     let inner = state.inner.clone();
     tokio::spawn(async move {

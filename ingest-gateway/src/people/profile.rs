@@ -5,12 +5,10 @@ use axum::http::HeaderMap;
 use axum::Json;
 use biofeed_accounts::erase::{self, Erased};
 use biofeed_accounts::login;
-use biofeed_accounts::policy::Action;
 use biofeed_accounts::profile_change::{change_profile, ProfileChange};
 use biofeed_accounts::users::{self, Profile};
 use serde::Deserialize;
 use utoipa::ToSchema;
-use uuid::Uuid;
 
 use crate::people::auth::UserAuth;
 use crate::people::{json_body, peer_address, PeopleState};
@@ -50,18 +48,7 @@ pub async fn get_me(
     State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
 ) -> Result<Json<Profile>, ApiError> {
-    let me = actor.user_id;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ManageProfile {
-                resource: "profile",
-            },
-            me,
-        )
-        .await?;
+    let me = state.allow_own(&actor, "profile").await?;
     Ok(Json(users::profile(&state.inner.accounts, me).await?))
 }
 
@@ -84,18 +71,7 @@ pub async fn patch_me(
     body: axum::body::Body,
 ) -> Result<Json<Profile>, ApiError> {
     let request: ProfilePatch = json_body(&headers, body).await?;
-    let me = actor.user_id;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ManageProfile {
-                resource: "profile",
-            },
-            me,
-        )
-        .await?;
+    let me = state.allow_own(&actor, "profile").await?;
     let inner = &state.inner;
     let change = ProfileChange {
         email: request.email,
@@ -113,12 +89,7 @@ pub async fn patch_me(
         &token,
     )
     .await
-    .map_err(|e| match e {
-        login::LoginError::BadCredentials => {
-            ApiError::Forbidden("the current password is wrong".to_owned())
-        }
-        e => e.into(),
-    })?;
+    .map_err(wrong_password_is_forbidden("the current password is wrong"))?;
     Ok(Json(changed))
 }
 
@@ -139,48 +110,31 @@ pub async fn delete_me(
     body: axum::body::Body,
 ) -> Result<Json<Erased>, ApiError> {
     let request: EraseMe = json_body(&headers, body).await?;
-    let me = actor.user_id;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ManageProfile {
-                resource: "account",
-            },
-            me,
-        )
-        .await?;
+    let me = state.allow_own(&actor, "account").await?;
     let inner = &state.inner;
-    check_password(&state, me, &request.password, &extensions).await?;
+    // Checked under the login throttle: 403 if wrong, 429 with `Retry-After` once the account or
+    // the address has used up its failures (even if right).
+    login::check_password(
+        &inner.accounts,
+        &inner.passwords,
+        &inner.login,
+        me,
+        &request.password,
+        peer_address(&extensions),
+    )
+    .await
+    .map_err(wrong_password_is_forbidden("the password is wrong"))?;
     let erased = erase::erase_user(&inner.accounts, me, Some(me)).await?;
     inner.device_tokens.forget_all();
     Ok(Json(erased))
 }
 
-/// Checks the caller's password before an erasure, under the login throttle: 403 if wrong, 429
-/// with `Retry-After` once the account or the address has used up its failures (even if right).
-async fn check_password(
-    state: &PeopleState,
-    user: Uuid,
-    password: &str,
-    extensions: &axum::http::Extensions,
-) -> Result<(), ApiError> {
-    let inner = &state.inner;
-    match login::check_password(
-        &inner.accounts,
-        &inner.passwords,
-        &inner.login,
-        user,
-        password,
-        peer_address(extensions),
-    )
-    .await
-    {
-        Ok(()) => Ok(()),
-        Err(login::LoginError::BadCredentials) => {
-            Err(ApiError::Forbidden("the password is wrong".to_owned()))
-        }
-        Err(e) => Err(e.into()),
+/// A wrong password is 403 with `message`; any other login error keeps its own answer.
+fn wrong_password_is_forbidden(
+    message: &'static str,
+) -> impl FnOnce(login::LoginError) -> ApiError {
+    move |e| match e {
+        login::LoginError::BadCredentials => ApiError::Forbidden(message.to_owned()),
+        e => e.into(),
     }
 }

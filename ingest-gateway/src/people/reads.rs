@@ -7,9 +7,9 @@ use axum::extract::{Path, State};
 use axum::http::Uri;
 use axum::Json;
 use biofeed_accounts::audit::{self, AccessRecord};
-use biofeed_accounts::policy::Action;
+use biofeed_accounts::policy::{Action, Actor};
 use chrono::{DateTime, Utc};
-use clickhouse::Row;
+use clickhouse::{Row, RowOwned, RowRead};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -40,6 +40,16 @@ impl Page {
             Some(_) => Err(ApiError::invalid("limit", "must be from 1 to 1000")),
         }
     }
+
+    /// The limit and the `before` cursor of the query string, the cursor read by `before`.
+    fn parse<B>(
+        uri: &Uri,
+        before: impl FnOnce(&str) -> Result<B, ApiError>,
+    ) -> Result<(i64, Option<B>), ApiError> {
+        let page: Page = query(uri)?;
+        let limit = page.limit()?;
+        Ok((limit, page.before.as_deref().map(before).transpose()?))
+    }
 }
 
 fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
@@ -66,40 +76,38 @@ pub async fn user_sessions(
     uri: Uri,
 ) -> Result<Json<Vec<SessionView>>, ApiError> {
     let owner = parse_user_id(&id)?;
-    let page: Page = query(&uri)?;
-    let limit = page.limit()?;
-    let before = page
-        .before
-        .as_deref()
-        .map(|b| {
-            DateTime::parse_from_rfc3339(b)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| ApiError::invalid("before", "must be an RFC 3339 time"))
-        })
-        .transpose()?;
+    let (limit, before) = Page::parse(&uri, |b| {
+        DateTime::parse_from_rfc3339(b)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| ApiError::invalid("before", "must be an RFC 3339 time"))
+    })?;
+    let resource = "sessions";
     state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ReadData {
-                resource: "sessions",
-            },
-            owner,
-        )
+        .allow(&actor, Action::ReadData { resource }, owner)
         .await?;
     Ok(Json(
         sessions_of(&state.inner.accounts, owner, actor.user_id, before, limit).await?,
     ))
 }
 
-/// The owner of a session, if it exists.
-async fn owner_of(state: &PeopleState, session: Uuid) -> Result<Uuid, ApiError> {
-    sqlx::query_scalar("SELECT user_id FROM sessions WHERE id = $1")
-        .bind(session)
-        .fetch_optional(&state.inner.accounts.pool)
+/// The session `id` names and its owner, once the policy lets `actor` read its `resource`: 404
+/// if there is no such session.
+async fn readable_session(
+    state: &PeopleState,
+    actor: &Actor,
+    id: &str,
+    resource: &'static str,
+) -> Result<(Uuid, Uuid), ApiError> {
+    let session_id = parse_session_id(id)?;
+    let owner = sqlx::query_scalar("SELECT user_id FROM sessions WHERE id = $1")
+        .bind(session_id)
+        .fetch_optional(state.pool())
         .await?
-        .ok_or(ApiError::NotFound("session"))
+        .ok_or(ApiError::NotFound("session"))?;
+    state
+        .allow(actor, Action::ReadData { resource }, owner)
+        .await?;
+    Ok((session_id, owner))
 }
 
 /// One session.
@@ -114,24 +122,12 @@ pub async fn session(
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
 ) -> Result<Json<SessionView>, ApiError> {
-    let session_id = parse_session_id(&id)?;
-    let owner = owner_of(&state, session_id).await?;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ReadData {
-                resource: "session",
-            },
-            owner,
-        )
-        .await?;
+    let (session_id, _) = readable_session(&state, &actor, &id, "session").await?;
     let rows: Vec<SessionView> = sqlx::query_as(&format!(
         "SELECT {SESSION_COLUMNS} WHERE s.id = $1 GROUP BY s.id, e.name"
     ))
     .bind(session_id)
-    .fetch_all(&state.inner.accounts.pool)
+    .fetch_all(state.pool())
     .await?;
     reveal_locations(&state.inner.accounts, rows, actor.user_id)
         .await?
@@ -232,13 +228,7 @@ pub async fn session_points(
     Path(id): Path<String>,
     uri: Uri,
 ) -> Result<Json<Points>, ApiError> {
-    let session_id = parse_session_id(&id)?;
-    let owner = owner_of(&state, session_id).await?;
-    state
-        .inner
-        .access
-        .allow(&actor, Action::ReadData { resource: "points" }, owner)
-        .await?;
+    let (session_id, owner) = readable_session(&state, &actor, &id, "points").await?;
     let request: PointsQuery = query(&uri)?;
     let declared: bool = sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM session_data_types sd JOIN data_types d ON d.id = sd.data_type_id
@@ -246,7 +236,7 @@ pub async fn session_points(
     )
     .bind(session_id)
     .bind(&request.data_type)
-    .fetch_one(&state.inner.accounts.pool)
+    .fetch_one(state.pool())
     .await?;
     if !declared {
         return Err(ApiError::invalid(
@@ -272,10 +262,15 @@ pub async fn session_points(
                 })
         })
         .transpose()?;
-    let limit = u64::from(state.inner.max_read_points);
+    let place = PointsPlace {
+        owner,
+        session_id,
+        data_type: &request.data_type,
+        from,
+        to,
+        limit: u64::from(state.inner.max_read_points),
+    };
     let client = state.inner.clickhouse.client();
-    let filter = "FROM points FINAL WHERE user_id = toUUID(?) AND session_id = toUUID(?)
-                  AND data_type = ? AND t_us >= ? AND t_us < ?";
     let mut answer = Points {
         session_id,
         data_type: request.data_type.clone(),
@@ -286,46 +281,64 @@ pub async fn session_points(
     };
     match step_us {
         None => {
-            let mut samples: Vec<Sample> = client
-                .query(&format!(
-                    "SELECT t_us, values {filter} ORDER BY t_us LIMIT ?"
-                ))
-                .bind(owner.to_string())
-                .bind(session_id.to_string())
-                .bind(&request.data_type)
-                .bind(from)
-                .bind(to)
-                .bind(limit + 1)
-                .fetch_all()
-                .await?;
-            if samples.len() as u64 > limit {
-                answer.next_from = samples.pop().map(|s| s.t_us);
-            }
+            let sql = "SELECT t_us, values {filter} ORDER BY t_us LIMIT ?";
+            let (samples, next_from) = place.fetch(&client, sql, |s: &Sample| s.t_us).await?;
             answer.samples = Some(samples);
+            answer.next_from = next_from;
         }
         Some(step) => {
-            let mut buckets: Vec<Bucket> = client
-                .query(&format!(
-                    "SELECT intDiv(t_us, {step}) * {step} AS bucket, count() AS n,
-                            minForEach(values) AS min, maxForEach(values) AS max,
-                            avgForEach(values) AS mean
-                     {filter} GROUP BY bucket ORDER BY bucket LIMIT ?"
-                ))
-                .bind(owner.to_string())
-                .bind(session_id.to_string())
-                .bind(&request.data_type)
-                .bind(from)
-                .bind(to)
-                .bind(limit + 1)
-                .fetch_all()
-                .await?;
-            if buckets.len() as u64 > limit {
-                answer.next_from = buckets.pop().map(|b| b.t_us);
-            }
+            let sql = format!(
+                "SELECT intDiv(t_us, {step}) * {step} AS bucket, count() AS n,
+                        minForEach(values) AS min, maxForEach(values) AS max,
+                        avgForEach(values) AS mean
+                 {{filter}} GROUP BY bucket ORDER BY bucket LIMIT ?"
+            );
+            let (buckets, next_from) = place.fetch(&client, &sql, |b: &Bucket| b.t_us).await?;
             answer.buckets = Some(buckets);
+            answer.next_from = next_from;
         }
     }
     Ok(Json(answer))
+}
+
+/// Which points a read is about, and how many it answers at the most.
+struct PointsPlace<'a> {
+    owner: Uuid,
+    session_id: Uuid,
+    data_type: &'a str,
+    from: i64,
+    to: i64,
+    limit: u64,
+}
+
+impl PointsPlace<'_> {
+    /// At most `limit` rows of `sql` (whose `{filter}` this place fills in, ending in `LIMIT ?`),
+    /// and where the rest starts when there are more (`t_us` of the first row left out).
+    async fn fetch<T: RowOwned + RowRead>(
+        &self,
+        client: &clickhouse::Client,
+        sql: &str,
+        t_us: fn(&T) -> i64,
+    ) -> Result<(Vec<T>, Option<i64>), ApiError> {
+        let filter = "FROM points FINAL WHERE user_id = toUUID(?) AND session_id = toUUID(?)
+                  AND data_type = ? AND t_us >= ? AND t_us < ?";
+        let mut rows: Vec<T> = client
+            .query(&sql.replace("{filter}", filter))
+            .bind(self.owner.to_string())
+            .bind(self.session_id.to_string())
+            .bind(self.data_type)
+            .bind(self.from)
+            .bind(self.to)
+            .bind(self.limit + 1)
+            .fetch_all()
+            .await?;
+        let next_from = if rows.len() as u64 > self.limit {
+            rows.pop().as_ref().map(t_us)
+        } else {
+            None
+        };
+        Ok((rows, next_from))
+    }
 }
 
 /// One metric of a session.
@@ -367,25 +380,13 @@ pub async fn session_metrics(
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
 ) -> Result<Json<SessionMetrics>, ApiError> {
-    let session_id = parse_session_id(&id)?;
-    let owner = owner_of(&state, session_id).await?;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ReadData {
-                resource: "metrics",
-            },
-            owner,
-        )
-        .await?;
+    let (session_id, owner) = readable_session(&state, &actor, &id, "metrics").await?;
     let (status, computed_at): (String, Option<DateTime<Utc>>) = sqlx::query_as(
         "SELECT s.status, c.metrics_at FROM sessions s
          LEFT JOIN session_computations c ON c.session_id = s.id WHERE s.id = $1",
     )
     .bind(session_id)
-    .fetch_one(&state.inner.accounts.pool)
+    .fetch_one(state.pool())
     .await?;
     let metrics: Vec<SessionMetric> = state
         .inner
@@ -421,22 +422,12 @@ pub async fn access_log(
     uri: Uri,
 ) -> Result<Json<Vec<AccessRecord>>, ApiError> {
     let subject = parse_user_id(&id)?;
-    let page: Page = query(&uri)?;
-    let limit = page.limit()?;
-    let before = page
-        .before
-        .as_deref()
-        .map(|b| {
-            b.parse::<i64>()
-                .map_err(|_| ApiError::invalid("before", "must be a record id"))
-        })
-        .transpose()?;
-    state
-        .inner
-        .access
-        .allow(&actor, Action::ReadAccessLog, subject)
-        .await?;
+    let (limit, before) = Page::parse(&uri, |b| {
+        b.parse::<i64>()
+            .map_err(|_| ApiError::invalid("before", "must be a record id"))
+    })?;
+    state.allow(&actor, Action::ReadAccessLog, subject).await?;
     Ok(Json(
-        audit::access_log(&state.inner.accounts.pool, subject, before, limit).await?,
+        audit::access_log(state.pool(), subject, before, limit).await?,
     ))
 }

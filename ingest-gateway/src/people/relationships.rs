@@ -3,14 +3,14 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use biofeed_accounts::policy::Action;
+use biofeed_accounts::policy::{Action, Actor};
 use biofeed_accounts::relationships::{self, Relationship};
 use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::people::auth::UserAuth;
-use crate::people::{json_body, PeopleState};
+use crate::people::{created, json_body, PeopleState};
 use crate::problem::{ApiError, Problem};
 
 /// A relationship invitation: name the other person by id, as `lead_id` (you follow them) or
@@ -57,16 +57,11 @@ pub async fn invite(
         }
     };
     state
-        .inner
-        .access
         .allow(&actor, Action::InviteRelationship, other)
         .await?;
-    let pool = &state.inner.accounts.pool;
-    let id = relationships::create(pool, lead, follower, &request.kind, Some(me), false).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(relationships::get(pool, id).await?),
-    ))
+    let id =
+        relationships::create(state.pool(), lead, follower, &request.kind, Some(me), false).await?;
+    Ok(created(relationships::get(state.pool(), id).await?))
 }
 
 /// The relationships one is part of.
@@ -76,21 +71,8 @@ pub async fn list_relationships(
     State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
 ) -> Result<Json<Vec<Relationship>>, ApiError> {
-    let me = actor.user_id;
-    state
-        .inner
-        .access
-        .allow(
-            &actor,
-            Action::ManageProfile {
-                resource: "relationships",
-            },
-            me,
-        )
-        .await?;
-    Ok(Json(
-        relationships::list(&state.inner.accounts.pool, Some(me)).await?,
-    ))
+    let me = state.allow_own(&actor, "relationships").await?;
+    Ok(Json(relationships::list(state.pool(), Some(me)).await?))
 }
 
 /// Accepts (consents to) a relationship.
@@ -106,15 +88,12 @@ pub async fn accept(
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
 ) -> Result<Json<Relationship>, ApiError> {
-    let (group, follower) = relationship_and_follower(&state, &id).await?;
-    state
-        .inner
-        .access
-        .allow(&actor, Action::AcceptRelationship { group }, follower)
-        .await?;
-    let pool = &state.inner.accounts.pool;
-    relationships::accept(pool, group, actor.user_id).await?;
-    Ok(Json(relationships::get(pool, group).await?))
+    let group = allowed_relationship(&state, &actor, &id, |group| Action::AcceptRelationship {
+        group,
+    })
+    .await?;
+    relationships::accept(state.pool(), group, actor.user_id).await?;
+    Ok(Json(relationships::get(state.pool(), group).await?))
 }
 
 /// Revokes a relationship: it stops granting access on the next request.
@@ -130,24 +109,26 @@ pub async fn revoke(
     UserAuth { actor, .. }: UserAuth,
     Path(id): Path<String>,
 ) -> Result<Json<Relationship>, ApiError> {
-    let (group, follower) = relationship_and_follower(&state, &id).await?;
-    state
-        .inner
-        .access
-        .allow(&actor, Action::RevokeRelationship { group }, follower)
-        .await?;
-    let pool = &state.inner.accounts.pool;
-    relationships::revoke(pool, group, Some(actor.user_id)).await?;
-    Ok(Json(relationships::get(pool, group).await?))
+    let group = allowed_relationship(&state, &actor, &id, |group| Action::RevokeRelationship {
+        group,
+    })
+    .await?;
+    relationships::revoke(state.pool(), group, Some(actor.user_id)).await?;
+    Ok(Json(relationships::get(state.pool(), group).await?))
 }
 
-async fn relationship_and_follower(
+/// The relationship `id` names, once the policy lets `actor` do `action` to it (the subject is
+/// its follower): 404 if there is no such relationship.
+async fn allowed_relationship(
     state: &PeopleState,
+    actor: &Actor,
     id: &str,
-) -> Result<(Uuid, Uuid), ApiError> {
+    action: impl FnOnce(Uuid) -> Action,
+) -> Result<Uuid, ApiError> {
     let group = Uuid::try_parse(id).map_err(|_| ApiError::NotFound("relationship"))?;
-    let follower = biofeed_accounts::policy::follower_of(&state.inner.accounts.pool, group)
+    let follower = biofeed_accounts::policy::follower_of(state.pool(), group)
         .await?
         .ok_or(ApiError::NotFound("relationship"))?;
-    Ok((group, follower))
+    state.allow(actor, action(group), follower).await?;
+    Ok(group)
 }

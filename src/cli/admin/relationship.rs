@@ -5,7 +5,7 @@ use biofeed_backends::postgres::PostgresSettings;
 use clap::Subcommand;
 use uuid::Uuid;
 
-use crate::cli::{utc_or_dash, AFTER_HELP};
+use crate::cli::{print_rows, utc_or_dash, AFTER_HELP};
 
 /// `biofeed admin relationship …`.
 #[derive(Debug, Subcommand)]
@@ -70,25 +70,29 @@ pub(crate) async fn run(command: RelationshipCommand) -> anyhow::Result<()> {
         }
         RelationshipCommand::List { user_id, postgres } => {
             let rows = relationships::list(&postgres.connect().await?, user_id).await?;
-            println!(
-                "{:<36}  {:<20}  {:<36}  {:<36}  {:<9}  revoked",
-                "relationship", "type", "lead", "follower", "consented"
-            );
-            for r in rows {
-                println!(
-                    "{:<36}  {:<20}  {:<36}  {:<36}  {:<9}  {}",
-                    r.id,
-                    r.relationship_type,
-                    r.lead_id,
-                    r.follower_id,
-                    if r.consented_at.is_some() {
-                        "yes"
-                    } else {
-                        "pending"
-                    },
-                    utc_or_dash(r.revoked_at)
-                );
-            }
+            print_rows(
+                &rows,
+                None,
+                &format!(
+                    "{:<36}  {:<20}  {:<36}  {:<36}  {:<9}  revoked",
+                    "relationship", "type", "lead", "follower", "consented"
+                ),
+                |r| {
+                    format!(
+                        "{:<36}  {:<20}  {:<36}  {:<36}  {:<9}  {}",
+                        r.id,
+                        r.relationship_type,
+                        r.lead_id,
+                        r.follower_id,
+                        if r.consented_at.is_some() {
+                            "yes"
+                        } else {
+                            "pending"
+                        },
+                        utc_or_dash(r.revoked_at)
+                    )
+                },
+            )?;
         }
     }
     Ok(())

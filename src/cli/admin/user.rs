@@ -4,7 +4,7 @@ use biofeed_accounts::{erase, users};
 use clap::Subcommand;
 use uuid::Uuid;
 
-use crate::cli::{utc_or_dash, AccountStore, Refused, AFTER_HELP};
+use crate::cli::{print_rows, utc_or_dash, AccountStore, Refused, AFTER_HELP};
 
 /// `biofeed admin user …`.
 #[derive(Debug, Subcommand)]
@@ -176,27 +176,24 @@ async fn list(
             listing.len()
         );
     }
-    if json {
-        for user in &listing {
-            println!("{}", serde_json::to_string(user)?);
-        }
-    } else {
-        println!(
+    print_rows(
+        &listing,
+        json.then_some(serde_json::to_string),
+        &format!(
             "{:<36}  {:<12}  {:<20}  {:<20}  email",
             "user", "role", "created", "erased"
-        );
-        for u in &listing {
-            println!(
+        ),
+        |u| {
+            format!(
                 "{:<36}  {:<12}  {:<20}  {:<20}  {}",
                 u.user_id,
                 u.role,
                 utc_or_dash(Some(u.created_at)),
                 utc_or_dash(u.deleted_at),
                 u.email.as_deref().unwrap_or("(hidden: --show-pii)")
-            );
-        }
-    }
-    Ok(())
+            )
+        },
+    )
 }
 
 async fn erase_user(user_id: Uuid, yes: bool, store: AccountStore) -> anyhow::Result<()> {
