@@ -82,15 +82,13 @@ pub enum RunnerError {
 
 impl RunnerError {
     /// Whether trying again later can help (a backend failing, a busy lease) or not (a job that
-    /// panicked, an unknown id).
+    /// panicked, a lease another runner took over, an unknown id).
     pub fn is_retryable(&self) -> bool {
         match self {
             RunnerError::Job(e) => e.is_retryable(),
-            RunnerError::LeaseLost(_)
-            | RunnerError::Unreachable(_)
-            | RunnerError::Postgres(_)
-            | RunnerError::Busy(_) => true,
-            RunnerError::NoSuchFailedJob(_) => false,
+            RunnerError::Unreachable(_) | RunnerError::Postgres(_) | RunnerError::Busy(_) => true,
+            // Another runner holds the job now and runs it: nothing for this caller to retry.
+            RunnerError::LeaseLost(_) | RunnerError::NoSuchFailedJob(_) => false,
         }
     }
 }
