@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use url::Url;
 
-use crate::{redacted_address, BackendError, Service};
+use crate::{redacted_address, BackendError, Service, Target};
 
 /// The environment variable naming the ClickHouse URL; errors name it.
 pub const URL_SETTING: &str = "BIOFEED_CLICKHOUSE_URL";
@@ -151,27 +151,13 @@ impl ClickHouseSettings {
                 WireCompression::None => clickhouse::Compression::None,
             })
             .with_validation(false);
-        let address = redacted_address(&self.url);
+        let target = Target::new(
+            Service::ClickHouse,
+            URL_SETTING,
+            redacted_address(&self.url),
+        );
         let probe = server.query("SELECT version()").fetch_one::<String>();
-        let version = match tokio::time::timeout(self.connect_timeout, probe).await {
-            Ok(Ok(version)) => version,
-            Ok(Err(e)) => {
-                return Err(BackendError::Failed {
-                    service: Service::ClickHouse,
-                    setting: URL_SETTING,
-                    address,
-                    reason: e.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(BackendError::Timeout {
-                    service: Service::ClickHouse,
-                    setting: URL_SETTING,
-                    address,
-                    timeout: self.connect_timeout,
-                })
-            }
-        };
+        let version = target.within(self.connect_timeout, probe).await?;
         Ok(ClickHouse {
             server,
             database: self.database.clone(),

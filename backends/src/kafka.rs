@@ -7,7 +7,7 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 
-use crate::{BackendError, Service};
+use crate::{BackendError, Service, Target};
 
 /// The environment variable naming the Kafka brokers; errors name it.
 pub const BROKERS_SETTING: &str = "BIOFEED_KAFKA_BROKERS";
@@ -70,16 +70,11 @@ impl KafkaSettings {
     pub async fn connect_admin(
         &self,
     ) -> Result<Arc<AdminClient<DefaultClientContext>>, BackendError> {
-        let failed = |reason: String| BackendError::Failed {
-            service: Service::Kafka,
-            setting: BROKERS_SETTING,
-            address: self.brokers.clone(),
-            reason,
-        };
+        let target = Target::new(Service::Kafka, BROKERS_SETTING, self.brokers.clone());
         let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
             self.client_config()
                 .create()
-                .map_err(|e| failed(e.to_string()))?,
+                .map_err(|e| target.failed(e))?,
         );
         let timeout = self.connect_timeout;
         // librdkafka's metadata call blocks; keep it off the async workers.
@@ -88,18 +83,13 @@ impl KafkaSettings {
             probe.inner().fetch_metadata(None, timeout).map(|_| ())
         })
         .await
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| target.failed(e))?;
         match answer {
             Ok(()) => Ok(admin),
             Err(rdkafka::error::KafkaError::MetadataFetch(
                 rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
-            )) => Err(BackendError::Timeout {
-                service: Service::Kafka,
-                setting: BROKERS_SETTING,
-                address: self.brokers.clone(),
-                timeout,
-            }),
-            Err(e) => Err(failed(e.to_string())),
+            )) => Err(target.timed_out(timeout)),
+            Err(e) => Err(target.failed(e)),
         }
     }
 }

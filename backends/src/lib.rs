@@ -101,6 +101,57 @@ impl BackendError {
     }
 }
 
+/// A backing service as its errors name it: which one, the setting that chose its address, and
+/// the address (credentials removed).
+pub(crate) struct Target {
+    service: Service,
+    setting: &'static str,
+    address: String,
+}
+
+impl Target {
+    pub(crate) fn new(service: Service, setting: &'static str, address: String) -> Self {
+        Self {
+            service,
+            setting,
+            address,
+        }
+    }
+
+    /// The service failed, for `reason` (as the client library said it).
+    pub(crate) fn failed(&self, reason: impl std::fmt::Display) -> BackendError {
+        BackendError::Failed {
+            service: self.service,
+            setting: self.setting,
+            address: self.address.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// The service did not answer within `timeout`.
+    pub(crate) fn timed_out(&self, timeout: Duration) -> BackendError {
+        BackendError::Timeout {
+            service: self.service,
+            setting: self.setting,
+            address: self.address.clone(),
+            timeout,
+        }
+    }
+
+    /// Runs `attempt` for at most `timeout`: its error is [`Target::failed`], running out of
+    /// time [`Target::timed_out`].
+    pub(crate) async fn within<T, E: std::fmt::Display>(
+        &self,
+        timeout: Duration,
+        attempt: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, BackendError> {
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| self.timed_out(timeout))?
+            .map_err(|e| self.failed(e))
+    }
+}
+
 /// Parses a positive duration such as `5s`, `1500ms`, `2min` or `7days` for duration settings.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let parsed = humantime::parse_duration(value).map_err(|e| {

@@ -6,7 +6,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection};
 use url::Url;
 
-use crate::{redacted_address, BackendError, Service};
+use crate::{redacted_address, BackendError, Service, Target};
 
 /// The environment variable naming the Postgres URL; errors name it.
 pub const URL_SETTING: &str = "BIOFEED_POSTGRES_URL";
@@ -72,35 +72,22 @@ impl PostgresSettings {
     /// Opens a pool and proves it works with one connection, within the connect timeout.
     #[tracing::instrument(skip(self), fields(address = %redacted_address(&self.url)))]
     pub async fn connect(&self) -> Result<PgPool, BackendError> {
-        let address = redacted_address(&self.url);
-        let failed = |reason: String| BackendError::Failed {
-            service: Service::Postgres,
-            setting: URL_SETTING,
-            address: address.clone(),
-            reason,
-        };
-        let options = PgConnectOptions::from_url(&self.url).map_err(|e| failed(e.to_string()))?;
+        let target = Target::new(Service::Postgres, URL_SETTING, redacted_address(&self.url));
+        let options = PgConnectOptions::from_url(&self.url).map_err(|e| target.failed(e))?;
         // One direct connection first: a pool retries until its timeout and then reports only
         // "timed out", while a single attempt tells "connection refused" or a bad password at once.
-        let timeout = || BackendError::Timeout {
-            service: Service::Postgres,
-            setting: URL_SETTING,
-            address: address.clone(),
-            timeout: self.connect_timeout,
-        };
-        let probe = tokio::time::timeout(self.connect_timeout, options.connect())
-            .await
-            .map_err(|_| timeout())?
-            .map_err(|e| failed(e.to_string()))?;
-        probe.close().await.map_err(|e| failed(e.to_string()))?;
+        let probe = target
+            .within(self.connect_timeout, options.connect())
+            .await?;
+        probe.close().await.map_err(|e| target.failed(e))?;
         PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.connect_timeout)
             .connect_with(options)
             .await
             .map_err(|e| match e {
-                sqlx::Error::PoolTimedOut => timeout(),
-                e => failed(e.to_string()),
+                sqlx::Error::PoolTimedOut => target.timed_out(self.connect_timeout),
+                e => target.failed(e),
             })
     }
 }

@@ -44,6 +44,14 @@ pub struct ConsumerMetrics {
     pub lag: Family<PartitionLabels, Gauge<i64, AtomicI64>>,
 }
 
+/// Registers each `name, help, metric;` row in `registry`, in the rows' order (the order of the
+/// exposition), with a clone of the metric.
+macro_rules! register {
+    ($registry:expr, $($name:literal, $help:literal, $metric:expr;)*) => {
+        $($registry.register($name, $help, $metric.clone());)*
+    };
+}
+
 impl ConsumerMetrics {
     /// Creates the metrics and registers them under `biofeed_consumer_`.
     pub fn register(registry: &mut Registry) -> Self {
@@ -60,55 +68,22 @@ impl ConsumerMetrics {
             batch_pending_rows: Gauge::default(),
             lag: Family::default(),
         };
-        registry.register(
-            "rows_written",
-            "rows written to ClickHouse",
-            metrics.rows_written.clone(),
-        );
-        registry.register(
-            "frames_written",
-            "frames written to ClickHouse",
-            metrics.frames_written.clone(),
-        );
-        registry.register(
-            "batch_rows",
-            "rows per ClickHouse insert",
-            metrics.batch_rows.clone(),
-        );
-        registry.register(
-            "insert_latency_seconds",
-            "time per insert, retries included",
-            metrics.insert_latency.clone(),
-        );
-        registry.register(
-            "insert_failures",
-            "failed insert attempts, each retried",
-            metrics.insert_failures.clone(),
-        );
-        registry.register(
-            "dead_lettered",
-            "frames sent to the dead-letter topic",
-            metrics.dead_lettered.clone(),
-        );
-        registry.register(
-            "dropped_erased",
-            "frames dropped because their user is erased",
-            metrics.dropped_erased.clone(),
-        );
-        registry.register(
+        // Name, help and metric, in the order they are exposed.
+        register!(registry,
+            "rows_written", "rows written to ClickHouse", metrics.rows_written;
+            "frames_written", "frames written to ClickHouse", metrics.frames_written;
+            "batch_rows", "rows per ClickHouse insert", metrics.batch_rows;
+            "insert_latency_seconds", "time per insert, retries included", metrics.insert_latency;
+            "insert_failures", "failed insert attempts, each retried", metrics.insert_failures;
+            "dead_lettered", "frames sent to the dead-letter topic", metrics.dead_lettered;
+            "dropped_erased", "frames dropped because their user is erased", metrics.dropped_erased;
             "dropped_closed",
-            "frames dropped at write time because their session is no longer open or completed",
-            metrics.dropped_closed.clone(),
-        );
-        registry.register(
+                "frames dropped at write time because their session is no longer open or completed",
+                metrics.dropped_closed;
             "batch_pending_rows",
-            "rows read into the batch being filled, not yet handed to an insert",
-            metrics.batch_pending_rows.clone(),
-        );
-        registry.register(
-            "lag",
-            "messages behind the end of the partition",
-            metrics.lag.clone(),
+                "rows read into the batch being filled, not yet handed to an insert",
+                metrics.batch_pending_rows;
+            "lag", "messages behind the end of the partition", metrics.lag;
         );
         metrics
     }

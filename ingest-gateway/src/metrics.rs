@@ -55,56 +55,37 @@ pub struct Metrics {
     pub access_decisions: Family<OutcomeLabels, Counter>,
 }
 
+/// Registers each `name, help, metric;` row in `registry`, in the rows' order (the order of the
+/// exposition), with a clone of the metric.
+macro_rules! register {
+    ($registry:expr, $($name:literal, $help:literal, $metric:expr;)*) => {
+        $($registry.register($name, $help, $metric.clone());)*
+    };
+}
+
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("biofeed_gateway");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "http_requests",
-            "HTTP requests by route, method and status",
-            requests.clone(),
-        );
         let points_accepted = Counter::default();
-        registry.register(
-            "points_accepted",
-            "points acknowledged by Kafka",
-            points_accepted.clone(),
-        );
         let points_rejected = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "points_rejected",
-            "points refused, by reason",
-            points_rejected.clone(),
-        );
         let duplicate_frames = Counter::default();
-        registry.register(
-            "duplicate_frames",
-            "frames re-posted with an already accepted id",
-            duplicate_frames.clone(),
-        );
         let produce_latency = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
-        registry.register(
-            "produce_latency_seconds",
-            "time until Kafka acknowledged a frame",
-            produce_latency.clone(),
-        );
         let in_flight = Gauge::<i64, AtomicI64>::default();
-        registry.register(
-            "in_flight_requests",
-            "point requests being handled",
-            in_flight.clone(),
-        );
         let logins = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "logins",
-            "login attempts by outcome (ok, refused, throttled)",
-            logins.clone(),
-        );
         let access_decisions = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
+        let mut registry = Registry::with_prefix("biofeed_gateway");
+        // Name, help and metric, in the order they are exposed.
+        register!(registry,
+            "http_requests", "HTTP requests by route, method and status", requests;
+            "points_accepted", "points acknowledged by Kafka", points_accepted;
+            "points_rejected", "points refused, by reason", points_rejected;
+            "duplicate_frames", "frames re-posted with an already accepted id", duplicate_frames;
+            "produce_latency_seconds", "time until Kafka acknowledged a frame", produce_latency;
+            "in_flight_requests", "point requests being handled", in_flight;
+            "logins", "login attempts by outcome (ok, refused, throttled)", logins;
             "access_decisions",
-            "access-policy decisions by outcome (allowed, not_found, forbidden)",
-            access_decisions.clone(),
+                "access-policy decisions by outcome (allowed, not_found, forbidden)",
+                access_decisions;
         );
         Self {
             registry,

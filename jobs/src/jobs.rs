@@ -146,6 +146,18 @@ pub struct Context {
 /// The Postgres advisory lock the erasure takes alone and the derived-data jobs share.
 const DERIVED_DATA_LOCK: i64 = 0x6269_6f66_6565_6401;
 
+/// Sessions a computation (rollups, metrics) handles in one go.
+struct Batch {
+    /// `(session, user)` of each.
+    due: Vec<(Uuid, Uuid)>,
+    /// The sessions alone.
+    sessions: Vec<Uuid>,
+    /// Their fingerprints, recorded with the computation.
+    fingerprints: Vec<(Uuid, String)>,
+    /// The version the computation's rows carry.
+    version: u64,
+}
+
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -241,6 +253,24 @@ impl Context {
         Ok(out)
     }
 
+    /// The next sessions due for the `what` computation, leaving out `done`, or `None` when none
+    /// is left. Their fingerprints are taken before the points are read: a row landing meanwhile
+    /// changes the fingerprint, and the session is computed again at the next run.
+    async fn next_batch(&self, what: &str, done: &[Uuid]) -> Result<Option<Batch>, JobError> {
+        let due = self.due_sessions(what, done).await?;
+        if due.is_empty() {
+            return Ok(None);
+        }
+        let sessions = due.iter().map(|(s, _)| *s).collect();
+        let fingerprints = self.fingerprints(&due).await?;
+        Ok(Some(Batch {
+            due,
+            sessions,
+            fingerprints,
+            version: now_us(),
+        }))
+    }
+
     /// Completed, settled sessions whose `what` computation is missing, or whose rows in
     /// ClickHouse changed since it was made (a late frame, a replay), leaving out `done`.
     async fn due_sessions(&self, what: &str, done: &[Uuid]) -> Result<Vec<(Uuid, Uuid)>, JobError> {
@@ -300,17 +330,8 @@ impl Context {
     /// Rollups at 1 s and 1 min from `points FINAL`, replacing earlier ones of the same keys.
     async fn rollups(&self) -> Result<u64, JobError> {
         let mut done: Vec<Uuid> = Vec::new();
-        loop {
-            let due = self.due_sessions("rollups", &done).await?;
-            if due.is_empty() {
-                return Ok(done.len() as u64);
-            }
-            let users: Vec<Uuid> = due.iter().map(|(_, u)| *u).collect();
-            let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
-            // Taken before reading the points: a row landing meanwhile changes the fingerprint,
-            // and the session is computed again at the next run.
-            let fingerprints = self.fingerprints(&due).await?;
-            let version = now_us();
+        while let Some(batch) = self.next_batch("rollups", &done).await? {
+            let users: Vec<Uuid> = batch.due.iter().map(|(_, u)| *u).collect();
             for (table, step) in [("rollups_1s", 1_000_000i64), ("rollups_1m", 60_000_000)] {
                 self.clickhouse
                     .client()
@@ -323,15 +344,17 @@ impl Context {
                          ARRAY JOIN values AS v, arrayEnumerate(values) AS channel
                          GROUP BY user_id, session_id, data_type, channel, bucket",
                         users = uuid_list(&users),
-                        sessions = uuid_list(&sessions),
+                        sessions = uuid_list(&batch.sessions),
+                        version = batch.version,
                     ))
                     .execute()
                     .await?;
             }
-            self.mark_computed("rollups", &fingerprints).await?;
-            tracing::info!(sessions = sessions.len(), "rolled up sessions");
-            done.extend(sessions);
+            self.mark_computed("rollups", &batch.fingerprints).await?;
+            tracing::info!(sessions = batch.sessions.len(), "rolled up sessions");
+            done.extend(batch.sessions);
         }
+        Ok(done.len() as u64)
     }
 
     /// Session metrics of completed sessions.
@@ -354,16 +377,9 @@ impl Context {
             version: u64,
         }
         let mut done: Vec<Uuid> = Vec::new();
-        loop {
-            let due = self.due_sessions("metrics", &done).await?;
-            if due.is_empty() {
-                return Ok(done.len() as u64);
-            }
-            let sessions: Vec<Uuid> = due.iter().map(|(s, _)| *s).collect();
-            let fingerprints = self.fingerprints(&due).await?;
-            let version = now_us();
+        while let Some(batch) = self.next_batch("metrics", &done).await? {
             let mut rows = Vec::new();
-            for (session, user) in &due {
+            for (session, user) in &batch.due {
                 let types: Vec<(String, i16, Option<f32>)> = sqlx::query_as(
                     "SELECT d.name, d.channels, d.sample_rate_hz FROM session_data_types sd
                      JOIN data_types d ON d.id = sd.data_type_id
@@ -405,7 +421,7 @@ impl Context {
                                 channel: m.channel,
                                 value: m.value,
                                 samples: m.samples,
-                                version,
+                                version: batch.version,
                             }),
                     );
                 }
@@ -421,19 +437,27 @@ impl Context {
                 }
                 insert.end().await?;
             }
-            self.mark_computed("metrics", &fingerprints).await?;
+            self.mark_computed("metrics", &batch.fingerprints).await?;
             tracing::info!(
-                sessions = sessions.len(),
+                sessions = batch.sessions.len(),
                 metrics = rows.len(),
                 "computed session metrics"
             );
-            done.extend(sessions);
+            done.extend(batch.sessions);
         }
+        Ok(done.len() as u64)
     }
 
     /// Deletes rows from every ClickHouse table holding per-session data and waits until the
     /// deletion is done and no row is left.
+    ///
+    /// First it waits for the consumers to have written what the points topic held: rows read
+    /// by a consumer before the sessions closed (or the person was erased) may still be on their
+    /// way to ClickHouse; later ones are dropped by the consumer.
     async fn delete_and_verify(&self, tables: &[&str], condition: &str) -> Result<(), JobError> {
+        self.consumers
+            .wait_until_written(self.settings.consumer_wait)
+            .await?;
         let client = self.clickhouse.client();
         for table in tables {
             client
@@ -483,11 +507,6 @@ impl Context {
         if due.is_empty() {
             return Ok(0);
         }
-        // Rows of these sessions read by a consumer before they closed may still be on their way
-        // to ClickHouse: delete only once they are in (later ones are dropped by the consumer).
-        self.consumers
-            .wait_until_written(self.settings.consumer_wait)
-            .await?;
         let users: Vec<Uuid> = due.iter().map(|(_, u, _)| *u).collect();
         let sessions: Vec<Uuid> = due.iter().map(|(s, _, _)| *s).collect();
         let condition = format!(
@@ -525,10 +544,6 @@ impl Context {
         if pending.is_empty() {
             return Ok(0);
         }
-        // As in purge: rows read before the erasure may still be on their way; wait for them.
-        self.consumers
-            .wait_until_written(self.settings.consumer_wait)
-            .await?;
         let condition = format!("user_id IN ({})", uuid_list(&pending));
         self.delete_and_verify(
             &[

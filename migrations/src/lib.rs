@@ -17,6 +17,8 @@ pub mod postgres;
 
 use biofeed_backends::{BackendError, StoreSettings};
 
+use crate::clickhouse::ClickHouseMigrations;
+
 pub use kafka::TopicLayout;
 
 /// Everything `biofeed migrate` needs to know.
@@ -164,42 +166,72 @@ impl StepReport {
     }
 }
 
+/// The three services, each of which answered within its connect timeout.
+struct Connected {
+    pg: sqlx::PgPool,
+    ch: biofeed_backends::clickhouse::ClickHouse,
+    admin: std::sync::Arc<rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>>,
+}
+
+impl Connected {
+    /// Connects to Postgres, ClickHouse and Kafka, in that order, before anything is read or
+    /// changed anywhere.
+    async fn to(stores: &StoreSettings) -> Result<Self, MigrateError> {
+        Ok(Self {
+            pg: stores.postgres.connect().await?,
+            ch: stores.clickhouse.connect().await?,
+            admin: stores.kafka.connect_admin().await?,
+        })
+    }
+}
+
 /// Applies every pending migration: Postgres, then ClickHouse, then Kafka. Idempotent.
 ///
 /// Each service is connected to (and must answer within its connect timeout) before anything
 /// is changed anywhere, so that a wrong address fails fast and leaves nothing half done.
 #[tracing::instrument(skip_all)]
 pub async fn migrate(settings: &MigrateSettings) -> Result<Vec<StepReport>, MigrateError> {
-    let pg = settings.stores.postgres.connect().await?;
-    let ch = settings.stores.clickhouse.connect().await?;
-    let admin = settings.stores.kafka.connect_admin().await?;
-    let postgres = postgres::migrate(&pg).await?;
-    pg.close().await;
-    let clickhouse = clickhouse::ClickHouseMigrations::embedded()?
-        .migrate(&ch)
-        .await?;
-    let kafka = kafka::ensure_topics(
-        &admin,
-        &settings.stores.topics,
-        &settings.layout,
-        &settings.stores.kafka,
-    )
-    .await?;
-    Ok(vec![postgres, clickhouse, kafka])
+    each_store(settings, Step::Apply).await
 }
 
 /// Reports what is applied and what is pending, changing nothing.
 #[tracing::instrument(skip_all)]
 pub async fn status(settings: &MigrateSettings) -> Result<Vec<StepReport>, MigrateError> {
-    let pg = settings.stores.postgres.connect().await?;
-    let ch = settings.stores.clickhouse.connect().await?;
-    let admin = settings.stores.kafka.connect_admin().await?;
-    let postgres = postgres::status(&pg).await?;
+    each_store(settings, Step::Report).await
+}
+
+/// What [`each_store`] does in each store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Apply what is pending (`migrate`).
+    Apply,
+    /// Only report (`status`).
+    Report,
+}
+
+/// Connects to every service first, then takes the step in Postgres, ClickHouse and Kafka, in
+/// that order.
+async fn each_store(
+    settings: &MigrateSettings,
+    step: Step,
+) -> Result<Vec<StepReport>, MigrateError> {
+    let stores = &settings.stores;
+    let Connected { pg, ch, admin } = Connected::to(stores).await?;
+    let postgres = match step {
+        Step::Apply => postgres::migrate(&pg).await?,
+        Step::Report => postgres::status(&pg).await?,
+    };
     pg.close().await;
-    let clickhouse = clickhouse::ClickHouseMigrations::embedded()?
-        .status(&ch)
-        .await?;
-    let kafka =
-        kafka::topic_status(&admin, &settings.stores.topics, &settings.stores.kafka).await?;
+    let migrations = ClickHouseMigrations::embedded()?;
+    let clickhouse = match step {
+        Step::Apply => migrations.migrate(&ch).await?,
+        Step::Report => migrations.status(&ch).await?,
+    };
+    let kafka = match step {
+        Step::Apply => {
+            kafka::ensure_topics(&admin, &stores.topics, &settings.layout, &stores.kafka).await?
+        }
+        Step::Report => kafka::topic_status(&admin, &stores.topics, &stores.kafka).await?,
+    };
     Ok(vec![postgres, clickhouse, kafka])
 }

@@ -124,6 +124,24 @@ pub(crate) fn resolve(
     frame_from_value(value)
 }
 
+/// The items of the array field `name`, each taken by `item` (`None`: the item is not a `kind`).
+fn array_of<T>(
+    value: &Value,
+    name: &str,
+    kind: &str,
+    item: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>, DecodeError> {
+    let Value::Array(items) = value else {
+        return Err(DecodeError::Resolution(format!("{name} is not an array")));
+    };
+    items
+        .iter()
+        .map(|v| {
+            item(v).ok_or_else(|| DecodeError::Resolution(format!("{name} holds a non-{kind}")))
+        })
+        .collect()
+}
+
 /// Converts a generic Avro record of the current schema into a frame.
 pub fn frame_from_value(value: Value) -> Result<SensorFrame, DecodeError> {
     let Value::Record(fields) = value else {
@@ -154,34 +172,14 @@ pub fn frame_from_value(value: Value) -> Result<SensorFrame, DecodeError> {
         _ => return Err(DecodeError::BadText("data_type", "string")),
     };
     let channels = crate::codec::channels_from(long("channels")?)?;
-    let offsets_us = match field("offsets_us")? {
-        Value::Array(items) => items
-            .iter()
-            .map(|v| match v {
-                Value::Long(n) => Ok(*n),
-                _ => Err(DecodeError::Resolution(
-                    "offsets_us holds a non-long".to_owned(),
-                )),
-            })
-            .collect::<Result<_, _>>()?,
-        _ => {
-            return Err(DecodeError::Resolution(
-                "offsets_us is not an array".to_owned(),
-            ))
-        }
-    };
-    let values = match field("values")? {
-        Value::Array(items) => items
-            .iter()
-            .map(|v| match v {
-                Value::Float(f) => Ok(*f),
-                _ => Err(DecodeError::Resolution(
-                    "values holds a non-float".to_owned(),
-                )),
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(DecodeError::Resolution("values is not an array".to_owned())),
-    };
+    let offsets_us = array_of(field("offsets_us")?, "offsets_us", "long", |v| match v {
+        Value::Long(n) => Some(*n),
+        _ => None,
+    })?;
+    let values = array_of(field("values")?, "values", "float", |v| match v {
+        Value::Float(f) => Some(*f),
+        _ => None,
+    })?;
     Ok(SensorFrame {
         frame_id: uuid("frame_id")?,
         session_id: uuid("session_id")?,

@@ -49,30 +49,49 @@ fn tuning() -> Vec<(String, bool)> {
     .collect()
 }
 
+/// A figure of a peer benchmark's last-line JSON (NaN when it is missing).
+fn number(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+/// The peers table's row of `command`: its points/s against its peer's (the two `rates` keys of
+/// its last-line JSON), their ratio and the `last` cell; "not run" without figures.
+fn peer_row(
+    command: &str,
+    versus: &str,
+    figures: Option<&serde_json::Value>,
+    rates: [&str; 2],
+    last: impl Fn(&serde_json::Value) -> String,
+) -> String {
+    match figures {
+        Some(v) => format!(
+            "| `{command}`: {versus} | {:.0} points/s | {:.0} points/s | {:.2} | {} |\n",
+            number(v, rates[0]),
+            number(v, rates[1]),
+            number(v, "ratio"),
+            last(v),
+        ),
+        None => format!("| `{command}` | not run | | | |\n"),
+    }
+}
+
 /// Writes the markdown report of a run to `settings.report`.
 pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyhow::Result<()> {
     let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
-    let number = |v: &serde_json::Value, key: &str| v[key].as_f64().unwrap_or(f64::NAN);
-    let gateway_peer = match &f.gateway_peer {
-        Some(v) => format!(
-            "| `biofeed bench gateway`: the gateway vs producing the same Avro frames straight into Kafka (librdkafka) | {:.0} points/s | {:.0} points/s | {:.2} | gateway p99 {:.1} ms |\n",
-            number(v, "gateway_points_per_s"),
-            number(v, "direct_points_per_s"),
-            number(v, "ratio"),
-            number(v, "latency_p99_ms"),
-        ),
-        None => "| `biofeed bench gateway` | not run | | | |\n".to_owned(),
-    };
-    let consume_peer = match &f.consume_peer {
-        Some(v) => format!(
-            "| `biofeed bench consume`: one consumer vs ClickHouse's Kafka engine + materialized view | {:.0} points/s | {:.0} points/s | {:.2} | {:.2} bytes/point on disk |\n",
-            number(v, "consumer_points_per_s"),
-            number(v, "kafka_engine_points_per_s"),
-            number(v, "ratio"),
-            number(v, "bytes_per_point"),
-        ),
-        None => "| `biofeed bench consume` | not run | | | |\n".to_owned(),
-    };
+    let gateway_peer = peer_row(
+        "biofeed bench gateway",
+        "the gateway vs producing the same Avro frames straight into Kafka (librdkafka)",
+        f.gateway_peer.as_ref(),
+        ["gateway_points_per_s", "direct_points_per_s"],
+        |v| format!("gateway p99 {:.1} ms", number(v, "latency_p99_ms")),
+    );
+    let consume_peer = peer_row(
+        "biofeed bench consume",
+        "one consumer vs ClickHouse's Kafka engine + materialized view",
+        f.consume_peer.as_ref(),
+        ["consumer_points_per_s", "kafka_engine_points_per_s"],
+        |v| format!("{:.2} bytes/point on disk", number(v, "bytes_per_point")),
+    );
     let report = format!(
         "# biofeed end-to-end benchmark\n\n\
          Written by `biofeed bench e2e` on {date}, on {machine}, with PostgreSQL, ClickHouse \
