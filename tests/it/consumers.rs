@@ -7,7 +7,7 @@ use biofeed_schema::{DataTypeName, SensorFrame};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use uuid::Uuid;
 
-use crate::helpers::{BiofeedProcess, Isolated};
+use crate::helpers::{eventually, wait_until, BiofeedProcess, Isolated};
 
 /// A consumer process of the real binary (batches written after at most 200 ms).
 pub(crate) struct ConsumerProcess;
@@ -136,6 +136,52 @@ pub(crate) async fn wait_for_points(stores: &Isolated, expected: u64) {
     }
 }
 
+/// Produces `frames`, starts a consumer with `env` and waits until it stored them all.
+async fn consume(
+    stores: &Isolated,
+    frames: &[SensorFrame],
+    env: &[(&'static str, String)],
+) -> BiofeedProcess {
+    produce_frames(stores, frames).await;
+    let consumer = ConsumerProcess::start(env);
+    wait_for_points(stores, points_of(frames)).await;
+    consumer
+}
+
+/// How many frames [`first_half_stored`] stores before the test disturbs a service.
+const HALF: usize = 100;
+
+/// 200 frames in 4 sessions; a consumer started that has stored the first [`HALF`] of them.
+async fn first_half_stored(stores: &Isolated) -> (Vec<SensorFrame>, BiofeedProcess) {
+    let sent = frames(Uuid::new_v4(), 4, 2 * HALF, 250);
+    let consumer = consume(stores, &sent[..HALF], &consumer_env(stores, &[])).await;
+    (sent, consumer)
+}
+
+/// Stops `consumer` (exit 0), which says it wrote `rows` rows at the stop.
+async fn stop_after_writing(consumer: BiofeedProcess, rows: u64) {
+    let stderr = consumer.stop_ok().await;
+    assert!(
+        stderr.contains(&format!("stopped: {rows} rows written")),
+        "{stderr}"
+    );
+}
+
+/// How many points ClickHouse holds whose `column` is `id`.
+async fn points_with(stores: &Isolated, column: &str, id: Uuid) -> u64 {
+    let sql = format!("SELECT count() FROM points WHERE {column} = toUUID('{id}')");
+    clickhouse_count(stores, &sql).await
+}
+
+/// The status of `session` in Postgres.
+async fn session_status(pg: &sqlx::PgPool, session: Uuid) -> String {
+    sqlx::query_scalar("SELECT status FROM sessions WHERE id = $1")
+        .bind(session)
+        .fetch_one(pg)
+        .await
+        .unwrap()
+}
+
 fn points_of(frames: &[SensorFrame]) -> u64 {
     frames.iter().map(|f| f.samples() as u64).sum()
 }
@@ -191,8 +237,7 @@ async fn every_point_sent_is_stored_once_and_exactly_as_sent() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    consumer.stop_ok().await;
 
     let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
     let mut stored: Vec<StoredRow> = ch
@@ -244,8 +289,7 @@ async fn a_consumer_killed_mid_batch_and_restarted_still_stores_exactly_n() {
 
     let consumer = ConsumerProcess::start(&env);
     wait_for_points(&stores, points_of(&sent)).await;
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    consumer.stop_ok().await;
     assert_eq!(
         clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
         points_of(&sent)
@@ -255,25 +299,17 @@ async fn a_consumer_killed_mid_batch_and_restarted_still_stores_exactly_n() {
 #[tokio::test]
 async fn clickhouse_away_for_twenty_seconds_loses_nothing_and_dead_letters_nothing() {
     let mut clickhouse = crate::private_clickhouse::PrivateClickHouse::start().await;
-    let mut stores = Isolated::new().await;
-    stores.settings.stores.clickhouse.url = clickhouse.url().parse().unwrap();
-    biofeed_migrations::migrate(&stores.settings)
-        .await
-        .expect("migrate");
-    let sent = frames(Uuid::new_v4(), 4, 200, 250);
-    let (first, second) = sent.split_at(100);
-    produce_frames(&stores, first).await;
-    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
-    wait_for_points(&stores, points_of(first)).await;
+    let url = clickhouse.url().parse().unwrap();
+    let stores = Isolated::migrated_with(|s| s.stores.clickhouse.url = url).await;
+    let (sent, consumer) = first_half_stored(&stores).await;
 
     clickhouse.kill();
-    produce_frames(&stores, second).await;
+    produce_frames(&stores, &sent[HALF..]).await;
     tokio::time::sleep(Duration::from_secs(20)).await;
     clickhouse.restart().await;
 
     wait_for_points(&stores, points_of(&sent)).await;
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    let stderr = consumer.stop_ok().await;
     assert!(stderr.contains("0 frames dead-lettered"), "{stderr}");
     // An empty read proves nothing if the reader cannot see the topic: put a marker of the
     // test's own in it, and the marker must be all the reader finds.
@@ -300,22 +336,14 @@ async fn clickhouse_away_for_twenty_seconds_loses_nothing_and_dead_letters_nothi
 #[tokio::test]
 async fn a_kafka_restart_mid_stream_loses_nothing() {
     let mut kafka = crate::private_kafka::PrivateKafka::start().await;
-    let mut stores = Isolated::new().await;
-    stores.settings.stores.kafka.brokers = kafka.brokers();
-    biofeed_migrations::migrate(&stores.settings)
-        .await
-        .expect("migrate");
-    let sent = frames(Uuid::new_v4(), 4, 200, 250);
-    let (first, second) = sent.split_at(100);
-    produce_frames(&stores, first).await;
-    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
-    wait_for_points(&stores, points_of(first)).await;
+    let brokers = kafka.brokers();
+    let stores = Isolated::migrated_with(|s| s.stores.kafka.brokers = brokers).await;
+    let (sent, consumer) = first_half_stored(&stores).await;
 
     kafka.restart().await;
-    produce_frames(&stores, second).await;
+    produce_frames(&stores, &sent[HALF..]).await;
     wait_for_points(&stores, points_of(&sent)).await;
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    consumer.stop_ok().await;
 }
 
 #[tokio::test]
@@ -349,8 +377,7 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
 
     let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
     wait_for_points(&stores, points_of(&good)).await;
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    let stderr = consumer.stop_ok().await;
     assert!(stderr.contains("2 frames dead-lettered"), "{stderr}");
 
     // Both poison messages are in the DLQ, with their reasons and origin.
@@ -432,9 +459,7 @@ async fn dead_letters(stores: &Isolated) -> Vec<(String, String, Option<i64>)> {
 async fn replaying_the_whole_topic_changes_no_count_and_no_value() {
     let stores = migrated().await;
     let sent = frames(Uuid::new_v4(), 3, 60, 200);
-    produce_frames(&stores, &sent).await;
-    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
-    wait_for_points(&stores, points_of(&sent)).await;
+    let consumer = consume(&stores, &sent, &consumer_env(&stores, &[])).await;
 
     let fingerprint = "SELECT count(), sum(arraySum(values)), min(t_us), max(t_us), uniqExact(session_id) FROM points FINAL";
     let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
@@ -450,8 +475,7 @@ async fn replaying_the_whole_topic_changes_no_count_and_no_value() {
             .contains(&format!("replayed {} messages", sent.len())),
         "{run:?}"
     );
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    consumer.stop_ok().await;
     let after: (u64, f64, i64, i64, u64) =
         ch.client().query(fingerprint).fetch_one().await.unwrap();
     assert_eq!(before, after);
@@ -487,8 +511,7 @@ async fn frames_of_erased_users_are_dropped_on_consume_and_on_replay() {
     produce_frames(&stores, &drop).await;
     let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
     wait_for_points(&stores, points_of(&keep)).await;
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    let stderr = consumer.stop_ok().await;
     assert!(
         stderr.contains("10 frames of erased users and 0 of closed sessions dropped"),
         "{stderr}"
@@ -613,25 +636,18 @@ async fn sigterm_mid_batch_writes_and_commits_the_batch_in_hand() {
     );
     let consumer = ConsumerProcess::start(&env);
     let held = format!("biofeed_consumer_batch_pending_rows {}", points_of(&sent));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !metrics_text(&metrics).await.contains(&held) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the consumer never held the whole batch"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let every = Duration::from_millis(100);
+    let what = "the consumer held the whole batch";
+    wait_until(Duration::from_secs(60), every, what, async || {
+        metrics_text(&metrics).await.contains(&held)
+    })
+    .await;
     assert_eq!(
         clickhouse_count(&stores, "SELECT count() FROM points").await,
         0,
         "nothing written before the signal"
     );
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stderr.contains(&format!("stopped: {} rows written", points_of(&sent))),
-        "{stderr}"
-    );
+    stop_after_writing(consumer, points_of(&sent)).await;
     // Exactly the batch, once, and its offsets committed: the next member re-reads nothing.
     assert_eq!(
         clickhouse_count(&stores, "SELECT count() FROM points").await,
@@ -645,23 +661,15 @@ async fn sigterm_mid_batch_writes_and_commits_the_batch_in_hand() {
     let more = frames(sent[0].user_id, 1, 1, 10);
     produce_frames(&stores, &more).await;
     let again = ConsumerProcess::start(&env);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !metrics_text(&metrics).await.contains(&format!(
-        "biofeed_consumer_batch_pending_rows {}",
-        points_of(&more)
-    )) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the new frame never read"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (code, stderr) = again.stop().await;
-    assert_eq!(code, 0, "{stderr}");
-    assert!(
-        stderr.contains(&format!("stopped: {} rows written", points_of(&more))),
-        "{stderr}"
-    );
+    let held = format!("biofeed_consumer_batch_pending_rows {}", points_of(&more));
+    wait_until(
+        Duration::from_secs(60),
+        every,
+        "the new frame read",
+        async || metrics_text(&metrics).await.contains(&held),
+    )
+    .await;
+    stop_after_writing(again, points_of(&more)).await;
     assert_eq!(
         clickhouse_count(&stores, "SELECT count() FROM points").await,
         points_of(&sent) + points_of(&more)
@@ -691,15 +699,14 @@ async fn a_consumer_restarted_after_sigkill_takes_its_partitions_back_at_once() 
         gap < Duration::from_secs(20),
         "the restarted consumer waited {gap:?} for its partitions"
     );
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    consumer.stop_ok().await;
 }
 
 #[tokio::test]
 async fn frames_of_sessions_no_longer_open_or_completed_are_dropped_on_consume_and_replay() {
     let stores = migrated().await;
-    let user = Uuid::new_v4();
-    let sent = frames(user, 5, 25, 40);
+    let sent = frames(Uuid::new_v4(), 5, 25, 40);
+    let user = sent[0].user_id;
     register_sessions(&stores, &sent).await;
     let mut sessions: Vec<Uuid> = sent.iter().map(|f| f.session_id).collect();
     sessions.dedup();
@@ -741,8 +748,7 @@ async fn frames_of_sessions_no_longer_open_or_completed_are_dropped_on_consume_a
     let dropped = sent.len() - kept.len() + unknown.len();
     let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
     wait_for_points(&stores, points_of(&kept)).await;
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    let stderr = consumer.stop_ok().await;
     assert!(
         stderr.contains(&format!("{dropped} of closed sessions dropped")),
         "{stderr}"
@@ -811,14 +817,9 @@ async fn frames_of_a_person_erased_while_they_waited_in_kafka_never_land() {
     produce_frames(&stores, &later).await;
     wait_for_points(&stores, points_of(&first) + points_of(&later)).await;
     wait_until_committed(&stores, &format!("test-group-{}", stores.id)).await;
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
+    consumer.stop_ok().await;
     assert_eq!(
-        clickhouse_count(
-            &stores,
-            &format!("SELECT count() FROM points WHERE user_id = toUUID('{erased}')")
-        )
-        .await,
+        points_with(&stores, "user_id", erased).await,
         0,
         "no row of the erased person after the erasure"
     );
@@ -826,18 +827,19 @@ async fn frames_of_a_person_erased_while_they_waited_in_kafka_never_land() {
 
 /// Waits until the group committed the end of every partition (a watchdog, not a timing).
 async fn wait_until_committed(stores: &Isolated, group: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let offsets = committed_and_ends(stores, group).await;
-        if offsets.iter().all(|(_, committed, end)| committed == end) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the group never caught up: {offsets:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        async || {
+            let offsets = committed_and_ends(stores, group).await;
+            if offsets.iter().all(|(_, committed, end)| committed == end) {
+                Ok(())
+            } else {
+                Err(format!("the group to catch up: {offsets:?}"))
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -867,12 +869,7 @@ async fn a_purge_waits_for_a_lagging_consumer_and_the_purged_session_stays_empty
     let early = crate::helpers::run_biofeed(&["jobs", "run", "purge"], &jobs_env).await;
     assert_ne!(early.code, 0, "{early:?}");
     assert!(early.stderr.contains("kafka"), "{early:?}");
-    let status: String = sqlx::query_scalar("SELECT status FROM sessions WHERE id = $1")
-        .bind(aborted)
-        .fetch_one(&pg)
-        .await
-        .unwrap();
-    assert_eq!(status, "aborted");
+    assert_eq!(session_status(&pg, aborted).await, "aborted");
 
     let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
     let kept: Vec<SensorFrame> = sent
@@ -884,25 +881,12 @@ async fn a_purge_waits_for_a_lagging_consumer_and_the_purged_session_stays_empty
     wait_until_committed(&stores, &group).await;
     let purge = crate::helpers::run_biofeed(&["jobs", "run", "purge"], &jobs_env).await;
     assert_eq!(purge.code, 0, "{purge:?}");
-    let status: String = sqlx::query_scalar("SELECT status FROM sessions WHERE id = $1")
-        .bind(aborted)
-        .fetch_one(&pg)
-        .await
-        .unwrap();
-    assert_eq!(status, "purged");
+    assert_eq!(session_status(&pg, aborted).await, "purged");
     // A replay after the purge brings nothing of it back either.
     let replay = stores.biofeed(&["replay"]).await;
     assert_eq!(replay.code, 0, "{replay:?}");
-    let (code, stderr) = consumer.stop().await;
-    assert_eq!(code, 0, "{stderr}");
-    assert_eq!(
-        clickhouse_count(
-            &stores,
-            &format!("SELECT count() FROM points WHERE session_id = toUUID('{aborted}')")
-        )
-        .await,
-        0
-    );
+    consumer.stop_ok().await;
+    assert_eq!(points_with(&stores, "session_id", aborted).await, 0);
     assert_eq!(
         clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
         points_of(&kept)

@@ -5,6 +5,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::gateway_app::{now_us, TestGateway};
+use crate::helpers::{metrics_text, send_expecting};
 
 /// A JSON frame of `n` samples, 1 ms apart, ending now, with `channels` values each.
 fn json_frame(data_type: &str, n: usize, channels: usize, value: f32) -> (Uuid, Value) {
@@ -524,15 +525,7 @@ async fn every_bad_input_gets_its_problem_and_produces_nothing() {
     );
 
     // The metrics counted the refusals by reason.
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw.url).await;
     assert!(
         metrics.contains("biofeed_gateway_points_rejected_total{reason=\"invalid-value\"}"),
         "{metrics}"
@@ -634,20 +627,9 @@ async fn a_repost_of_an_accepted_frame_is_accepted_once() {
     let gw = TestGateway::spawn(&[]).await;
     let session = gw.open_session("breath_hold", &["spo2"]).await;
     let (frame_id, frame) = json_frame("spo2", 4, 1, 97.0);
-    let first = gw
-        .post(&format!("/v1/sessions/{session}/points"))
-        .json(&frame)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(first.status(), 202);
-    let second = gw
-        .post(&format!("/v1/sessions/{session}/points"))
-        .json(&frame)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(second.status(), 200);
+    let points = format!("/v1/sessions/{session}/points");
+    send_expecting(gw.post(&points).json(&frame), 202).await;
+    let second = send_expecting(gw.post(&points).json(&frame), 200).await;
     let body: Value = second.json().await.unwrap();
     assert_eq!(
         (body["frame_id"].as_str(), body["duplicate"].as_bool()),
@@ -1099,15 +1081,7 @@ async fn repeated_sample_times_are_refused_naming_the_index_as_json_and_as_avro(
 
 /// The gateway's `biofeed_gateway_in_flight_requests` gauge.
 async fn in_flight(gw: &TestGateway) -> i64 {
-    let text = gw
-        .http
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&gw.url).await;
     text.lines()
         .find_map(|l| l.strip_prefix("biofeed_gateway_in_flight_requests "))
         .and_then(|v| v.trim().parse().ok())

@@ -198,6 +198,26 @@ pub async fn wait_until(
     .await;
 }
 
+/// Sends `request` and asserts the answer's status (`expected`); returns the answer for more
+/// checks.
+pub async fn send_expecting(request: reqwest::RequestBuilder, expected: u16) -> reqwest::Response {
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), expected);
+    response
+}
+
+/// Sends `request` and returns the JSON body of the answer, whatever its status.
+pub async fn send_json(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
+/// One JSON value a line of `text` (JSON lines, as `--json` prints them).
+pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 /// The Prometheus text an HTTP server serves at `{base}/metrics` (`base` like
 /// `http://127.0.0.1:9000`); empty while it does not answer.
 pub async fn metrics_text(base: &str) -> String {
@@ -426,6 +446,13 @@ impl BiofeedProcess {
             command.env(k, v);
         }
         Self(command.spawn().expect("biofeed starts"))
+    }
+
+    /// [`Self::stop`], and the process must exit 0; its standard error.
+    pub async fn stop_ok(self) -> String {
+        let (code, stderr) = self.stop().await;
+        assert_eq!(code, 0, "{stderr}");
+        stderr
     }
 
     /// SIGTERM, then the exit code and standard error (a watchdog, not a timing: 90 s).

@@ -15,7 +15,10 @@ use uuid::Uuid;
 
 use crate::consumers::{consumer_env, produce_frames, wait_for_points, ConsumerProcess};
 use crate::gateway_app::{now_us, TestGateway};
-use crate::helpers::{run_biofeed, wait_until, BiofeedProcess, Isolated, Run};
+use crate::helpers::{
+    eventually, json_lines, run_biofeed, send_expecting, send_json, wait_until, BiofeedProcess,
+    Isolated, Run,
+};
 
 /// The environment of a jobs command against `stores`: sessions settle at once.
 fn jobs_env(stores: &Isolated) -> Vec<(&'static str, String)> {
@@ -35,6 +38,24 @@ async fn jobs(stores: &Isolated, args: &[&str]) -> Run {
     let mut all = vec!["jobs"];
     all.extend_from_slice(args);
     run_biofeed(&all, &jobs_env(stores)).await
+}
+
+/// Polls the SQL `condition` (one boolean) against `pool` until it holds; fails the test,
+/// naming `what`, after 30 s.
+async fn wait_for_sql(pool: &PgPool, what: &str, condition: &str) {
+    eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || match sqlx::query_scalar::<_, bool>(condition)
+            .fetch_one(pool)
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("until {what}")),
+            Err(e) => Err(format!("until {what}: {e}")),
+        },
+    )
+    .await;
 }
 
 async fn migrated() -> Isolated {
@@ -223,16 +244,10 @@ async fn rollups_equal_an_independent_aggregate_also_after_a_full_replay() {
     );
     assert_eq!(per_second.len(), 8 * 4);
     assert_eq!(per_minute.len(), 8 * 2);
-    assert_same(
-        &rollups(&stores, "rollups_1s", session).await,
-        &per_second,
-        "1 s",
-    );
-    assert_same(
-        &rollups(&stores, "rollups_1m", session).await,
-        &per_minute,
-        "1 min",
-    );
+    let expected = [("rollups_1s", &per_second), ("rollups_1m", &per_minute)];
+    for (table, aggregate) in expected {
+        assert_same(&rollups(&stores, table, session).await, aggregate, table);
+    }
 
     // A full replay writes every row again; the rollups are recomputed and count nothing twice.
     // (Ingest times have a resolution of one second: the replay's must differ from the first.)
@@ -250,16 +265,10 @@ async fn rollups_equal_an_independent_aggregate_also_after_a_full_replay() {
     let again = jobs(&stores, &["run", "rollups"]).await;
     assert_eq!(again.code, 0, "{again:?}");
     assert_eq!(items(&again), 1, "recomputed after the replay");
-    assert_same(
-        &rollups(&stores, "rollups_1s", session).await,
-        &per_second,
-        "1 s after replay",
-    );
-    assert_same(
-        &rollups(&stores, "rollups_1m", session).await,
-        &per_minute,
-        "1 min after replay",
-    );
+    for (table, aggregate) in expected {
+        let what = format!("{table} after replay");
+        assert_same(&rollups(&stores, table, session).await, aggregate, &what);
+    }
     // Nothing due now: a third run handles nothing.
     let idle = jobs(&stores, &["run", "rollups"]).await;
     assert_eq!(items(&idle), 0, "{idle:?}");
@@ -268,8 +277,7 @@ async fn rollups_equal_an_independent_aggregate_also_after_a_full_replay() {
 #[tokio::test]
 async fn session_metrics_equal_hand_computed_values_and_are_read_through_the_policy() {
     let gw = TestGateway::spawn(&[]).await;
-    let owner = gw.sign_up("user", 35).await;
-    let stranger = gw.sign_up("user", 35).await;
+    let (owner, stranger) = (gw.sign_up("user", 35).await, gw.sign_up("user", 35).await);
     let practitioner = gw.sign_up("practitioner", 50).await;
     gw.relate(&practitioner, &owner, "practitioner_patient")
         .await;
@@ -277,17 +285,11 @@ async fn session_metrics_equal_hand_computed_values_and_are_read_through_the_pol
     let open = |exercise: &'static str, data_type: &'static str| {
         let (http, url, device) = (gw.http.clone(), gw.url.clone(), device.clone());
         async move {
-            let body: Value = http
+            let open = http
                 .post(format!("{url}/v1/sessions"))
                 .bearer_auth(&device)
-                .json(&json!({ "exercise": exercise, "data_types": [data_type] }))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            body["session_id"]
+                .json(&json!({ "exercise": exercise, "data_types": [data_type] }));
+            send_json(open).await["session_id"]
                 .as_str()
                 .unwrap()
                 .parse::<Uuid>()
@@ -333,14 +335,8 @@ async fn session_metrics_equal_hand_computed_values_and_are_read_through_the_pol
         .insert_points(owner.id, eeg, "eeg", &eeg_samples)
         .await;
     for session in [hrv, oximetry, eeg] {
-        let response = gw
-            .http
-            .post(format!("{}/v1/sessions/{session}/complete", gw.url))
-            .bearer_auth(&device)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        let complete = format!("{}/v1/sessions/{session}/complete", gw.url);
+        send_expecting(gw.http.post(complete).bearer_auth(&device), 200).await;
     }
     // Before the job: an empty answer, not an error.
     let (status, before) = gw
@@ -535,11 +531,7 @@ async fn with_clickhouse_down_a_job_leaves_a_failed_row_and_retry_resolves_it() 
     assert!(failed.stderr.contains("clickhouse"), "{failed:?}");
     let listed = jobs(&stores, &["failed", "--json"]).await;
     assert_eq!(listed.code, 0, "{listed:?}");
-    let rows: Vec<Value> = listed
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&listed.stdout);
     assert_eq!(rows.len(), 1, "{listed:?}");
     assert_eq!(
         (rows[0]["job"].as_str(), rows[0]["connection"].as_str()),
@@ -726,21 +718,13 @@ async fn a_runner_whose_lease_is_taken_over_stops_its_job() {
         .unwrap();
     let env = jobs_env_with(&stores, &[("BIOFEED_JOBS_LEASE", "3s")]);
     let child = BiofeedProcess::start(&["jobs", "run", "analyst-sync"], &env);
-    wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(100),
+    wait_for_sql(
+        &pool,
         "the sync waits for the sessions",
-        async || {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'analyst_sync')
+        "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'analyst_sync')
                     AND EXISTS (SELECT 1 FROM pg_stat_activity
                                 WHERE datname = current_database() AND wait_event_type = 'Lock'
                                   AND query LIKE '%FROM sessions s JOIN exercises%')",
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        },
     )
     .await;
     // Another runner takes the lease over (as if this one's had expired and been claimed).
@@ -817,19 +801,11 @@ async fn a_panicking_job_is_recorded_as_failed_its_lease_released_and_the_runner
         ],
     );
     let runner = BiofeedProcess::start(&["jobs"], &env);
-    wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(100),
+    wait_for_sql(
+        &pool,
         "the panic is a failed job and the lease is free",
-        async || {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM failed_jobs WHERE job = 'analyst_sync')
+        "SELECT EXISTS (SELECT 1 FROM failed_jobs WHERE job = 'analyst_sync')
                     AND (SELECT leased_by IS NULL FROM job_schedule WHERE job = 'analyst_sync')",
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(false)
-        },
     )
     .await;
     let (connection, error, attempts): (String, String, i32) = sqlx::query_as(
@@ -861,21 +837,8 @@ async fn a_panicking_job_is_recorded_as_failed_its_lease_released_and_the_runner
     assert_eq!(run.code, 0, "{run:?}");
 
     // The runner goes on serving: its rollups keep running after the panic.
-    wait_until(
-        Duration::from_secs(30),
-        Duration::from_millis(100),
-        "the runner runs jobs after the panic",
-        async || {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'rollups' AND outcome = 'ok'
-                                  AND started_at > (SELECT failed_at FROM failed_jobs WHERE job = 'analyst_sync'))",
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap()
-        },
-    )
-    .await;
+    wait_for_sql(&pool, "the runner runs jobs after the panic", "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'rollups' AND outcome = 'ok'
+                                  AND started_at > (SELECT failed_at FROM failed_jobs WHERE job = 'analyst_sync'))").await;
     let (code, log) = runner.stop().await;
     assert_eq!(code, 0, "{log}");
 }

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::gateway_app::{now_us, TestGateway};
+use crate::helpers::{json_lines, metrics_text, send_expecting};
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
@@ -432,10 +433,7 @@ async fn the_access_matrix_holds_over_every_read_endpoint_and_the_export() {
         assert_eq!(response.status(), 200);
         assert_eq!(response.headers()["content-type"], "application/x-ndjson");
         let text = response.text().await.unwrap();
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
+        let lines = json_lines(&text);
         assert_eq!(lines[0]["type"], "export");
         assert_eq!(lines[0]["user_id"], person.id.to_string());
         assert_eq!(lines.last().unwrap()["type"], "end", "complete export");
@@ -761,15 +759,7 @@ async fn failed_logins_are_throttled_per_account_and_unknown_emails_alike() {
         gw.log_in(&ghost, PASSWORD).await.unwrap_err();
     }
     assert_eq!(gw.log_in(&ghost, PASSWORD).await.unwrap_err().0, 429);
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&gw.url).await;
     assert!(
         metrics.contains("biofeed_gateway_logins_total{outcome=\"throttled\"} 3"),
         "{metrics}"
@@ -836,21 +826,16 @@ async fn erasure_ends_logins_empties_the_export_and_queues_the_clickhouse_deleti
     let (session, _) = gw.session_with_points(&ada, &[60.0, 61.0]).await;
 
     // A wrong password erases nothing.
-    let response = gw
-        .as_person(reqwest::Method::DELETE, &ada, "/v1/me")
-        .json(&json!({ "password": "not my password" }))
-        .send()
+    let erase = |password: &str| {
+        gw.as_person(reqwest::Method::DELETE, &ada, "/v1/me")
+            .json(&json!({ "password": password }))
+    };
+    send_expecting(erase("not my password"), 403).await;
+    let erased: Value = send_expecting(erase(PASSWORD), 200)
+        .await
+        .json()
         .await
         .unwrap();
-    assert_eq!(response.status(), 403);
-    let response = gw
-        .as_person(reqwest::Method::DELETE, &ada, "/v1/me")
-        .json(&json!({ "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let erased: Value = response.json().await.unwrap();
     assert_eq!(
         (
             erased["sessions"].as_u64(),
@@ -904,11 +889,7 @@ async fn erasure_ends_logins_empties_the_export_and_queues_the_clickhouse_deleti
         ])
         .await;
     assert_eq!(export.code, 0, "{export:?}");
-    let lines: Vec<Value> = export
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&export.stdout);
     let types: Vec<&str> = lines
         .iter()
         .map(|l| l["type"].as_str().unwrap())

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::consumers::{consumer_env, wait_for_points, ConsumerProcess};
 use crate::gateway_app::{now_us, read_messages};
-use crate::helpers::{free_port, Isolated, ServerProcess};
+use crate::helpers::{free_port, send_expecting, send_json, Isolated, ServerProcess};
 use crate::people::PASSWORD;
 
 fn key_env(keys: &AccountKeys) -> Vec<(&'static str, String)> {
@@ -119,72 +119,40 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         "gender": secrets[5], "demographics": { "occupation": secrets[6] },
         "birth_date": secrets[8], "country": "DE",
     });
+    let sign_up = |address: &str, password: &str| {
+        http.post(format!("{url}/v1/users"))
+            .json(&json!({ "email": address, "password": password, "accept_terms": "2026-11-01", "profile": profile }))
+    };
+    let log_in = |address: &str, password: &str| {
+        http.post(format!("{url}/v1/auth/login"))
+            .json(&json!({ "email": address, "password": password }))
+    };
     let mut ids = Vec::new();
     // The same profile under two people (twins, say), each with their own email.
     for address in [&email, &twin_email] {
-        let response = http
-            .post(format!("{url}/v1/users"))
-            .json(&json!({ "email": address, "password": PASSWORD, "accept_terms": "2026-11-01", "profile": profile }))
-            .send()
+        let body: Value = send_expecting(sign_up(address, PASSWORD), 201)
+            .await
+            .json()
             .await
             .unwrap();
-        assert_eq!(response.status(), 201);
-        let body: Value = response.json().await.unwrap();
         ids.push(body["user_id"].as_str().unwrap().parse::<Uuid>().unwrap());
     }
     // Refused input that carries the PII: the refusals must not repeat it either (a taken
     // email, a short password).
-    let taken = http
-        .post(format!("{url}/v1/users"))
-        .json(&json!({ "email": email, "password": PASSWORD, "accept_terms": "2026-11-01", "profile": profile }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(taken.status(), 409);
+    let taken = send_expecting(sign_up(&email, PASSWORD), 409).await;
     let taken_text = taken.text().await.unwrap();
-    let refused = http
-        .post(format!("{url}/v1/users"))
-        .json(&json!({ "email": email, "password": "short", "accept_terms": "2026-11-01", "profile": profile }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(refused.status(), 422);
+    let refused = send_expecting(sign_up(&email, "short"), 422).await;
     let refused_text = format!("{taken_text}{}", refused.text().await.unwrap());
-    let wrong = http
-        .post(format!("{url}/v1/auth/login"))
-        .json(&json!({ "email": email, "password": "a wrong password" }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(wrong.status(), 401);
-    let login: Value = http
-        .post(format!("{url}/v1/auth/login"))
-        .json(&json!({ "email": email, "password": PASSWORD }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    send_expecting(log_in(&email, "a wrong password"), 401).await;
+    let login = send_json(log_in(&email, PASSWORD)).await;
     let token = login["token"].as_str().unwrap().to_owned();
     let user: Uuid = login["user_id"].as_str().unwrap().parse().unwrap();
-    let patched = http
+    let patch = http
         .patch(format!("{url}/v1/me"))
         .bearer_auth(&token)
-        .json(&json!({ "profile": { "location": secrets[4] } }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(patched.status(), 200);
-    let me: Value = http
-        .get(format!("{url}/v1/me"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json(&json!({ "profile": { "location": secrets[4] } }));
+    send_expecting(patch, 200).await;
+    let me = send_json(http.get(format!("{url}/v1/me")).bearer_auth(&token)).await;
     // Stored for real: the owner reads it all back.
     assert_eq!(
         (
@@ -217,16 +185,11 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         .await;
     assert_eq!(device.code, 0, "{device:?}");
     let device_token = device.stdout.trim().to_owned();
-    let opened: Value = http
+    let open = http
         .post(format!("{url}/v1/sessions"))
         .bearer_auth(&device_token)
-        .json(&json!({ "exercise": "hrv_biofeedback", "data_types": ["heart_rate"], "location": secrets[7] }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .json(&json!({ "exercise": "hrv_biofeedback", "data_types": ["heart_rate"], "location": secrets[7] }));
+    let opened = send_json(open).await;
     let session = opened["session_id"].as_str().unwrap().to_owned();
     let end = now_us();
     let frame = json!({
@@ -235,22 +198,13 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         "timestamps_us": (0..10).map(|i| end - (10 - i) * 1_000).collect::<Vec<i64>>(),
         "values": (0..10).map(|i| [60.0 + f64::from(i)]).collect::<Vec<_>>(),
     });
-    let posted = http
-        .post(format!("{url}/v1/sessions/{session}/points"))
-        .bearer_auth(&device_token)
-        .json(&frame)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(posted.status(), 202);
-    let completed = http
-        .post(format!("{url}/v1/sessions/{session}/complete"))
-        .bearer_auth(&device_token)
-        .json(&json!({ "feedback": { "feeling": "calm" } }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(completed.status(), 200);
+    let as_device = |path: &str| {
+        http.post(format!("{url}/v1/sessions/{session}/{path}"))
+            .bearer_auth(&device_token)
+    };
+    send_expecting(as_device("points").json(&frame), 202).await;
+    let complete = as_device("complete").json(&json!({ "feedback": { "feeling": "calm" } }));
+    send_expecting(complete, 200).await;
     wait_for_points(&stores, 10).await;
     let (_, consumer_log) = consumer.stop().await;
     gateway.kill();

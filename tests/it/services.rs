@@ -26,13 +26,8 @@ async fn clickhouse_answers_a_query() {
         .await
         .expect("clickhouse answers");
     assert!(ch.major_version() >= 18, "version {}", ch.version());
-    let two: u8 = ch
-        .server_client()
-        .query("SELECT 1 + 1")
-        .fetch_one()
-        .await
-        .unwrap();
-    assert_eq!(two, 2);
+    let two = ch.server_client().query("SELECT 1 + 1").fetch_one::<u8>();
+    assert_eq!(two.await.unwrap(), 2);
 }
 
 #[tokio::test]
