@@ -56,9 +56,9 @@ pub enum ExportError {
     /// Postgres or the keys failed.
     #[error(transparent)]
     Accounts(#[from] AccountsError),
-    /// The store of the samples failed.
-    #[error("points: {0}")]
-    Points(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The store of the samples (ClickHouse) failed.
+    #[error("clickhouse: {0}")]
+    Points(Box<dyn std::error::Error + Send + Sync>),
     /// The reader went away.
     #[error("the reader of the export went away")]
     Closed,

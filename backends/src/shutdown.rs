@@ -100,11 +100,16 @@ pub async fn run_parts(shutdown: &Shutdown, parts: Vec<Part>) -> Result<(), Part
         shutdown.fire();
         let failed = match ended {
             Ok((_, Ok(()))) => None,
-            Ok((part, Err(source))) => Some(PartError::Failed { part, source }),
-            Err(e) => Some(PartError::Panicked(e.to_string())),
+            Ok((part, Err(source))) => {
+                tracing::error!(part, error = %source, "a part of the process ended with an error");
+                Some(PartError::Failed { part, source })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a part of the process panicked");
+                Some(PartError::Panicked(e.to_string()))
+            }
         };
         if let Some(e) = failed {
-            tracing::error!(error = %e, "a part of the process ended with an error");
             failure.get_or_insert(e);
         }
     }
@@ -115,7 +120,7 @@ pub async fn run_parts(shutdown: &Shutdown, parts: Vec<Part>) -> Result<(), Part
 #[derive(Debug, thiserror::Error)]
 pub enum PartError {
     /// The part returned an error.
-    #[error("the {part} failed: {source}")]
+    #[error("the {part} failed")]
     Failed {
         /// Which part.
         part: &'static str,

@@ -46,21 +46,21 @@ pub enum ConsumeError {
     Backend(#[from] BackendError),
     /// Kafka failed.
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(rdkafka::error::KafkaError),
     /// ClickHouse failed (replay gives up; consume retries instead).
     #[error("clickhouse: {0}")]
-    ClickHouse(#[from] clickhouse::error::Error),
+    ClickHouse(clickhouse::error::Error),
     /// Postgres failed while reading data types, the erasure list or sessions' status.
     #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
+    Postgres(sqlx::Error),
     /// The topic or partition to replay does not exist.
-    #[error("{0}")]
+    #[error("kafka: {0}")]
     NoSuchPartition(String),
     /// Messages deleted by retention mid-range left a gap the replay waited for in vain.
-    #[error("no messages for {0:?} before the end of the range")]
+    #[error("kafka: no messages for {} s before the end of the range", .0.as_secs())]
     Gap(std::time::Duration),
     /// The consume or replay thread panicked.
-    #[error("the {0} thread failed: {1}")]
+    #[error("kafka: the {0} thread failed: {1}")]
     Panicked(&'static str, String),
     /// Kafka failed for good (e.g. another member took this one's `group.instance.id`).
     #[error("kafka failed for good: {0}; if another consumer uses the same instance id, give each its own BIOFEED_CONSUMER_INSTANCE_ID")]
@@ -74,9 +74,29 @@ pub enum ConsumeError {
     },
 }
 
+// Written out rather than `#[from]`: the message already holds the cause, which would otherwise
+// be printed twice by a `{:#}` chain.
+impl From<rdkafka::error::KafkaError> for ConsumeError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        ConsumeError::Kafka(e)
+    }
+}
+
+impl From<clickhouse::error::Error> for ConsumeError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        ConsumeError::ClickHouse(e)
+    }
+}
+
+impl From<sqlx::Error> for ConsumeError {
+    fn from(e: sqlx::Error) -> Self {
+        ConsumeError::Postgres(e)
+    }
+}
+
 impl ConsumeError {
     /// Whether trying again later can help: a backend failing can recover; a missing partition,
-    /// a fenced instance id or a panic need an operator first.
+    /// a gap retention left, a fenced instance id or a panic need an operator first.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -84,7 +104,6 @@ impl ConsumeError {
                 | ConsumeError::Kafka(_)
                 | ConsumeError::ClickHouse(_)
                 | ConsumeError::Postgres(_)
-                | ConsumeError::Gap(_)
                 | ConsumeError::Abandoned { .. }
         )
     }

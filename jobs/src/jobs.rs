@@ -72,13 +72,13 @@ impl Job {
 pub enum JobError {
     /// Postgres failed.
     #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
+    Postgres(sqlx::Error),
     /// ClickHouse failed.
     #[error("clickhouse: {0}")]
-    ClickHouse(#[from] clickhouse::error::Error),
+    ClickHouse(clickhouse::error::Error),
     /// Kafka failed (reading the consumer group's progress).
     #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
+    Kafka(rdkafka::error::KafkaError),
     /// A backend could not be reached when the job started.
     #[error(transparent)]
     Unreachable(#[from] biofeed_backends::BackendError),
@@ -106,7 +106,38 @@ pub enum JobError {
     Panicked(String),
 }
 
+// Written out rather than `#[from]`: the message already holds the cause, which would otherwise
+// be printed twice by a `{:#}` chain.
+impl From<sqlx::Error> for JobError {
+    fn from(e: sqlx::Error) -> Self {
+        JobError::Postgres(e)
+    }
+}
+
+impl From<clickhouse::error::Error> for JobError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        JobError::ClickHouse(e)
+    }
+}
+
+impl From<rdkafka::error::KafkaError> for JobError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        JobError::Kafka(e)
+    }
+}
+
 impl JobError {
+    /// What failed, without the backend's name in front (`failed_jobs` keeps that in its
+    /// `connection` column).
+    pub fn detail(&self) -> String {
+        let message = self.to_string();
+        let prefix = format!("{}: ", self.connection());
+        match message.strip_prefix(&prefix) {
+            Some(rest) => rest.to_owned(),
+            None => message,
+        }
+    }
+
     /// The backend involved — `postgres`, `clickhouse` or `kafka` — or `none` when the job
     /// itself failed (it panicked).
     pub fn connection(&self) -> &'static str {

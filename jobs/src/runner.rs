@@ -71,13 +71,19 @@ pub enum RunnerError {
     Unreachable(#[from] biofeed_backends::BackendError),
     /// Postgres failed (the runner's own bookkeeping).
     #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
+    Postgres(sqlx::Error),
     /// Another runner held the job's lease for longer than two leases.
     #[error("another runner has been running {0} for too long")]
     Busy(&'static str),
     /// No unresolved failed job has this id.
     #[error("no unresolved failed job with id {0}")]
     NoSuchFailedJob(i64),
+}
+
+impl From<sqlx::Error> for RunnerError {
+    fn from(e: sqlx::Error) -> Self {
+        RunnerError::Postgres(e)
+    }
 }
 
 impl RunnerError {
@@ -115,7 +121,7 @@ async fn context_with(
             service: biofeed_backends::Service::Kafka,
             setting: "BIOFEED_KAFKA_BROKERS",
             address: settings.kafka.brokers.clone(),
-            reason: e.to_string(),
+            reason: e.detail(),
         })?,
         pool,
         settings: settings.options.clone(),
@@ -548,7 +554,7 @@ async fn record_failure(
                  WHERE id = $1 RETURNING attempts",
             )
             .bind(id)
-            .bind(error.to_string())
+            .bind(error.detail())
             .bind(error.connection())
             .fetch_one(pool)
             .await?;
@@ -568,7 +574,7 @@ async fn record_failure(
             .bind(job.name())
             .bind(error.connection())
             .bind(serde_json::json!({ "job": job.name(), "sweep": true }))
-            .bind(error.to_string())
+            .bind(error.detail())
             .bind(next)
             .execute(pool)
             .await?;

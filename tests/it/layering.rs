@@ -54,10 +54,27 @@ fn the_simulator_links_no_storage_and_no_accounts() {
             "biofeed-migrations",
             "biofeed-backends",
             "sqlx",
+            "sqlx-core",
             "clickhouse",
             "rdkafka",
+            "rdkafka-sys",
         ],
     );
+}
+
+#[test]
+fn no_crate_but_the_gateway_links_the_http_server() {
+    for package in [
+        "biofeed-schema",
+        "biofeed-backends",
+        "biofeed-migrations",
+        "biofeed-accounts",
+        "biofeed-consumers",
+        "biofeed-jobs",
+        "biofeed-simulator",
+    ] {
+        assert_links_none(package, &["axum"]);
+    }
 }
 
 #[test]
