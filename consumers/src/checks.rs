@@ -128,27 +128,19 @@ pub async fn writable_sessions(
     Ok(rows.into_iter().collect())
 }
 
-/// Keeps the frames whose session may still be written ([`writable_sessions`]); returns them
-/// and how many were dropped, or the error and the frames untouched.
-#[allow(clippy::result_large_err)]
-pub async fn keep_writable(
-    pool: &PgPool,
-    frames: Vec<SensorFrame>,
-) -> Result<(Vec<SensorFrame>, usize), (sqlx::Error, Vec<SensorFrame>)> {
-    let mut asked: Vec<(Uuid, Uuid)> = frames.iter().map(|f| (f.session_id, f.user_id)).collect();
-    asked.sort_unstable();
-    asked.dedup();
-    let writable = match writable_sessions(pool, &asked).await {
-        Ok(writable) => writable,
-        Err(e) => return Err((e, frames)),
-    };
+/// The (session, user) pairs of `frames`, each once: what [`writable_sessions`] is asked.
+pub fn sessions_of(frames: &[SensorFrame]) -> Vec<(Uuid, Uuid)> {
+    let mut pairs: Vec<(Uuid, Uuid)> = frames.iter().map(|f| (f.session_id, f.user_id)).collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    pairs
+}
+
+/// Keeps the frames whose (session, user) is in `writable`; returns how many were dropped.
+pub fn retain_writable(frames: &mut Vec<SensorFrame>, writable: &HashSet<(Uuid, Uuid)>) -> usize {
     let before = frames.len();
-    let kept: Vec<SensorFrame> = frames
-        .into_iter()
-        .filter(|f| writable.contains(&(f.session_id, f.user_id)))
-        .collect();
-    let dropped = before - kept.len();
-    Ok((kept, dropped))
+    frames.retain(|f| writable.contains(&(f.session_id, f.user_id)));
+    before - frames.len()
 }
 
 #[cfg(test)]

@@ -388,7 +388,7 @@ pub(crate) fn consume_loop(
 }
 
 /// The frames of a batch whose session may still be written, asked of Postgres just before the
-/// insert ([`crate::checks::keep_writable`]); retried with backoff while Postgres fails, as an
+/// insert ([`crate::checks::writable_sessions`]); retried with backoff while Postgres fails, as an
 /// insert is while ClickHouse fails. `None` when `give_up` says so.
 async fn writable_frames(
     pool: &PgPool,
@@ -396,32 +396,24 @@ async fn writable_frames(
     metrics: &ConsumerMetrics,
     give_up: impl Fn() -> bool,
 ) -> Option<Vec<SensorFrame>> {
-    let mut backoff = Duration::from_millis(100);
-    let mut attempt = 0u32;
-    loop {
-        match crate::checks::keep_writable(pool, std::mem::take(&mut frames)).await {
-            Ok((kept, dropped)) => {
-                if dropped > 0 {
-                    metrics.dropped_closed.inc_by(dropped as u64);
-                    tracing::info!(
-                        frames = dropped,
-                        "dropped frames of sessions no longer open or completed"
-                    );
-                }
-                return Some(kept);
-            }
-            Err((e, back)) => {
-                frames = back;
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "cannot ask postgres which sessions may be written; holding the batch and retrying");
-                if give_up() {
-                    return None;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    let asked = crate::checks::sessions_of(&frames);
+    let writable = crate::retry::with_backoff(
+        || crate::checks::writable_sessions(pool, &asked),
+        give_up,
+        |e, attempt| {
+            tracing::warn!(error = %e, attempt, "cannot ask postgres which sessions may be written; holding the batch and retrying");
+        },
+    )
+    .await?;
+    let dropped = crate::checks::retain_writable(&mut frames, &writable);
+    if dropped > 0 {
+        metrics.dropped_closed.inc_by(dropped as u64);
+        tracing::info!(
+            frames = dropped,
+            "dropped frames of sessions no longer open or completed"
+        );
     }
+    Some(frames)
 }
 
 fn record_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, metrics: &ConsumerMetrics) {

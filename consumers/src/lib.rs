@@ -21,6 +21,7 @@ pub mod consume;
 pub mod dead_letters;
 pub mod metrics;
 pub mod replay;
+mod retry;
 pub mod rows;
 pub mod sink;
 

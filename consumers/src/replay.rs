@@ -284,10 +284,12 @@ fn write(
     if batch.is_empty() {
         return Ok(());
     }
-    let (kept, dropped) = rt
-        .block_on(crate::checks::keep_writable(pool, std::mem::take(batch)))
-        .map_err(|(e, _)| ConsumeError::Postgres(e))?;
-    summary.dropped_closed += dropped as u64;
+    let writable = rt.block_on(crate::checks::writable_sessions(
+        pool,
+        &crate::checks::sessions_of(batch),
+    ))?;
+    summary.dropped_closed += crate::checks::retain_writable(batch, &writable) as u64;
+    let kept = std::mem::take(batch);
     if kept.is_empty() {
         return Ok(());
     }
@@ -296,14 +298,12 @@ fn write(
     summary.points += rows;
     // A replay commits nothing, so purge and erasure cannot wait for it: a session closed or a
     // person erased while this insert ran is deleted again here, now that the rows are in.
-    let written: Vec<(Uuid, Uuid)> = kept.iter().map(|f| (f.session_id, f.user_id)).collect();
+    let written = crate::checks::sessions_of(&kept);
     let still = rt.block_on(crate::checks::writable_sessions(pool, &written))?;
-    let mut closed: Vec<(Uuid, Uuid)> = written
+    let closed: Vec<(Uuid, Uuid)> = written
         .into_iter()
         .filter(|pair| !still.contains(pair))
         .collect();
-    closed.sort_unstable();
-    closed.dedup();
     if !closed.is_empty() {
         tracing::info!(
             sessions = closed.len(),

@@ -1,6 +1,6 @@
 //! Writing frames to ClickHouse's `points` table, RowBinary through the `clickhouse` crate.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use biofeed_schema::SensorFrame;
 use uuid::Uuid;
@@ -130,29 +130,13 @@ impl PointsSink {
     pub async fn insert_until_done(
         &self,
         frames: &[SensorFrame],
-        mut give_up: impl FnMut() -> bool,
-        mut on_failure: impl FnMut(&clickhouse::error::Error, u32),
+        give_up: impl FnMut() -> bool,
+        on_failure: impl FnMut(&clickhouse::error::Error, u32),
     ) -> Option<u64> {
-        let mut backoff = Duration::from_millis(100);
-        let mut attempt = 0;
-        loop {
-            let started = Instant::now();
-            match self.insert(frames).await {
-                Ok(rows) => {
-                    tracing::debug!(rows, elapsed = ?started.elapsed(), "inserted batch");
-                    return Some(rows);
-                }
-                Err(e) => {
-                    attempt += 1;
-                    on_failure(&e, attempt);
-                    if give_up() {
-                        return None;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let started = Instant::now();
+        let rows = crate::retry::with_backoff(|| self.insert(frames), give_up, on_failure).await?;
+        tracing::debug!(rows, elapsed = ?started.elapsed(), "inserted batch");
+        Some(rows)
     }
 }
 
