@@ -48,8 +48,9 @@ pub mod exit {
 pub(crate) const AFTER_HELP: &str = "\
 Every option can also be set by the environment variable shown beside it.
 
-Exit codes: 0 ok, 1 failure, 2 bad arguments or settings, 3 a backing service is \
-unreachable (retry later), 4 refused until an operator acts (e.g. an edited migration, an email that already has an account).";
+Exit codes: 0 ok, 1 a failure a retry cannot fix, 2 bad arguments or settings, 3 retry later \
+(a backing service unreachable, failing or behind), 4 refused until an operator acts (e.g. an \
+edited migration, an email that already has an account).";
 
 /// biofeed: ingest biofeedback sensor streams and keep them safe for years.
 ///

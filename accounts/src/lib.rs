@@ -33,12 +33,19 @@ use sqlx::PgPool;
 
 pub use crypto::{AccountKeys, KeyError};
 
+impl From<sqlx::Error> for AccountsError {
+    fn from(e: sqlx::Error) -> Self {
+        AccountsError::Postgres(e)
+    }
+}
+
 /// An accounts operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AccountsError {
-    /// Postgres failed; retrying may help.
+    /// Postgres failed; retrying may help. (The message holds the cause; it is not also the
+    /// error's source, so that a `{:#}` chain prints it once.)
     #[error("postgres: {0}")]
-    Postgres(#[from] sqlx::Error),
+    Postgres(sqlx::Error),
     /// A key is missing, malformed, or does not open what it should.
     #[error(transparent)]
     Key(#[from] KeyError),

@@ -96,8 +96,9 @@ impl From<sqlx::Error> for ConsumeError {
 }
 
 impl ConsumeError {
-    /// Whether trying again later can help: a backend failing can recover; a missing partition,
-    /// a gap retention left, a fenced instance id or a panic need an operator first.
+    /// Whether trying again later can help: a backend failing can recover, and a replay that
+    /// waited in vain for messages (a broker away, or a gap retention left) is safe to repeat; a
+    /// missing partition, a fenced instance id or a panic need an operator first.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -105,6 +106,7 @@ impl ConsumeError {
                 | ConsumeError::Kafka(_)
                 | ConsumeError::ClickHouse(_)
                 | ConsumeError::Postgres(_)
+                | ConsumeError::Gap(_)
                 | ConsumeError::Abandoned { .. }
         )
     }
