@@ -48,8 +48,9 @@ pub mod exit {
 pub(crate) const AFTER_HELP: &str = "\
 Every option can also be set by the environment variable shown beside it.
 
-Exit codes: 0 ok, 1 a failure a retry cannot fix, 2 bad arguments or settings, 3 retry later \
-(a backing service unreachable, failing or behind), 4 refused until an operator acts (e.g. an \
+Exit codes: 0 ok, 1 a failure a retry cannot fix, 2 bad arguments or settings (including a \
+password, user or certificate a backing service refused, or TLS against a plaintext port), 3 \
+retry later (a backing service unreachable, failing or behind), 4 refused until an operator acts (e.g. an \
 edited migration, an email that already has an account).";
 
 /// biofeed: ingest biofeedback sensor streams and keep them safe for years.
@@ -190,6 +191,16 @@ pub(crate) fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
 /// The exit code of a failure: the first error in the chain that knows whether a retry can help
 /// decides 3 (retry later) or 1; refusals an operator must resolve are 4, bad input 2.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    // Credentials or certificates refused, or contradictory settings, however deep the wrapping:
+    // the settings need fixing, a retry cannot help.
+    let settings_refused = e.chain().any(|cause| {
+        cause
+            .downcast_ref::<biofeed_backends::BackendError>()
+            .is_some_and(|b| !b.is_retryable())
+    });
+    if settings_refused {
+        return exit::USAGE;
+    }
     for cause in e.chain() {
         if let Some(a) = cause.downcast_ref::<AccountsError>() {
             match a {
@@ -215,9 +226,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 /// Whether this error knows that a retry can help (`Some(true)`), cannot (`Some(false)`), or
 /// does not say (`None`).
 fn retry_hint(cause: &(dyn std::error::Error + 'static)) -> Option<bool> {
-    if cause.is::<biofeed_backends::BackendError>()
-        || cause.is::<biofeed_simulator::GatewayUnavailable>()
-    {
+    if let Some(b) = cause.downcast_ref::<biofeed_backends::BackendError>() {
+        return Some(b.is_retryable());
+    }
+    if cause.is::<biofeed_simulator::GatewayUnavailable>() {
         return Some(true);
     }
     if let Some(r) = cause.downcast_ref::<biofeed_jobs::RunnerError>() {

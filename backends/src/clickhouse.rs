@@ -1,10 +1,16 @@
 //! ClickHouse settings and a client that has proved the server answers.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use url::Url;
 
+use crate::secret::{readable_file, secret_file, Secret};
 use crate::{redacted_address, BackendError, Service, Target};
+
+/// How long an idle connection to ClickHouse is kept for reuse: below the server's own
+/// keep-alive timeout (3 s by default), so that we never send on a connection it closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The environment variable naming the ClickHouse URL; errors name it.
 pub const URL_SETTING: &str = "BIOFEED_CLICKHOUSE_URL";
@@ -12,7 +18,8 @@ pub const URL_SETTING: &str = "BIOFEED_CLICKHOUSE_URL";
 /// Where ClickHouse is, who we are there, and how long to wait for it.
 #[derive(Clone, clap::Args)]
 pub struct ClickHouseSettings {
-    /// ClickHouse HTTP interface URL (points, rollups, session metrics).
+    /// ClickHouse HTTP interface URL (points, rollups, session metrics): https:// (port 8443 on
+    /// managed services) verifies the server's certificate and host name.
     #[arg(
         long = "clickhouse-url", id = "clickhouse_url",
         value_name = "URL",
@@ -32,7 +39,7 @@ pub struct ClickHouseSettings {
     )]
     pub user: String,
 
-    /// ClickHouse password (empty for none). Never logged.
+    /// ClickHouse password (empty for none). Never logged. Or give BIOFEED_CLICKHOUSE_PASSWORD_FILE.
     #[arg(
         long = "clickhouse-password",
         id = "clickhouse_password",
@@ -43,6 +50,28 @@ pub struct ClickHouseSettings {
         hide_default_value = true
     )]
     pub password: String,
+
+    /// A file holding the ClickHouse password (e.g. a mounted secret) instead of
+    /// BIOFEED_CLICKHOUSE_PASSWORD.
+    #[arg(
+        long = "clickhouse-password-file",
+        id = "clickhouse_password_file",
+        value_name = "PATH",
+        env = "BIOFEED_CLICKHOUSE_PASSWORD_FILE",
+        conflicts_with = "clickhouse_password",
+        value_parser = secret_file("BIOFEED_CLICKHOUSE_PASSWORD_FILE")
+    )]
+    pub password_file: Option<Secret>,
+
+    /// PEM file of the CA certificate(s) that signed ClickHouse's certificate, for https://
+    /// URLs; without it, the system's roots.
+    #[arg(
+        long = "clickhouse-ca-file", id = "clickhouse_ca_file",
+        value_name = "PATH",
+        env = "BIOFEED_CLICKHOUSE_CA_FILE",
+        value_parser = readable_file("BIOFEED_CLICKHOUSE_CA_FILE")
+    )]
+    pub ca_file: Option<PathBuf>,
 
     /// ClickHouse database that holds biofeed's tables; `biofeed migrate` creates it.
     #[arg(
@@ -83,6 +112,7 @@ impl std::fmt::Debug for ClickHouseSettings {
             .field("url", &redacted_address(&self.url))
             .field("user", &self.user)
             .field("database", &self.database)
+            .field("ca_file", &self.ca_file)
             .field("connect_timeout", &self.connect_timeout)
             .finish_non_exhaustive()
     }
@@ -137,33 +167,110 @@ impl ClickHouse {
 }
 
 impl ClickHouseSettings {
-    /// Asks the server for its version within the connect timeout.
+    /// The password: from BIOFEED_CLICKHOUSE_PASSWORD_FILE if given, else
+    /// BIOFEED_CLICKHOUSE_PASSWORD. For clients other than [`ClickHouseSettings::connect`]'s.
+    pub fn password(&self) -> &str {
+        self.password_file
+            .as_ref()
+            .map_or(self.password.as_str(), Secret::expose)
+    }
+
+    /// How this process talks to ClickHouse, for reports, e.g. `https (CA /etc/ca.pem) as
+    /// biofeed_writer` (never the password).
+    pub fn security_summary(&self) -> String {
+        let scheme = self.url.scheme();
+        let trust = match (&self.ca_file, scheme) {
+            (_, "http") => String::new(),
+            (Some(ca), _) => format!(" (CA {})", ca.display()),
+            (None, _) => " (system CAs)".to_owned(),
+        };
+        format!("{scheme}{trust} as {}", self.user)
+    }
+
+    /// Asks the server for its version within the connect timeout. A refused password or
+    /// certificate is [`BackendError::Rejected`].
     #[tracing::instrument(skip(self), fields(address = %redacted_address(&self.url)))]
     pub async fn connect(&self) -> Result<ClickHouse, BackendError> {
-        // Validation of row types is off: ClickHouse 18.16 (Debian's package) rejects the
-        // setting the crate uses for it ("Unknown setting describe_include_subcolumns").
-        let server = clickhouse::Client::default()
-            .with_url(self.url.as_str())
-            .with_user(&self.user)
-            .with_password(&self.password)
-            .with_compression(match self.compression {
-                WireCompression::Lz4 => clickhouse::Compression::Lz4,
-                WireCompression::None => clickhouse::Compression::None,
-            })
-            .with_validation(false);
         let target = Target::new(
             Service::ClickHouse,
             URL_SETTING,
             redacted_address(&self.url),
         );
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .build(self.connector()?);
+        // Validation of row types is off: ClickHouse 18.16 (Debian's package) rejects the
+        // setting the crate uses for it ("Unknown setting describe_include_subcolumns").
+        let server = clickhouse::Client::with_http_client(http)
+            .with_url(self.url.as_str())
+            .with_user(&self.user)
+            .with_password(self.password())
+            .with_compression(match self.compression {
+                WireCompression::Lz4 => clickhouse::Compression::Lz4,
+                WireCompression::None => clickhouse::Compression::None,
+            })
+            .with_validation(false);
         let probe = server.query("SELECT version()").fetch_one::<String>();
-        let version = target.within(self.connect_timeout, probe).await?;
+        let version = target.within(self.connect_timeout, probe, refusal).await?;
         Ok(ClickHouse {
             server,
             database: self.database.clone(),
             version,
         })
     }
+}
+
+impl ClickHouseSettings {
+    /// The HTTP client: rustls (ring) for https:// URLs, trusting BIOFEED_CLICKHOUSE_CA_FILE or
+    /// the system's roots; plain HTTP for http:// ones.
+    fn connector(
+        &self,
+    ) -> Result<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        BackendError,
+    > {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        http.set_connect_timeout(Some(self.connect_timeout));
+        http.enforce_http(false);
+        let tls = if self.url.scheme() == "https" {
+            crate::tls::client_config(self.ca_file.as_deref(), "BIOFEED_CLICKHOUSE_CA_FILE")
+                .map_err(|reason| BackendError::Misconfigured {
+                    setting: "BIOFEED_CLICKHOUSE_CA_FILE",
+                    reason,
+                })?
+        } else {
+            // Never used for http:// URLs (https_or_http picks by scheme), but the connector
+            // wants one.
+            crate::tls::empty_client_config()
+        };
+        Ok(hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http))
+    }
+}
+
+/// Why ClickHouse refused us, if it did: a TLS refusal, or the server's "unknown user" (192),
+/// "wrong password" (193), "required password" (194) or "authentication failed" (516).
+fn refusal(error: &clickhouse::error::Error) -> Option<String> {
+    if let Some(reason) = crate::tls::refusal(error) {
+        return Some(reason);
+    }
+    if let clickhouse::error::Error::BadResponse(message) = error {
+        let code = message
+            .trim_start()
+            .strip_prefix("Code: ")
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|code| code.parse::<u32>().ok());
+        if matches!(code, Some(192 | 193 | 194 | 516)) {
+            // The server's text names the user but not the password.
+            return Some(message.lines().next().unwrap_or_default().to_owned());
+        }
+    }
+    None
 }
 
 /// Accepts only `http://` or `https://` URLs with a host.

@@ -1,12 +1,17 @@
-//! Kafka settings and a proof that the brokers answer a metadata request.
+//! Kafka settings — where the brokers are, and how we prove who we are to them (TLS, SASL) —
+//! and a proof that the brokers answer a metadata request.
 
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::AdminClient;
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 
+use crate::secret::{readable_file, secret_file, Secret};
 use crate::{BackendError, Service, Target};
 
 /// The environment variable naming the Kafka brokers; errors name it.
@@ -34,6 +39,154 @@ pub struct KafkaSettings {
         value_parser = crate::parse_duration
     )]
     pub connect_timeout: Duration,
+
+    /// How to talk to the brokers: plaintext, ssl (TLS), sasl_plaintext or sasl_ssl (SASL
+    /// over TLS: what managed Kafka services want).
+    #[arg(
+        long = "kafka-security-protocol", id = "kafka_security_protocol",
+        value_name = "PROTOCOL",
+        env = "BIOFEED_KAFKA_SECURITY_PROTOCOL",
+        default_value = "plaintext",
+        ignore_case = true,
+        value_enum
+    )]
+    pub security_protocol: SecurityProtocol,
+
+    /// SASL mechanism, with sasl_plaintext or sasl_ssl.
+    #[arg(
+        long = "kafka-sasl-mechanism", id = "kafka_sasl_mechanism",
+        value_name = "MECHANISM",
+        env = "BIOFEED_KAFKA_SASL_MECHANISM",
+        default_value = "SCRAM-SHA-512",
+        ignore_case = true,
+        value_enum
+    )]
+    pub sasl_mechanism: SaslMechanism,
+
+    /// SASL user name (needed with sasl_plaintext or sasl_ssl).
+    #[arg(
+        long = "kafka-user",
+        id = "kafka_user",
+        value_name = "USER",
+        env = "BIOFEED_KAFKA_USER"
+    )]
+    pub user: Option<String>,
+
+    /// SASL password. Never logged. Or give BIOFEED_KAFKA_PASSWORD_FILE.
+    #[arg(
+        long = "kafka-password",
+        id = "kafka_password",
+        value_name = "PASSWORD",
+        env = "BIOFEED_KAFKA_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<Secret>,
+
+    /// A file holding the SASL password (e.g. a mounted secret) instead of BIOFEED_KAFKA_PASSWORD.
+    #[arg(
+        long = "kafka-password-file",
+        id = "kafka_password_file",
+        value_name = "PATH",
+        env = "BIOFEED_KAFKA_PASSWORD_FILE",
+        conflicts_with = "kafka_password",
+        value_parser = secret_file("BIOFEED_KAFKA_PASSWORD_FILE")
+    )]
+    pub password_file: Option<Secret>,
+
+    /// PEM file of the CA certificate(s) that signed the brokers' certificates (ssl, sasl_ssl);
+    /// without it, the system's roots. The brokers' host names are verified.
+    #[arg(
+        long = "kafka-ca-file", id = "kafka_ca_file",
+        value_name = "PATH",
+        env = "BIOFEED_KAFKA_CA_FILE",
+        value_parser = readable_file("BIOFEED_KAFKA_CA_FILE")
+    )]
+    pub ca_file: Option<PathBuf>,
+
+    /// PEM client certificate, for brokers that authenticate clients by certificate (mTLS).
+    #[arg(
+        long = "kafka-cert-file", id = "kafka_cert_file",
+        value_name = "PATH",
+        env = "BIOFEED_KAFKA_CERT_FILE",
+        requires = "kafka_key_file",
+        value_parser = readable_file("BIOFEED_KAFKA_CERT_FILE")
+    )]
+    pub cert_file: Option<PathBuf>,
+
+    /// PEM private key of the client certificate (mTLS).
+    #[arg(
+        long = "kafka-key-file", id = "kafka_key_file",
+        value_name = "PATH",
+        env = "BIOFEED_KAFKA_KEY_FILE",
+        requires = "kafka_cert_file",
+        value_parser = readable_file("BIOFEED_KAFKA_KEY_FILE")
+    )]
+    pub key_file: Option<PathBuf>,
+}
+
+/// How a client talks to the brokers (Kafka's `security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecurityProtocol {
+    /// Unencrypted, unauthenticated: a trusted network only.
+    #[value(name = "plaintext")]
+    Plaintext,
+    /// TLS; the client is known by its certificate, if any.
+    #[value(name = "ssl")]
+    Ssl,
+    /// SASL user and password over an unencrypted connection.
+    #[value(name = "sasl_plaintext")]
+    SaslPlaintext,
+    /// SASL user and password over TLS.
+    #[value(name = "sasl_ssl")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// Kafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    fn uses_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+
+    fn uses_sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+}
+
+/// SASL mechanism (Kafka's `sasl.mechanism`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaslMechanism {
+    /// SCRAM with SHA-512: the password never crosses the wire.
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+    /// SCRAM with SHA-256.
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// The password itself, sent to the broker: only over TLS.
+    #[value(name = "PLAIN")]
+    Plain,
+}
+
+impl SaslMechanism {
+    /// Kafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::Plain => "PLAIN",
+        }
+    }
 }
 
 /// The names of biofeed's topics; tests give each run its own.
@@ -51,17 +204,93 @@ pub struct TopicNames {
 }
 
 impl KafkaSettings {
-    /// Client configuration shared by producers, consumers and admin clients, with connection
-    /// set-up bounded by the connect timeout.
-    pub fn client_config(&self) -> ClientConfig {
+    /// Client configuration shared by producers, consumers and admin clients: the brokers, TLS
+    /// and SASL as set, and connection set-up bounded by the connect timeout. Fails when the
+    /// settings contradict each other (SASL without a user or password).
+    pub fn client_config(&self) -> Result<ClientConfig, BackendError> {
         let timeout_ms = self.connect_timeout.as_millis().max(1000).to_string();
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", "biofeed")
             .set("socket.connection.setup.timeout.ms", &timeout_ms)
-            .set("socket.timeout.ms", &timeout_ms);
-        config
+            .set("socket.timeout.ms", &timeout_ms)
+            .set("security.protocol", self.security_protocol.as_str());
+        let protocol = self.security_protocol;
+        if protocol.uses_sasl() {
+            let misconfigured = |setting, what: &str| BackendError::Misconfigured {
+                setting,
+                reason: format!(
+                    "BIOFEED_KAFKA_SECURITY_PROTOCOL={} needs {what}",
+                    protocol.as_str()
+                ),
+            };
+            let user = self
+                .user
+                .as_deref()
+                .filter(|u| !u.is_empty())
+                .ok_or_else(|| misconfigured("BIOFEED_KAFKA_USER", "a user"))?;
+            let password = self
+                .password
+                .as_ref()
+                .or(self.password_file.as_ref())
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| {
+                    misconfigured(
+                        "BIOFEED_KAFKA_PASSWORD",
+                        "a password (BIOFEED_KAFKA_PASSWORD or BIOFEED_KAFKA_PASSWORD_FILE)",
+                    )
+                })?;
+            config
+                .set("sasl.mechanism", self.sasl_mechanism.as_str())
+                .set("sasl.username", user)
+                .set("sasl.password", password.expose());
+        }
+        if protocol.uses_tls() {
+            // Brokers' names are checked against their certificates (librdkafka's default,
+            // stated so that nobody turns it off by accident).
+            config.set("ssl.endpoint.identification.algorithm", "https");
+            if let Some(ca) = &self.ca_file {
+                config.set("ssl.ca.location", path_str(ca));
+            }
+            if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+                config
+                    .set("ssl.certificate.location", path_str(cert))
+                    .set("ssl.key.location", path_str(key));
+            }
+        } else if self.ca_file.is_some() || self.cert_file.is_some() {
+            return Err(BackendError::Misconfigured {
+                setting: "BIOFEED_KAFKA_SECURITY_PROTOCOL",
+                reason: format!(
+                    "certificate files are set but the protocol is {}: choose ssl or sasl_ssl",
+                    protocol.as_str()
+                ),
+            });
+        }
+        Ok(config)
+    }
+
+    /// How this process talks to Kafka, for reports: protocol, mechanism and user (never the
+    /// password), e.g. `sasl_ssl SCRAM-SHA-512 as biofeed-gateway, CA /etc/ca.pem`.
+    pub fn security_summary(&self) -> String {
+        let mut summary = self.security_protocol.as_str().to_owned();
+        if self.security_protocol.uses_sasl() {
+            summary.push_str(&format!(
+                " {} as {}",
+                self.sasl_mechanism.as_str(),
+                self.user.as_deref().unwrap_or("?")
+            ));
+        }
+        if self.security_protocol.uses_tls() {
+            match &self.ca_file {
+                Some(ca) => summary.push_str(&format!(", CA {}", ca.display())),
+                None => summary.push_str(", system CAs"),
+            }
+            if self.cert_file.is_some() {
+                summary.push_str(", client certificate");
+            }
+        }
+        summary
     }
 
     /// An admin client whose brokers answered a metadata request within the connect timeout.
@@ -70,28 +299,89 @@ impl KafkaSettings {
     pub async fn connect_admin(
         &self,
     ) -> Result<Arc<AdminClient<DefaultClientContext>>, BackendError> {
+        self.probe().await?;
         let target = Target::new(Service::Kafka, BROKERS_SETTING, self.brokers.clone());
         let admin: Arc<AdminClient<DefaultClientContext>> = Arc::new(
-            self.client_config()
+            self.client_config()?
                 .create()
+                .map_err(|e| target.failed(e))?,
+        );
+        Ok(admin)
+    }
+
+    /// Proves, within the connect timeout, that the brokers answer a metadata request with
+    /// these settings. A refusal (SASL authentication failed, the brokers' certificate not
+    /// trusted, TLS against a plaintext listener or the reverse) is
+    /// [`BackendError::Rejected`], naming the setting to look at.
+    pub async fn probe(&self) -> Result<(), BackendError> {
+        let target = Target::new(Service::Kafka, BROKERS_SETTING, self.brokers.clone());
+        let client: Arc<AdminClient<ProbeContext>> = Arc::new(
+            self.client_config()?
+                .create_with_context(ProbeContext::default())
                 .map_err(|e| target.failed(e))?,
         );
         let timeout = self.connect_timeout;
         // librdkafka's metadata call blocks; keep it off the async workers.
-        let probe = Arc::clone(&admin);
-        let answer = tokio::task::spawn_blocking(move || {
-            probe.inner().fetch_metadata(None, timeout).map(|_| ())
-        })
-        .await
-        .map_err(|e| target.failed(e))?;
-        match answer {
-            Ok(()) => Ok(admin),
-            Err(rdkafka::error::KafkaError::MetadataFetch(
-                rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
-            )) => Err(target.timed_out(timeout)),
-            Err(e) => Err(target.failed(e)),
+        let probe = Arc::clone(&client);
+        let answer =
+            tokio::task::spawn_blocking(move || probe.inner().fetch_metadata(None, timeout))
+                .await
+                .map_err(|e| target.failed(e))?;
+        let refusal = client.inner().context().refusal();
+        match (answer, refusal) {
+            (Ok(_), _) => Ok(()),
+            (Err(_), Some((setting, reason))) => Err(BackendError::Rejected {
+                service: Service::Kafka,
+                setting,
+                address: self.brokers.clone(),
+                reason,
+            }),
+            (Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut)), None) => {
+                Err(target.timed_out(timeout))
+            }
+            (Err(e), None) => Err(target.failed(e)),
         }
     }
+}
+
+/// Remembers the first refusal librdkafka reported while the probe ran (it reports errors to
+/// the client's context, and the metadata request itself only times out).
+#[derive(Default)]
+struct ProbeContext {
+    refusal: Mutex<Option<(&'static str, String)>>,
+}
+
+impl ProbeContext {
+    fn refusal(&self) -> Option<(&'static str, String)> {
+        self.refusal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ClientContext for ProbeContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let setting = match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication) => Some("BIOFEED_KAFKA_USER"),
+            Some(RDKafkaErrorCode::SSL) => Some("BIOFEED_KAFKA_CA_FILE"),
+            // A plaintext client at a TLS listener is cut off while asking for API versions.
+            _ if reason.contains("security.protocol") => Some("BIOFEED_KAFKA_SECURITY_PROTOCOL"),
+            _ => None,
+        };
+        if let Some(setting) = setting {
+            let mut refusal = self
+                .refusal
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            refusal.get_or_insert_with(|| (setting, reason.to_owned()));
+        }
+    }
+}
+
+fn path_str(path: &std::path::Path) -> &str {
+    // Paths come from settings, which clap read as UTF-8 strings.
+    path.to_str().unwrap_or_default()
 }
 
 /// Accepts a comma-separated list of `host:port` pairs.

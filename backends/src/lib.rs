@@ -15,11 +15,14 @@ mod address;
 pub mod clickhouse;
 pub mod kafka;
 pub mod postgres;
+pub mod secret;
 pub mod shutdown;
+pub mod tls;
 
 use std::time::Duration;
 
 pub use address::redacted_address;
+pub use secret::Secret;
 
 /// Where all three backing services are, and the topics' names: what a process that touches
 /// every store (migrate, consume, replay) is given.
@@ -38,6 +41,76 @@ pub struct StoreSettings {
     #[command(flatten, next_help_heading = "Kafka")]
     pub topics: kafka::TopicNames,
 }
+
+impl StoreSettings {
+    /// These settings as the `BIOFEED_…` environment of a child `biofeed` process (the benches
+    /// start `biofeed up`), secrets as values: the child must not also inherit the
+    /// [`SECRET_FILE_SETTINGS`], which would conflict with them.
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        let (pg, ch, kafka) = (&self.postgres, &self.clickhouse, &self.kafka);
+        let mut url = pg.url.clone();
+        if let Some(password) = &pg.password_file {
+            // A child's environment, never logged: the URL carries the password there.
+            let _ = url.set_password(Some(password.expose()));
+        }
+        let mut env = vec![
+            ("BIOFEED_POSTGRES_URL", url.to_string()),
+            ("BIOFEED_CLICKHOUSE_URL", ch.url.to_string()),
+            ("BIOFEED_CLICKHOUSE_USER", ch.user.clone()),
+            ("BIOFEED_CLICKHOUSE_PASSWORD", ch.password().to_owned()),
+            ("BIOFEED_CLICKHOUSE_DATABASE", ch.database.clone()),
+            ("BIOFEED_KAFKA_BROKERS", kafka.brokers.clone()),
+            (
+                "BIOFEED_KAFKA_SECURITY_PROTOCOL",
+                kafka.security_protocol.as_str().to_owned(),
+            ),
+            (
+                "BIOFEED_KAFKA_SASL_MECHANISM",
+                kafka.sasl_mechanism.as_str().to_owned(),
+            ),
+            ("BIOFEED_POINTS_TOPIC", self.topics.points.clone()),
+            ("BIOFEED_DLQ_TOPIC", self.topics.dlq.clone()),
+        ];
+        let path = |p: &std::path::PathBuf| p.display().to_string();
+        let optional = [
+            ("BIOFEED_POSTGRES_SSLMODE", pg.sslmode.map(|m| m.as_str().to_owned())),
+            ("BIOFEED_POSTGRES_SSLROOTCERT", pg.sslrootcert.as_ref().map(path)),
+            ("BIOFEED_CLICKHOUSE_CA_FILE", ch.ca_file.as_ref().map(path)),
+            ("BIOFEED_KAFKA_USER", kafka.user.clone()),
+            (
+                "BIOFEED_KAFKA_PASSWORD",
+                kafka
+                    .password
+                    .as_ref()
+                    .or(kafka.password_file.as_ref())
+                    .map(|p| p.expose().to_owned()),
+            ),
+            ("BIOFEED_KAFKA_CA_FILE", kafka.ca_file.as_ref().map(path)),
+            ("BIOFEED_KAFKA_CERT_FILE", kafka.cert_file.as_ref().map(path)),
+            ("BIOFEED_KAFKA_KEY_FILE", kafka.key_file.as_ref().map(path)),
+        ];
+        env.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        env
+    }
+
+    /// How this process talks to each service, for reports (never a secret).
+    pub fn security_summary(&self) -> String {
+        format!(
+            "postgres {}; clickhouse {}; kafka {}",
+            self.postgres.security_summary(),
+            self.clickhouse.security_summary(),
+            self.kafka.security_summary()
+        )
+    }
+}
+
+/// The settings that name files holding secrets; a child given [`StoreSettings::child_env`]
+/// must not inherit them.
+pub const SECRET_FILE_SETTINGS: &[&str] = &[
+    "BIOFEED_POSTGRES_PASSWORD_FILE",
+    "BIOFEED_CLICKHOUSE_PASSWORD_FILE",
+    "BIOFEED_KAFKA_PASSWORD_FILE",
+];
 
 /// Which backing service an error is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,16 +161,49 @@ pub enum BackendError {
         /// What went wrong, as the client library said it.
         reason: String,
     },
+    /// The service answered and refused us: wrong user or password, or its certificate is not
+    /// trusted (unknown CA, expired, another host's name), or it does not speak the protocol
+    /// the settings chose (TLS against a plaintext port or the reverse). Retrying with the same
+    /// settings cannot help.
+    #[error("{service} at {address} (setting {setting}) refused the connection: {reason}")]
+    Rejected {
+        /// The service.
+        service: Service,
+        /// The setting to look at first.
+        setting: &'static str,
+        /// The address tried, credentials removed.
+        address: String,
+        /// Why, as the client library or the server said it (never a secret).
+        reason: String,
+    },
+    /// The settings contradict each other, e.g. SASL without a password.
+    #[error("{setting}: {reason}")]
+    Misconfigured {
+        /// The setting to fix.
+        setting: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl BackendError {
-    /// The service the error is about.
-    pub fn service(&self) -> Service {
+    /// The service the error is about (none for contradictory settings).
+    pub fn service(&self) -> Option<Service> {
         match self {
-            BackendError::Timeout { service, .. } | BackendError::Failed { service, .. } => {
-                *service
-            }
+            BackendError::Timeout { service, .. }
+            | BackendError::Failed { service, .. }
+            | BackendError::Rejected { service, .. } => Some(*service),
+            BackendError::Misconfigured { .. } => None,
         }
+    }
+
+    /// Whether trying again with the same settings can help: a service away or slow, yes; a
+    /// refusal of our credentials or certificates, or contradictory settings, no.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Timeout { .. } | BackendError::Failed { .. }
+        )
     }
 }
 
@@ -128,6 +234,16 @@ impl Target {
         }
     }
 
+    /// The service refused us, for `reason` (credentials, certificate, protocol).
+    pub(crate) fn rejected(&self, reason: impl std::fmt::Display) -> BackendError {
+        BackendError::Rejected {
+            service: self.service,
+            setting: self.setting,
+            address: self.address.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
     /// The service did not answer within `timeout`.
     pub(crate) fn timed_out(&self, timeout: Duration) -> BackendError {
         BackendError::Timeout {
@@ -138,17 +254,21 @@ impl Target {
         }
     }
 
-    /// Runs `attempt` for at most `timeout`: its error is [`Target::failed`], running out of
-    /// time [`Target::timed_out`].
+    /// Runs `attempt` for at most `timeout`: running out of time is [`Target::timed_out`]; its
+    /// error is [`Target::rejected`] when `refusal` finds a reason in it, else [`Target::failed`].
     pub(crate) async fn within<T, E: std::fmt::Display>(
         &self,
         timeout: Duration,
         attempt: impl std::future::Future<Output = Result<T, E>>,
+        refusal: impl FnOnce(&E) -> Option<String>,
     ) -> Result<T, BackendError> {
         tokio::time::timeout(timeout, attempt)
             .await
             .map_err(|_| self.timed_out(timeout))?
-            .map_err(|e| self.failed(e))
+            .map_err(|e| match refusal(&e) {
+                Some(reason) => self.rejected(reason),
+                None => self.failed(e),
+            })
     }
 }
 

@@ -1,11 +1,13 @@
 //! Postgres settings and a connection pool that fails fast when Postgres is away.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use sqlx::{ConnectOptions, Connection};
 use url::Url;
 
+use crate::secret::{readable_file, secret_file, Secret};
 use crate::{redacted_address, BackendError, Service, Target};
 
 /// The environment variable naming the Postgres URL; errors name it.
@@ -14,7 +16,9 @@ pub const URL_SETTING: &str = "BIOFEED_POSTGRES_URL";
 /// Where Postgres is and how long to wait for it.
 #[derive(Clone, clap::Args)]
 pub struct PostgresSettings {
-    /// Postgres URL (users, sessions, devices, failed jobs). Credentials in it are never logged.
+    /// Postgres URL (users, sessions, devices, failed jobs), libpq style: `sslmode` and
+    /// `sslrootcert` may be given in its query (`?sslmode=verify-full&sslrootcert=/ca.pem`).
+    /// Credentials in it are never logged.
     #[arg(
         long = "postgres-url", id = "postgres_url",
         value_name = "URL",
@@ -45,6 +49,74 @@ pub struct PostgresSettings {
         value_parser = clap::value_parser!(u32).range(1..=1000)
     )]
     pub max_connections: u32,
+
+    /// TLS towards Postgres, as libpq's sslmode: disable, prefer, require, verify-ca or
+    /// verify-full (certificate and host name checked: what a managed Postgres wants).
+    /// Overrides `sslmode` in the URL; without either, prefer.
+    #[arg(
+        long = "postgres-sslmode", id = "postgres_sslmode",
+        value_name = "MODE",
+        env = "BIOFEED_POSTGRES_SSLMODE",
+        value_enum
+    )]
+    pub sslmode: Option<SslMode>,
+
+    /// PEM file of the CA certificate(s) that signed the server's certificate (verify-ca,
+    /// verify-full). Overrides `sslrootcert` in the URL.
+    #[arg(
+        long = "postgres-sslrootcert", id = "postgres_sslrootcert",
+        value_name = "PATH",
+        env = "BIOFEED_POSTGRES_SSLROOTCERT",
+        value_parser = readable_file("BIOFEED_POSTGRES_SSLROOTCERT")
+    )]
+    pub sslrootcert: Option<PathBuf>,
+
+    /// A file holding the Postgres password (e.g. a mounted secret) instead of one in the URL.
+    #[arg(
+        long = "postgres-password-file", id = "postgres_password_file",
+        value_name = "PATH",
+        env = "BIOFEED_POSTGRES_PASSWORD_FILE",
+        value_parser = secret_file("BIOFEED_POSTGRES_PASSWORD_FILE")
+    )]
+    pub password_file: Option<Secret>,
+}
+
+/// libpq's `sslmode`s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SslMode {
+    /// No TLS.
+    Disable,
+    /// TLS if the server offers it, unverified.
+    Prefer,
+    /// TLS or nothing, unverified.
+    Require,
+    /// TLS with the server's certificate checked against the root certificate.
+    VerifyCa,
+    /// TLS with the certificate and the host name checked.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// libpq's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    fn to_sqlx(self) -> PgSslMode {
+        match self {
+            SslMode::Disable => PgSslMode::Disable,
+            SslMode::Prefer => PgSslMode::Prefer,
+            SslMode::Require => PgSslMode::Require,
+            SslMode::VerifyCa => PgSslMode::VerifyCa,
+            SslMode::VerifyFull => PgSslMode::VerifyFull,
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresSettings {
@@ -53,7 +125,9 @@ impl std::fmt::Debug for PostgresSettings {
             .field("url", &redacted_address(&self.url))
             .field("connect_timeout", &self.connect_timeout)
             .field("max_connections", &self.max_connections)
-            .finish()
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .finish_non_exhaustive()
     }
 }
 
@@ -69,15 +143,47 @@ impl PostgresSettings {
         }
     }
 
-    /// Opens a pool and proves it works with one connection, within the connect timeout.
+    /// The connection options: the URL, with the TLS and password settings laid over it.
+    pub fn connect_options(&self) -> Result<PgConnectOptions, BackendError> {
+        let target = Target::new(Service::Postgres, URL_SETTING, redacted_address(&self.url));
+        let mut options = PgConnectOptions::from_url(&self.url).map_err(|e| target.failed(e))?;
+        if let Some(mode) = self.sslmode {
+            options = options.ssl_mode(mode.to_sqlx());
+        }
+        if let Some(root) = &self.sslrootcert {
+            options = options.ssl_root_cert(root);
+        }
+        if let Some(password) = &self.password_file {
+            options = options.password(password.expose());
+        }
+        Ok(options)
+    }
+
+    /// How this process talks to Postgres, for reports, e.g. `sslmode verify-full as
+    /// biofeed_app` (never the password).
+    pub fn security_summary(&self) -> String {
+        let mode = match self.sslmode {
+            Some(mode) => mode.as_str().to_owned(),
+            None => self
+                .url
+                .query_pairs()
+                .find(|(k, _)| k == "sslmode")
+                .map_or_else(|| "prefer".to_owned(), |(_, v)| v.into_owned()),
+        };
+        format!("sslmode {mode} as {}", self.url.username())
+    }
+
+    /// Opens a pool and proves it works with one connection, within the connect timeout. A
+    /// refused password or role, a refused certificate, or a server that will not speak TLS
+    /// when we require it (or insists when we won't) is [`BackendError::Rejected`].
     #[tracing::instrument(skip(self), fields(address = %redacted_address(&self.url)))]
     pub async fn connect(&self) -> Result<PgPool, BackendError> {
         let target = Target::new(Service::Postgres, URL_SETTING, redacted_address(&self.url));
-        let options = PgConnectOptions::from_url(&self.url).map_err(|e| target.failed(e))?;
+        let options = self.connect_options()?;
         // One direct connection first: a pool retries until its timeout and then reports only
         // "timed out", while a single attempt tells "connection refused" or a bad password at once.
         let probe = target
-            .within(self.connect_timeout, options.connect())
+            .within(self.connect_timeout, options.connect(), refusal)
             .await?;
         probe.close().await.map_err(|e| target.failed(e))?;
         PgPoolOptions::new()
@@ -89,6 +195,19 @@ impl PostgresSettings {
                 sqlx::Error::PoolTimedOut => target.timed_out(self.connect_timeout),
                 e => target.failed(e),
             })
+    }
+}
+
+/// Why Postgres refused us, if it did: TLS (an untrusted or misnamed certificate, a server
+/// without TLS when we require it), or authentication and `pg_hba.conf` refusals (SQLSTATE class
+/// 28), which include a client without TLS where the server wants TLS only.
+fn refusal(error: &sqlx::Error) -> Option<String> {
+    match error {
+        sqlx::Error::Tls(e) => Some(format!("TLS refused: {e}")),
+        sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("28")) => {
+            Some(db.message().to_owned())
+        }
+        other => crate::tls::refusal(other),
     }
 }
 

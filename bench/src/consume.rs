@@ -279,7 +279,7 @@ async fn load(
     let producer: FutureProducer = consume
         .stores
         .kafka
-        .client_config()
+        .client_config()?
         .set("linger.ms", "20")
         .set("batch.size", "4194304")
         .set("compression.type", "lz4")

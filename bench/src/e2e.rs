@@ -60,6 +60,17 @@ pub struct BenchE2eSettings {
     #[arg(long = "no-peers", id = "e2e_no_peers")]
     pub no_peers: bool,
 
+    /// Serve the bench's gateway over HTTPS: the CA (PEM) the simulated devices trust. The
+    /// gateway then uses BIOFEED_GATEWAY_TLS_CERT_FILE and BIOFEED_GATEWAY_TLS_KEY_FILE, which
+    /// must be set; without this setting it serves plain HTTP.
+    #[arg(
+        long = "gateway-ca-file",
+        id = "e2e_gateway_ca_file",
+        value_name = "PATH",
+        env = "BIOFEED_BENCH_GATEWAY_CA_FILE"
+    )]
+    pub gateway_ca_file: Option<std::path::PathBuf>,
+
     /// Where the services are.
     #[command(flatten)]
     pub stores: StoreSettings,
@@ -106,10 +117,27 @@ pub struct E2eFigures {
     pub peak_rss_mib: f64,
     /// Bytes per point on disk in ClickHouse.
     pub bytes_per_point: f64,
+    /// How the run talked to each service and how devices reached the gateway (never a
+    /// secret).
+    pub security: String,
     /// `biofeed bench gateway`'s last line, if run.
     pub gateway_peer: Option<serde_json::Value>,
     /// `biofeed bench consume`'s last line, if run.
     pub consume_peer: Option<serde_json::Value>,
+}
+
+/// Removing several variables from a child's environment.
+trait EnvRemoveAll {
+    fn env_remove_all(&mut self, keys: &[&str]) -> &mut Self;
+}
+
+impl EnvRemoveAll for std::process::Command {
+    fn env_remove_all(&mut self, keys: &[&str]) -> &mut Self {
+        for key in keys {
+            self.env_remove(key);
+        }
+        self
+    }
 }
 
 /// A child `biofeed` process, stopped with SIGTERM when dropped.
@@ -132,28 +160,16 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// The environment a child `biofeed` needs to use `stores` and `keys`.
 fn child_env(stores: &StoreSettings, keys: &AccountKeys) -> Vec<(&'static str, String)> {
-    vec![
-        ("BIOFEED_POSTGRES_URL", stores.postgres.url.to_string()),
-        ("BIOFEED_CLICKHOUSE_URL", stores.clickhouse.url.to_string()),
-        ("BIOFEED_CLICKHOUSE_USER", stores.clickhouse.user.clone()),
-        (
-            "BIOFEED_CLICKHOUSE_PASSWORD",
-            stores.clickhouse.password.clone(),
-        ),
-        (
-            "BIOFEED_CLICKHOUSE_DATABASE",
-            stores.clickhouse.database.clone(),
-        ),
-        ("BIOFEED_KAFKA_BROKERS", stores.kafka.brokers.clone()),
-        ("BIOFEED_POINTS_TOPIC", stores.topics.points.clone()),
-        ("BIOFEED_DLQ_TOPIC", stores.topics.dlq.clone()),
+    let mut env = stores.child_env();
+    env.extend([
         ("BIOFEED_MASTER_KEY", keys.master_key().to_base64()),
         ("BIOFEED_BLIND_INDEX_KEY", keys.blind_index_key.to_base64()),
         (
             "BIOFEED_MASTER_KEY_VERSION",
             keys.master_key_version.to_string(),
         ),
-    ]
+    ]);
+    env
 }
 
 /// Runs a peer benchmark as a child process and returns its last line.
@@ -162,6 +178,7 @@ fn peer(args: &[&str], env: &[(&'static str, String)]) -> anyhow::Result<serde_j
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .env("BIOFEED_LOG", "warn")
+        .env_remove_all(biofeed_backends::SECRET_FILE_SETTINGS)
         .stderr(std::process::Stdio::inherit())
         .output()?;
     anyhow::ensure!(output.status.success(), "biofeed {args:?} failed");
@@ -253,10 +270,16 @@ async fn measure(
     progress("starting biofeed up on the bench's own database and topics");
     let (up, url) = start_up(settings, stores, id).await?;
     let pid = up.0.id();
-    let http = reqwest::Client::builder()
+    let mut http = reqwest::Client::builder()
         .pool_max_idle_per_host(settings.devices as usize)
-        .timeout(Duration::from_secs(30))
-        .build()?;
+        .timeout(Duration::from_secs(30));
+    if let Some(ca) = &settings.gateway_ca_file {
+        let pem = std::fs::read(ca).map_err(|e| {
+            anyhow::anyhow!("BIOFEED_BENCH_GATEWAY_CA_FILE: cannot read {}: {e}", ca.display())
+        })?;
+        http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    let http = http.build()?;
     wait_ready(&http, &url).await?;
 
     progress(&format!(
@@ -306,6 +329,11 @@ async fn measure(
     let offered_rate = window.offered as f64 / window.seconds;
     let stored_rate = window.stored as f64 / window.seconds;
     Ok(E2eFigures {
+        security: format!(
+            "devices → gateway {}; {}",
+            if settings.gateway_ca_file.is_some() { "https" } else { "http" },
+            stores.security_summary()
+        ),
         devices: settings.devices,
         rate_hz: settings.rate_hz,
         seconds: window.seconds,
@@ -343,6 +371,7 @@ async fn start_up(
                 .iter()
                 .map(|(k, v)| (*k, v.as_str())),
         )
+        .env_remove_all(biofeed_backends::SECRET_FILE_SETTINGS)
         .env("BIOFEED_GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
         .env(
             "BIOFEED_UP_METRICS_LISTEN",
@@ -352,7 +381,18 @@ async fn start_up(
         .env("BIOFEED_GATEWAY_MAX_IN_FLIGHT", "4096")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit());
-    Ok((Child(command.spawn()?), format!("http://127.0.0.1:{port}")))
+    let scheme = if settings.gateway_ca_file.is_some() {
+        "https"
+    } else {
+        for setting in ["BIOFEED_GATEWAY_TLS_CERT_FILE", "BIOFEED_GATEWAY_TLS_KEY_FILE"] {
+            command.env_remove(setting);
+        }
+        "http"
+    };
+    Ok((
+        Child(command.spawn()?),
+        format!("{scheme}://localhost:{port}"),
+    ))
 }
 
 /// Waits up to a minute for the gateway at `url` to say it is ready.

@@ -243,7 +243,7 @@ fn direct_producer(settings: &GatewaySettings) -> anyhow::Result<FutureProducer>
     Ok(biofeed_ingest_gateway::publisher::frame_producer_config(
         &settings.kafka,
         "biofeed-bench-direct",
-    )
+    )?
     .create()?)
 }
 

@@ -110,7 +110,7 @@ impl OwnStores {
     }
 
     fn admin(&self) -> anyhow::Result<AdminClient<DefaultClientContext>> {
-        Ok(self.kafka.client_config().create()?)
+        Ok(self.kafka.client_config()?.create()?)
     }
 }
 

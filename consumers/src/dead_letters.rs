@@ -42,9 +42,9 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     /// An idempotent, `acks=all` producer to `topic`.
-    pub fn new(kafka: &KafkaSettings, topic: &str) -> Result<Self, rdkafka::error::KafkaError> {
+    pub fn new(kafka: &KafkaSettings, topic: &str) -> Result<Self, crate::ConsumeError> {
         let producer = kafka
-            .client_config()
+            .client_config()?
             .set("client.id", "biofeed-consumer-dlq")
             .set("enable.idempotence", "true")
             .set("acks", "all")

@@ -237,7 +237,7 @@ pub async fn prepare(
         refresh: settings.options.refresh,
         shutdown: Shutdown::new(),
     };
-    let mut config = settings.stores.kafka.client_config();
+    let mut config = settings.stores.kafka.client_config()?;
     let instance_id = settings
         .options
         .instance_id

@@ -102,7 +102,7 @@ fn replay_consumer(settings: &ReplaySettings) -> Result<BaseConsumer, ConsumeErr
     Ok(settings
         .stores
         .kafka
-        .client_config()
+        .client_config()?
         .set(
             "group.id",
             format!("biofeed-replay-{}", uuid::Uuid::new_v4().simple()),

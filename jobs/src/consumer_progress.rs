@@ -31,7 +31,7 @@ impl ConsumerProgress {
     /// A client that reads `group`'s committed offsets on `topic`.
     pub fn new(kafka: &KafkaSettings, topic: &str, group: &str) -> Result<Self, JobError> {
         let client: BaseConsumer = kafka
-            .client_config()
+            .client_config()?
             .set("client.id", "biofeed-jobs")
             .set("group.id", group)
             .set("enable.auto.commit", "false")

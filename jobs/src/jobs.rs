@@ -146,9 +146,10 @@ impl JobError {
             JobError::ClickHouse(_) | JobError::DeletionUnfinished { .. } => "clickhouse",
             JobError::Kafka(_) | JobError::ConsumersBehind { .. } => "kafka",
             JobError::Unreachable(e) => match e.service() {
-                biofeed_backends::Service::Postgres => "postgres",
-                biofeed_backends::Service::ClickHouse => "clickhouse",
-                biofeed_backends::Service::Kafka => "kafka",
+                Some(biofeed_backends::Service::Postgres) => "postgres",
+                Some(biofeed_backends::Service::ClickHouse) => "clickhouse",
+                Some(biofeed_backends::Service::Kafka) => "kafka",
+                None => "none",
             },
             JobError::Panicked(_) => "none",
         }
@@ -157,7 +158,11 @@ impl JobError {
     /// Whether running the job again later can help: a backend failing, slow or behind may
     /// recover; a panic is a bug that needs a fix first.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, JobError::Panicked(_))
+        match self {
+            JobError::Panicked(_) => false,
+            JobError::Unreachable(e) => e.is_retryable(),
+            _ => true,
+        }
     }
 }
 

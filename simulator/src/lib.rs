@@ -43,6 +43,17 @@ pub struct SimulateSettings {
     )]
     pub url: reqwest::Url,
 
+    /// PEM file of a CA to trust (besides the system's) for an https:// gateway URL, e.g. the
+    /// local stack's `.state/tls/ca.pem`.
+    #[arg(
+        long = "ca-file",
+        id = "simulate_ca_file",
+        value_name = "PATH",
+        env = "BIOFEED_SIMULATE_CA_FILE",
+        value_parser = parse_ca_file
+    )]
+    pub ca_file: Option<reqwest::Certificate>,
+
     /// Simulated devices (each with its own person), streaming at once.
     #[arg(long = "devices", id = "simulate_devices", value_name = "N", env = "BIOFEED_SIMULATE_DEVICES",
           default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -299,16 +310,27 @@ impl Body {
     }
 }
 
+/// Reads the CA certificate of BIOFEED_SIMULATE_CA_FILE (PEM).
+fn parse_ca_file(value: &str) -> Result<reqwest::Certificate, String> {
+    let pem = std::fs::read(value)
+        .map_err(|e| format!("BIOFEED_SIMULATE_CA_FILE: cannot read {value}: {e}"))?;
+    reqwest::Certificate::from_pem(&pem)
+        .map_err(|e| format!("BIOFEED_SIMULATE_CA_FILE: {value} is not a PEM certificate: {e}"))
+}
+
 /// Runs the simulation; `progress` is updated as it goes.
 pub async fn simulate(
     settings: &SimulateSettings,
     progress: Arc<Progress>,
 ) -> anyhow::Result<Summary> {
     let url = settings.url.clone();
-    let http = reqwest::Client::builder()
+    let mut http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
-        .pool_max_idle_per_host(settings.devices as usize)
-        .build()?;
+        .pool_max_idle_per_host(settings.devices as usize);
+    if let Some(ca) = &settings.ca_file {
+        http = http.add_root_certificate(ca.clone());
+    }
+    let http = http.build()?;
     http.get(url.join("/healthz")?)
         .send()
         .await

@@ -30,7 +30,7 @@ pub(crate) fn consumer_env(
     let mut env = stores.env();
     env.push((
         "BIOFEED_CONSUMER_GROUP",
-        format!("test-group-{}", stores.id),
+        format!("biofeed-test-group-{}", stores.id),
     ));
     env.push(("BIOFEED_CONSUMER_REFRESH", "1s".to_owned()));
     env.push(("BIOFEED_CONSUMER_METRICS_LISTEN", "127.0.0.1:0".to_owned()));
@@ -64,12 +64,13 @@ fn frames(user: Uuid, sessions: usize, count: usize, samples: usize) -> Vec<Sens
 }
 
 async fn produce(
-    brokers: &str,
+    kafka: &biofeed_backends::kafka::KafkaSettings,
     topic: &str,
     payloads: impl IntoIterator<Item = (String, Vec<u8>)>,
 ) {
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let producer: FutureProducer = kafka
+        .client_config()
+        .unwrap()
         .set("enable.idempotence", "true")
         .create()
         .unwrap();
@@ -105,7 +106,7 @@ pub(crate) async fn produce_frames(stores: &Isolated, frames: &[SensorFrame]) {
 /// Produces the frames as they are, whatever Postgres knows of their sessions.
 pub(crate) async fn produce_unregistered(stores: &Isolated, frames: &[SensorFrame]) {
     produce(
-        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.kafka,
         &stores.settings.stores.topics.points,
         frames
             .iter()
@@ -315,13 +316,13 @@ async fn clickhouse_away_for_twenty_seconds_loses_nothing_and_dead_letters_nothi
     // test's own in it, and the marker must be all the reader finds.
     let marker = format!("marker-{}", stores.id);
     produce(
-        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.kafka,
         &stores.settings.stores.topics.dlq,
         [(marker.clone(), b"marker".to_vec())],
     )
     .await;
     let dlq = crate::gateway_app::read_topic(
-        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.kafka,
         &stores.settings.stores.topics.dlq,
     )
     .await;
@@ -369,7 +370,7 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
     register_sessions(&stores, &good).await;
     register_sessions(&stores, std::slice::from_ref(&unknown)).await;
     produce(
-        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.kafka,
         &stores.settings.stores.topics.points,
         payloads,
     )
@@ -434,7 +435,7 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
 /// (reason, source topic, source offset) of each dead letter.
 async fn dead_letters(stores: &Isolated) -> Vec<(String, String, Option<i64>)> {
     crate::gateway_app::read_messages(
-        &stores.settings.stores.kafka.brokers,
+        &stores.settings.stores.kafka,
         &stores.settings.stores.topics.dlq,
     )
     .await
@@ -584,12 +585,13 @@ async fn metrics_text(addr: &str) -> String {
 /// The group's committed offset and the end of every partition of the points topic.
 async fn committed_and_ends(stores: &Isolated, group: &str) -> Vec<(i32, i64, i64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let brokers = stores.settings.stores.kafka.brokers.clone();
+    let kafka = stores.settings.stores.kafka.clone();
     let topic = stores.settings.stores.topics.points.clone();
     let group = group.to_owned();
     tokio::task::spawn_blocking(move || {
-        let client: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
+        let client: BaseConsumer = kafka
+            .client_config()
+            .unwrap()
             .set("group.id", &group)
             .create()
             .unwrap();
@@ -653,7 +655,7 @@ async fn sigterm_mid_batch_writes_and_commits_the_batch_in_hand() {
         clickhouse_count(&stores, "SELECT count() FROM points").await,
         points_of(&sent)
     );
-    let group = format!("test-group-{}", stores.id);
+    let group = format!("biofeed-test-group-{}", stores.id);
     for (partition, committed, end) in committed_and_ends(&stores, &group).await {
         assert_eq!(committed, end, "partition {partition} committed");
     }
@@ -799,7 +801,7 @@ async fn frames_of_a_person_erased_while_they_waited_in_kafka_never_land() {
     let mut env = stores.env();
     env.push((
         "BIOFEED_CONSUMER_GROUP",
-        format!("test-group-{}", stores.id),
+        format!("biofeed-test-group-{}", stores.id),
     ));
     let run = crate::helpers::run_biofeed(&["jobs", "run", "erasure"], &env).await;
     assert_eq!(run.code, 0, "{run:?}");
@@ -816,7 +818,7 @@ async fn frames_of_a_person_erased_while_they_waited_in_kafka_never_land() {
     produce_unregistered(&stores, &in_flight).await;
     produce_frames(&stores, &later).await;
     wait_for_points(&stores, points_of(&first) + points_of(&later)).await;
-    wait_until_committed(&stores, &format!("test-group-{}", stores.id)).await;
+    wait_until_committed(&stores, &format!("biofeed-test-group-{}", stores.id)).await;
     consumer.stop_ok().await;
     assert_eq!(
         points_with(&stores, "user_id", erased).await,
@@ -859,7 +861,7 @@ async fn a_purge_waits_for_a_lagging_consumer_and_the_purged_session_stays_empty
         .await
         .unwrap();
     }
-    let group = format!("test-group-{}", stores.id);
+    let group = format!("biofeed-test-group-{}", stores.id);
     let mut jobs_env = stores.env();
     jobs_env.extend([
         ("BIOFEED_CONSUMER_GROUP", group.clone()),

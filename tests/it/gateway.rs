@@ -1024,7 +1024,7 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let ids: Vec<Uuid> =
-        crate::gateway_app::read_topic(&brokers, &gw.stores.settings.stores.topics.points)
+        crate::gateway_app::read_topic(&gw.stores.settings.stores.kafka, &gw.stores.settings.stores.topics.points)
             .await
             .iter()
             .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
@@ -1165,7 +1165,7 @@ async fn a_retry_while_the_first_post_waits_for_kafka_is_never_told_duplicate_be
     let again = gw.post(&points).json(&frame).send().await.unwrap();
     assert_eq!(again.status(), 200);
     let ids: Vec<Uuid> =
-        crate::gateway_app::read_topic(&brokers, &gw.stores.settings.stores.topics.points)
+        crate::gateway_app::read_topic(&gw.stores.settings.stores.kafka, &gw.stores.settings.stores.topics.points)
             .await
             .iter()
             .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)

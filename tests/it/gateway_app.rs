@@ -13,7 +13,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use crate::helpers::Isolated;
+use crate::helpers::{as_arguments, gateway_url, http_client, with, Isolated, Role};
+use biofeed_backends::kafka::KafkaSettings;
 
 /// A running gateway and what it needs.
 pub struct TestGateway {
@@ -61,37 +62,34 @@ impl TestGateway {
         let keys = AccountKeys::generate();
         let master = keys.master_key().to_base64();
         let blind = keys.blind_index_key.to_base64();
-        let postgres = stores.settings.stores.postgres.url.to_string();
-        let clickhouse = stores.settings.stores.clickhouse.url.to_string();
-        let mut args = vec![
-            "biofeed",
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--postgres-url",
-            &postgres,
-            "--kafka-brokers",
-            brokers,
-            "--clickhouse-url",
-            &clickhouse,
-            "--clickhouse-database",
-            &stores.settings.stores.clickhouse.database,
-            "--points-topic",
-            &stores.settings.stores.topics.points,
-            "--master-key",
-            &master,
-            "--blind-index-key",
-            &blind,
-            "--auth-cache-ttl",
-            "200ms",
-        ];
-        args.extend_from_slice(options);
+        // The gateway's own identity on the services (least privilege), at `brokers`.
+        let env = with(
+            stores.env_as(Role::Gateway),
+            "BIOFEED_KAFKA_BROKERS",
+            brokers.to_owned(),
+        );
+        let mut args: Vec<String> = ["biofeed", "gateway", "--listen", "127.0.0.1:0"]
+            .map(str::to_owned)
+            .into();
+        args.extend(as_arguments(&["gateway"], &env));
+        args.extend(
+            [
+                "--master-key",
+                &master,
+                "--blind-index-key",
+                &blind,
+                "--auth-cache-ttl",
+                "200ms",
+            ]
+            .map(str::to_owned),
+        );
+        args.extend(options.iter().map(|o| (*o).to_owned()));
         let cli = Cli::try_parse_from(args).expect("gateway arguments parse");
         let Command::Gateway(settings) = cli.command else {
             unreachable!("parsed a gateway command")
         };
         let app = Application::build(*settings).await.expect("gateway starts");
-        let url = format!("http://{}", app.local_addr().unwrap());
+        let url = gateway_url(app.local_addr().unwrap().port());
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
@@ -109,7 +107,7 @@ impl TestGateway {
             .unwrap();
         Self {
             url,
-            http: reqwest::Client::new(),
+            http: http_client(),
             stores,
             keys,
             user,
@@ -157,7 +155,7 @@ impl TestGateway {
     /// Every message now in the points topic, as (key, value).
     pub async fn topic_messages(&self) -> Vec<(String, Vec<u8>)> {
         read_topic(
-            &self.stores.settings.stores.kafka.brokers,
+            &self.stores.settings.stores.kafka,
             &self.stores.settings.stores.topics.points,
         )
         .await
@@ -175,13 +173,14 @@ pub struct TopicMessage {
 }
 
 /// Reads a topic from the beginning until no message arrives for two seconds.
-pub async fn read_messages(brokers: &str, topic: &str) -> Vec<TopicMessage> {
+pub async fn read_messages(kafka: &KafkaSettings, topic: &str) -> Vec<TopicMessage> {
     use rdkafka::message::Headers;
-    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    let (kafka, topic) = (kafka.clone(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", format!("test-reader-{}", Uuid::new_v4()))
+        let consumer: BaseConsumer = kafka
+            .client_config()
+            .unwrap()
+            .set("group.id", format!("biofeed-test-reader-{}", Uuid::new_v4()))
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();
@@ -232,8 +231,8 @@ pub async fn read_messages(brokers: &str, topic: &str) -> Vec<TopicMessage> {
 }
 
 /// Every message of a topic as (key, value).
-pub async fn read_topic(brokers: &str, topic: &str) -> Vec<(String, Vec<u8>)> {
-    read_messages(brokers, topic)
+pub async fn read_topic(kafka: &KafkaSettings, topic: &str) -> Vec<(String, Vec<u8>)> {
+    read_messages(kafka, topic)
         .await
         .into_iter()
         .map(|m| (m.key, m.payload))

@@ -13,10 +13,112 @@ use clap::Parser;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 
-/// The settings the binary would use with no arguments: `BIOFEED_…` from the environment
-/// (`compose/local test` exports them) or the loopback defaults.
-pub fn default_settings() -> MigrateSettings {
-    let cli = Cli::try_parse_from(["biofeed", "migrate"]).expect("default settings parse");
+/// Who a test acts as on the services. `compose/local` gives each part of biofeed its own
+/// least-privileged users and writes each identity's `BIOFEED_…` settings (TLS, users, password
+/// files) to `$BIOFEED_TEST_ENV_DIR/<role>.env`; `compose/local test` exports `up`'s and that
+/// directory. Without it (services started some other way) every role is the environment's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// `biofeed migrate` and the tests' own fixtures: the owner of the schemas, Kafka's admin.
+    Migrate,
+    /// `biofeed up`: gateway, consumer and jobs in one process.
+    Up,
+    /// `biofeed gateway`.
+    Gateway,
+    /// `biofeed consume`.
+    Consume,
+    /// `biofeed replay`.
+    Replay,
+    /// `biofeed jobs`.
+    Jobs,
+    /// An analyst: ClickHouse's pseudonymous views only.
+    Analyst,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Migrate => "migrate",
+            Role::Up => "up",
+            Role::Gateway => "gateway",
+            Role::Consume => "consume",
+            Role::Replay => "replay",
+            Role::Jobs => "jobs",
+            Role::Analyst => "analyst",
+        }
+    }
+
+    /// The identity a `biofeed <args>` command runs as.
+    pub fn of_command(args: &[&str]) -> Role {
+        match args.first().copied() {
+            Some("migrate" | "bench") => Role::Migrate,
+            Some("gateway") => Role::Gateway,
+            Some("consume") => Role::Consume,
+            Some("replay") => Role::Replay,
+            Some("jobs") => Role::Jobs,
+            _ => Role::Up,
+        }
+    }
+}
+
+/// The `BIOFEED_…` settings of `role` from `$BIOFEED_TEST_ENV_DIR/<role>.env` (empty without
+/// that directory), read once.
+pub fn role_env(role: Role) -> &'static [(&'static str, String)] {
+    static ROLES: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<Role, &'static [(&'static str, String)]>>,
+    > = std::sync::OnceLock::new();
+    let mut roles = ROLES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    roles.entry(role).or_insert_with(|| {
+        let Some(dir) = std::env::var_os("BIOFEED_TEST_ENV_DIR") else {
+            return &[];
+        };
+        let file = std::path::Path::new(&dir).join(format!("{}.env", role.name()));
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("{} (BIOFEED_TEST_ENV_DIR): {e}", file.display()));
+        let pairs: Vec<(&'static str, String)> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let (key, value) = l.split_once('=').expect("KEY=VALUE lines");
+                (&*Box::leak(key.trim().to_owned().into_boxed_str()), value.to_owned())
+            })
+            .collect();
+        Box::leak(pairs.into_boxed_slice())
+    })
+}
+
+/// `env` as command-line arguments of `biofeed <subcommand>`: each `BIOFEED_…` variable the
+/// subcommand reads becomes its `--long value` (arguments win over the process environment,
+/// which `compose/local test` filled with another identity's settings).
+pub fn as_arguments(subcommand: &[&str], env: &[(&str, String)]) -> Vec<String> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    for name in subcommand {
+        command = command
+            .find_subcommand(name)
+            .unwrap_or_else(|| panic!("biofeed has a subcommand {name}"))
+            .clone();
+    }
+    let mut args = Vec::new();
+    for (key, value) in env {
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == *key));
+        if let Some(long) = arg.and_then(clap::Arg::get_long) {
+            args.push(format!("--{long}"));
+            args.push(value.clone());
+        }
+    }
+    args
+}
+
+/// The settings `biofeed migrate` would use as `role`.
+pub fn settings_as(role: Role) -> MigrateSettings {
+    let mut args = vec!["biofeed".to_owned(), "migrate".to_owned()];
+    args.extend(as_arguments(&["migrate"], role_env(role)));
+    let cli = Cli::try_parse_from(args).expect("role settings parse");
     let Command::Migrate(args) = cli.command else {
         unreachable!("parsed a migrate command")
     };
@@ -24,6 +126,11 @@ pub fn default_settings() -> MigrateSettings {
         stores: args.stores,
         layout: args.layout,
     }
+}
+
+/// The settings of the tests' own fixtures: the owner's (`biofeed migrate`'s).
+pub fn default_settings() -> MigrateSettings {
+    settings_as(Role::Migrate)
 }
 
 /// A fresh Postgres database, ClickHouse database and pair of topic names for one test.
@@ -54,9 +161,34 @@ impl Isolated {
         admin.close().await;
         settings.stores.postgres = settings.stores.postgres.with_database(&database);
         settings.stores.clickhouse.database = database;
-        settings.stores.topics.points = format!("biofeed.test.{id}.points");
-        settings.stores.topics.dlq = format!("biofeed.test.{id}.dlq");
-        Self { settings, id }
+        let mut stores = Self { settings, id };
+        stores.settings = stores.settings_as(Role::Migrate);
+        stores
+    }
+
+    /// This test's topic names. They start as biofeed's own do (`biofeed.points.`,
+    /// `biofeed.points.dlq.`), so that Kafka's prefixed ACLs apply to them as to production's.
+    fn topic_names(id: &str) -> (String, String) {
+        (
+            format!("biofeed.points.test-{id}"),
+            format!("biofeed.points.dlq.test-{id}"),
+        )
+    }
+
+    /// The settings of `role`, pointing at this test's databases and topics — and at the servers
+    /// `self.settings` points at now (a test may have moved ClickHouse or Kafka to a private one).
+    pub fn settings_as(&self, role: Role) -> MigrateSettings {
+        let database = format!("biofeed_test_{}", self.id);
+        let mut settings = settings_as(role);
+        settings.stores.postgres = settings.stores.postgres.with_database(&database);
+        settings.stores.clickhouse.database = database;
+        (settings.stores.topics.points, settings.stores.topics.dlq) = Self::topic_names(&self.id);
+        if role != Role::Migrate {
+            let now = &self.settings.stores;
+            settings.stores.clickhouse.url = now.clickhouse.url.clone();
+            settings.stores.kafka.brokers = now.kafka.brokers.clone();
+        }
+        settings
     }
 
     /// A fresh set of stores, migrated (`biofeed migrate`'s library call).
@@ -120,10 +252,18 @@ impl Isolated {
         tables
     }
 
-    /// The environment that points the binary at this test's stores.
+    /// The environment that points the binary at this test's stores, as `biofeed up`'s
+    /// identity.
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        let s = &self.settings.stores;
-        vec![
+        self.env_as(Role::Up)
+    }
+
+    /// The environment that points the binary at this test's stores, as `role`.
+    pub fn env_as(&self, role: Role) -> Vec<(&'static str, String)> {
+        let settings = self.settings_as(role);
+        let s = &settings.stores;
+        let mut env: Vec<(&'static str, String)> = role_env(role).to_vec();
+        let ours = [
             ("BIOFEED_POSTGRES_URL", s.postgres.url.to_string()),
             ("BIOFEED_CLICKHOUSE_URL", s.clickhouse.url.to_string()),
             ("BIOFEED_CLICKHOUSE_DATABASE", s.clickhouse.database.clone()),
@@ -131,12 +271,16 @@ impl Isolated {
             ("BIOFEED_POINTS_TOPIC", s.topics.points.clone()),
             ("BIOFEED_DLQ_TOPIC", s.topics.dlq.clone()),
             ("BIOFEED_LOG", "warn".to_owned()),
-        ]
+        ];
+        for (key, value) in ours {
+            env = with(env, key, value);
+        }
+        env
     }
 
-    /// Runs `biofeed <args>` against this test's stores.
+    /// Runs `biofeed <args>` against this test's stores, as the identity that command has.
     pub async fn biofeed(&self, args: &[&str]) -> Run {
-        run_biofeed(args, &self.env()).await
+        run_biofeed(args, &self.env_as(Role::of_command(args))).await
     }
 }
 
@@ -218,6 +362,35 @@ pub fn json_lines(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The base URL of a gateway this test started on `port`: `https://` when the environment gives
+/// gateways a certificate (`compose/local test` does: BIOFEED_GATEWAY_TLS_CERT_FILE), else
+/// `http://`.
+pub fn gateway_url(port: u16) -> String {
+    let scheme = if std::env::var_os("BIOFEED_GATEWAY_TLS_CERT_FILE").is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://127.0.0.1:{port}")
+}
+
+/// The local stack's CA certificate (PEM), which signed every service's certificate, if the
+/// stack has one (`compose/local` exports it as BIOFEED_CLICKHOUSE_CA_FILE among others).
+pub fn local_ca() -> Option<std::path::PathBuf> {
+    std::env::var_os("BIOFEED_CLICKHOUSE_CA_FILE").map(Into::into)
+}
+
+/// An HTTP client that trusts the local stack's CA (besides the system's roots), for the
+/// gateway's HTTPS and ClickHouse's.
+pub fn http_client() -> reqwest::Client {
+    let mut builder = reqwest::Client::builder();
+    if let Some(ca) = local_ca() {
+        let pem = std::fs::read(&ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    }
+    builder.build().unwrap()
+}
+
 /// The Prometheus text an HTTP server serves at `{base}/metrics` (`base` like
 /// `http://127.0.0.1:9000`); empty while it does not answer.
 pub async fn metrics_text(base: &str) -> String {
@@ -239,10 +412,8 @@ impl Drop for Isolated {
     /// runtime, so the removal runs on a thread with a runtime of its own.
     fn drop(&mut self) {
         let database = format!("biofeed_test_{}", self.id);
-        let topics = [
-            format!("biofeed.test.{}.points", self.id),
-            format!("biofeed.test.{}.dlq", self.id),
-        ];
+        let (points, dlq) = Self::topic_names(&self.id);
+        let topics = [points, dlq];
         let stores = self.settings.stores.clone();
         let cleanup = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
@@ -294,6 +465,7 @@ async fn drop_clickhouse(settings: &ClickHouseSettings, database: &str) {
 async fn delete_topics(settings: &KafkaSettings, topics: &[String]) {
     let Ok(admin) = settings
         .client_config()
+        .expect("kafka settings")
         .create::<AdminClient<DefaultClientContext>>()
     else {
         return;

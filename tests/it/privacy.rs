@@ -43,10 +43,10 @@ async fn clickhouse_text(stores: &Isolated) -> String {
     let settings = &stores.settings.stores.clickhouse;
     let mut text = String::new();
     for table in tables {
-        let dump = reqwest::Client::new()
+        let dump = crate::helpers::http_client()
             .post(settings.url.as_str())
             .header("X-ClickHouse-User", &settings.user)
-            .header("X-ClickHouse-Key", &settings.password)
+            .header("X-ClickHouse-Key", settings.password())
             .query(&[("database", settings.database.as_str())])
             .body(format!("SELECT * FROM {table} FORMAT TSV"))
             .send()
@@ -63,7 +63,7 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
     let stores = migrated().await;
     let keys = AccountKeys::generate();
     let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let url = crate::helpers::gateway_url(port);
     let mut env = stores.env();
     env.extend(key_env(&keys));
     env.retain(|(k, _)| *k != "BIOFEED_LOG");
@@ -84,7 +84,7 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         command.env(k, v);
     }
     gateway.spawn(&mut command);
-    let http = reqwest::Client::new();
+    let http = crate::helpers::http_client();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while http.get(format!("{url}/healthz")).send().await.is_err() {
         assert!(
@@ -234,7 +234,7 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
         &stores.settings.stores.topics.points,
         &stores.settings.stores.topics.dlq,
     ] {
-        for m in read_messages(&stores.settings.stores.kafka.brokers, topic).await {
+        for m in read_messages(&stores.settings.stores.kafka, topic).await {
             kafka.extend_from_slice(m.key.as_bytes());
             kafka.extend_from_slice(&m.payload);
             for (k, v) in m.headers {

@@ -35,7 +35,7 @@ impl UpSettings {
             ),
             (
                 "BIOFEED_CONSUMER_GROUP",
-                format!("test-{group}-{}", stores.id),
+                format!("biofeed-test-{group}-{}", stores.id),
             ),
             ("BIOFEED_BATCH_MAX_AGE", "200ms".to_owned()),
         ]);
@@ -52,7 +52,7 @@ impl UpSettings {
         }
         env.push(("BIOFEED_JOBS_LEASE", "5s".to_owned()));
         Self {
-            url: format!("http://127.0.0.1:{port}"),
+            url: crate::helpers::gateway_url(port),
             metrics: format!("http://127.0.0.1:{metrics_port}"),
             env,
         }
@@ -62,7 +62,7 @@ impl UpSettings {
 /// Starts `biofeed up` with `env` and waits until `{url}/readyz` answers 2xx.
 pub async fn start_up(env: &[(&'static str, String)], url: &str) -> BiofeedProcess {
     let process = BiofeedProcess::start(&["up"], env);
-    let http = reqwest::Client::new();
+    let http = crate::helpers::http_client();
     crate::helpers::wait_until(
         Duration::from_secs(60),
         Duration::from_millis(100),

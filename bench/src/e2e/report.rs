@@ -100,6 +100,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          {rate} Hz, posting Avro frames every {interval:?} through HTTP to `biofeed up` (gateway, \
          consumer and jobs in one process); {secs:.0} s measured after a 10 s warm-up. Settings that \
          matter here: {tuning}.\n\n\
+         Connections: {security}.\n\n\
          | figure | value | target |\n|---|---|---|\n\
          | points/s offered | {offered:.0} | |\n\
          | points/s accepted (202) | {accepted_rate:.0} | |\n\
@@ -118,6 +119,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         tuning = tuning().iter().map(|(s, _)| format!("`{s}`")).collect::<Vec<_>>().join(", "),
         machine = machine(),
+        security = f.security,
         devices = f.devices,
         rate = f.rate_hz,
         interval = settings.frame_interval,

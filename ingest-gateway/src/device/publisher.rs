@@ -24,8 +24,8 @@ impl Publisher {
         kafka: &KafkaSettings,
         topic: &str,
         produce_timeout: Duration,
-    ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = frame_producer_config(kafka, "biofeed-gateway")
+    ) -> anyhow::Result<Self> {
+        let producer: FutureProducer = frame_producer_config(kafka, "biofeed-gateway")?
             .set("queue.buffering.max.kbytes", "262144")
             .set(
                 "message.timeout.ms",
@@ -97,8 +97,11 @@ impl Publisher {
 /// How frames are produced: idempotent (no duplicates from internal retries), `acks=all`, lz4,
 /// batched for at most 5 ms (fewer, larger produce requests: less work for the broker; a
 /// device's answer waits that much longer at most). The gateway and the benchmark's direct-produce ceiling share it.
-pub fn frame_producer_config(kafka: &KafkaSettings, client_id: &str) -> rdkafka::ClientConfig {
-    let mut config = kafka.client_config();
+pub fn frame_producer_config(
+    kafka: &KafkaSettings,
+    client_id: &str,
+) -> Result<rdkafka::ClientConfig, biofeed_backends::BackendError> {
+    let mut config = kafka.client_config()?;
     config
         .set("client.id", client_id)
         .set("enable.idempotence", "true")
@@ -107,7 +110,7 @@ pub fn frame_producer_config(kafka: &KafkaSettings, client_id: &str) -> rdkafka:
         .set("linger.ms", "5")
         .set("batch.size", "1048576")
         .set("message.max.bytes", "16000000");
-    config
+    Ok(config)
 }
 
 fn unavailable(error: &KafkaError) -> ApiError {
