@@ -16,7 +16,7 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
         ("BIOFEED_POINTS_RETENTION", "2days".to_owned()),
     ];
     let env = || {
-        test.env()
+        test.env_as(crate::helpers::Role::Migrate)
             .into_iter()
             .chain(partitions.iter().cloned())
             .collect::<Vec<_>>()
