@@ -94,12 +94,17 @@ pub enum Command {
     /// `gateway`, `consume` and `jobs` separately to scale them apart.
     ///
     /// Stops on SIGTERM or Ctrl-C: the gateway finishes its requests, the consumer writes and
-    /// commits its batch, running jobs finish.
+    /// commits its batch, running jobs finish. SIGHUP re-reads the gateway's TLS certificate and
+    /// key (when it serves HTTPS) and stops nothing.
     #[command(after_help = AFTER_HELP)]
     Up(UpArgs),
 
     /// Run the HTTP ingest gateway: devices open sessions and post points, which are answered
     /// 202 only once Kafka has them. Serves /healthz, /readyz, /metrics and /openapi.json.
+    ///
+    /// Serves HTTPS (with HSTS) when given a certificate and key, else plain HTTP for a
+    /// TLS-terminating proxy. SIGHUP re-reads the certificate and key: new connections get the
+    /// new one, open ones are untouched (a bad new pair is logged and the old one keeps serving).
     ///
     /// Stops on SIGTERM or Ctrl-C after finishing the requests in flight.
     #[command(after_help = AFTER_HELP)]
@@ -210,7 +215,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => {}
             }
         }
-        if cause.is::<Refused>() {
+        // A certificate or key that cannot serve is a setting to fix, like a bad argument.
+        if cause.is::<Refused>() || cause.is::<biofeed_ingest_gateway::tls::TlsError>() {
             return exit::USAGE;
         }
         let retryable = retry_hint(cause);

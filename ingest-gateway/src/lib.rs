@@ -32,20 +32,23 @@ pub mod metrics_endpoint;
 pub mod people;
 pub mod problem;
 pub mod settings;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use biofeed_accounts::Accounts;
 use biofeed_backends::clickhouse::ClickHouse;
 use tokio::net::TcpListener;
+use tower_http::set_header::SetResponseHeaderLayer;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
@@ -60,6 +63,7 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::people::{PeopleInner, PeopleState};
 use crate::problem::ApiError;
 pub use crate::settings::GatewaySettings;
+use crate::tls::{CertificateStore, TlsListener};
 
 /// The state of the whole application: each half's, and what the operator endpoints read.
 #[derive(Clone)]
@@ -81,11 +85,29 @@ struct Operator {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    https: Option<Https>,
+}
+
+/// What serving HTTPS needs: the certificate (reloaded on SIGHUP) and the HSTS header.
+struct Https {
+    certificate: Arc<CertificateStore>,
+    hsts: HeaderValue,
 }
 
 impl Application {
-    /// Connects to Postgres and Kafka (failing fast, naming the setting) and binds the listener.
+    /// Reads the TLS certificate and key if configured (a bad one is a [`tls::TlsError`]),
+    /// connects to Postgres and Kafka (failing fast, naming the setting) and binds the listener.
     pub async fn build(settings: GatewaySettings) -> anyhow::Result<Self> {
+        let https = match settings.tls.files() {
+            Some(files) => Some(Https {
+                certificate: CertificateStore::load(files)?,
+                hsts: HeaderValue::from_str(&format!(
+                    "max-age={}",
+                    settings.tls.hsts_max_age.as_secs()
+                ))?,
+            }),
+            None => None,
+        };
         let pool = settings.postgres.connect().await?;
         let clickhouse = settings.clickhouse.connect().await?;
         settings.kafka.connect_admin().await?;
@@ -151,7 +173,11 @@ impl Application {
                 metrics,
             }),
         };
-        Ok(Self { listener, state })
+        Ok(Self {
+            listener,
+            state,
+            https,
+        })
     }
 
     /// The bound address (port 0 in the settings picks a free port).
@@ -159,19 +185,61 @@ impl Application {
         self.listener.local_addr()
     }
 
+    /// `https` when the gateway serves HTTPS itself, else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.https.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Serves until `shutdown` resolves, then lets in-flight requests finish and flushes Kafka.
+    /// With a certificate, serves HTTPS only, every answer with HSTS, and reloads the certificate
+    /// on SIGHUP (which never stops the gateway, with or without a certificate).
     pub async fn run_until(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
-        tracing::info!(address = %self.listener.local_addr()?, "gateway listening");
-        axum::serve(
-            self.listener,
-            router(self.state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await?;
+        let address = self.listener.local_addr()?;
+        // SIGHUP is listened for before the port answers, so that from then on it never kills
+        // the process (its default action).
+        let reloads = reload_on_hangup(
+            self.https.as_ref().map(|h| Arc::clone(&h.certificate)),
+            Arc::clone(&state.operator.metrics),
+        )?;
+        let app = router(self.state);
+        let served = match self.https {
+            Some(https) => {
+                tracing::info!(%address, "gateway listening (https)");
+                let listener = TlsListener::new(self.listener, https.certificate.server_config()?)?
+                    // `tap_io` makes axum hand the peer's address (`ConnectInfo`) to handlers for
+                    // a listener of our own, as it does for a TCP listener.
+                    .tap_io(|_| {});
+                let app = app.layer(SetResponseHeaderLayer::overriding(
+                    header::STRICT_TRANSPORT_SECURITY,
+                    https.hsts,
+                ));
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(shutdown)
+                .await
+            }
+            None => {
+                tracing::info!(%address, "gateway listening (http)");
+                axum::serve(
+                    self.listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(shutdown)
+                .await
+            }
+        };
+        reloads.abort();
+        served?;
         state.operator.publisher.flush(Duration::from_secs(10));
         tracing::info!("gateway stopped");
         Ok(())
@@ -186,6 +254,45 @@ pub async fn run(settings: GatewaySettings) -> anyhow::Result<()> {
         .run_until(shutdown.wait())
         .await
 }
+
+/// Reloads the certificate on each SIGHUP until aborted: a good new pair serves new connections,
+/// a bad one is logged and the old one keeps serving; open connections are untouched.
+fn reload_on_hangup(
+    certificate: Option<Arc<CertificateStore>>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = signal(SignalKind::hangup())?;
+        Ok(tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                let Some(certificate) = &certificate else {
+                    tracing::info!("sighup: no tls certificate to reload (serving plain http)");
+                    continue;
+                };
+                match certificate.reload() {
+                    Ok(()) => {
+                        tracing::info!("tls certificate reloaded");
+                        metrics.tls_reloads.get_or_create(&OK).inc();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "tls certificate not reloaded: the previous one keeps serving");
+                        metrics.tls_reloads.get_or_create(&FAILED).inc();
+                    }
+                }
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (certificate, metrics);
+        Ok(tokio::spawn(async {}))
+    }
+}
+
+const OK: metrics::OutcomeLabels = metrics::OutcomeLabels { outcome: "ok" };
+const FAILED: metrics::OutcomeLabels = metrics::OutcomeLabels { outcome: "failed" };
 
 /// The OpenAPI description of the HTTP API.
 #[derive(OpenApi)]

@@ -30,7 +30,8 @@ pub struct ReasonLabels {
 /// Labels of a login attempt.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `ok`, `refused` or `throttled` (logins); `allowed`, `not_found` or `forbidden` (access).
+    /// `ok`, `refused` or `throttled` (logins); `allowed`, `not_found` or `forbidden` (access);
+    /// `ok` or `failed` (certificate reloads).
     pub outcome: &'static str,
 }
 
@@ -53,6 +54,8 @@ pub struct Metrics {
     pub logins: Family<OutcomeLabels, Counter>,
     /// Access-policy decisions by outcome.
     pub access_decisions: Family<OutcomeLabels, Counter>,
+    /// TLS certificate reloads (SIGHUP) by outcome.
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
 }
 
 /// Registers each `name, help, metric;` row in `registry`, in the rows' order (the order of the
@@ -73,6 +76,7 @@ impl Default for Metrics {
         let in_flight = Gauge::<i64, AtomicI64>::default();
         let logins = Family::<OutcomeLabels, Counter>::default();
         let access_decisions = Family::<OutcomeLabels, Counter>::default();
+        let tls_reloads = Family::<OutcomeLabels, Counter>::default();
         let mut registry = Registry::with_prefix("biofeed_gateway");
         // Name, help and metric, in the order they are exposed.
         register!(registry,
@@ -86,11 +90,13 @@ impl Default for Metrics {
             "access_decisions",
                 "access-policy decisions by outcome (allowed, not_found, forbidden)",
                 access_decisions;
+            "tls_reloads", "certificate reloads on SIGHUP by outcome (ok, failed)", tls_reloads;
         );
         Self {
             registry,
             logins,
             access_decisions,
+            tls_reloads,
             requests,
             points_accepted,
             points_rejected,

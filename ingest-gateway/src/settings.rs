@@ -1,6 +1,7 @@
 //! The gateway's settings: where it listens, its limits, and the services it uses.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use biofeed_accounts::login::LoginSettings;
@@ -75,6 +76,10 @@ pub struct GatewaySettings {
     #[arg(long = "max-read-points", id = "gateway_max_read_points", value_name = "N", env = "BIOFEED_GATEWAY_MAX_READ_POINTS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_read_points: u32,
 
+    /// HTTPS: the certificate and key, and HSTS.
+    #[command(flatten, next_help_heading = "HTTPS")]
+    pub tls: TlsSettings,
+
     /// Logins: token lifetime and the failed-login throttle.
     #[command(flatten, next_help_heading = "Logins")]
     pub login: LoginSettings,
@@ -118,4 +123,57 @@ impl GatewaySettings {
             topics: self.topics.clone(),
         }
     }
+}
+
+/// HTTPS served by the gateway itself. Without a certificate it serves plain HTTP, for a
+/// terminating proxy (load balancer, ingress) in front of it: that proxy must then send HSTS.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsSettings {
+    /// PEM file with the server certificate, then its intermediates; with it (and the key) the
+    /// gateway serves HTTPS only, HTTP/1.1 and h2. Re-read, with the key, on SIGHUP: new
+    /// connections get the new certificate, open ones keep theirs, nothing is dropped.
+    #[arg(
+        long = "tls-cert-file",
+        id = "gateway_tls_cert_file",
+        value_name = "FILE",
+        env = "BIOFEED_GATEWAY_TLS_CERT_FILE",
+        requires = "gateway_tls_key_file"
+    )]
+    pub cert_file: Option<PathBuf>,
+
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(
+        long = "tls-key-file",
+        id = "gateway_tls_key_file",
+        value_name = "FILE",
+        env = "BIOFEED_GATEWAY_TLS_KEY_FILE",
+        requires = "gateway_tls_cert_file"
+    )]
+    pub key_file: Option<PathBuf>,
+
+    /// The `max-age` of the Strict-Transport-Security header on every HTTPS answer (0s tells
+    /// browsers to forget it). Sent only when the gateway serves HTTPS itself; behind a
+    /// terminating proxy the proxy must set it.
+    #[arg(long = "hsts-max-age", id = "gateway_hsts_max_age", value_name = "DURATION", env = "BIOFEED_GATEWAY_HSTS_MAX_AGE", default_value = "365days", value_parser = parse_max_age)]
+    pub hsts_max_age: Duration,
+}
+
+impl TlsSettings {
+    /// The certificate's and key's files, when HTTPS is configured (clap requires both or
+    /// neither).
+    pub fn files(&self) -> Option<crate::tls::TlsFiles> {
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A duration that may be zero (HSTS's `max-age=0` withdraws it).
+fn parse_max_age(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|e| format!("'{value}' is not a duration ({e}); write e.g. 365days, 1h, 0s"))
 }

@@ -53,7 +53,8 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     let job_metrics = JobMetrics::registered(&mut registry);
     let app = Application::build(gateway).await?;
     eprintln!(
-        "biofeed up: gateway on http://{}, consumer and jobs metrics on http://{}/metrics",
+        "biofeed up: gateway on {}://{}, consumer and jobs metrics on http://{}/metrics",
+        app.scheme(),
         app.local_addr()?,
         endpoint.address()?
     );

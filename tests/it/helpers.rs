@@ -620,6 +620,21 @@ impl BiofeedProcess {
         Self(command.spawn().expect("biofeed starts"))
     }
 
+    /// Sends the signal `name` (e.g. `HUP`) to the process.
+    pub fn signal(&self, name: &str) {
+        let pid = self.0.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    /// Whether the process is still running (it has not exited).
+    pub fn is_running(&mut self) -> bool {
+        self.0.try_wait().expect("process state").is_none()
+    }
+
     /// [`Self::stop`], and the process must exit 0; its standard error.
     pub async fn stop_ok(self) -> String {
         let (code, stderr) = self.stop().await;

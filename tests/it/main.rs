@@ -9,6 +9,7 @@ mod compose_file;
 mod consumers;
 mod gateway;
 mod gateway_app;
+mod gateway_tls;
 mod helpers;
 mod jobs;
 mod layering;
