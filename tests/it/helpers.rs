@@ -61,6 +61,18 @@ impl Role {
     }
 }
 
+/// The local stack's state directory (certificates, secrets): the parent of
+/// BIOFEED_TEST_ENV_DIR, or the repository's `.state`.
+pub fn state_dir() -> std::path::PathBuf {
+    match std::env::var_os("BIOFEED_TEST_ENV_DIR") {
+        Some(dir) => std::path::Path::new(&dir)
+            .parent()
+            .expect("BIOFEED_TEST_ENV_DIR has a parent")
+            .to_path_buf(),
+        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".state"),
+    }
+}
+
 /// The `BIOFEED_…` settings of `role` from `$BIOFEED_TEST_ENV_DIR/<role>.env` (empty without
 /// that directory), read once.
 pub fn role_env(role: Role) -> &'static [(&'static str, String)] {

@@ -1,6 +1,7 @@
 //! A ClickHouse server of one test's own, for tests that stop it without disturbing the shared
 //! one: the same binary and configuration template as `compose/local`, on free ports, in a
-//! temporary directory.
+//! temporary directory: HTTPS with the local stack's certificate, and its users (the same
+//! passwords, so every role's settings work against it).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -30,26 +31,36 @@ impl PrivateClickHouse {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let http_port = free_port();
-        let config = std::fs::read_to_string(repo.join("compose/clickhouse/config.xml.in"))
+        let state = crate::helpers::state_dir();
+        let mut config = std::fs::read_to_string(repo.join("compose/clickhouse/config.xml.in"))
             .unwrap()
+            .replace("@STATE@/tls/", &format!("{}/tls/", state.display()))
             .replace("@STATE@", &dir.display().to_string())
-            .replace("@HTTP_PORT@", &http_port.to_string())
+            .replace("@HTTPS_PORT@", &http_port.to_string())
             .replace("@TCP_PORT@", &free_port().to_string())
             .replace("@INTERSERVER_PORT@", &free_port().to_string());
+        // Passwords the configuration names (`@PASSWORD_<user>@`), as compose/local fills them.
+        while let Some(start) = config.find("@PASSWORD_") {
+            let end = start + 1 + config[start + 1..].find('@').expect("closing @");
+            let user = config[start + "@PASSWORD_".len()..end].to_owned();
+            let file = state.join(format!("secrets/clickhouse-{user}.password"));
+            let password = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            config.replace_range(start..=end, password.trim_end());
+        }
         std::fs::write(dir.join("clickhouse/config.xml"), config).unwrap();
-        std::fs::copy(
-            repo.join("compose/clickhouse/users.xml"),
-            dir.join("clickhouse/users.xml"),
-        )
-        .unwrap();
+        // The users as compose/local filled them in (password hashes of its secrets).
+        let users = state.join("clickhouse/users.xml");
+        std::fs::copy(&users, dir.join("clickhouse/users.xml"))
+            .unwrap_or_else(|e| panic!("{} (made by compose/local up): {e}", users.display()));
         let mut server = Self { process, http_port };
         server.launch().await;
         server
     }
 
-    /// The HTTP URL.
+    /// The HTTPS URL (`localhost`: the name its certificate has).
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        format!("https://localhost:{}", self.http_port)
     }
 
     async fn launch(&mut self) {
@@ -62,12 +73,11 @@ impl PrivateClickHouse {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         self.process.spawn(&mut command);
-        let client = reqwest::Client::new();
-        let url = self.url();
+        let mut settings = crate::helpers::default_settings().stores.clickhouse;
+        settings.url = self.url().parse().unwrap();
         self.process
             .wait_started("private clickhouse", Duration::from_secs(60), async || {
-                let answer = client.get(format!("{url}/?query=SELECT%201")).send().await;
-                answer.is_ok_and(|r| r.status().is_success())
+                settings.connect().await.is_ok()
             })
             .await;
     }

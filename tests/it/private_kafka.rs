@@ -1,6 +1,10 @@
 //! A Kafka broker of one test's own, for tests that stop and restart Kafka without disturbing
 //! the shared one. Same jars (the classpath `compose/local up` resolved) and the same
-//! configuration template as `compose/local`, on free ports, in a temporary directory.
+//! configuration template as `compose/local`, on free ports, in a temporary directory: SASL_SSL
+//! with the local stack's certificate and SCRAM users (the same passwords, so every role's
+//! settings work against it). One difference: it has no ACLs and lets every authenticated user
+//! do anything (`allow.everyone.if.no.acl.found=true`); the tests that use it are about faults,
+//! and the shared broker's ACLs have tests of their own.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,6 +14,16 @@ use crate::helpers::{free_port, ServerProcess};
 
 use base64::Engine;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+
+/// The SCRAM users of compose/local's broker, which this one has too.
+const SCRAM_USERS: &[&str] = &[
+    "biofeed-broker",
+    "biofeed-admin",
+    "biofeed-gateway",
+    "biofeed-consumer",
+    "biofeed-jobs",
+    "biofeed-service",
+];
 
 /// A broker process of this test's.
 pub struct PrivateKafka {
@@ -39,16 +53,39 @@ impl PrivateKafka {
             .to_owned();
         let process = ServerProcess::new("kafka");
         let dir = process.dir.clone();
-        let (port, controller) = (free_port(), free_port());
+        let (port, controller, plain) = (free_port(), free_port(), free_port());
+        let state = crate::helpers::state_dir();
+        let password = |user: &str| {
+            let file = state.join(format!("secrets/kafka-{user}.password"));
+            std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{} (made by compose/local up): {e}", file.display()))
+                .trim_end()
+                .to_owned()
+        };
         let config = std::fs::read_to_string(repo().join("compose/kafka/server.properties.in"))
             .unwrap()
             .replace(
                 "@STATE@/kafka/data",
                 &dir.join("data").display().to_string(),
             )
+            .replace("@STATE@", &state.display().to_string())
             .replace("@BROKER_PORT@", &port.to_string())
-            .replace("@CONTROLLER_PORT@", &controller.to_string());
+            .replace("@CONTROLLER_PORT@", &controller.to_string())
+            .replace("@PLAIN_PORT@", &plain.to_string())
+            .replace("@BROKER_PASSWORD@", &password("biofeed-broker"))
+            .replace(
+                "allow.everyone.if.no.acl.found=false",
+                "allow.everyone.if.no.acl.found=true",
+            );
         std::fs::write(dir.join("server.properties"), config).unwrap();
+        let mut scram = Vec::new();
+        for user in SCRAM_USERS {
+            let pw = password(user);
+            for mechanism in ["SCRAM-SHA-512", "SCRAM-SHA-256"] {
+                scram.push("--add-scram".to_owned());
+                scram.push(format!("{mechanism}=[name={user},password={pw}]"));
+            }
+        }
         let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .encode(uuid::Uuid::new_v4().as_bytes());
         let format = Command::new("java")
@@ -62,6 +99,7 @@ impl PrivateKafka {
                 "-c",
             ])
             .arg(dir.join("server.properties"))
+            .args(&scram)
             .output()
             .unwrap();
         assert!(
@@ -78,9 +116,9 @@ impl PrivateKafka {
         kafka
     }
 
-    /// `host:port` of the broker.
+    /// `host:port` of the broker (`localhost`: the name its certificate has).
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("localhost:{}", self.port)
     }
 
     async fn launch(&mut self) {
@@ -98,14 +136,12 @@ impl PrivateKafka {
             .stderr(log)
             .stdin(Stdio::null());
         self.process.spawn(&mut command);
-        let brokers = self.brokers();
+        let mut kafka = crate::helpers::default_settings().stores.kafka;
+        kafka.brokers = self.brokers();
         let metadata = async || {
-            let brokers = brokers.clone();
+            let kafka = kafka.clone();
             tokio::task::spawn_blocking(move || {
-                let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-                    .set("bootstrap.servers", &brokers)
-                    .create()
-                    .unwrap();
+                let consumer: BaseConsumer = kafka.client_config().unwrap().create().unwrap();
                 consumer
                     .fetch_metadata(None, Duration::from_secs(1))
                     .is_ok_and(|m| !m.brokers().is_empty())
