@@ -198,11 +198,9 @@ pub(crate) fn exit_with(outcome: anyhow::Result<()>) -> ExitCode {
 fn exit_code(e: &anyhow::Error) -> u8 {
     // Credentials or certificates refused, or contradictory settings, however deep the wrapping:
     // the settings need fixing, a retry cannot help.
-    let settings_refused = e.chain().any(|cause| {
-        cause
-            .downcast_ref::<biofeed_backends::BackendError>()
-            .is_some_and(|b| !b.is_retryable())
-    });
+    let settings_refused = e
+        .chain()
+        .any(|cause| backend_error(cause).is_some_and(|b| !b.is_retryable()));
     if settings_refused {
         return exit::USAGE;
     }
@@ -227,6 +225,40 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         }
     }
     exit::FAILURE
+}
+
+/// The backend error `cause` is, or wraps transparently (a transparent wrapper hands its
+/// inner error's source on, so the chain never shows the inner error itself).
+fn backend_error<'a>(
+    cause: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a biofeed_backends::BackendError> {
+    use biofeed_consumers::ConsumeError;
+    use biofeed_jobs::jobs::JobError;
+    use biofeed_jobs::RunnerError;
+    use biofeed_migrations::MigrateError;
+    if let Some(b) = cause.downcast_ref::<biofeed_backends::BackendError>() {
+        return Some(b);
+    }
+    match cause.downcast_ref::<MigrateError>() {
+        Some(MigrateError::Backend(b)) => return Some(b),
+        Some(_) => return None,
+        None => {}
+    }
+    match cause.downcast_ref::<ConsumeError>() {
+        Some(ConsumeError::Backend(b)) => return Some(b),
+        Some(_) => return None,
+        None => {}
+    }
+    let job = match cause.downcast_ref::<RunnerError>() {
+        Some(RunnerError::Unreachable(b)) => return Some(b),
+        Some(RunnerError::Job(job)) => Some(job),
+        Some(_) => return None,
+        None => cause.downcast_ref::<JobError>(),
+    };
+    match job {
+        Some(JobError::Unreachable(b)) => Some(b),
+        _ => None,
+    }
 }
 
 /// Whether this error knows that a retry can help (`Some(true)`), cannot (`Some(false)`), or

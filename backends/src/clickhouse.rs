@@ -83,6 +83,16 @@ pub struct ClickHouseSettings {
     )]
     pub database: String,
 
+    /// The database analysts may read (ClickHouse 18.16: Distributed tables over biofeed's
+    /// pseudonymous views, made by `biofeed migrate`); default `<database>_analyst`.
+    #[arg(
+        long = "clickhouse-analyst-database", id = "clickhouse_analyst_database",
+        value_name = "NAME",
+        env = "BIOFEED_CLICKHOUSE_ANALYST_DATABASE",
+        value_parser = parse_identifier
+    )]
+    pub analyst_database: Option<String>,
+
     /// Compression of inserts and results on the wire: lz4 saves network on real links, none
     /// saves CPU on loopback.
     #[arg(
@@ -132,6 +142,7 @@ pub enum WireCompression {
 pub struct ClickHouse {
     server: clickhouse::Client,
     database: String,
+    analyst_database: String,
     version: String,
 }
 
@@ -149,6 +160,11 @@ impl ClickHouse {
     /// biofeed's database name.
     pub fn database(&self) -> &str {
         &self.database
+    }
+
+    /// The analysts' database (never biofeed's own).
+    pub fn analyst_database(&self) -> &str {
+        &self.analyst_database
     }
 
     /// The server's version string, e.g. `18.16.1`.
@@ -196,6 +212,16 @@ impl ClickHouseSettings {
             URL_SETTING,
             redacted_address(&self.url),
         );
+        let analyst_database = self
+            .analyst_database
+            .clone()
+            .unwrap_or_else(|| format!("{}_analyst", self.database));
+        if analyst_database == self.database {
+            return Err(BackendError::Misconfigured {
+                setting: "BIOFEED_CLICKHOUSE_ANALYST_DATABASE",
+                reason: "must differ from BIOFEED_CLICKHOUSE_DATABASE: analysts may not read biofeed's own tables".to_owned(),
+            });
+        }
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -216,6 +242,7 @@ impl ClickHouseSettings {
         Ok(ClickHouse {
             server,
             database: self.database.clone(),
+            analyst_database,
             version,
         })
     }

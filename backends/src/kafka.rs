@@ -9,6 +9,7 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::secret::{readable_file, secret_file, Secret};
@@ -43,7 +44,8 @@ pub struct KafkaSettings {
     /// How to talk to the brokers: plaintext, ssl (TLS), sasl_plaintext or sasl_ssl (SASL
     /// over TLS: what managed Kafka services want).
     #[arg(
-        long = "kafka-security-protocol", id = "kafka_security_protocol",
+        long = "kafka-security-protocol",
+        id = "kafka_security_protocol",
         value_name = "PROTOCOL",
         env = "BIOFEED_KAFKA_SECURITY_PROTOCOL",
         default_value = "plaintext",
@@ -54,7 +56,8 @@ pub struct KafkaSettings {
 
     /// SASL mechanism, with sasl_plaintext or sasl_ssl.
     #[arg(
-        long = "kafka-sasl-mechanism", id = "kafka_sasl_mechanism",
+        long = "kafka-sasl-mechanism",
+        id = "kafka_sasl_mechanism",
         value_name = "MECHANISM",
         env = "BIOFEED_KAFKA_SASL_MECHANISM",
         default_value = "SCRAM-SHA-512",
@@ -315,21 +318,31 @@ impl KafkaSettings {
     /// [`BackendError::Rejected`], naming the setting to look at.
     pub async fn probe(&self) -> Result<(), BackendError> {
         let target = Target::new(Service::Kafka, BROKERS_SETTING, self.brokers.clone());
-        let client: Arc<AdminClient<ProbeContext>> = Arc::new(
-            self.client_config()?
-                .create_with_context(ProbeContext::default())
-                .map_err(|e| target.failed(e))?,
-        );
+        // A producer, whose poll serves the events that carry refusals (SASL, TLS) to the
+        // context; it never produces.
+        let client: BaseProducer<ProbeContext> = self
+            .client_config()?
+            .create_with_context(ProbeContext::default())
+            .map_err(|e| target.failed(e))?;
         let timeout = self.connect_timeout;
         // librdkafka's metadata call blocks; keep it off the async workers.
-        let probe = Arc::clone(&client);
-        let answer =
-            tokio::task::spawn_blocking(move || probe.inner().fetch_metadata(None, timeout))
-                .await
-                .map_err(|e| target.failed(e))?;
-        let refusal = client.inner().context().refusal();
+        let (answer, refusal) = tokio::task::spawn_blocking(move || {
+            let answer = client.client().fetch_metadata(None, timeout).map(|_| ());
+            if answer.is_err() {
+                // The refusal may still be queued: serve the events for a moment.
+                for _ in 0..10 {
+                    client.poll(Duration::from_millis(50));
+                    if client.context().refusal().is_some() {
+                        break;
+                    }
+                }
+            }
+            (answer, client.context().refusal())
+        })
+        .await
+        .map_err(|e| target.failed(e))?;
         match (answer, refusal) {
-            (Ok(_), _) => Ok(()),
+            (Ok(()), _) => Ok(()),
             (Err(_), Some((setting, reason))) => Err(BackendError::Rejected {
                 service: Service::Kafka,
                 setting,
@@ -358,6 +371,12 @@ impl ProbeContext {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
+}
+
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
 }
 
 impl ClientContext for ProbeContext {

@@ -73,8 +73,14 @@ impl StoreSettings {
         ];
         let path = |p: &std::path::PathBuf| p.display().to_string();
         let optional = [
-            ("BIOFEED_POSTGRES_SSLMODE", pg.sslmode.map(|m| m.as_str().to_owned())),
-            ("BIOFEED_POSTGRES_SSLROOTCERT", pg.sslrootcert.as_ref().map(path)),
+            (
+                "BIOFEED_POSTGRES_SSLMODE",
+                pg.sslmode.map(|m| m.as_str().to_owned()),
+            ),
+            (
+                "BIOFEED_POSTGRES_SSLROOTCERT",
+                pg.sslrootcert.as_ref().map(path),
+            ),
             ("BIOFEED_CLICKHOUSE_CA_FILE", ch.ca_file.as_ref().map(path)),
             ("BIOFEED_KAFKA_USER", kafka.user.clone()),
             (
@@ -86,7 +92,10 @@ impl StoreSettings {
                     .map(|p| p.expose().to_owned()),
             ),
             ("BIOFEED_KAFKA_CA_FILE", kafka.ca_file.as_ref().map(path)),
-            ("BIOFEED_KAFKA_CERT_FILE", kafka.cert_file.as_ref().map(path)),
+            (
+                "BIOFEED_KAFKA_CERT_FILE",
+                kafka.cert_file.as_ref().map(path),
+            ),
             ("BIOFEED_KAFKA_KEY_FILE", kafka.key_file.as_ref().map(path)),
         ];
         env.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));

@@ -54,7 +54,8 @@ pub struct PostgresSettings {
     /// verify-full (certificate and host name checked: what a managed Postgres wants).
     /// Overrides `sslmode` in the URL; without either, prefer.
     #[arg(
-        long = "postgres-sslmode", id = "postgres_sslmode",
+        long = "postgres-sslmode",
+        id = "postgres_sslmode",
         value_name = "MODE",
         env = "BIOFEED_POSTGRES_SSLMODE",
         value_enum

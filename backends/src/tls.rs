@@ -25,7 +25,10 @@ pub fn client_config(
                     format!("{setting}: {} is not PEM certificates: {e}", path.display())
                 })?;
                 roots.add(certificate).map_err(|e| {
-                    format!("{setting}: {} holds an unusable certificate: {e}", path.display())
+                    format!(
+                        "{setting}: {} holds an unusable certificate: {e}",
+                        path.display()
+                    )
                 })?;
             }
             if roots.is_empty() {
@@ -76,16 +79,30 @@ pub fn refusal(error: &(dyn std::error::Error + 'static)) -> Option<String> {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(format!("TLS refused: {tls}"));
         }
-        // tokio-rustls hands rustls errors up inside io::Error.
-        if let Some(inner) = e
+        // tokio-rustls hands rustls errors up inside io::Error, and hyper-rustls wraps that in
+        // another: an io::Error's source() skips the error it holds, so step into it instead.
+        cause = match e
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
-            if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
-                return Some(format!("TLS refused: {tls}"));
-            }
-        }
-        cause = e.source();
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => e.source(),
+        };
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rustls_refusal_is_found_under_nested_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let nested =
+            std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, tls));
+        let reason = refusal(&nested).expect("found");
+        assert!(reason.contains("UnknownIssuer"), "{reason}");
+        assert_eq!(refusal(&std::io::Error::other("connection reset")), None);
+    }
 }

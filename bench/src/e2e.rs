@@ -275,7 +275,10 @@ async fn measure(
         .timeout(Duration::from_secs(30));
     if let Some(ca) = &settings.gateway_ca_file {
         let pem = std::fs::read(ca).map_err(|e| {
-            anyhow::anyhow!("BIOFEED_BENCH_GATEWAY_CA_FILE: cannot read {}: {e}", ca.display())
+            anyhow::anyhow!(
+                "BIOFEED_BENCH_GATEWAY_CA_FILE: cannot read {}: {e}",
+                ca.display()
+            )
         })?;
         http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
     }
@@ -331,7 +334,11 @@ async fn measure(
     Ok(E2eFigures {
         security: format!(
             "devices → gateway {}; {}",
-            if settings.gateway_ca_file.is_some() { "https" } else { "http" },
+            if settings.gateway_ca_file.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             stores.security_summary()
         ),
         devices: settings.devices,
@@ -384,7 +391,10 @@ async fn start_up(
     let scheme = if settings.gateway_ca_file.is_some() {
         "https"
     } else {
-        for setting in ["BIOFEED_GATEWAY_TLS_CERT_FILE", "BIOFEED_GATEWAY_TLS_KEY_FILE"] {
+        for setting in [
+            "BIOFEED_GATEWAY_TLS_CERT_FILE",
+            "BIOFEED_GATEWAY_TLS_KEY_FILE",
+        ] {
             command.env_remove(setting);
         }
         "http"

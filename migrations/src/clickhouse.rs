@@ -34,7 +34,15 @@ const EMBEDDED: &[(&str, &str)] = &[
         "0004_rollups_and_metrics.sql",
         include_str!("../clickhouse/0004_rollups_and_metrics.sql"),
     ),
+    (
+        "0005_analyst_database.sql",
+        include_str!("../clickhouse/0005_analyst_database.sql"),
+    ),
 ];
+
+/// The cluster (config.xml `<remote_servers>`) the analyst database's Distributed tables query
+/// through, as the user `biofeed_analyst_source`.
+const ANALYST_SOURCE_CLUSTER: &str = "biofeed_analyst_source";
 
 /// The runner's own bookkeeping table, in biofeed's database.
 const BOOKKEEPING: &str = "schema_migrations";
@@ -163,8 +171,23 @@ impl ClickHouseMigrations {
                 items.push(item(migration, State::Present));
                 continue;
             }
+            if migration.needs_analyst_cluster() && !has_analyst_cluster(ch).await? {
+                // Left pending, so that it applies once the cluster exists.
+                tracing::warn!(
+                    migration = %migration.name,
+                    cluster = ANALYST_SOURCE_CLUSTER,
+                    "skipped: the server has no such cluster; analysts get SQL grants instead (docs/operations.md)"
+                );
+                let mut skipped = item(migration, State::Pending);
+                skipped.detail = format!("skipped: no cluster {ANALYST_SOURCE_CLUSTER}");
+                items.push(skipped);
+                continue;
+            }
             for statement in &migration.statements {
-                client.query(statement).execute().await.map_err(|source| {
+                let statement = statement
+                    .replace("{database}", ch.database())
+                    .replace("{analyst_database}", ch.analyst_database());
+                client.query(&statement).execute().await.map_err(|source| {
                     MigrateError::ClickHouse {
                         name: migration.name.clone(),
                         source,
@@ -261,6 +284,30 @@ fn item(migration: &Migration, state: State) -> ItemState {
         state,
         detail: String::new(),
     }
+}
+
+impl Migration {
+    /// Whether the file makes the analyst database (its Distributed tables need the cluster).
+    fn needs_analyst_cluster(&self) -> bool {
+        self.statements
+            .iter()
+            .any(|s| s.contains("{analyst_database}"))
+    }
+}
+
+/// Whether the server knows the analyst source cluster.
+async fn has_analyst_cluster(ch: &ClickHouse) -> Result<bool, MigrateError> {
+    let count: u64 = ch
+        .server_client()
+        .query("SELECT count() FROM system.clusters WHERE cluster = ?")
+        .bind(ANALYST_SOURCE_CLUSTER)
+        .fetch_one()
+        .await
+        .map_err(|source| MigrateError::ClickHouse {
+            name: "system.clusters".to_owned(),
+            source,
+        })?;
+    Ok(count > 0)
 }
 
 /// Splits a file into statements at `;` outside quotes and comments, dropping comment-only

@@ -50,8 +50,13 @@ pub(crate) async fn run(args: MigrateArgs) -> ExitCode {
 fn migrate_exit_code(error: &MigrateError) -> u8 {
     if error.needs_operator() {
         exit::REFUSED
-    } else if matches!(error, MigrateError::Backend(_)) {
-        exit::UNAVAILABLE
+    } else if let MigrateError::Backend(backend) = error {
+        if backend.is_retryable() {
+            exit::UNAVAILABLE
+        } else {
+            // Credentials or certificates refused, or contradictory settings.
+            exit::USAGE
+        }
     } else {
         exit::FAILURE
     }

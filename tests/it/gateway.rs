@@ -1023,12 +1023,14 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
-    let ids: Vec<Uuid> =
-        crate::gateway_app::read_topic(&gw.stores.settings.stores.kafka, &gw.stores.settings.stores.topics.points)
-            .await
-            .iter()
-            .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
-            .collect();
+    let ids: Vec<Uuid> = crate::gateway_app::read_topic(
+        &gw.stores.settings.stores.kafka,
+        &gw.stores.settings.stores.topics.points,
+    )
+    .await
+    .iter()
+    .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
+    .collect();
     assert!(
         ids.contains(&before_id) && ids.contains(&after_id),
         "{ids:?}"
@@ -1164,11 +1166,13 @@ async fn a_retry_while_the_first_post_waits_for_kafka_is_never_told_duplicate_be
     }
     let again = gw.post(&points).json(&frame).send().await.unwrap();
     assert_eq!(again.status(), 200);
-    let ids: Vec<Uuid> =
-        crate::gateway_app::read_topic(&gw.stores.settings.stores.kafka, &gw.stores.settings.stores.topics.points)
-            .await
-            .iter()
-            .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
-            .collect();
+    let ids: Vec<Uuid> = crate::gateway_app::read_topic(
+        &gw.stores.settings.stores.kafka,
+        &gw.stores.settings.stores.topics.points,
+    )
+    .await
+    .iter()
+    .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
+    .collect();
     assert!(ids.contains(&frame_id), "{ids:?}");
 }

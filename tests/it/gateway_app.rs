@@ -180,7 +180,10 @@ pub async fn read_messages(kafka: &KafkaSettings, topic: &str) -> Vec<TopicMessa
         let consumer: BaseConsumer = kafka
             .client_config()
             .unwrap()
-            .set("group.id", format!("biofeed-test-reader-{}", Uuid::new_v4()))
+            .set(
+                "group.id",
+                format!("biofeed-test-reader-{}", Uuid::new_v4()),
+            )
             .set("enable.auto.commit", "false")
             .create()
             .unwrap();

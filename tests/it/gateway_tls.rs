@@ -492,14 +492,33 @@ async fn biofeed_up_reloads_the_gateways_certificate_on_sighup_and_keeps_running
 
 #[tokio::test]
 async fn plain_http_serving_sends_no_hsts() {
-    // Behind a terminating proxy, HSTS is the proxy's to send.
-    let gateway = crate::gateway_app::TestGateway::spawn(&[]).await;
-    let response = gateway
-        .http
-        .get(format!("{}/healthz", gateway.url))
-        .send()
-        .await
-        .unwrap();
+    // Behind a terminating proxy, HSTS is the proxy's to send. A gateway given no certificate
+    // (the local stack's, which `compose/local test` exports, removed) serves plain HTTP.
+    let stores = Isolated::migrated().await;
+    let keys = AccountKeys::generate();
+    let port = free_port();
+    let mut env: Vec<(&'static str, String)> = stores
+        .env()
+        .into_iter()
+        .filter(|(k, _)| *k != CERT_SETTING && *k != KEY_SETTING)
+        .collect();
+    env.extend(key_env(&keys));
+    env.push(("BIOFEED_GATEWAY_LISTEN", format!("127.0.0.1:{port}")));
+    let _process = BiofeedProcess::start_without(&["gateway"], &env, &[CERT_SETTING, KEY_SETTING]);
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let response = crate::helpers::eventually(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        async || {
+            client
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
     assert_eq!(response.status(), 200);
     assert!(response
         .headers()

@@ -95,7 +95,10 @@ pub fn role_env(role: Role) -> &'static [(&'static str, String)] {
             .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
             .map(|l| {
                 let (key, value) = l.split_once('=').expect("KEY=VALUE lines");
-                (&*Box::leak(key.trim().to_owned().into_boxed_str()), value.to_owned())
+                (
+                    &*Box::leak(key.trim().to_owned().into_boxed_str()),
+                    value.to_owned(),
+                )
             })
             .collect();
         Box::leak(pairs.into_boxed_slice())
@@ -290,6 +293,11 @@ impl Isolated {
         env
     }
 
+    /// Runs `biofeed <args>` against this test's stores, as `role`.
+    pub async fn biofeed_as(&self, role: Role, args: &[&str]) -> Run {
+        run_biofeed(args, &self.env_as(role)).await
+    }
+
     /// Runs `biofeed <args>` against this test's stores, as the identity that command has.
     pub async fn biofeed(&self, args: &[&str]) -> Run {
         run_biofeed(args, &self.env_as(Role::of_command(args))).await
@@ -406,7 +414,7 @@ pub fn http_client() -> reqwest::Client {
 /// The Prometheus text an HTTP server serves at `{base}/metrics` (`base` like
 /// `http://127.0.0.1:9000`); empty while it does not answer.
 pub async fn metrics_text(base: &str) -> String {
-    match reqwest::get(format!("{base}/metrics")).await {
+    match http_client().get(format!("{base}/metrics")).send().await {
         Ok(response) => response.text().await.unwrap_or_default(),
         Err(_) => String::new(),
     }
@@ -466,11 +474,14 @@ async fn drop_clickhouse(settings: &ClickHouseSettings, database: &str) {
     let Ok(ch) = settings.connect().await else {
         return;
     };
-    let _ = ch
-        .server_client()
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await;
+    // The analyst database's Distributed tables first, then biofeed's.
+    for database in [format!("{database}_analyst"), database.to_owned()] {
+        let _ = ch
+            .server_client()
+            .query(&format!("DROP DATABASE IF EXISTS {database}"))
+            .execute()
+            .await;
+    }
 }
 
 /// Deletes a test's topics.
@@ -619,7 +630,16 @@ pub struct BiofeedProcess(tokio::process::Child);
 impl BiofeedProcess {
     /// Starts `biofeed <args>` with `env`.
     pub fn start(args: &[&str], env: &[(&'static str, String)]) -> Self {
+        Self::start_without(args, env, &[])
+    }
+
+    /// Starts `biofeed <args>` with `env` and without `removed` (which `compose/local test`
+    /// may have exported).
+    pub fn start_without(args: &[&str], env: &[(&'static str, String)], removed: &[&str]) -> Self {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
+        for key in removed {
+            command.env_remove(key);
+        }
         command
             .args(args)
             .stdin(std::process::Stdio::null())

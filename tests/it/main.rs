@@ -18,6 +18,7 @@ mod people;
 mod privacy;
 mod private_clickhouse;
 mod private_kafka;
+mod security;
 mod services;
 mod settings;
 mod simulate;

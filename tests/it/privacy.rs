@@ -216,11 +216,12 @@ async fn seeded_pii_appears_nowhere_but_in_its_ciphertexts() {
     );
 
     // Postgres: a whole dump of the database.
-    let dump = tokio::process::Command::new("pg_dump")
-        .arg(stores.settings.stores.postgres.url.as_str())
-        .output()
-        .await
-        .unwrap();
+    let mut pg_dump = tokio::process::Command::new("pg_dump");
+    pg_dump.arg(stores.settings.stores.postgres.url.as_str());
+    if let Some(password) = &stores.settings.stores.postgres.password_file {
+        pg_dump.env("PGPASSWORD", password.expose());
+    }
+    let dump = pg_dump.output().await.unwrap();
     assert!(
         dump.status.success(),
         "{}",

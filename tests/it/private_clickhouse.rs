@@ -40,13 +40,24 @@ impl PrivateClickHouse {
             .replace("@TCP_PORT@", &free_port().to_string())
             .replace("@INTERSERVER_PORT@", &free_port().to_string());
         // Passwords the configuration names (`@PASSWORD_<user>@`), as compose/local fills them.
-        while let Some(start) = config.find("@PASSWORD_") {
-            let end = start + 1 + config[start + 1..].find('@').expect("closing @");
-            let user = config[start + "@PASSWORD_".len()..end].to_owned();
+        let mut from = 0;
+        while let Some(found) = config[from..].find("@PASSWORD_") {
+            let start = from + found;
+            let name_start = start + "@PASSWORD_".len();
+            let name_len = config[name_start..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(0);
+            let end = name_start + name_len;
+            if name_len == 0 || !config[end..].starts_with('@') {
+                from = name_start; // prose such as `@PASSWORD_<user>@` in a comment
+                continue;
+            }
+            let user = config[name_start..end].to_owned();
             let file = state.join(format!("secrets/clickhouse-{user}.password"));
             let password = std::fs::read_to_string(&file)
                 .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             config.replace_range(start..=end, password.trim_end());
+            from = start;
         }
         std::fs::write(dir.join("clickhouse/config.xml"), config).unwrap();
         // The users as compose/local filled them in (password hashes of its secrets).

@@ -107,7 +107,8 @@ async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
 /// Runs `biofeed bench <args>` on `stores` (left unmigrated: the bench makes and migrates its
 /// own databases) with fresh keys; checks it succeeded and returns its last-line JSON.
 async fn bench(stores: &Isolated, args: &[&str]) -> Value {
-    let mut env = stores.env();
+    // The bench makes databases and topics of its own: the owner's identity.
+    let mut env = stores.env_as(crate::helpers::Role::Migrate);
     env.extend(key_env(&AccountKeys::generate()));
     let mut all = vec!["bench"];
     all.extend_from_slice(args);
