@@ -37,6 +37,13 @@ pub struct BenchConsumeSettings {
     /// Skip the Kafka-engine peer.
     #[arg(long)]
     pub no_peer: bool,
+    /// Brokers the Kafka-engine peer reads from. ClickHouse 18.16's Kafka engine speaks neither
+    /// TLS nor SASL, so against a secured Kafka it needs a plaintext listener (compose/local has
+    /// one on loopback whose ACLs let it read the bench's topics only); default
+    /// BIOFEED_KAFKA_BROKERS when that is plaintext. Without either the peer is skipped.
+    #[arg(long = "peer-kafka-brokers", env = "BIOFEED_BENCH_PEER_KAFKA_BROKERS",
+          value_parser = biofeed_backends::kafka::parse_brokers)]
+    pub peer_kafka_brokers: Option<String>,
     /// Where the services are and how the consumer batches.
     #[command(flatten)]
     pub consume: ConsumeSettings,
@@ -61,6 +68,22 @@ pub struct ConsumeBenchReport {
     pub consumer_seconds: f64,
     /// Seconds the Kafka engine took.
     pub kafka_engine_seconds: Option<f64>,
+    /// How the Kafka-engine peer reached Kafka (or why it did not run).
+    pub peer_kafka: String,
+}
+
+impl BenchConsumeSettings {
+    /// The brokers the peer reads from, if it runs.
+    fn peer_brokers(&self) -> Option<String> {
+        if self.no_peer {
+            return None;
+        }
+        let kafka = &self.consume.stores.kafka;
+        self.peer_kafka_brokers.clone().or_else(|| {
+            (kafka.security_protocol == biofeed_backends::kafka::SecurityProtocol::Plaintext)
+                .then(|| kafka.brokers.clone())
+        })
+    }
 }
 
 /// Runs the benchmark; the last line printed is one JSON object.
@@ -69,6 +92,8 @@ pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
     let id = own.id.clone();
     let mut consume = settings.consume.clone();
     consume.stores.clickhouse.database = format!("biofeed_bench_{id}");
+    // Its analysts' database beside it (`<database>_analyst`), never a configured one.
+    consume.stores.clickhouse.analyst_database = None;
     consume.stores.topics.points = format!("biofeed.bench.{id}.points");
     consume.stores.topics.dlq = format!("biofeed.bench.{id}.dlq");
     consume.options.group = format!("biofeed-bench-{id}");
@@ -245,11 +270,23 @@ async fn measure(
         .bind(ch.database())
         .fetch_one()
         .await?;
-    let (kafka_engine_seconds, kafka_engine_points_per_s) = if settings.no_peer {
-        (None, None)
-    } else {
-        let (seconds, loaded) = time_kafka_engine(consume, json_topic, ch, points).await?;
-        (Some(seconds), Some(loaded as f64 / seconds))
+    let peer_brokers = settings.peer_brokers();
+    let (kafka_engine_seconds, kafka_engine_points_per_s) = match &peer_brokers {
+        None => (None, None),
+        Some(brokers) => {
+            let (seconds, loaded) = time_kafka_engine(brokers, json_topic, ch, points).await?;
+            (Some(seconds), Some(loaded as f64 / seconds))
+        }
+    };
+    let peer_kafka = match (&peer_brokers, settings.no_peer) {
+        (Some(brokers), _) if consume.stores.kafka.security_protocol
+            != biofeed_backends::kafka::SecurityProtocol::Plaintext =>
+        {
+            format!("plaintext loopback listener {brokers} (ClickHouse 18.16's Kafka engine has no TLS or SASL); the consumer used {}", consume.stores.kafka.security_summary())
+        }
+        (Some(brokers), _) => format!("plaintext {brokers}, as the consumer"),
+        (None, true) => "not run (--no-peer)".to_owned(),
+        (None, false) => "not run: Kafka is secured and no BIOFEED_BENCH_PEER_KAFKA_BROKERS names a plaintext listener".to_owned(),
     };
     let consumer_points_per_s = points as f64 / consumer_seconds;
     Ok(ConsumeBenchReport {
@@ -257,6 +294,7 @@ async fn measure(
         consumer_points_per_s,
         kafka_engine_points_per_s,
         ratio: kafka_engine_points_per_s.map(|p| consumer_points_per_s / p),
+        peer_kafka,
         bytes_per_point: bytes as f64 / points as f64,
         kafka_bytes_per_point: kafka_bytes,
         consumer_seconds,
@@ -297,7 +335,7 @@ async fn load(
         encoded.into_iter(),
     )
     .await?;
-    if !settings.no_peer {
+    if settings.peer_brokers().is_some() {
         preload(
             &producer,
             json_topic,
@@ -349,7 +387,7 @@ async fn time_consumer(
 /// view into a table like `points`; returns the seconds to its last progress and the rows it
 /// loaded by then.
 async fn time_kafka_engine(
-    consume: &ConsumeSettings,
+    brokers: &str,
     json_topic: &str,
     ch: &ClickHouse,
     points: u64,
@@ -363,7 +401,7 @@ async fn time_kafka_engine(
         .query(&format!(
             "CREATE TABLE points_queue (user_id UUID, session_id UUID, data_type String, t_us Int64, values Array(Float32), ingested_at DateTime) \
              ENGINE = Kafka('{}', '{json_topic}', 'biofeed-bench-peer-{}', 'JSONEachRow')",
-            consume.stores.kafka.brokers,
+            brokers,
             Uuid::new_v4().simple()
         ))
         .execute()

@@ -195,6 +195,8 @@ pub async fn run(
     let id = own.id.clone();
     let mut stores = settings.stores.clone();
     stores.clickhouse.database = format!("biofeed_e2e_{id}");
+    // Its analysts' database beside it (`<database>_analyst`), never a configured one.
+    stores.clickhouse.analyst_database = None;
     stores.topics.points = format!("biofeed.e2e.{id}.points");
     stores.topics.dlq = format!("biofeed.e2e.{id}.dlq");
     // The devices' users, sessions and the jobs' bookkeeping go to a Postgres database of the

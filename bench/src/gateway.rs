@@ -150,6 +150,10 @@ async fn run_on(
     gateway_settings.postgres = postgres.clone();
     gateway_settings.topics.points = topic.to_owned();
     gateway_settings.listen = "127.0.0.1:0".parse()?;
+    // Plain HTTP on loopback: this bench measures the gateway's own work per request; what TLS
+    // costs on top shows in `bench e2e --gateway-ca-file`.
+    gateway_settings.tls.cert_file = None;
+    gateway_settings.tls.key_file = None;
     gateway_settings.max_in_flight = gateway_settings.max_in_flight.max(settings.devices * 2);
     let app = Application::build(gateway_settings.clone()).await?;
     let url = format!("http://{}", app.local_addr()?);

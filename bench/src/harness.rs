@@ -94,11 +94,14 @@ impl OwnStores {
         }
         if let Some(settings) = &self.clickhouse {
             if let Ok(ch) = settings.connect().await {
-                let _ = ch
-                    .server_client()
-                    .query(&format!("DROP DATABASE IF EXISTS {}", settings.database))
-                    .execute()
-                    .await;
+                // The analysts' database (Distributed tables over this one's views) first.
+                for database in [ch.analyst_database(), ch.database()] {
+                    let _ = ch
+                        .server_client()
+                        .query(&format!("DROP DATABASE IF EXISTS {database}"))
+                        .execute()
+                        .await;
+                }
             }
         }
         if !self.topics.is_empty() {

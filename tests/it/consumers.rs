@@ -27,7 +27,8 @@ pub(crate) fn consumer_env(
     stores: &Isolated,
     extra: &[(&'static str, String)],
 ) -> Vec<(&'static str, String)> {
-    let mut env = stores.env();
+    // The consumer's own identity: it may insert, never change tables or delete.
+    let mut env = stores.env_as(crate::helpers::Role::Consume);
     env.push((
         "BIOFEED_CONSUMER_GROUP",
         format!("biofeed-test-group-{}", stores.id),

@@ -197,6 +197,7 @@ impl Isolated {
         let mut settings = settings_as(role);
         settings.stores.postgres = settings.stores.postgres.with_database(&database);
         settings.stores.clickhouse.database = database;
+        settings.stores.clickhouse.analyst_database = None;
         (settings.stores.topics.points, settings.stores.topics.dlq) = Self::topic_names(&self.id);
         if role != Role::Migrate {
             let now = &self.settings.stores;

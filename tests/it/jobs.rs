@@ -20,9 +20,10 @@ use crate::helpers::{
     Isolated, Run,
 };
 
-/// The environment of a jobs command against `stores`: sessions settle at once.
+/// The environment of a jobs command against `stores`, as the jobs' own identity: sessions
+/// settle at once.
 fn jobs_env(stores: &Isolated) -> Vec<(&'static str, String)> {
-    let mut env = stores.env();
+    let mut env = stores.env_as(crate::helpers::Role::Jobs);
     env.push(("BIOFEED_JOBS_SETTLE", "1ms".to_owned()));
     env
 }
@@ -718,8 +719,17 @@ async fn a_runner_whose_lease_is_taken_over_stops_its_job() {
         .unwrap();
     let env = jobs_env_with(&stores, &[("BIOFEED_JOBS_LEASE", "3s")]);
     let child = BiofeedProcess::start(&["jobs", "run", "analyst-sync"], &env);
+    // Asked as the jobs' own role: pg_stat_activity shows a role the query text of its own
+    // sessions only.
+    let as_jobs = stores
+        .settings_as(crate::helpers::Role::Jobs)
+        .stores
+        .postgres
+        .connect()
+        .await
+        .unwrap();
     wait_for_sql(
-        &pool,
+        &as_jobs,
         "the sync waits for the sessions",
         "SELECT EXISTS (SELECT 1 FROM job_runs WHERE job = 'analyst_sync')
                     AND EXISTS (SELECT 1 FROM pg_stat_activity

@@ -147,12 +147,11 @@ async fn kafka_serves_biofeed_on_its_sasl_ssl_listener_and_the_plaintext_one_rea
 
     // The loopback plaintext listener (ClickHouse's Kafka engine in `bench consume`) may read
     // only the bench's topics: biofeed's points are refused to it.
-    let plain_brokers = std::fs::read_to_string(state_dir().join("env/plaintext-kafka.env"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("BIOFEED_KAFKA_PLAIN_BROKERS="))
-        .expect("plaintext-kafka.env names the plaintext listener")
-        .to_owned();
+    let plain_brokers = role_env(Role::Migrate)
+        .iter()
+        .find(|(k, _)| *k == "BIOFEED_BENCH_PEER_KAFKA_BROKERS")
+        .map(|(_, v)| v.clone())
+        .expect("the owner's settings name the plaintext listener");
     let topic = stores.settings.stores.topics.points.clone();
     let denied = tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::{BaseConsumer, Consumer};
