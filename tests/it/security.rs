@@ -644,3 +644,130 @@ async fn kafka_acls_let_each_service_touch_only_its_topics() {
         "jobs → points"
     );
 }
+
+/// A TLS endpoint that shows a certificate the clients must refuse (expired, or for another
+/// host name) — what an impostor on the network, or a server whose certificate ran out, looks
+/// like to biofeed. With `postgres`, it first answers Postgres's SSLRequest as a server does.
+struct Impostor {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Impostor {
+    fn start(cert: &std::path::Path, key: &std::path::Path, postgres: bool) -> Self {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let key = PrivateKeyDer::from_pem_file(key).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if postgres {
+                        let mut request = [0u8; 8];
+                        if stream.read_exact(&mut request).await.is_err() {
+                            return;
+                        }
+                        let _ = stream.write_all(b"S").await;
+                    }
+                    // The client must break off the handshake.
+                    let _ = acceptor.accept(stream).await;
+                });
+            }
+        });
+        Self { port, task }
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A certificate and key for `elsewhere.example`, signed by the local CA: trusted, but not for
+/// `localhost`.
+fn misnamed_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key, csr) = (
+        dir.join("elsewhere.pem"),
+        dir.join("elsewhere.key"),
+        dir.join("elsewhere.csr"),
+    );
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=elsewhere.example",
+        "-addext", "subjectAltName=DNS:elsewhere.example",
+        "-keyout", key.to_str().unwrap(), "-out", csr.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "x509", "-req", "-in", csr.to_str().unwrap(), "-CA", &tls_file("ca.pem"), "-CAkey",
+        &tls_file("ca.key"), "-set_serial", "4242", "-days", "2", "-copy_extensions", "copy",
+        "-out", cert.to_str().unwrap(),
+    ]);
+    (cert, key)
+}
+
+#[tokio::test]
+async fn expired_and_misnamed_certificates_are_refused_by_every_client() {
+    require_secure_stack();
+    let stores = Isolated::new().await;
+    let dir = crate::helpers::ServerProcess::new("impostor");
+    let (misnamed_cert, misnamed_key) = misnamed_certificate(&dir.dir);
+    let expired = (
+        PathBuf::from(tls_file("expired.pem")),
+        PathBuf::from(tls_file("expired.key")),
+    );
+    let env = stores.env_as(Role::Migrate);
+    let pg_url: reqwest::Url = value_of(&env, "BIOFEED_POSTGRES_URL").parse().unwrap();
+    for (what, (cert, key), says) in [
+        ("an expired certificate", &expired, "xpired"),
+        ("another host's certificate", &(misnamed_cert, misnamed_key), "ame"),
+    ] {
+        for (setting, postgres) in [
+            ("BIOFEED_CLICKHOUSE_URL", false),
+            ("BIOFEED_KAFKA_BROKERS", false),
+            ("BIOFEED_POSTGRES_URL", true),
+        ] {
+            let impostor = Impostor::start(cert, key, postgres);
+            let address = format!("localhost:{}", impostor.port);
+            let value = match setting {
+                "BIOFEED_CLICKHOUSE_URL" => format!("https://{address}"),
+                "BIOFEED_KAFKA_BROKERS" => address.clone(),
+                _ => {
+                    let mut url = pg_url.clone();
+                    url.set_port(Some(impostor.port)).unwrap();
+                    url.to_string()
+                }
+            };
+            let run = status_with(&stores, &[(setting, value)]).await;
+            let context = format!("{what} at {setting}");
+            assert_eq!(run.0.code, 2, "{context}: {:?}", run.0);
+            assert!(run.1 < Duration::from_secs(12), "{context} took {:?}", run.1);
+            assert!(run.0.stderr.contains(&address), "{context}: {:?}", run.0);
+            assert!(
+                run.0.stderr.contains(says),
+                "{context} says why ({says}): {:?}",
+                run.0
+            );
+        }
+    }
+}

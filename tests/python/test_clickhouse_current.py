@@ -33,11 +33,22 @@ def test_every_migration_runs_on_a_current_clickhouse(tmp_path):
 
     db = chs.Session(str(tmp_path / "chdb"))
     db.query("CREATE DATABASE IF NOT EXISTS biofeed")
+    has_cluster = int(
+        db.query(
+            "SELECT count() FROM system.clusters WHERE cluster = 'biofeed_analyst_source'", "CSV"
+        ).bytes().decode().strip()
+    ) > 0
     for path in migration_files():
-        for statement in statements(path.read_text()):
+        text = path.read_text()
+        if "{analyst_database}" in text and not has_cluster:
+            # As the runner does: the analyst database's Distributed tables need the cluster;
+            # without it (here, and on managed services) analysts get SQL grants instead.
+            continue
+        text = text.replace("{database}", "biofeed").replace("{analyst_database}", "biofeed_analyst")
+        for statement in statements(text):
             db.query(f"USE biofeed; {statement}")
         # Applying a file twice is harmless (the runner may be interrupted half-way).
-        for statement in statements(path.read_text()):
+        for statement in statements(text):
             db.query(f"USE biofeed; {statement}")
 
     tables = db.query(
