@@ -49,8 +49,9 @@ pub(crate) const AFTER_HELP: &str = "\
 Every option can also be set by the environment variable shown beside it.
 
 Exit codes: 0 ok, 1 a failure a retry cannot fix, 2 bad arguments or settings (including a \
-password, user or certificate a backing service refused, or TLS against a plaintext port), 3 \
-retry later (a backing service unreachable, failing or behind), 4 refused until an operator acts (e.g. an \
+password, user or certificate a backing service refused), 3 retry later (a backing service \
+unreachable, failing or behind; also a server that hangs up on the wrong protocol, e.g. plain \
+HTTP at an HTTPS port), 4 refused until an operator acts (e.g. an \
 edited migration, an email that already has an account).";
 
 /// biofeed: ingest biofeedback sensor streams and keep them safe for years.

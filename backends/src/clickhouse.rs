@@ -281,7 +281,8 @@ impl ClickHouseSettings {
 }
 
 /// Why ClickHouse refused us, if it did: a TLS refusal, or the server's "unknown user" (192),
-/// "wrong password" (193), "required password" (194) or "authentication failed" (516).
+/// "wrong password" (193), "required password" (194), "IP address not allowed" (195) or
+/// "authentication failed" (516).
 fn refusal(error: &clickhouse::error::Error) -> Option<String> {
     if let Some(reason) = crate::tls::refusal(error) {
         return Some(reason);
@@ -292,7 +293,7 @@ fn refusal(error: &clickhouse::error::Error) -> Option<String> {
             .strip_prefix("Code: ")
             .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|code| code.parse::<u32>().ok());
-        if matches!(code, Some(192 | 193 | 194 | 516)) {
+        if matches!(code, Some(192..=195 | 516)) {
             // The server's text names the user but not the password.
             return Some(message.lines().next().unwrap_or_default().to_owned());
         }

@@ -244,6 +244,12 @@ impl KafkaSettings {
                         "a password (BIOFEED_KAFKA_PASSWORD or BIOFEED_KAFKA_PASSWORD_FILE)",
                     )
                 })?;
+            if self.sasl_mechanism == SaslMechanism::Plain && !protocol.uses_tls() {
+                return Err(BackendError::Misconfigured {
+                    setting: "BIOFEED_KAFKA_SASL_MECHANISM",
+                    reason: "PLAIN sends the password itself: use it only with sasl_ssl".to_owned(),
+                });
+            }
             config
                 .set("sasl.mechanism", self.sasl_mechanism.as_str())
                 .set("sasl.username", user)
@@ -314,7 +320,7 @@ impl KafkaSettings {
 
     /// Proves, within the connect timeout, that the brokers answer a metadata request with
     /// these settings. A refusal (SASL authentication failed, the brokers' certificate not
-    /// trusted, TLS against a plaintext listener or the reverse) is
+    /// trusted, a broker's TLS alert, TLS met by a non-TLS answer) is
     /// [`BackendError::Rejected`], naming the setting to look at.
     pub async fn probe(&self) -> Result<(), BackendError> {
         let target = Target::new(Service::Kafka, BROKERS_SETTING, self.brokers.clone());
@@ -379,16 +385,34 @@ impl ProducerContext for ProbeContext {
     fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
 }
 
+/// The setting to blame when librdkafka's error is a refusal a retry cannot fix: the broker
+/// turned our credentials down, or TLS refused the broker's certificate (or the broker ours).
+/// Everything else — connections reset or timed out during a handshake, a broker restarting —
+/// is not a refusal: librdkafka reports those with the same codes, so the text decides.
+fn refusal_setting(code: Option<RDKafkaErrorCode>, reason: &str) -> Option<&'static str> {
+    match code {
+        Some(RDKafkaErrorCode::Authentication)
+            if reason.contains("SASL authentication error")
+                || reason.contains("invalid credentials") =>
+        {
+            Some("BIOFEED_KAFKA_USER")
+        }
+        Some(RDKafkaErrorCode::SSL) if reason.contains("certificate verify failed") => {
+            Some("BIOFEED_KAFKA_CA_FILE")
+        }
+        // The broker's TLS alert: it refused our certificate (or lack of one) or our protocol.
+        Some(RDKafkaErrorCode::SSL) if reason.contains("alert") => Some("BIOFEED_KAFKA_CERT_FILE"),
+        // TLS from us met a listener that does not speak it.
+        Some(RDKafkaErrorCode::SSL) if reason.contains("wrong version number") => {
+            Some("BIOFEED_KAFKA_SECURITY_PROTOCOL")
+        }
+        _ => None,
+    }
+}
+
 impl ClientContext for ProbeContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        let setting = match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::Authentication) => Some("BIOFEED_KAFKA_USER"),
-            Some(RDKafkaErrorCode::SSL) => Some("BIOFEED_KAFKA_CA_FILE"),
-            // A plaintext client at a TLS listener is cut off while asking for API versions.
-            _ if reason.contains("security.protocol") => Some("BIOFEED_KAFKA_SECURITY_PROTOCOL"),
-            _ => None,
-        };
-        if let Some(setting) = setting {
+        if let Some(setting) = refusal_setting(error.rdkafka_error_code(), reason) {
             let mut refusal = self
                 .refusal
                 .lock()
@@ -442,6 +466,65 @@ pub fn parse_topic(value: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_refusals_a_retry_cannot_fix_are_refusals() {
+        use RDKafkaErrorCode::{Authentication, BrokerTransportFailure, SSL};
+        let refused = [
+            (Authentication, "sasl_ssl://h:9092/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512"),
+            (SSL, "ssl://h:9093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified"),
+            (SSL, "ssl://h:9093/bootstrap: SSL handshake failed: ssl/record/ssl3_record.c:354: error:0A00010B:SSL routines::wrong version number"),
+        ];
+        for (code, reason) in refused {
+            assert!(refusal_setting(Some(code), reason).is_some(), "{reason}");
+        }
+        let transient = [
+            (SSL, "ssl://h:9093/bootstrap: SSL handshake failed: Disconnected: connection reset by peer"),
+            (SSL, "ssl://h:9093/bootstrap: SSL transport error: Connection timed out (after 5001ms)"),
+            (Authentication, "sasl_ssl://h:9092/bootstrap: Failed to initialize SASL authentication: SASL Handshake not supported by broker (timed out)"),
+            (BrokerTransportFailure, "h:9092/bootstrap: Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol configuration (connecting to a SSL listener?) or broker version is < 0.10"),
+        ];
+        for (code, reason) in transient {
+            assert_eq!(refusal_setting(Some(code), reason), None, "{reason}");
+        }
+    }
+
+    #[test]
+    fn plain_passwords_never_cross_the_wire_in_the_clear() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaSettings,
+        }
+        let cli = Cli::parse_from([
+            "x",
+            "--kafka-security-protocol",
+            "sasl_plaintext",
+            "--kafka-sasl-mechanism",
+            "PLAIN",
+            "--kafka-user",
+            "u",
+            "--kafka-password",
+            "p",
+        ]);
+        let refused = cli.kafka.client_config().unwrap_err();
+        assert!(refused.to_string().contains("PLAIN"), "{refused}");
+        let cli = Cli::parse_from([
+            "x",
+            "--kafka-security-protocol",
+            "SASL_SSL",
+            "--kafka-user",
+            "u",
+            "--kafka-password",
+            "p",
+        ]);
+        assert!(cli.kafka.client_config().is_ok());
+        assert_eq!(
+            cli.kafka.security_summary(),
+            "sasl_ssl SCRAM-SHA-512 as u, system CAs"
+        );
+    }
 
     #[test]
     fn broker_lists_are_checked_before_use() {

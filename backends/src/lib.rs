@@ -2,9 +2,11 @@
 //!
 //! Every biofeed process talks to some of Postgres, ClickHouse and Kafka. This crate owns how:
 //! the settings (clap arguments, each with its `BIOFEED_…` environment variable and a loopback
-//! default that matches `compose/local`), their validation before any connection is tried, and
-//! connecting with a bounded timeout so that a wrong address fails within seconds with an error
-//! that names the setting and the address tried.
+//! plaintext default; `compose/local env` prints those of its secure stack), TLS, SASL and
+//! passwords from files, their validation before any connection is tried, and connecting with a
+//! bounded timeout so that a wrong address fails within seconds with an error that names the
+//! setting and the address tried — and tells a refusal (credentials, certificates: exit 2) from
+//! a service away (exit 3).
 //!
 //! It also holds the process's stop signal ([`shutdown`]), which every long-running part shares.
 //!
@@ -171,9 +173,10 @@ pub enum BackendError {
         reason: String,
     },
     /// The service answered and refused us: wrong user or password, or its certificate is not
-    /// trusted (unknown CA, expired, another host's name), or it does not speak the protocol
-    /// the settings chose (TLS against a plaintext port or the reverse). Retrying with the same
-    /// settings cannot help.
+    /// trusted (unknown CA, expired, another host's name), or it told us it does not speak the
+    /// protocol the settings chose (a TLS record where none was expected). Retrying with the
+    /// same settings cannot help. A server that just hangs up on the wrong protocol is
+    /// [`BackendError::Failed`]: that looks the same as one restarting.
     #[error("{service} at {address} (setting {setting}) refused the connection: {reason}")]
     Rejected {
         /// The service.

@@ -21,6 +21,15 @@ $$;
 -- servers let everyone).
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
 GRANT USAGE ON SCHEMA public TO biofeed_service;
+-- A role that does not own the schema only gets a warning from that REVOKE: refuse, rather than
+-- leave the services able to change the schema.
+DO $$
+BEGIN
+    IF has_schema_privilege('biofeed_service', 'public', 'CREATE') THEN
+        RAISE EXCEPTION 'biofeed_service may create objects in schema public: as the schema''s owner, run REVOKE CREATE ON SCHEMA public FROM PUBLIC, then migrate again';
+    END IF;
+END
+$$;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO biofeed_service;
 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO biofeed_service;

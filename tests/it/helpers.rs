@@ -161,7 +161,7 @@ impl Isolated {
     /// `biofeed migrate`, which is what the tests exercise).
     pub async fn new() -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
-        let mut settings = default_settings();
+        let settings = default_settings();
         let admin = settings
             .stores
             .postgres
@@ -174,11 +174,18 @@ impl Isolated {
             .await
             .expect("create test database");
         admin.close().await;
+        let settings = Self::retarget(settings, &id);
+        Self { settings, id }
+    }
+
+    /// `settings` pointing at the databases and topics of the test `id`.
+    fn retarget(mut settings: MigrateSettings, id: &str) -> MigrateSettings {
+        let database = format!("biofeed_test_{id}");
         settings.stores.postgres = settings.stores.postgres.with_database(&database);
         settings.stores.clickhouse.database = database;
-        let mut stores = Self { settings, id };
-        stores.settings = stores.settings_as(Role::Migrate);
-        stores
+        settings.stores.clickhouse.analyst_database = None;
+        (settings.stores.topics.points, settings.stores.topics.dlq) = Self::topic_names(id);
+        settings
     }
 
     /// This test's topic names. They start as biofeed's own do (`biofeed.points.`,
@@ -193,17 +200,14 @@ impl Isolated {
     /// The settings of `role`, pointing at this test's databases and topics — and at the servers
     /// `self.settings` points at now (a test may have moved ClickHouse or Kafka to a private one).
     pub fn settings_as(&self, role: Role) -> MigrateSettings {
-        let database = format!("biofeed_test_{}", self.id);
-        let mut settings = settings_as(role);
-        settings.stores.postgres = settings.stores.postgres.with_database(&database);
-        settings.stores.clickhouse.database = database;
-        settings.stores.clickhouse.analyst_database = None;
-        (settings.stores.topics.points, settings.stores.topics.dlq) = Self::topic_names(&self.id);
-        if role != Role::Migrate {
-            let now = &self.settings.stores;
-            settings.stores.clickhouse.url = now.clickhouse.url.clone();
-            settings.stores.kafka.brokers = now.kafka.brokers.clone();
+        if role == Role::Migrate {
+            // The owner's are the test's own settings, wherever the test pointed them.
+            return self.settings.clone();
         }
+        let mut settings = Self::retarget(settings_as(role), &self.id);
+        let now = &self.settings.stores;
+        settings.stores.clickhouse.url = now.clickhouse.url.clone();
+        settings.stores.kafka.brokers = now.kafka.brokers.clone();
         settings
     }
 
