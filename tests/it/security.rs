@@ -815,3 +815,24 @@ async fn expired_and_misnamed_certificates_are_refused_by_every_client() {
         }
     }
 }
+
+#[tokio::test]
+async fn scram_sha_256_a_password_given_directly_and_verify_ca_connect_too() {
+    require_secure_stack();
+    let stores = Isolated::migrated().await;
+    let mut kafka = stores.settings_as(Role::Gateway).stores.kafka;
+    kafka.sasl_mechanism = biofeed_backends::kafka::SaslMechanism::ScramSha256;
+    kafka.password = kafka.password_file.take();
+    kafka
+        .probe()
+        .await
+        .expect("SCRAM-SHA-256 with the password itself");
+    let mut postgres = stores.settings_as(Role::Gateway).stores.postgres;
+    postgres.sslmode = Some(biofeed_backends::postgres::SslMode::VerifyCa);
+    let pool = postgres.connect().await.expect("verify-ca");
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(ssl);
+}
