@@ -9,6 +9,7 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use biofeed_backends::secret::Refusing;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::Sha256;
@@ -222,37 +223,6 @@ fn previous_keys(value: &std::ffi::OsStr) -> Result<PreviousKeys, KeyError> {
         .to_str()
         .ok_or(KeyError::PreviousMalformed)
         .and_then(PreviousKeys::parse)
-}
-
-/// A value parser for secret settings. Unlike clap's usual "invalid value '…'" error, a refusal
-/// never repeats the value (a mistyped key is still mostly key): it says only what `F` says.
-#[derive(Clone, Copy)]
-struct Refusing<F>(F);
-
-impl<T, E, F> clap::builder::TypedValueParser for Refusing<F>
-where
-    T: Clone + Send + Sync + 'static,
-    E: std::fmt::Display,
-    F: Fn(&std::ffi::OsStr) -> Result<T, E> + Clone + Send + Sync + 'static,
-{
-    type Value = T;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        _arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<T, clap::Error> {
-        (self.0)(value).map_err(|e| refusal(cmd, &e))
-    }
-}
-
-fn refusal(cmd: &clap::Command, message: &dyn std::fmt::Display) -> clap::Error {
-    clap::Error::raw(
-        clap::error::ErrorKind::ValueValidation,
-        format!("{message}\n"),
-    )
-    .with_cmd(cmd)
 }
 
 /// Where a sealed value lives; bound into its ciphertext as associated data.

@@ -25,7 +25,7 @@ pub struct ClickHouseSettings {
         value_name = "URL",
         env = "BIOFEED_CLICKHOUSE_URL",
         default_value = "http://127.0.0.1:8123",
-        value_parser = parse_clickhouse_url
+        value_parser = crate::secret::refusing_url("BIOFEED_CLICKHOUSE_URL", "--clickhouse-url", parse_clickhouse_url)
     )]
     pub url: Url,
 

@@ -24,7 +24,7 @@ pub struct PostgresSettings {
         value_name = "URL",
         env = "BIOFEED_POSTGRES_URL",
         default_value = "postgres://biofeed:biofeed@127.0.0.1:5432/biofeed",
-        value_parser = parse_postgres_url,
+        value_parser = crate::secret::refusing_url("BIOFEED_POSTGRES_URL", "--postgres-url", parse_postgres_url),
         hide_env_values = true,
         hide_default_value = true
     )]

@@ -71,6 +71,48 @@ pub fn readable_file(
     }
 }
 
+/// A value parser for settings that may hold secrets (keys, URLs with a password). Unlike
+/// clap's usual "invalid value '…'" error, a refusal never repeats the value (a mistyped key is
+/// still mostly key, a bad URL may carry its password): it says only what `F` says.
+#[derive(Clone, Copy)]
+pub struct Refusing<F>(pub F);
+
+impl<T, E, F> clap::builder::TypedValueParser for Refusing<F>
+where
+    T: Clone + Send + Sync + 'static,
+    E: std::fmt::Display,
+    F: Fn(&std::ffi::OsStr) -> Result<T, E> + Clone + Send + Sync + 'static,
+{
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        (self.0)(value).map_err(|e| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{e}\n"))
+                .with_cmd(cmd)
+        })
+    }
+}
+
+/// [`Refusing`] for a URL setting: `parse` checks the text; its refusal is prefixed with the
+/// setting's variable and flag and never shows the URL (which may carry a password).
+pub fn refusing_url<T: Clone + Send + Sync + 'static>(
+    setting: &'static str,
+    flag: &'static str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Refusing<impl Fn(&std::ffi::OsStr) -> Result<T, String> + Clone + Send + Sync + 'static> {
+    Refusing(move |value: &std::ffi::OsStr| {
+        let text = value
+            .to_str()
+            .ok_or_else(|| format!("{setting} ({flag}): not UTF-8"))?;
+        parse(text).map_err(|reason| format!("{setting} ({flag}): {reason}"))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,9 +76,9 @@ pub fn state_dir() -> std::path::PathBuf {
 /// The `BIOFEED_…` settings of `role` from `$BIOFEED_TEST_ENV_DIR/<role>.env` (empty without
 /// that directory), read once.
 pub fn role_env(role: Role) -> &'static [(&'static str, String)] {
-    static ROLES: std::sync::OnceLock<
-        std::sync::Mutex<std::collections::HashMap<Role, &'static [(&'static str, String)]>>,
-    > = std::sync::OnceLock::new();
+    type Settings = &'static [(&'static str, String)];
+    static ROLES: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<Role, Settings>>> =
+        std::sync::OnceLock::new();
     let mut roles = ROLES
         .get_or_init(Default::default)
         .lock()

@@ -136,7 +136,7 @@ async fn kafka_serves_biofeed_on_its_sasl_ssl_listener_and_the_plaintext_one_rea
         .iter()
         .map(|b| format!("{}:{}", b.host(), b.port()))
         .collect();
-    assert_eq!(advertised, [brokers.clone()]);
+    assert_eq!(advertised, std::slice::from_ref(&brokers));
 
     // Plaintext at the SASL_SSL port is refused, quickly, as a settings problem.
     let mut plaintext = gateway.clone();
@@ -835,4 +835,25 @@ async fn scram_sha_256_a_password_given_directly_and_verify_ca_connect_too() {
         .await
         .unwrap();
     assert!(ssl);
+}
+
+#[tokio::test]
+async fn a_malformed_url_with_a_password_is_refused_without_repeating_it() {
+    for (setting, url) in [
+        (
+            "BIOFEED_POSTGRES_URL",
+            "postgres://app:S3cr3t-in-url@db.example",
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_URL",
+            "ftp://app:S3cr3t-in-url@ch.example",
+        ),
+    ] {
+        let run =
+            crate::helpers::run_biofeed(&["migrate", "--status"], &[(setting, url.to_owned())])
+                .await;
+        assert_eq!(run.code, 2, "{run:?}");
+        assert!(run.stderr.contains(setting), "{run:?}");
+        assert!(!run.stderr.contains("S3cr3t"), "{run:?}");
+    }
 }
