@@ -25,7 +25,8 @@ pub struct ClickHouseSettings {
         value_name = "URL",
         env = "BIOFEED_CLICKHOUSE_URL",
         default_value = "http://127.0.0.1:8123",
-        value_parser = crate::secret::refusing_url("BIOFEED_CLICKHOUSE_URL", "--clickhouse-url", parse_clickhouse_url)
+        value_parser = crate::secret::refusing_url("BIOFEED_CLICKHOUSE_URL", "--clickhouse-url", parse_clickhouse_url),
+        hide_env_values = true
     )]
     pub url: Url,
 
@@ -312,6 +313,13 @@ pub fn parse_clickhouse_url(value: &str) -> Result<Url, String> {
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err("has no host".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "carries a user or password: give them as BIOFEED_CLICKHOUSE_USER and \
+             BIOFEED_CLICKHOUSE_PASSWORD(_FILE) instead"
+                .to_owned(),
+        );
     }
     Ok(url)
 }

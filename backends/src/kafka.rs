@@ -489,41 +489,37 @@ mod tests {
         }
     }
 
+    /// Settings as written here, whatever `BIOFEED_…` the environment of the test holds.
+    fn kafka(protocol: SecurityProtocol, mechanism: SaslMechanism) -> KafkaSettings {
+        KafkaSettings {
+            brokers: "h:9092".to_owned(),
+            connect_timeout: Duration::from_secs(5),
+            security_protocol: protocol,
+            sasl_mechanism: mechanism,
+            user: Some("u".to_owned()),
+            password: Some(Secret::from("p".to_owned())),
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        }
+    }
+
     #[test]
     fn plain_passwords_never_cross_the_wire_in_the_clear() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            kafka: KafkaSettings,
-        }
-        let cli = Cli::parse_from([
-            "x",
-            "--kafka-security-protocol",
-            "sasl_plaintext",
-            "--kafka-sasl-mechanism",
-            "PLAIN",
-            "--kafka-user",
-            "u",
-            "--kafka-password",
-            "p",
-        ]);
-        let refused = cli.kafka.client_config().unwrap_err();
+        let clear = kafka(SecurityProtocol::SaslPlaintext, SaslMechanism::Plain);
+        let refused = clear.client_config().unwrap_err();
         assert!(refused.to_string().contains("PLAIN"), "{refused}");
-        let cli = Cli::parse_from([
-            "x",
-            "--kafka-security-protocol",
-            "SASL_SSL",
-            "--kafka-user",
-            "u",
-            "--kafka-password",
-            "p",
-        ]);
-        assert!(cli.kafka.client_config().is_ok());
+        let tls = kafka(SecurityProtocol::SaslSsl, SaslMechanism::Plain);
+        assert!(tls.client_config().is_ok());
+        let scram = kafka(SecurityProtocol::SaslSsl, SaslMechanism::ScramSha512);
         assert_eq!(
-            cli.kafka.security_summary(),
+            scram.security_summary(),
             "sasl_ssl SCRAM-SHA-512 as u, system CAs"
         );
+        let mut nameless = scram.clone();
+        nameless.user = None;
+        assert!(nameless.client_config().is_err(), "SASL without a user");
     }
 
     #[test]

@@ -173,8 +173,8 @@ pub enum BackendError {
         reason: String,
     },
     /// The service answered and refused us: wrong user or password, or its certificate is not
-    /// trusted (unknown CA, expired, another host's name), or it told us it does not speak the
-    /// protocol the settings chose (a TLS record where none was expected). Retrying with the
+    /// trusted (unknown CA, expired, another host's name), or it answered TLS with something
+    /// that is not TLS (a plaintext port where the settings chose TLS). Retrying with the
     /// same settings cannot help. A server that just hangs up on the wrong protocol is
     /// [`BackendError::Failed`]: that looks the same as one restarting.
     #[error("{service} at {address} (setting {setting}) refused the connection: {reason}")]
