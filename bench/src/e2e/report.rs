@@ -113,7 +113,17 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
          | bytes per point on disk | {bpp:.2} | |\n\n\
          ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
-         Reproduce: `compose/local up && biofeed migrate && {env}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}`.\n",
+         Reproduce: `compose/local up && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{ca}`.\n",
+        tls = if settings.gateway_ca_file.is_some() {
+            "BIOFEED_GATEWAY_TLS_CERT_FILE=.state/tls/gateway.pem BIOFEED_GATEWAY_TLS_KEY_FILE=.state/tls/gateway.key "
+        } else {
+            ""
+        },
+        ca = if settings.gateway_ca_file.is_some() {
+            " --gateway-ca-file .state/tls/ca.pem"
+        } else {
+            ""
+        },
         env = tuning().iter().filter(|(_, set)| *set).map(|(s, _)| format!("{s} ")).collect::<String>(),
         duration = settings.duration,
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
