@@ -156,6 +156,35 @@ fn only_the_gateway_speaks_http_as_a_server_and_only_accounts_hashes_or_seals() 
 }
 
 #[test]
+fn only_backends_makes_clients_of_the_services_so_every_one_is_secured_alike() {
+    // ARCHITECTURE.md: every Kafka, ClickHouse and Postgres client is built from backends'
+    // settings, so that TLS, SASL and the passwords apply to all of them.
+    let makers = [
+        "ClientConfig::new(",
+        "clickhouse::Client::",
+        "PgPoolOptions",
+        "PgConnectOptions::",
+    ];
+    let mut dirs: Vec<String> = CRATES
+        .iter()
+        .filter(|k| **k != "backends")
+        .map(|k| format!("{k}/src"))
+        .collect();
+    dirs.push("src".to_owned());
+    for dir in dirs {
+        for (path, text) in sources(&dir) {
+            for maker in makers {
+                assert!(
+                    !text.contains(maker),
+                    "{} makes its own client ({maker}): build it from backends' settings",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn the_binary_stays_thin_no_file_over_400_lines() {
     let files = sources("src");
     assert!(files.len() > 3, "the CLI is split by subcommand");
