@@ -15,6 +15,7 @@
 
 mod address;
 pub mod clickhouse;
+mod failover;
 pub mod kafka;
 pub mod postgres;
 pub mod secret;
@@ -84,6 +85,11 @@ impl StoreSettings {
                 pg.sslrootcert.as_ref().map(path),
             ),
             ("BIOFEED_CLICKHOUSE_CA_FILE", ch.ca_file.as_ref().map(path)),
+            ("BIOFEED_CLICKHOUSE_CLUSTER", ch.cluster.clone()),
+            (
+                "BIOFEED_CLICKHOUSE_REPLICAS_CLUSTER",
+                ch.replicas_cluster.clone(),
+            ),
             ("BIOFEED_KAFKA_USER", kafka.user.clone()),
             (
                 "BIOFEED_KAFKA_PASSWORD",

@@ -112,7 +112,7 @@ pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
         ])
         .await?;
         let ch = consume.stores.clickhouse.connect().await?;
-        biofeed_migrations::clickhouse::ClickHouseMigrations::embedded()?
+        biofeed_migrations::clickhouse::ClickHouseMigrations::embedded_for(&ch)?
             .migrate(&ch)
             .await?;
         measure(&settings, &consume, &json_topic, &ch).await

@@ -75,6 +75,10 @@ pub struct BenchE2eSettings {
     #[command(flatten)]
     pub stores: StoreSettings,
 
+    /// Replication of the bench's own topics (3 on a three-broker cluster).
+    #[command(flatten, next_help_heading = "Kafka")]
+    pub replication: biofeed_migrations::kafka::Replication,
+
     /// PII keys (the bench's users are created with them and `biofeed up` runs with them).
     #[command(flatten, next_help_heading = "Keys")]
     pub keys: AccountKeys,
@@ -213,7 +217,7 @@ pub async fn run(
                 points_partitions: 6,
                 points_retention: Duration::from_secs(86_400),
                 dlq_retention: Duration::from_secs(86_400),
-                replication_factor: 1,
+                replication: settings.replication.clone(),
             },
         })
         .await

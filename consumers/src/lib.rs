@@ -229,7 +229,7 @@ pub async fn prepare(
     settings.stores.kafka.connect_admin().await?;
     let parts = consume::LoopParts {
         rt: tokio::runtime::Handle::current(),
-        sink: PointsSink::connect(ch.client(), "points").await?,
+        sink: PointsSink::connect(&ch, "points").await?,
         dead: DeadLetters::new(&settings.stores.kafka, &settings.stores.topics.dlq)?,
         pool,
         metrics: ConsumerMetrics::register(registry),
@@ -304,7 +304,7 @@ pub async fn replay(
     let ch = settings.stores.clickhouse.connect().await?;
     settings.stores.kafka.connect_admin().await?;
     let checks = Checks::load(&pool).await?;
-    let sink = PointsSink::connect(ch.client(), "points").await?;
+    let sink = PointsSink::connect(&ch, "points").await?;
     let rt = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         replay::replay_blocking(rt, &settings, sink, checks, pool, &progress)

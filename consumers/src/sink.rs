@@ -2,6 +2,7 @@
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use biofeed_backends::clickhouse::ClickHouse;
 use biofeed_schema::SensorFrame;
 use uuid::Uuid;
 
@@ -44,6 +45,7 @@ impl UuidOrder {
 /// The `points` table of one database.
 #[derive(Clone)]
 pub struct PointsSink {
+    ch: ClickHouse,
     client: clickhouse::Client,
     table: String,
     order: UuidOrder,
@@ -52,12 +54,11 @@ pub struct PointsSink {
 impl PointsSink {
     /// A sink writing to `table` with `client` (whose database is biofeed's); asks the server
     /// how it orders UUIDs, so that inserts arrive in the table's sort order.
-    pub async fn connect(
-        client: clickhouse::Client,
-        table: &str,
-    ) -> Result<Self, clickhouse::error::Error> {
+    pub async fn connect(ch: &ClickHouse, table: &str) -> Result<Self, clickhouse::error::Error> {
+        let client = ch.client();
         let order = UuidOrder::of(&client).await?;
         Ok(Self {
+            ch: ch.clone(),
             client,
             table: table.to_owned(),
             order,
@@ -97,8 +98,9 @@ impl PointsSink {
         Ok(rows)
     }
 
-    /// Deletes the rows of these (session, user) pairs (`ALTER TABLE … DELETE`, which
-    /// ClickHouse applies in the background; purge and erasure verify theirs).
+    /// Deletes the rows of these (session, user) pairs (`ALTER TABLE … DELETE`, on every shard
+    /// of a cluster, which ClickHouse applies in the background; purge and erasure verify
+    /// theirs).
     pub async fn delete_sessions(
         &self,
         sessions: &[(Uuid, Uuid)],
@@ -116,11 +118,12 @@ impl PointsSink {
                 .map(|(_, u)| format!("toUUID('{u}')"))
                 .collect(),
         );
-        self.client
-            .query(&format!(
-                "ALTER TABLE {} DELETE WHERE user_id IN ({user_ids}) AND session_id IN ({session_ids})",
-                self.table
-            ))
+        let condition = format!("user_id IN ({user_ids}) AND session_id IN ({session_ids})");
+        self.ch
+            .ddl(
+                self.client
+                    .query(&self.ch.delete_sql(&self.table, &condition)),
+            )
             .execute()
             .await
     }

@@ -485,7 +485,7 @@ impl Context {
     }
 
     /// Deletes rows from every ClickHouse table holding per-session data and waits until the
-    /// deletion is done and no row is left.
+    /// deletion is done and no row is left (on a cluster: on every replica of every shard).
     ///
     /// First it waits for the consumers to have written what the points topic held: rows read
     /// by a consumer before the sessions closed (or the person was erased) may still be on their
@@ -494,10 +494,10 @@ impl Context {
         self.consumers
             .wait_until_written(self.settings.consumer_wait)
             .await?;
-        let client = self.clickhouse.client();
+        let ch = &self.clickhouse;
+        let client = ch.client();
         for table in tables {
-            client
-                .query(&format!("ALTER TABLE {table} DELETE WHERE {condition}"))
+            ch.ddl(client.query(&ch.delete_sql(table, condition)))
                 .execute()
                 .await?;
         }
@@ -506,7 +506,7 @@ impl Context {
             let mut left = 0u64;
             for table in tables {
                 left += client
-                    .query(&format!("SELECT count() FROM {table} WHERE {condition}"))
+                    .query(&ch.rows_left_sql(table, condition))
                     .fetch_one::<u64>()
                     .await?;
             }

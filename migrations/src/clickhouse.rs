@@ -7,6 +7,12 @@
 //!
 //! Every statement must run on Debian's ClickHouse 18.16 and on current releases: no
 //! DateTime64, codecs, TTL or LowCardinality in these files.
+//!
+//! A clustered deployment (BIOFEED_CLICKHOUSE_CLUSTER) applies the files of
+//! `migrations/clickhouse-cluster` instead: the same versions and names, each making the same
+//! tables `ON CLUSTER` as replicated local tables with Distributed tables over them. The ledger
+//! is then a replicated table on every node, every statement waits for every node, and the
+//! runner checks that every replica holds the same ledger.
 
 use std::path::Path;
 
@@ -40,6 +46,31 @@ const EMBEDDED: &[(&str, &str)] = &[
     ),
 ];
 
+/// The same migrations for a cluster (see the module's documentation). A unit test checks that
+/// both series have the same files.
+const EMBEDDED_CLUSTER: &[(&str, &str)] = &[
+    (
+        "0001_points.sql",
+        include_str!("../clickhouse-cluster/0001_points.sql"),
+    ),
+    (
+        "0002_session_facts.sql",
+        include_str!("../clickhouse-cluster/0002_session_facts.sql"),
+    ),
+    (
+        "0003_analyst_views.sql",
+        include_str!("../clickhouse-cluster/0003_analyst_views.sql"),
+    ),
+    (
+        "0004_rollups_and_metrics.sql",
+        include_str!("../clickhouse-cluster/0004_rollups_and_metrics.sql"),
+    ),
+    (
+        "0005_analyst_database.sql",
+        include_str!("../clickhouse-cluster/0005_analyst_database.sql"),
+    ),
+];
+
 /// The cluster (config.xml `<remote_servers>`) the analyst database's Distributed tables query
 /// through, as the user `biofeed_analyst_source`.
 const ANALYST_SOURCE_CLUSTER: &str = "biofeed_analyst_source";
@@ -64,6 +95,8 @@ pub struct Migration {
 #[derive(Debug, Clone)]
 pub struct ClickHouseMigrations {
     migrations: Vec<Migration>,
+    /// Whether these are the `ON CLUSTER` files.
+    for_cluster: bool,
 }
 
 #[derive(clickhouse::Row, serde::Deserialize)]
@@ -74,13 +107,34 @@ struct AppliedRow {
 }
 
 impl ClickHouseMigrations {
-    /// The migrations compiled into this binary.
+    /// The migrations compiled into this binary, for one server.
     pub fn embedded() -> Result<Self, MigrateError> {
         Self::from_files(
             EMBEDDED
                 .iter()
                 .map(|(name, sql)| (name.to_string(), sql.to_string())),
         )
+    }
+
+    /// The migrations compiled into this binary, for a cluster.
+    pub fn embedded_cluster() -> Result<Self, MigrateError> {
+        let mut set = Self::from_files(
+            EMBEDDED_CLUSTER
+                .iter()
+                .map(|(name, sql)| (name.to_string(), sql.to_string())),
+        )?;
+        set.for_cluster = true;
+        Ok(set)
+    }
+
+    /// The compiled-in migrations for this deployment: the cluster's when
+    /// BIOFEED_CLICKHOUSE_CLUSTER is set.
+    pub fn embedded_for(ch: &ClickHouse) -> Result<Self, MigrateError> {
+        if ch.cluster().is_some() {
+            Self::embedded_cluster()
+        } else {
+            Self::embedded()
+        }
     }
 
     /// The `*.sql` files of a folder, e.g. to check a folder before building it in.
@@ -134,7 +188,10 @@ impl ClickHouseMigrations {
                 reason: format!("has the same version as {}", pair[0].name),
             });
         }
-        Ok(Self { migrations })
+        Ok(Self {
+            migrations,
+            for_cluster: false,
+        })
     }
 
     /// The migrations, in the order they apply.
@@ -149,19 +206,30 @@ impl ClickHouseMigrations {
             name: BOOKKEEPING.to_owned(),
             source,
         };
-        ch.server_client()
-            .query(&format!("CREATE DATABASE IF NOT EXISTS {}", ch.database()))
-            .execute()
+        let on_cluster = self.on_cluster(ch)?;
+        check_ledger_layout(ch).await?;
+        ch.ddl(ch.server_client().query(&format!(
+            "CREATE DATABASE IF NOT EXISTS {}{on_cluster}",
+            ch.database()
+        )))
+        .execute()
             .await
             .map_err(bookkeeping_failed)?;
         let client = ch.client();
-        client
-            .query(&format!(
-                "CREATE TABLE IF NOT EXISTS {BOOKKEEPING} \
-                 (version UInt32, name String, checksum String, applied_at DateTime) \
-                 ENGINE = MergeTree ORDER BY version"
-            ))
-            .execute()
+        let engine = match ch.cluster() {
+            None => "MergeTree".to_owned(),
+            Some(_) => format!(
+                "ReplicatedMergeTree('/clickhouse/tables/all/{}/{BOOKKEEPING}', '{{replica}}')",
+                ch.database()
+            ),
+        };
+        ch.ddl(client.query(&format!(
+            "CREATE TABLE IF NOT EXISTS {}.{BOOKKEEPING}{on_cluster} \
+             (version UInt32, name String, checksum String, applied_at DateTime) \
+             ENGINE = {engine} ORDER BY version",
+            ch.database()
+        )))
+        .execute()
             .await
             .map_err(bookkeeping_failed)?;
         let applied = self.check_applied(ch).await?;
@@ -184,10 +252,14 @@ impl ClickHouseMigrations {
                 continue;
             }
             for statement in &migration.statements {
-                let statement = statement
+                let mut statement = statement
                     .replace("{database}", ch.database())
                     .replace("{analyst_database}", ch.analyst_database());
-                client.query(&statement).execute().await.map_err(|source| {
+                if let Some(cluster) = ch.cluster() {
+                    statement = statement.replace("{cluster}", &cluster.name);
+                }
+                let query = ch.ddl(client.query(&statement));
+                query.execute().await.map_err(|source| {
                     MigrateError::ClickHouse {
                         name: migration.name.clone(),
                         source,
@@ -207,6 +279,7 @@ impl ClickHouseMigrations {
             tracing::info!(migration = %migration.name, "applied clickhouse migration");
             items.push(item(migration, State::Applied));
         }
+        self.check_replicas(ch).await?;
         Ok(StepReport {
             store: "clickhouse",
             items,
@@ -216,7 +289,10 @@ impl ClickHouseMigrations {
     /// Reports which migrations are applied, changing nothing.
     #[tracing::instrument(skip_all, fields(database = ch.database()))]
     pub async fn status(&self, ch: &ClickHouse) -> Result<StepReport, MigrateError> {
+        self.on_cluster(ch)?;
+        check_ledger_layout(ch).await?;
         let applied = self.check_applied(ch).await?;
+        self.check_replicas(ch).await?;
         let items = self
             .migrations
             .iter()
@@ -229,6 +305,71 @@ impl ClickHouseMigrations {
             store: "clickhouse",
             items,
         })
+    }
+
+    /// ` ON CLUSTER <name>` for a cluster, or nothing; refuses files made for the other layout.
+    fn on_cluster(&self, ch: &ClickHouse) -> Result<String, MigrateError> {
+        match (ch.cluster(), self.for_cluster) {
+            (Some(cluster), true) => Ok(format!(" ON CLUSTER {}", cluster.name)),
+            (None, false) => Ok(String::new()),
+            (Some(_), false) => Err(MigrateError::WrongLayout {
+                reason: "these are the single-server migrations, but BIOFEED_CLICKHOUSE_CLUSTER is set".to_owned(),
+            }),
+            (None, true) => Err(MigrateError::WrongLayout {
+                reason: "these are the cluster's migrations, but BIOFEED_CLICKHOUSE_CLUSTER is not set".to_owned(),
+            }),
+        }
+    }
+
+    /// On a cluster: every replica holds the same ledger as the node we asked (a node that was
+    /// down while a migration ran applies it from the DDL queue when it returns, and its
+    /// replicated ledger catches up). A replica that is down or behind is an error to retry.
+    async fn check_replicas(&self, ch: &ClickHouse) -> Result<(), MigrateError> {
+        let Some(cluster) = ch.cluster() else {
+            return Ok(());
+        };
+        #[derive(clickhouse::Row, serde::Deserialize)]
+        struct Ledger {
+            host: String,
+            versions: Vec<u32>,
+        }
+        let failed = |source| MigrateError::ClickHouse {
+            name: format!("{BOOKKEEPING} on cluster {}", cluster.replicas),
+            source,
+        };
+        let ledgers: Vec<Ledger> = ch
+            .client()
+            .query(&format!(
+                "SELECT hostName() AS host, arraySort(groupArray(version)) AS versions \
+                 FROM cluster({}, {}, {BOOKKEEPING}) GROUP BY host ORDER BY host",
+                cluster.replicas,
+                ch.database()
+            ))
+            .fetch_all()
+            .await
+            .map_err(failed)?;
+        let here: Vec<u32> = {
+            let mut applied: Vec<u32> = self
+                .check_applied(ch)
+                .await?
+                .iter()
+                .map(|a| a.version)
+                .collect();
+            applied.sort_unstable();
+            applied
+        };
+        let behind: Vec<String> = ledgers
+            .iter()
+            .filter(|l| l.versions != here)
+            .map(|l| format!("{} has {:?}", l.host, l.versions))
+            .collect();
+        if !behind.is_empty() {
+            return Err(MigrateError::ReplicasBehind {
+                expected: format!("{here:?}"),
+                behind: behind.join("; "),
+            });
+        }
+        Ok(())
     }
 
     /// Reads what is recorded and refuses edited or unknown migrations.
@@ -292,6 +433,42 @@ impl Migration {
         self.statements
             .iter()
             .any(|s| s.contains("{analyst_database}"))
+    }
+}
+
+/// Refuses a database made for the other layout: a ledger that is replicated on a single
+/// server's settings, or plain on a cluster's (moving from one server to a cluster is a
+/// migration of its own: docs/operations.md, "Clusters").
+async fn check_ledger_layout(ch: &ClickHouse) -> Result<(), MigrateError> {
+    let engines: Vec<String> = ch
+        .server_client()
+        .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+        .bind(ch.database())
+        .bind(BOOKKEEPING)
+        .fetch_all()
+        .await
+        .map_err(|source| MigrateError::ClickHouse {
+            name: BOOKKEEPING.to_owned(),
+            source,
+        })?;
+    let Some(engine) = engines.first() else {
+        return Ok(());
+    };
+    let replicated = engine.starts_with("Replicated");
+    match (ch.cluster(), replicated) {
+        (Some(_), false) => Err(MigrateError::WrongLayout {
+            reason: format!(
+                "database {} on this server was made for one server (its {BOOKKEEPING} is {engine}), but BIOFEED_CLICKHOUSE_CLUSTER is set: see docs/operations.md, \"From one node to a cluster\"",
+                ch.database()
+            ),
+        }),
+        (None, true) => Err(MigrateError::WrongLayout {
+            reason: format!(
+                "database {} was made for a cluster (its {BOOKKEEPING} is {engine}): set BIOFEED_CLICKHOUSE_CLUSTER",
+                ch.database()
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -385,6 +562,39 @@ mod tests {
             names(&embedded),
             "add new files to EMBEDDED"
         );
+    }
+
+    #[test]
+    fn the_cluster_series_has_the_same_files_and_runs_every_statement_on_the_cluster() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("clickhouse-cluster");
+        let on_disk = ClickHouseMigrations::from_dir(&dir).unwrap();
+        let cluster = ClickHouseMigrations::embedded_cluster().unwrap();
+        let single = ClickHouseMigrations::embedded().unwrap();
+        let names = |set: &ClickHouseMigrations| {
+            set.migrations()
+                .iter()
+                .map(|m| (m.version, m.name.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(&cluster),
+            names(&single),
+            "every migration needs its cluster version in migrations/clickhouse-cluster"
+        );
+        assert_eq!(
+            on_disk.migrations().len(),
+            cluster.migrations().len(),
+            "add new files to EMBEDDED_CLUSTER"
+        );
+        for migration in cluster.migrations() {
+            for statement in &migration.statements {
+                assert!(
+                    statement.contains("ON CLUSTER {cluster}"),
+                    "{}: a statement without ON CLUSTER {{cluster}} would change one node only: {statement}",
+                    migration.name
+                );
+            }
+        }
     }
 
     #[test]

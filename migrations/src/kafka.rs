@@ -46,7 +46,16 @@ pub struct TopicLayout {
     )]
     pub dlq_retention: Duration,
 
-    /// Replicas of each partition (1 for a single broker; 3 in production).
+    /// How many brokers keep each partition.
+    #[command(flatten)]
+    pub replication: Replication,
+}
+
+/// How many brokers keep each partition of biofeed's topics.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Replication {
+    /// Replicas of each partition (1 for a single broker; 3 in production). Only used when a
+    /// topic is created; `biofeed migrate --status` shows what each topic has.
     #[arg(
         long = "kafka-replication-factor", id = "kafka_replication_factor",
         value_name = "N",
@@ -55,6 +64,39 @@ pub struct TopicLayout {
         value_parser = clap::value_parser!(i32).range(1..=16)
     )]
     pub replication_factor: i32,
+
+    /// Replicas that must hold a message before the broker acknowledges it (producers use
+    /// acks=all): with a replication factor of 3 and 2 here, one broker may be down without
+    /// losing or refusing writes. Default: a majority of the replicas (1 for 1 or 2 replicas).
+    /// Set on every `biofeed migrate`.
+    #[arg(
+        long = "kafka-min-insync-replicas", id = "kafka_min_insync_replicas",
+        value_name = "N",
+        env = "BIOFEED_KAFKA_MIN_INSYNC_REPLICAS",
+        value_parser = clap::value_parser!(i32).range(1..=16)
+    )]
+    pub min_insync_replicas: Option<i32>,
+}
+
+impl Replication {
+    /// `min.insync.replicas` of the topics: the setting, or a majority of the replicas.
+    pub fn min_insync_replicas(&self) -> Result<i32, MigrateError> {
+        let replicas = self.replication_factor;
+        let min = self
+            .min_insync_replicas
+            .unwrap_or(if replicas <= 2 { 1 } else { replicas / 2 + 1 });
+        if min > replicas {
+            return Err(MigrateError::Backend(
+                biofeed_backends::BackendError::Misconfigured {
+                    setting: "BIOFEED_KAFKA_MIN_INSYNC_REPLICAS",
+                    reason: format!(
+                        "{min} is more than the {replicas} replicas of BIOFEED_KAFKA_REPLICATION_FACTOR: no write could ever be acknowledged"
+                    ),
+                },
+            ));
+        }
+        Ok(min)
+    }
 }
 
 struct Wanted<'a> {
@@ -90,15 +132,17 @@ pub async fn ensure_topics(
 ) -> Result<StepReport, MigrateError> {
     let options = AdminOptions::new().operation_timeout(Some(kafka.connect_timeout));
     let wanted = wanted(topics, layout);
+    let min_insync = layout.replication.min_insync_replicas()?.to_string();
     let new_topics: Vec<NewTopic> = wanted
         .iter()
         .map(|w| {
             NewTopic::new(
                 w.name,
                 w.partitions,
-                TopicReplication::Fixed(layout.replication_factor),
+                TopicReplication::Fixed(layout.replication.replication_factor),
             )
             .set("retention.ms", &w.retention_ms)
+            .set("min.insync.replicas", &min_insync)
             .set("compression.type", "producer")
         })
         .collect();
@@ -114,11 +158,15 @@ pub async fn ensure_topics(
             Err((name, code)) => return Err(kafka_error(&name, code)),
         }
     }
-    // Retention may have changed in the settings since the topic was created.
+    // Retention and min.insync.replicas may have changed in the settings since the topic was
+    // created. AlterConfigs replaces a topic's whole set of overrides: give all of them.
     let retention: Vec<AlterConfig> = wanted
         .iter()
         .map(|w| {
-            AlterConfig::new(ResourceSpecifier::Topic(w.name)).set("retention.ms", &w.retention_ms)
+            AlterConfig::new(ResourceSpecifier::Topic(w.name))
+                .set("retention.ms", &w.retention_ms)
+                .set("min.insync.replicas", &min_insync)
+                .set("compression.type", "producer")
         })
         .collect();
     for result in admin
@@ -150,32 +198,40 @@ pub async fn topic_status(
     let options = AdminOptions::new().request_timeout(Some(kafka.connect_timeout));
     let mut items = Vec::new();
     for name in [&topics.points, &topics.dlq] {
-        let partitions = partition_count(admin, name, kafka.connect_timeout).await?;
-        let item = match partitions {
+        let layout = partition_layout(admin, name, kafka.connect_timeout).await?;
+        let item = match layout {
             None => ItemState {
                 name: name.clone(),
                 state: State::Pending,
                 detail: "missing".to_owned(),
             },
-            Some(partitions) => {
+            Some((partitions, replicas)) => {
                 let configs = admin
                     .describe_configs(&[ResourceSpecifier::Topic(name)], &options)
                     .await
                     .map_err(|e| kafka_error(name, e))?;
-                let retention_ms = configs
+                let entries: Vec<_> = configs
                     .into_iter()
                     .flatten()
                     .flat_map(|resource| resource.entries)
-                    .find(|entry| entry.name == "retention.ms")
-                    .and_then(|entry| entry.value)
-                    .and_then(|v| v.parse::<u64>().ok());
-                let retention = retention_ms
+                    .collect();
+                let value = |key: &str| {
+                    entries
+                        .iter()
+                        .find(|entry| entry.name == key)
+                        .and_then(|entry| entry.value.clone())
+                };
+                let retention = value("retention.ms")
+                    .and_then(|v| v.parse::<u64>().ok())
                     .map(|ms| humanize(Duration::from_millis(ms)))
                     .unwrap_or_else(|| "unknown".to_owned());
+                let min_insync = value("min.insync.replicas").unwrap_or_else(|| "unknown".to_owned());
                 ItemState {
                     name: name.clone(),
                     state: State::Present,
-                    detail: format!("{partitions} partitions, retention {retention}"),
+                    detail: format!(
+                        "{partitions} partitions, {replicas} replicas, min.insync.replicas {min_insync}, retention {retention}"
+                    ),
                 }
             }
         };
@@ -193,6 +249,18 @@ pub async fn partition_count(
     topic: &str,
     timeout: Duration,
 ) -> Result<Option<usize>, MigrateError> {
+    Ok(partition_layout(admin, topic, timeout)
+        .await?
+        .map(|(partitions, _)| partitions))
+}
+
+/// The topic's partition count and the replicas of its first partition, or `None` when the
+/// topic does not exist.
+pub async fn partition_layout(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<(usize, usize)>, MigrateError> {
     // librdkafka's metadata call blocks; keep it off the async workers.
     let (admin, name) = (Arc::clone(admin), topic.to_owned());
     let metadata =
@@ -204,7 +272,10 @@ pub async fn partition_count(
         return Ok(None);
     };
     match found.error() {
-        None => Ok(Some(found.partitions().len())),
+        None => Ok(Some((
+            found.partitions().len(),
+            found.partitions().first().map_or(0, |p| p.replicas().len()),
+        ))),
         Some(code) if RDKafkaErrorCode::from(code) == RDKafkaErrorCode::UnknownTopicOrPartition => {
             Ok(None)
         }

@@ -79,6 +79,21 @@ pub enum MigrateError {
         /// What ClickHouse said.
         source: ::clickhouse::error::Error,
     },
+    /// The migration files do not match the deployment (one server or a cluster).
+    #[error("clickhouse migrations: {reason}")]
+    WrongLayout {
+        /// What does not match.
+        reason: String,
+    },
+    /// Some replica of the cluster has not recorded the same migrations (it is catching up
+    /// after a restart, or missed `ON CLUSTER` statements): retry when it has.
+    #[error("clickhouse replicas are behind: expected versions {expected} on every replica, but {behind}")]
+    ReplicasBehind {
+        /// The versions the node we asked has.
+        expected: String,
+        /// Which replicas differ, and what they have.
+        behind: String,
+    },
     /// A Kafka topic could not be created or inspected.
     #[error("kafka topic {topic}: {reason}")]
     Kafka {
@@ -90,6 +105,19 @@ pub enum MigrateError {
 }
 
 impl MigrateError {
+    /// Whether a retry may succeed without anyone changing anything: a replica behind, or
+    /// ClickHouse timing out or away (e.g. a node down during an `ON CLUSTER` statement).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            MigrateError::Backend(backend) => backend.is_retryable(),
+            MigrateError::ReplicasBehind { .. } => true,
+            MigrateError::ClickHouse { source, .. } => {
+                biofeed_backends::clickhouse::is_transient(source)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether an operator must change something before a retry can succeed (an edited or
     /// unknown migration), as opposed to a service being away or failing.
     pub fn needs_operator(&self) -> bool {
@@ -98,6 +126,7 @@ impl MigrateError {
             MigrateError::Tampered { .. }
                 | MigrateError::UnknownApplied { .. }
                 | MigrateError::BadFile { .. }
+                | MigrateError::WrongLayout { .. }
                 | MigrateError::Postgres(
                     sqlx::migrate::MigrateError::VersionMismatch(_)
                         | sqlx::migrate::MigrateError::VersionMissing(_)
@@ -222,7 +251,7 @@ async fn each_store(
         Step::Report => postgres::status(&pg).await?,
     };
     pg.close().await;
-    let migrations = ClickHouseMigrations::embedded()?;
+    let migrations = ClickHouseMigrations::embedded_for(&ch)?;
     let clickhouse = match step {
         Step::Apply => migrations.migrate(&ch).await?,
         Step::Report => migrations.status(&ch).await?,

@@ -50,13 +50,11 @@ pub(crate) async fn run(args: MigrateArgs) -> ExitCode {
 fn migrate_exit_code(error: &MigrateError) -> u8 {
     if error.needs_operator() {
         exit::REFUSED
-    } else if let MigrateError::Backend(backend) = error {
-        if backend.is_retryable() {
-            exit::UNAVAILABLE
-        } else {
-            // Credentials or certificates refused, or contradictory settings.
-            exit::USAGE
-        }
+    } else if error.is_retryable() {
+        exit::UNAVAILABLE
+    } else if let MigrateError::Backend(_) = error {
+        // Credentials or certificates refused, or contradictory settings.
+        exit::USAGE
     } else {
         exit::FAILURE
     }

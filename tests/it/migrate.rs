@@ -69,7 +69,9 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
         );
     }
     assert!(
-        after.stdout.contains("3 partitions, retention 2days"),
+        after
+            .stdout
+            .contains("3 partitions, 1 replicas, min.insync.replicas 1, retention 2days"),
         "{after:?}"
     );
 

@@ -44,7 +44,7 @@ async fn clickhouse_text(stores: &Isolated) -> String {
     let mut text = String::new();
     for table in tables {
         let dump = crate::helpers::http_client()
-            .post(settings.url.as_str())
+            .post(settings.url.first().as_str())
             .header("X-ClickHouse-User", &settings.user)
             .header("X-ClickHouse-Key", settings.password())
             .query(&[("database", settings.database.as_str())])

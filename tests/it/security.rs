@@ -104,7 +104,7 @@ async fn clickhouse_answers_biofeed_over_https_only_and_knows_each_service_by_na
         assert_eq!(who, user);
     }
     // The same port in plain HTTP: the server does not answer it.
-    let mut plain = stores.settings.stores.clickhouse.url.clone();
+    let mut plain = stores.settings.stores.clickhouse.url.first().clone();
     plain.set_scheme("http").unwrap();
     let answer = reqwest::Client::new()
         .get(format!("{plain}?query=SELECT%201"))
