@@ -93,3 +93,96 @@ def test_every_migration_runs_on_a_current_clickhouse(tmp_path):
         )
     assert count("SELECT count() FROM biofeed.rollups_1s FINAL") == 2
     assert count("SELECT sum(count) FROM biofeed.rollups_1s FINAL") == 3
+
+
+CLUSTER_MIGRATIONS = MIGRATIONS.parent / "clickhouse-cluster"
+
+# One node of a one-shard cluster named `biofeed`, as clickhouse-local (chdb) can be: a
+# Distributed table over it runs locally, without a network.
+CHDB_CLUSTER_CONFIG = """<clickhouse>
+  <tcp_port>9000</tcp_port>
+  <remote_servers>
+    <biofeed><shard><replica><host>localhost</host><port>9000</port></replica></shard></biofeed>
+  </remote_servers>
+</clickhouse>
+"""
+
+
+def test_the_cluster_migrations_parse_and_behave_on_a_current_clickhouse(tmp_path):
+    """The files of migrations/clickhouse-cluster, as a current server would take them.
+
+    Every statement, verbatim (ON CLUSTER, Replicated engines with their ZooKeeper paths and
+    macros, Distributed engines with the sharding key), must parse (EXPLAIN AST). chdb runs no
+    ZooKeeper/Keeper and no DDL queue, so to run them it drops `ON CLUSTER` and the Replicated
+    engines' path and replica arguments — what is left is the engine each replica runs — and
+    keeps the Distributed tables over a one-node cluster. Then the same behaviour as a single
+    server's: a replayed row collapses through the Distributed table with FINAL, and analysts
+    see completed sessions only.
+    """
+    config = tmp_path / "config.xml"
+    config.write_text(CHDB_CLUSTER_CONFIG)
+    conn = chdb.connect(f"file:{tmp_path / 'chdb'}?config-file={config}")
+    cur = conn.cursor()
+
+    def run(sql: str) -> list:
+        cur.execute(sql)
+        return list(cur.fetchall())
+
+    assert run("SELECT count() FROM system.clusters WHERE cluster = 'biofeed'") == [(1,)]
+    files = sorted(CLUSTER_MIGRATIONS.glob("*.sql"), key=lambda p: int(p.name.split("_", 1)[0]))
+    assert [p.name for p in files] == [p.name for p in migration_files()]
+    run("CREATE DATABASE IF NOT EXISTS biofeed")
+    replicated = re.compile(r"Replicated(\w*MergeTree)\('[^']*',\s*'[^']*'(?:,\s*)?")
+    for path in files:
+        text = (
+            path.read_text()
+            .replace("{database}", "biofeed")
+            .replace("{analyst_database}", "biofeed_analyst")
+            .replace("{cluster}", "biofeed")
+        )
+        for statement in statements(text):
+            assert "ON CLUSTER biofeed" in statement, statement
+            run(f"EXPLAIN AST {statement}")
+            if "biofeed_analyst" in statement:
+                continue  # needs the analyst source cluster, as in the single-server test
+            local = replicated.sub(r"\1(", statement.replace(" ON CLUSTER biofeed", ""))
+            run(local)
+
+    tables = [r[0] for r in run("SELECT name FROM system.tables WHERE database = 'biofeed' ORDER BY name")]
+    assert tables == [
+        "analyst_points", "completed_sessions", "points", "points_local", "rollups_1m",
+        "rollups_1m_local", "rollups_1s", "rollups_1s_local", "session_facts", "session_metrics",
+        "session_metrics_local",
+    ]
+    engines = dict(run("SELECT name, engine FROM system.tables WHERE database = 'biofeed'"))
+    assert engines["points"] == "Distributed" and engines["points_local"] == "ReplacingMergeTree"
+
+    row = (
+        "('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-0000000000aa',"
+        " 'rr_interval', {t}, [812.5], now())"
+    )
+    frame = ", ".join(row.format(t=t) for t in (1_000_000, 1_812_500, 2_600_000))
+    insert = (
+        "INSERT INTO biofeed.points (user_id, session_id, data_type, t_us, values, ingested_at)"
+        f" SETTINGS insert_distributed_sync = 1 VALUES {frame}"
+    )
+    run(insert)
+    run(insert)  # a replay
+    assert run("SELECT count() FROM biofeed.points FINAL") == [(3,)]
+    assert run("SELECT count() FROM biofeed.points_local") == [(6,)]
+    assert run("SELECT count() FROM biofeed.analyst_points") == [(0,)]
+    run(
+        "INSERT INTO biofeed.session_facts VALUES ('00000000-0000-0000-0000-0000000000aa',"
+        " '00000000-0000-0000-0000-000000000001', 'hrv_biofeedback', 'completed', now(), now(), 1)"
+    )
+    assert run("SELECT count() FROM biofeed.analyst_points") == [(3,)]
+    # The sharding key is the same function of the person here as on 18.16 (where the cluster
+    # tests run), so that rows keep their shard across an upgrade.
+    assert run(
+        "SELECT cityHash64(toString(toUUID('00000000-0000-0000-0000-000000000001')))"
+    ) == [(int(SHARD_HASH_OF_USER_1),)]
+
+
+# cityHash64(toString(toUUID('00000000-0000-0000-0000-000000000001'))) as ClickHouse 18.16
+# computes it (clickhouse-client against compose/local's server).
+SHARD_HASH_OF_USER_1 = "14327512838999986089"
