@@ -352,8 +352,8 @@ impl ClickHouseSettings {
                         .clone()
                         .unwrap_or_else(|| format!("{name}_replicas")),
                 };
-                let may_set = check_cluster(&server, &cluster, &target, self.connect_timeout)
-                    .await?;
+                let may_set =
+                    check_cluster(&server, &cluster, &target, self.connect_timeout).await?;
                 let server = if may_set {
                     server.with_setting("insert_distributed_sync", "1")
                 } else {

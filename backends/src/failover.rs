@@ -45,7 +45,9 @@ impl Failover {
                     Some(port) => format!("{host}:{port}"),
                     None => host.to_owned(),
                 };
-                authority.parse().expect("a checked URL has a valid authority")
+                authority
+                    .parse()
+                    .expect("a checked URL has a valid authority")
             })
             .collect();
         let passed_over_until = nodes.iter().map(|_| AtomicU64::new(0)).collect();

@@ -213,8 +213,8 @@ impl ClickHouseMigrations {
             ch.database()
         )))
         .execute()
-            .await
-            .map_err(bookkeeping_failed)?;
+        .await
+        .map_err(bookkeeping_failed)?;
         let client = ch.client();
         let engine = match ch.cluster() {
             None => "MergeTree".to_owned(),
@@ -230,8 +230,8 @@ impl ClickHouseMigrations {
             ch.database()
         )))
         .execute()
-            .await
-            .map_err(bookkeeping_failed)?;
+        .await
+        .map_err(bookkeeping_failed)?;
         let applied = self.check_applied(ch).await?;
         let mut items = Vec::new();
         for migration in &self.migrations {
@@ -259,12 +259,13 @@ impl ClickHouseMigrations {
                     statement = statement.replace("{cluster}", &cluster.name);
                 }
                 let query = ch.ddl(client.query(&statement));
-                query.execute().await.map_err(|source| {
-                    MigrateError::ClickHouse {
+                query
+                    .execute()
+                    .await
+                    .map_err(|source| MigrateError::ClickHouse {
                         name: migration.name.clone(),
                         source,
-                    }
-                })?;
+                    })?;
             }
             client
                 .query(&format!(
@@ -313,10 +314,14 @@ impl ClickHouseMigrations {
             (Some(cluster), true) => Ok(format!(" ON CLUSTER {}", cluster.name)),
             (None, false) => Ok(String::new()),
             (Some(_), false) => Err(MigrateError::WrongLayout {
-                reason: "these are the single-server migrations, but BIOFEED_CLICKHOUSE_CLUSTER is set".to_owned(),
+                reason:
+                    "these are the single-server migrations, but BIOFEED_CLICKHOUSE_CLUSTER is set"
+                        .to_owned(),
             }),
             (None, true) => Err(MigrateError::WrongLayout {
-                reason: "these are the cluster's migrations, but BIOFEED_CLICKHOUSE_CLUSTER is not set".to_owned(),
+                reason:
+                    "these are the cluster's migrations, but BIOFEED_CLICKHOUSE_CLUSTER is not set"
+                        .to_owned(),
             }),
         }
     }
@@ -337,15 +342,24 @@ impl ClickHouseMigrations {
             name: format!("{BOOKKEEPING} on cluster {}", cluster.replicas),
             source,
         };
+        // One row per replica: each aggregates its own ledger, and the answers are not merged.
         let ledgers: Vec<Ledger> = ch
             .client()
             .query(&format!(
-                "SELECT hostName() AS host, arraySort(groupArray(version)) AS versions \
-                 FROM cluster({}, {}, {BOOKKEEPING}) GROUP BY host ORDER BY host",
+                "SELECT any(hostName()) AS host, arraySort(groupArray(version)) AS versions \
+                 FROM cluster({}, {}, {BOOKKEEPING})",
                 cluster.replicas,
                 ch.database()
             ))
+            .with_setting("distributed_group_by_no_merge", "1")
             .fetch_all()
+            .await
+            .map_err(failed)?;
+        let nodes: u64 = ch
+            .client()
+            .query("SELECT count() FROM system.clusters WHERE cluster = ?")
+            .bind(&cluster.replicas)
+            .fetch_one()
             .await
             .map_err(failed)?;
         let here: Vec<u32> = {
@@ -358,11 +372,14 @@ impl ClickHouseMigrations {
             applied.sort_unstable();
             applied
         };
-        let behind: Vec<String> = ledgers
+        let mut behind: Vec<String> = ledgers
             .iter()
             .filter(|l| l.versions != here)
-            .map(|l| format!("{} has {:?}", l.host, l.versions))
+            .map(|l| format!("a replica on {} has {:?}", l.host, l.versions))
             .collect();
+        if ledgers.len() as u64 != nodes {
+            behind.push(format!("{} of {nodes} replicas answered", ledgers.len()));
+        }
         if !behind.is_empty() {
             return Err(MigrateError::ReplicasBehind {
                 expected: format!("{here:?}"),

@@ -82,9 +82,9 @@ impl Replication {
     /// `min.insync.replicas` of the topics: the setting, or a majority of the replicas.
     pub fn min_insync_replicas(&self) -> Result<i32, MigrateError> {
         let replicas = self.replication_factor;
-        let min = self
-            .min_insync_replicas
-            .unwrap_or(if replicas <= 2 { 1 } else { replicas / 2 + 1 });
+        let min =
+            self.min_insync_replicas
+                .unwrap_or(if replicas <= 2 { 1 } else { replicas / 2 + 1 });
         if min > replicas {
             return Err(MigrateError::Backend(
                 biofeed_backends::BackendError::Misconfigured {
@@ -225,7 +225,8 @@ pub async fn topic_status(
                     .and_then(|v| v.parse::<u64>().ok())
                     .map(|ms| humanize(Duration::from_millis(ms)))
                     .unwrap_or_else(|| "unknown".to_owned());
-                let min_insync = value("min.insync.replicas").unwrap_or_else(|| "unknown".to_owned());
+                let min_insync =
+                    value("min.insync.replicas").unwrap_or_else(|| "unknown".to_owned());
                 ItemState {
                     name: name.clone(),
                     state: State::Present,

@@ -43,7 +43,12 @@ pub(crate) fn consumer_env(
 }
 
 /// `count` frames of `samples` RR intervals each, in `sessions` sessions, values distinct.
-fn frames(user: Uuid, sessions: usize, count: usize, samples: usize) -> Vec<SensorFrame> {
+pub(crate) fn frames(
+    user: Uuid,
+    sessions: usize,
+    count: usize,
+    samples: usize,
+) -> Vec<SensorFrame> {
     let session_ids: Vec<Uuid> = (0..sessions).map(|_| Uuid::new_v4()).collect();
     let t0 = 1_764_000_000_000_000i64;
     (0..count)
@@ -184,7 +189,7 @@ async fn session_status(pg: &sqlx::PgPool, session: Uuid) -> String {
         .unwrap()
 }
 
-fn points_of(frames: &[SensorFrame]) -> u64 {
+pub(crate) fn points_of(frames: &[SensorFrame]) -> u64 {
     frames.iter().map(|f| f.samples() as u64).sum()
 }
 
@@ -584,7 +589,7 @@ async fn metrics_text(addr: &str) -> String {
 }
 
 /// The group's committed offset and the end of every partition of the points topic.
-async fn committed_and_ends(stores: &Isolated, group: &str) -> Vec<(i32, i64, i64)> {
+pub(crate) async fn committed_and_ends(stores: &Isolated, group: &str) -> Vec<(i32, i64, i64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let kafka = stores.settings.stores.kafka.clone();
     let topic = stores.settings.stores.topics.points.clone();

@@ -479,11 +479,18 @@ async fn drop_clickhouse(settings: &ClickHouseSettings, database: &str) {
     let Ok(ch) = settings.connect().await else {
         return;
     };
-    // The analyst database's Distributed tables first, then biofeed's.
+    // The analyst database's Distributed tables first, then biofeed's; on every node of a
+    // cluster (its replicated tables leave ZooKeeper with the last replica).
+    let on_cluster = ch
+        .cluster()
+        .map(|c| format!(" ON CLUSTER {}", c.name))
+        .unwrap_or_default();
     for database in [format!("{database}_analyst"), database.to_owned()] {
         let _ = ch
-            .server_client()
-            .query(&format!("DROP DATABASE IF EXISTS {database}"))
+            .ddl(
+                ch.server_client()
+                    .query(&format!("DROP DATABASE IF EXISTS {database}{on_cluster}")),
+            )
             .execute()
             .await;
     }

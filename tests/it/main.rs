@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test here
 
 mod chaos;
+mod cluster;
 mod compose_file;
 mod consumers;
 mod gateway;
