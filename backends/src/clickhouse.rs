@@ -210,17 +210,23 @@ impl ClickHouse {
     }
 
     /// `ALTER TABLE … DELETE WHERE condition` for a table of biofeed's database: on a
-    /// cluster, against the local tables of every shard (`ON CLUSTER`), since a Distributed
-    /// table cannot be altered. ClickHouse applies it in the background: check with
-    /// [`ClickHouse::rows_left_sql`].
+    /// cluster, against the local table on every node (`ON CLUSTER` the replicas cluster), since
+    /// a Distributed table cannot be altered. ClickHouse applies it in the background: check
+    /// with [`ClickHouse::rows_left_sql`].
+    ///
+    /// Every replica issues the mutation itself (its replicas cluster has it as a shard of its
+    /// own), so each shard's replicated table gets it twice, which deletes nothing more. Not
+    /// `ON CLUSTER` the sharded cluster: there ClickHouse 18.16 lets one replica of a shard run
+    /// the statement for both, and a replica that was down meanwhile stops with "Node exists"
+    /// when it comes back and reads the statement from the queue.
     pub fn delete_sql(&self, table: &str, condition: &str) -> String {
         match &self.cluster {
             None => format!("ALTER TABLE {table} DELETE WHERE {condition}"),
             Some(cluster) => format!(
-                "ALTER TABLE {db}.{local} ON CLUSTER {name} DELETE WHERE {condition}",
+                "ALTER TABLE {db}.{local} ON CLUSTER {replicas} DELETE WHERE {condition}",
                 db = self.database,
                 local = local_table(table),
-                name = cluster.name,
+                replicas = cluster.replicas,
             ),
         }
     }

@@ -75,6 +75,9 @@ const EMBEDDED_CLUSTER: &[(&str, &str)] = &[
 /// through, as the user `biofeed_analyst_source`.
 const ANALYST_SOURCE_CLUSTER: &str = "biofeed_analyst_source";
 
+/// How long the runner waits for every replica's ledger to agree.
+const REPLICAS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The runner's own bookkeeping table, in biofeed's database.
 const BOOKKEEPING: &str = "schema_migrations";
 
@@ -328,8 +331,23 @@ impl ClickHouseMigrations {
 
     /// On a cluster: every replica holds the same ledger as the node we asked (a node that was
     /// down while a migration ran applies it from the DDL queue when it returns, and its
-    /// replicated ledger catches up). A replica that is down or behind is an error to retry.
+    /// replicated ledger catches up). Replication takes a moment, so this waits up to
+    /// [`REPLICAS_WAIT`] before a replica that is down or behind is an error to retry.
     async fn check_replicas(&self, ch: &ClickHouse) -> Result<(), MigrateError> {
+        let deadline = tokio::time::Instant::now() + REPLICAS_WAIT;
+        loop {
+            match self.replicas_agree(ch).await {
+                Err(MigrateError::ReplicasBehind { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    async fn replicas_agree(&self, ch: &ClickHouse) -> Result<(), MigrateError> {
         let Some(cluster) = ch.cluster() else {
             return Ok(());
         };

@@ -47,6 +47,23 @@ fn kill9(node: &str) {
     assert!(status.success(), "kill -9 {node}");
 }
 
+/// Brings killed nodes back if the test fails before it does, so that the next test finds the
+/// whole cluster.
+struct Revive;
+
+impl Drop for Revive {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("compose/local");
+            let _ = std::process::Command::new(script)
+                .args(["up", "--cluster"])
+                .env("BIOFEED_STATE_DIR", state_dir())
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// `compose/local up --cluster`: starts the nodes that are down and waits until they answer.
 async fn restart_downed_nodes() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("compose/local");
@@ -130,6 +147,7 @@ async fn one_user_per_shard(stores: &Isolated) -> [Uuid; 2] {
 async fn a_broker_and_a_replica_killed_mid_stream_lose_and_double_nothing_on_any_replica() {
     let stores = Isolated::migrated().await;
     require_cluster(&stores);
+    let _revive = Revive;
     let topic_layout = run_biofeed(
         &["migrate", "--status"],
         &stores.env_as(crate::helpers::Role::Migrate),
@@ -310,6 +328,7 @@ async fn a_whole_shard_down_holds_the_batch_uncommitted_and_reads_answer_503_unt
     let gw = TestGateway::spawn(&[]).await;
     let stores = &gw.stores;
     require_cluster(stores);
+    let _revive = Revive;
     assert_eq!(
         stores.settings.stores.clickhouse.url.all().len(),
         4,
