@@ -3,7 +3,8 @@
 //! SIGKILL while data flows, and what was accepted is stored exactly once on every replica.
 //!
 //! These tests need that cluster, so they are `#[ignore]`d in the single-node run;
-//! `compose/local test` runs them after it, with `cargo test --test it cluster:: -- --ignored`.
+//! `BIOFEED_LOCAL_TEST_CLUSTER=1 compose/local test` runs them after it, with
+//! `cargo test --test it cluster:: -- --ignored`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
