@@ -246,6 +246,37 @@ impl ClickHouse {
         }
     }
 
+    /// Bytes on disk of one copy of `table` (biofeed's database, active parts): on a cluster,
+    /// what every replica holds divided by the replicas per shard.
+    pub async fn bytes_on_disk(&self, table: &str) -> Result<u64, clickhouse::error::Error> {
+        let Some(cluster) = &self.cluster else {
+            return self
+                .server
+                .query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = ? AND table = ? AND active")
+                .bind(&self.database)
+                .bind(table)
+                .fetch_one()
+                .await;
+        };
+        let all: u64 = self
+            .server
+            .query(&format!(
+                "SELECT sum(bytes_on_disk) FROM cluster({}, system, parts) WHERE database = ? AND table = ? AND active",
+                cluster.replicas
+            ))
+            .bind(&self.database)
+            .bind(local_table(table))
+            .fetch_one()
+            .await?;
+        let (nodes, shards): (u64, u64) = self
+            .server
+            .query("SELECT count(), uniqExact(shard_num) FROM system.clusters WHERE cluster = ?")
+            .bind(&cluster.name)
+            .fetch_one()
+            .await?;
+        Ok(all * shards / nodes.max(1))
+    }
+
     /// `query` with the settings of a statement that may run `ON CLUSTER`: wait at most a
     /// minute for every node, and answer only at the end, so that a node's failure is an error
     /// and not a 200 with an exception in its body. Unchanged on one server.
@@ -360,8 +391,14 @@ impl ClickHouseSettings {
                 };
                 let may_set =
                     check_cluster(&server, &cluster, &target, self.connect_timeout).await?;
+                // Reads and writes of the Distributed tables go to the replicas in the
+                // cluster's order (the local one first), so that a read finds what this
+                // process wrote a moment before rather than a replica still fetching it.
+                // Users who may not set it (readonly=1) get it from their profile.
                 let server = if may_set {
-                    server.with_setting("insert_distributed_sync", "1")
+                    server
+                        .with_setting("insert_distributed_sync", "1")
+                        .with_setting("load_balancing", "in_order")
                 } else {
                     server
                 };
@@ -494,10 +531,27 @@ pub fn is_transient(error: &clickhouse::error::Error) -> bool {
         Error::Network(_) | Error::TimedOut => true,
         Error::BadResponse(message) => matches!(
             server_code(message),
+            // ATTEMPT_TO_READ_AFTER_EOF, CANNOT_READ_ALL_DATA (a node died mid-answer),
             // TIMEOUT_EXCEEDED, TOO_MANY_SIMULTANEOUS_QUERIES, NO_FREE_CONNECTION,
-            // SOCKET_TIMEOUT, NETWORK_ERROR, NO_ZOOKEEPER, TABLE_IS_READ_ONLY, TOO_MANY_PARTS,
-            // ALL_CONNECTION_TRIES_FAILED, UNKNOWN_STATUS_OF_INSERT, KEEPER_EXCEPTION
-            Some(159 | 202 | 203 | 209 | 210 | 225 | 242 | 252 | 279 | 319 | 999)
+            // SOCKET_TIMEOUT, NETWORK_ERROR, NO_ZOOKEEPER, ABORTED, TABLE_IS_READ_ONLY,
+            // TOO_MANY_PARTS, ALL_CONNECTION_TRIES_FAILED, UNKNOWN_STATUS_OF_INSERT,
+            // QUERY_WAS_CANCELLED, KEEPER_EXCEPTION
+            Some(
+                32 | 33
+                    | 159
+                    | 202
+                    | 203
+                    | 209
+                    | 210
+                    | 225
+                    | 236
+                    | 242
+                    | 252
+                    | 279
+                    | 319
+                    | 394
+                    | 999
+            )
         ),
         _ => false,
     }

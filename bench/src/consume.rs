@@ -264,12 +264,7 @@ async fn measure(
 ) -> anyhow::Result<ConsumeBenchReport> {
     let (points, kafka_bytes) = load(settings, consume, json_topic).await?;
     let consumer_seconds = time_consumer(consume, ch, points).await?;
-    let bytes: u64 = ch
-        .server_client()
-        .query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = ? AND table = 'points' AND active")
-        .bind(ch.database())
-        .fetch_one()
-        .await?;
+    let bytes: u64 = ch.bytes_on_disk("points").await?;
     let peer_brokers = settings.peer_brokers();
     let (kafka_engine_seconds, kafka_engine_points_per_s) = match &peer_brokers {
         None => (None, None),

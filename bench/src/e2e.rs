@@ -119,11 +119,13 @@ pub struct E2eFigures {
     pub retried: u64,
     /// Peak resident memory of the `biofeed up` process, MiB.
     pub peak_rss_mib: f64,
-    /// Bytes per point on disk in ClickHouse.
+    /// Bytes per point on disk in ClickHouse (on a cluster: of one replica's copy).
     pub bytes_per_point: f64,
     /// How the run talked to each service and how devices reached the gateway (never a
     /// secret).
     pub security: String,
+    /// One ClickHouse server or a cluster's shards and replicas, and the Kafka brokers.
+    pub topology: String,
     /// `biofeed bench gateway`'s last line, if run.
     pub gateway_peer: Option<serde_json::Value>,
     /// `biofeed bench consume`'s last line, if run.
@@ -322,13 +324,8 @@ async fn measure(
     let total_accepted = load.accepted.load(Ordering::Relaxed);
     let stored = drain(&ch, total_accepted).await?;
     let peak_rss_mib = peak_rss_mib(pid);
-    let bytes: u64 = ch
-        .server_client()
-        .query("SELECT sum(bytes_on_disk) FROM system.parts WHERE database = ? AND table = 'points' AND active")
-        .bind(&stores.clickhouse.database)
-        .fetch_one()
-        .await
-        .unwrap_or(0);
+    let bytes: u64 = ch.bytes_on_disk("points").await.unwrap_or(0);
+    let topology = topology(&ch, stores, settings.replication.replication_factor).await;
     drop(up);
 
     let mut gateway = load.latencies.lock().map(|l| l.clone()).unwrap_or_default();
@@ -338,6 +335,7 @@ async fn measure(
     let offered_rate = window.offered as f64 / window.seconds;
     let stored_rate = window.stored as f64 / window.seconds;
     Ok(E2eFigures {
+        topology,
         security: format!(
             "devices → gateway {}; {}",
             if settings.gateway_ca_file.is_some() {
@@ -567,4 +565,32 @@ async fn drain(ch: &ClickHouse, accepted: u64) -> anyhow::Result<u64> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Ok(stored)
+}
+
+/// "ClickHouse cluster biofeed (2 shards × 2 replicas); Kafka 3 brokers", or one server.
+async fn topology(ch: &ClickHouse, stores: &StoreSettings, replicas: i32) -> String {
+    let brokers = stores.kafka.brokers.split(',').count();
+    let kafka = format!(
+        "Kafka {brokers} broker{}, topics with {replicas} replica{}",
+        if brokers == 1 { "" } else { "s" },
+        if replicas == 1 { "" } else { "s" },
+    );
+    let Some(cluster) = ch.cluster() else {
+        return format!("one ClickHouse server; {kafka}");
+    };
+    let shape: Result<(u64, u64), _> = ch
+        .server_client()
+        .query(
+            "SELECT uniqExact(shard_num), max(replica_num) FROM system.clusters WHERE cluster = ?",
+        )
+        .bind(&cluster.name)
+        .fetch_one()
+        .await;
+    match shape {
+        Ok((shards, replicas)) => format!(
+            "ClickHouse cluster {} ({shards} shards × {replicas} replicas); {kafka}",
+            cluster.name
+        ),
+        Err(_) => format!("ClickHouse cluster {}; {kafka}", cluster.name),
+    }
 }

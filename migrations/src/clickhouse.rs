@@ -235,6 +235,9 @@ impl ClickHouseMigrations {
         .execute()
         .await
         .map_err(bookkeeping_failed)?;
+        // A replica behind (e.g. back from a restart) must not make us apply again what the
+        // others have.
+        self.check_replicas(ch).await?;
         let applied = self.check_applied(ch).await?;
         let mut items = Vec::new();
         for migration in &self.migrations {

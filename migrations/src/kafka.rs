@@ -158,6 +158,24 @@ pub async fn ensure_topics(
             Err((name, code)) => return Err(kafka_error(&name, code)),
         }
     }
+    // An existing topic keeps its replicas: more required in sync than it has would refuse
+    // every write.
+    let min_insync_n: usize = min_insync.parse().unwrap_or(1);
+    for w in &wanted {
+        if let Some((_, replicas)) = partition_layout(admin, w.name, kafka.connect_timeout).await? {
+            if replicas < min_insync_n {
+                return Err(MigrateError::Backend(
+                    biofeed_backends::BackendError::Misconfigured {
+                        setting: "BIOFEED_KAFKA_MIN_INSYNC_REPLICAS",
+                        reason: format!(
+                            "topic {} has {replicas} replica(s), fewer than {min_insync_n} in sync: every write would be refused. Raise its replication factor first (Kafka's partition reassignment) or lower the setting",
+                            w.name
+                        ),
+                    },
+                ));
+            }
+        }
+    }
     // Retention and min.insync.replicas may have changed in the settings since the topic was
     // created. AlterConfigs replaces a topic's whole set of overrides: give all of them.
     let retention: Vec<AlterConfig> = wanted

@@ -100,6 +100,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          {rate} Hz, posting Avro frames every {interval:?} through HTTP to `biofeed up` (gateway, \
          consumer and jobs in one process); {secs:.0} s measured after a 10 s warm-up. Settings that \
          matter here: {tuning}.\n\n\
+         Topology: {topology}.\n\n\
          Connections: {security}.\n\n\
          | figure | value | target |\n|---|---|---|\n\
          | points/s offered | {offered:.0} | |\n\
@@ -111,7 +112,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | points accepted / stored after draining | {acc} / {sto} | none lost: {t3} |\n\
          | requests retried after 429/503 | {retried} | |\n\
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
-         | bytes per point on disk | {bpp:.2} | |\n\n\
+         | bytes per point on disk (one replica's copy) | {bpp:.2} | |\n\n\
          ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
          Reproduce: `compose/local up && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{ca}`.\n",
         tls = if settings.gateway_ca_file.is_some() {
@@ -130,6 +131,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
         tuning = tuning().iter().map(|(s, _)| format!("`{s}`")).collect::<Vec<_>>().join(", "),
         machine = machine(),
         security = f.security,
+        topology = f.topology,
         devices = f.devices,
         rate = f.rate_hz,
         interval = settings.frame_interval,
