@@ -35,6 +35,7 @@ impl PrivateClickHouse {
         let mut config = std::fs::read_to_string(repo.join("compose/clickhouse/config.xml.in"))
             .unwrap()
             .replace("@STATE@/tls/", &format!("{}/tls/", state.display()))
+            .replace("@DIR@", &dir.join("clickhouse").display().to_string())
             .replace("@STATE@", &dir.display().to_string())
             .replace("@HTTPS_PORT@", &http_port.to_string())
             .replace("@TCP_PORT@", &free_port().to_string())

@@ -62,13 +62,21 @@ impl PrivateKafka {
                 .trim_end()
                 .to_owned()
         };
+        // The broker's key and certificate in one PEM file, as compose/local writes it.
+        let keystore = [
+            std::fs::read_to_string(state.join("tls/kafka.key")).unwrap(),
+            std::fs::read_to_string(state.join("tls/kafka.pem")).unwrap(),
+        ]
+        .concat();
+        std::fs::write(dir.join("keystore.pem"), keystore).unwrap();
         let config = std::fs::read_to_string(repo().join("compose/kafka/server.properties.in"))
             .unwrap()
-            .replace(
-                "@STATE@/kafka/data",
-                &dir.join("data").display().to_string(),
-            )
+            .replace("@DIR@", &dir.display().to_string())
             .replace("@STATE@", &state.display().to_string())
+            .replace("@NODE_ID@", "1")
+            .replace("@VOTERS@", &format!("1@127.0.0.1:{controller}"))
+            .replace("@RF@", "1")
+            .replace("@MIN_ISR@", "1")
             .replace("@BROKER_PORT@", &port.to_string())
             .replace("@CONTROLLER_PORT@", &controller.to_string())
             .replace("@PLAIN_PORT@", &plain.to_string())
