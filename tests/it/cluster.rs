@@ -3,7 +3,7 @@
 //! SIGKILL while data flows, and what was accepted is stored exactly once on every replica.
 //!
 //! These tests need that cluster, so they are `#[ignore]`d in the single-node run;
-//! `BIOFEED_LOCAL_TEST_CLUSTER=1 compose/local test` runs them after it, with
+//! `compose/local test` runs them after it, with
 //! `cargo test --test it cluster:: -- --ignored`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -139,7 +139,7 @@ async fn one_user_per_shard(stores: &Isolated) -> [Uuid; 2] {
         let user = Uuid::new_v4();
         let slot: u64 = ch
             .client()
-            .query("SELECT cityHash64(toString(toUUID(?))) % 2")
+            .query("SELECT toUInt64(cityHash64(toString(toUUID(?))) % 2)")
             .bind(user.to_string())
             .fetch_one()
             .await
@@ -190,8 +190,10 @@ async fn a_broker_and_a_replica_killed_mid_stream_lose_and_double_nothing_on_any
     let rows =
         async |stores: &Isolated| clickhouse_count(stores, "SELECT count() FROM points").await;
     let grows = async |stores: &Isolated, than: u64, what: &str| {
+        // Generous: on two cores a restarted broker's JVM and compose/local's admin tools starve
+        // the rest for a while (a watchdog, not a timing).
         eventually(
-            Duration::from_secs(90),
+            Duration::from_secs(180),
             Duration::from_millis(200),
             async || match rows(stores).await {
                 now if now > than => Ok(now),
@@ -201,26 +203,36 @@ async fn a_broker_and_a_replica_killed_mid_stream_lose_and_double_nothing_on_any
         .await
     };
 
-    // A broker dies: producers (acks=all, 2 of 3 in sync) and the consumer go on.
     let seen = grows(&stores, 0, "points arrive").await;
+
+    // A broker dies: producers (acks=all, 2 of 3 in sync) and the consumer go on. It stays down
+    // while a ClickHouse replica dies too, and both come back together below.
     kill9("kafka-2");
     let seen = grows(&stores, seen, "points arrive with a broker down").await;
-    restart_downed_nodes().await;
 
     // The first ClickHouse node dies, the one every service's URL list names first: the
     // consumer's connections go to the next node, which writes its own shard locally.
     kill9("clickhouse-1");
     let seen = grows(&stores, seen, "points arrive with a replica down").await;
 
-    // Erase a person whose device is still streaming, while that replica is down: the erasure
+    // Erase a person, while that replica is down: the erasure
     // cannot be verified on every replica yet, so it must wait for the node to return.
     let pool = stores.settings.stores.postgres.connect().await.unwrap();
-    let erased: Uuid = sqlx::query_scalar(
-        "SELECT user_id FROM sessions WHERE status = 'open' ORDER BY started_at LIMIT 1",
+    // (One whose device streams if there is one; a device is between sessions now and then.)
+    let erased: Uuid = eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || {
+            sqlx::query_scalar(
+                "SELECT user_id FROM sessions ORDER BY status = 'open' DESC, started_at LIMIT 1",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .ok_or_else(|| "no open session".to_owned())
+        },
     )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     let erase = run_biofeed(
         &["admin", "user", "erase", &erased.to_string(), "--yes"],
         &env,
@@ -237,10 +249,19 @@ async fn a_broker_and_a_replica_killed_mid_stream_lose_and_double_nothing_on_any
         erasing, 1,
         "the erasure was reported done with a replica down"
     );
+    // The broker and the replica come back (the replica fetches what it missed, the broker
+    // catches up its partitions) while the devices still stream.
     restart_downed_nodes().await;
 
     let run = simulate.wait().await;
     let summary: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    // Every device rode out the failures; only the erased person's had its last frames refused
+    // (401: its token went with the erasure).
+    let refused = summary["frames_refused"].as_u64().unwrap();
+    assert!(
+        (run.code, refused) == (0, 0) || (run.code == 1 && refused <= 40),
+        "{run:?}"
+    );
     let accepted = simulated_points(&summary, |_| true);
     let statuses: BTreeMap<Uuid, String> =
         sqlx::query_as::<_, (Uuid, String)>("SELECT id, status FROM sessions")
@@ -306,14 +327,17 @@ async fn a_broker_and_a_replica_killed_mid_stream_lose_and_double_nothing_on_any
             gone.join(",")
         }
     );
-    for table in [
-        "points",
-        "rollups_1s",
-        "rollups_1m",
-        "session_metrics",
-        "session_facts",
+    // (session_facts keeps the facts of sessions that did not complete, marked so; not the
+    // erased person's.)
+    let erased_only = format!("user_id = toUUID('{erased}')");
+    for (table, condition) in [
+        ("points", &gone),
+        ("rollups_1s", &gone),
+        ("rollups_1m", &gone),
+        ("session_metrics", &gone),
+        ("session_facts", &erased_only),
     ] {
-        let per_replica = rows_per_replica(&stores, table, &gone).await;
+        let per_replica = rows_per_replica(&stores, table, condition).await;
         assert_eq!(per_replica.len(), 4, "{table}: {per_replica:?}");
         assert!(
             per_replica.iter().all(|rows| *rows == 0),
@@ -430,7 +454,7 @@ async fn a_whole_shard_down_holds_the_batch_uncommitted_and_reads_answer_503_unt
     assert_eq!(dlq, 0, "frames were dead-lettered while the shard was down");
     let (status, body) = gw.read(&person, &path).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["points"].as_array().map(Vec::len), Some(3), "{body}");
+    assert_eq!(body["samples"].as_array().map(Vec::len), Some(3), "{body}");
     let per_shard = replicas_agree(stores, "points", expected).await;
     assert!(
         per_shard.iter().all(|rows| *rows > 0),
