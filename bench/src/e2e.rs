@@ -581,7 +581,7 @@ async fn topology(ch: &ClickHouse, stores: &StoreSettings, replicas: i32) -> Str
     let shape: Result<(u64, u64), _> = ch
         .server_client()
         .query(
-            "SELECT uniqExact(shard_num), max(replica_num) FROM system.clusters WHERE cluster = ?",
+            "SELECT toUInt64(uniqExact(shard_num)), toUInt64(max(replica_num)) FROM system.clusters WHERE cluster = ?",
         )
         .bind(&cluster.name)
         .fetch_one()

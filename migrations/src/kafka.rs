@@ -155,6 +155,18 @@ pub async fn ensure_topics(
         match result {
             Ok(name) => created.push(name),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            // More replicas than brokers: a setting to fix (exit 2), not a failure to retry.
+            Err((name, RDKafkaErrorCode::InvalidReplicationFactor)) => {
+                return Err(MigrateError::Backend(
+                    biofeed_backends::BackendError::Misconfigured {
+                        setting: "BIOFEED_KAFKA_REPLICATION_FACTOR",
+                        reason: format!(
+                            "Kafka refused {} replicas for topic {name}: the cluster has fewer live brokers than that",
+                            layout.replication.replication_factor
+                        ),
+                    },
+                ))
+            }
             Err((name, code)) => return Err(kafka_error(&name, code)),
         }
     }

@@ -686,13 +686,15 @@ impl BiofeedProcess {
         stderr
     }
 
-    /// SIGTERM, then the exit code and standard error (a watchdog, not a timing: 90 s).
+    /// SIGTERM (unless it already exited), then the exit code and standard error (a watchdog,
+    /// not a timing: 90 s).
     pub async fn stop(self) -> (i32, String) {
-        let pid = self.0.id().expect("running").to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
+        if let Some(pid) = self.0.id() {
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("kill runs");
+        }
         let output = tokio::time::timeout(Duration::from_secs(90), self.0.wait_with_output())
             .await
             .expect("the process stops after SIGTERM")

@@ -342,3 +342,69 @@ async fn the_one_account_per_email_migration_refuses_live_duplicates_until_resol
     .unwrap();
     assert!(unique);
 }
+
+/// Replication settings the Kafka cluster cannot honour are refused as settings to fix (exit 2),
+/// naming the setting, before or instead of creating a topic that could never take a write.
+#[tokio::test]
+async fn kafka_replication_the_cluster_cannot_honour_is_refused_naming_the_setting() {
+    let test = Isolated::new().await;
+    let with = |extra: &[(&'static str, &str)]| {
+        let mut env = test.env_as(crate::helpers::Role::Migrate);
+        for (k, v) in extra {
+            env.retain(|(key, _)| key != k);
+            env.push((k, (*v).to_owned()));
+        }
+        env
+    };
+    // More in sync than replicas: refused before asking Kafka anything.
+    let run = crate::helpers::run_biofeed(
+        &["migrate"],
+        &with(&[
+            ("BIOFEED_KAFKA_REPLICATION_FACTOR", "1"),
+            ("BIOFEED_KAFKA_MIN_INSYNC_REPLICAS", "2"),
+        ]),
+    )
+    .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("BIOFEED_KAFKA_MIN_INSYNC_REPLICAS"),
+        "{run:?}"
+    );
+    // More replicas than the one local broker: Kafka refuses, biofeed names the setting.
+    let run = crate::helpers::run_biofeed(
+        &["migrate"],
+        &with(&[("BIOFEED_KAFKA_REPLICATION_FACTOR", "3")]),
+    )
+    .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("BIOFEED_KAFKA_REPLICATION_FACTOR"),
+        "{run:?}"
+    );
+    let admin = test.settings.stores.kafka.connect_admin().await.unwrap();
+    let timeout = test.settings.stores.kafka.connect_timeout;
+    assert_eq!(
+        partition_count(&admin, &test.settings.stores.topics.points, timeout)
+            .await
+            .unwrap(),
+        None,
+        "no topic was created"
+    );
+    // An existing one-replica topic cannot require two in sync.
+    let ok = crate::helpers::run_biofeed(&["migrate"], &with(&[])).await;
+    assert_eq!(ok.code, 0, "{ok:?}");
+    let run = crate::helpers::run_biofeed(
+        &["migrate"],
+        &with(&[
+            ("BIOFEED_KAFKA_MIN_INSYNC_REPLICAS", "2"),
+            ("BIOFEED_KAFKA_REPLICATION_FACTOR", "2"),
+        ]),
+    )
+    .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("has 1 replica(s), fewer than 2 in sync"),
+        "{run:?}"
+    );
+}

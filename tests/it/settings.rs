@@ -126,6 +126,27 @@ async fn malformed_settings_are_rejected_before_any_connection() {
             "tcp://127.0.0.1:9000",
             "--clickhouse-url",
         ),
+        // A cluster's node list: every node checked, no mixed schemes, none twice.
+        (
+            "BIOFEED_CLICKHOUSE_URL",
+            "https://127.0.0.1:8541,127.0.0.1:8542",
+            "URL 2 of 2",
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_URL",
+            "https://127.0.0.1:8541,http://127.0.0.1:8542",
+            "mixes http:// and https://",
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_URL",
+            "https://127.0.0.1:8541,https://127.0.0.1:8541",
+            "twice",
+        ),
+        (
+            "BIOFEED_CLICKHOUSE_CLUSTER",
+            "biofeed cluster",
+            "--clickhouse-cluster",
+        ),
         (
             "BIOFEED_CLICKHOUSE_DATABASE",
             "biofeed; DROP TABLE points",

@@ -95,7 +95,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
     let report = format!(
         "# biofeed end-to-end benchmark\n\n\
          Written by `biofeed bench e2e` on {date}, on {machine}, with PostgreSQL, ClickHouse \
-         and Kafka on the same machine (`compose/local up`).\n\n\
+         and Kafka on the same machine (`{up}`).\n\n\
          Load: {devices} simulated devices, each one session streaming a single-channel signal at \
          {rate} Hz, posting Avro frames every {interval:?} through HTTP to `biofeed up` (gateway, \
          consumer and jobs in one process); {secs:.0} s measured after a 10 s warm-up. Settings that \
@@ -114,7 +114,13 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
          | bytes per point on disk (one replica's copy) | {bpp:.2} | |\n\n\
          ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
-         Reproduce: `compose/local up && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{ca}`.\n",
+         Reproduce: `{up} && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{ca}{peers}`.\n",
+        up = if settings.stores.clickhouse.cluster.is_some() {
+            "compose/local up --cluster"
+        } else {
+            "compose/local up"
+        },
+        peers = if settings.no_peers { " --no-peers" } else { "" },
         tls = if settings.gateway_ca_file.is_some() {
             "BIOFEED_GATEWAY_TLS_CERT_FILE=.state/tls/gateway.pem BIOFEED_GATEWAY_TLS_KEY_FILE=.state/tls/gateway.key "
         } else {
