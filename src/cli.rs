@@ -214,6 +214,16 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => {}
             }
         }
+        if let Some(e) = cause.downcast_ref::<biofeed_exports::ExportError>() {
+            use biofeed_exports::ExportError as E;
+            match e {
+                E::Unsupported { .. } => return exit::USAGE,
+                E::NotFound | E::NotExportable(_) => return exit::REFUSED,
+                E::Points(_) => return exit::UNAVAILABLE,
+                E::Accounts(AccountsError::Postgres(_)) => return exit::UNAVAILABLE,
+                _ => return exit::FAILURE,
+            }
+        }
         // A certificate or key that cannot serve is a setting to fix, like a bad argument.
         if cause.is::<Refused>() || cause.is::<biofeed_ingest_gateway::tls::TlsError>() {
             return exit::USAGE;

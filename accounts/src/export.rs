@@ -246,3 +246,21 @@ impl Lines {
         self.0.send(bytes).await.map_err(|_| ExportError::Closed)
     }
 }
+
+/// A pseudonymous, stable label for `user` in exports meant for other tools (the EDF+ patient
+/// code, a BIDS participant): 16 hex digits of a keyed hash of the user's id under the
+/// blind-index key, so it cannot be traced back without the key and never changes with the
+/// person's details.
+pub fn participant_label(accounts: &Accounts, user: Uuid) -> String {
+    use hmac::{Hmac, Mac};
+    #[allow(clippy::expect_used)] // HMAC takes keys of any length
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(&accounts.keys.blind_index_key_bytes())
+            .expect("hmac accepts 32-byte keys");
+    mac.update(b"export-participant/");
+    mac.update(user.as_bytes());
+    mac.finalize().into_bytes()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -593,6 +593,28 @@ pub async fn audit_operator_export(accounts: &Accounts, user: Uuid) -> Result<()
     .await
 }
 
+/// Records in `user`'s access log that an operator exported their `session` in `format`
+/// (`biofeed admin session export`), before a sample is written.
+pub async fn audit_operator_session_export(
+    accounts: &Accounts,
+    user: Uuid,
+    session: Uuid,
+    format: &str,
+) -> Result<(), AccountsError> {
+    crate::audit::record(
+        &accounts.pool,
+        &crate::audit::Entry {
+            actor: None,
+            subject: user,
+            action: "data.export",
+            resource: "session_export",
+            allowed: true,
+            detail: serde_json::json!({ "via": "admin session export", "session_id": session, "format": format }),
+        },
+    )
+    .await
+}
+
 /// The live user with this email, if any (there is at most one: one live account per email).
 pub async fn find_by_email(
     accounts: &Accounts,

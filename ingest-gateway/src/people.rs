@@ -49,6 +49,7 @@ pub fn routes() -> Router<PeopleState> {
         .route("/v1/sessions/{id}", get(reads::session))
         .route("/v1/sessions/{id}/points", get(reads::session_points))
         .route("/v1/sessions/{id}/metrics", get(reads::session_metrics))
+        .route("/v1/sessions/{id}/export", get(export::export_session))
         .route("/v1/users", post(accounts::sign_up))
         .route("/v1/users/{id}/sessions", get(reads::user_sessions))
         .route("/v1/users/{id}/access-log", get(reads::access_log))

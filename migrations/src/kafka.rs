@@ -161,7 +161,7 @@ pub async fn ensure_topics(
                     biofeed_backends::BackendError::Misconfigured {
                         setting: "BIOFEED_KAFKA_REPLICATION_FACTOR",
                         reason: format!(
-                            "Kafka refused {} replicas for topic {name}: the cluster has fewer live brokers than that",
+                            "Kafka refused {} replicas for topic {name}: fewer brokers are up than that (too few in the cluster, or some are down)",
                             layout.replication.replication_factor
                         ),
                     },

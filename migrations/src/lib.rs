@@ -245,6 +245,10 @@ async fn each_store(
     step: Step,
 ) -> Result<Vec<StepReport>, MigrateError> {
     let stores = &settings.stores;
+    // Contradictory replication settings are refused before any store is touched.
+    if step == Step::Apply {
+        settings.layout.replication.min_insync_replicas()?;
+    }
     let Connected { pg, ch, admin } = Connected::to(stores).await?;
     let postgres = match step {
         Step::Apply => postgres::migrate(&pg).await?,

@@ -1,6 +1,7 @@
 //! `biofeed admin …`: users, relationships, devices and keys.
 
 mod relationship;
+mod session;
 mod user;
 
 use biofeed_accounts::{devices, rotation, users, AccountKeys, Accounts};
@@ -9,6 +10,7 @@ use clap::{Args, Subcommand};
 use uuid::Uuid;
 
 pub use self::relationship::RelationshipCommand;
+pub use self::session::SessionCommand;
 pub use self::user::UserCommand;
 
 use crate::cli::{print_rows, progress_bar, AFTER_HELP};
@@ -25,6 +27,9 @@ pub enum AdminCommand {
     /// Devices and their tokens.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Sessions: export one in CSV, EDF+ or RR text.
+    #[command(subcommand)]
+    Session(SessionCommand),
     /// The PII keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -112,6 +117,7 @@ pub(crate) async fn run(command: AdminCommand) -> anyhow::Result<()> {
     match command {
         AdminCommand::User(command) => user::run(command).await?,
         AdminCommand::Relationship(command) => relationship::run(command).await?,
+        AdminCommand::Session(command) => session::run(command).await?,
         AdminCommand::Keys(KeysCommand::Rotate { store }) => {
             let accounts = store.connect().await?;
             let bar = progress_bar("rotate", "data keys");

@@ -72,6 +72,7 @@ fn no_crate_but_the_gateway_links_the_http_server() {
         "biofeed-consumers",
         "biofeed-jobs",
         "biofeed-simulator",
+        "biofeed-exports",
     ] {
         assert_links_none(package, &["axum"]);
     }

@@ -8,6 +8,7 @@ mod chaos;
 mod cluster;
 mod compose_file;
 mod consumers;
+mod exports;
 mod gateway;
 mod gateway_app;
 mod gateway_tls;

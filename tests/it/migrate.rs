@@ -356,7 +356,7 @@ async fn kafka_replication_the_cluster_cannot_honour_is_refused_naming_the_setti
         }
         env
     };
-    // More in sync than replicas: refused before asking Kafka anything.
+    // More in sync than replicas: refused before any store is touched.
     let run = crate::helpers::run_biofeed(
         &["migrate"],
         &with(&[
@@ -370,10 +370,27 @@ async fn kafka_replication_the_cluster_cannot_honour_is_refused_naming_the_setti
         run.stderr.contains("BIOFEED_KAFKA_MIN_INSYNC_REPLICAS"),
         "{run:?}"
     );
-    // More replicas than the one local broker: Kafka refuses, biofeed names the setting.
+    let status = crate::helpers::run_biofeed(&["migrate", "--status"], &with(&[])).await;
+    assert!(
+        status.stdout.contains("postgres: ") && !status.stdout.contains("postgres: up to date"),
+        "nothing was migrated: {status:?}"
+    );
+    // More replicas than brokers: Kafka refuses, biofeed names the setting.
+    let admin = test.settings.stores.kafka.connect_admin().await.unwrap();
+    let timeout = test.settings.stores.kafka.connect_timeout;
+    let brokers = admin
+        .inner()
+        .fetch_metadata(None, timeout)
+        .unwrap()
+        .brokers()
+        .len();
+    let too_many = (brokers + 1).to_string();
     let run = crate::helpers::run_biofeed(
         &["migrate"],
-        &with(&[("BIOFEED_KAFKA_REPLICATION_FACTOR", "3")]),
+        &with(&[
+            ("BIOFEED_KAFKA_REPLICATION_FACTOR", &too_many),
+            ("BIOFEED_KAFKA_MIN_INSYNC_REPLICAS", "1"),
+        ]),
     )
     .await;
     assert_eq!(run.code, 2, "{run:?}");
@@ -381,8 +398,6 @@ async fn kafka_replication_the_cluster_cannot_honour_is_refused_naming_the_setti
         run.stderr.contains("BIOFEED_KAFKA_REPLICATION_FACTOR"),
         "{run:?}"
     );
-    let admin = test.settings.stores.kafka.connect_admin().await.unwrap();
-    let timeout = test.settings.stores.kafka.connect_timeout;
     assert_eq!(
         partition_count(&admin, &test.settings.stores.topics.points, timeout)
             .await
@@ -391,7 +406,14 @@ async fn kafka_replication_the_cluster_cannot_honour_is_refused_naming_the_setti
         "no topic was created"
     );
     // An existing one-replica topic cannot require two in sync.
-    let ok = crate::helpers::run_biofeed(&["migrate"], &with(&[])).await;
+    let ok = crate::helpers::run_biofeed(
+        &["migrate"],
+        &with(&[
+            ("BIOFEED_KAFKA_REPLICATION_FACTOR", "1"),
+            ("BIOFEED_KAFKA_MIN_INSYNC_REPLICAS", "1"),
+        ]),
+    )
+    .await;
     assert_eq!(ok.code, 0, "{ok:?}");
     let run = crate::helpers::run_biofeed(
         &["migrate"],

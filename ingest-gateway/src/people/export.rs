@@ -1,3 +1,6 @@
+//! `GET /v1/sessions/{id}/export`: one session in CSV, EDF+ or RR text (written by
+//! [`biofeed_exports`]), for whoever may read the session, audited like every read.
+//!
 //! `GET /v1/me/export` (GDPR articles 15 and 20): everything biofeed holds about the caller,
 //! streamed as newline-delimited JSON (`application/x-ndjson`) in the `biofeed-export/1` format.
 //! The lines are written by [`biofeed_accounts::export::export_user`] (where the format is
@@ -5,16 +8,17 @@
 //! the policy and streams.
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
 use biofeed_accounts::export::export_user;
+use biofeed_exports::{ExportError, Exporter, Format, Request};
 use tokio::sync::mpsc;
 
 use crate::people::auth::UserAuth;
 use crate::people::recordings::StoredRecordings;
 use crate::people::PeopleState;
-use crate::problem::ApiError;
+use crate::problem::{ApiError, Problem};
 
 /// Streams everything held about the caller (see the module documentation for the format).
 #[utoipa::path(get, path = "/v1/me/export", tag = "accounts",
@@ -44,4 +48,114 @@ pub async fn export_me(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// The query of a session's export.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SessionExportQuery {
+    /// `csv` (one file per data type), `edf` (EDF+, one file per sampled data type) or `rr`
+    /// (RR intervals in ms, one per line).
+    pub format: String,
+    /// Only this data type; without it, every data type of the session the format holds (a zip
+    /// when there are several).
+    pub data_type: Option<String>,
+    /// `true`: the EDF+ patient field carries the person's name, sex and birth date instead of a
+    /// pseudonymous code. Only for one's own sessions.
+    #[serde(default)]
+    pub identify: bool,
+}
+
+/// A completed session's samples in a format other tools read, streamed.
+#[utoipa::path(get, path = "/v1/sessions/{id}/export", tag = "reads",
+    params(("id" = Uuid, Path, description = "the session"), SessionExportQuery),
+    responses(
+        (status = 200, description = "the file: text/csv, EDF+ (application/octet-stream, its length announced), RR text (text/plain), or a zip of one file per data type; a transfer that ends early is incomplete",
+         content_type = "application/octet-stream", body = String),
+        (status = 404, description = "no such session whose data you may read", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the session is open, purged, aborted or expired", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an unknown format, or a data type the format cannot hold", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the points store is unavailable; retry after the hint", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn export_session(
+    State(state): State<PeopleState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let q: SessionExportQuery = crate::people::reads::query(&uri)?;
+    let format = Format::parse(&q.format).map_err(export_problem)?;
+    let (session, owner) =
+        crate::people::reads::readable_session(&state, &actor, &id, "export").await?;
+    if q.identify && owner != actor.user_id {
+        return Err(ApiError::invalid(
+            "identify",
+            "only the person themselves may put their name in an export",
+        ));
+    }
+    let exporter = Exporter::new(
+        state.inner.accounts.clone(),
+        state.inner.clickhouse.client(),
+    );
+    let prepared = exporter
+        .prepare(&Request {
+            session,
+            format,
+            data_type: q.data_type,
+            identify: q.identify,
+        })
+        .await
+        .map_err(export_problem)?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
+    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
+    let writer = prepared.clone();
+    tokio::spawn(async move {
+        if let Err(e) = writer.write(tx).await {
+            tracing::warn!(session_id = %session, error = %e, "session export cut short");
+            let _ = failed_tx.send(());
+        }
+    });
+    // The body ends with an error if the export failed: the transfer is aborted, so the file
+    // never looks whole.
+    let stream =
+        futures_util::stream::unfold((rx, Some(failed_rx)), |(mut rx, failed)| async move {
+            match rx.recv().await {
+                Some(chunk) => Some((Ok(Bytes::from(chunk)), (rx, failed))),
+                None => match failed?.await {
+                    Ok(()) => Some((
+                        Err(std::io::Error::other("the export failed midway")),
+                        (rx, None),
+                    )),
+                    Err(_) => None,
+                },
+            }
+        });
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prepared.content_type()),
+    );
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("attachment; filename=\"{}\"", prepared.filename()))
+    {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    if let Some(length) = prepared.content_length() {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    Ok(response)
+}
+
+/// The problem answer of a refused or failed export.
+fn export_problem(e: ExportError) -> ApiError {
+    match e {
+        ExportError::NotFound => ApiError::NotFound("session"),
+        ExportError::NotExportable(detail) => ApiError::Conflict(detail),
+        ExportError::Unsupported { field, reason } => ApiError::invalid(field, reason),
+        ExportError::Accounts(e) => e.into(),
+        ExportError::Points(e) => e.into(),
+        e @ (ExportError::Write(_) | ExportError::Closed) => ApiError::Internal(e.into()),
+    }
 }

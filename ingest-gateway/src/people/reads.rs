@@ -52,7 +52,7 @@ impl Page {
     }
 }
 
-fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
+pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiError> {
     axum::extract::Query::<T>::try_from_uri(uri)
         .map(|q| q.0)
         .map_err(|e| ApiError::malformed(format!("query string: {}", e.body_text())))
@@ -92,7 +92,7 @@ pub async fn user_sessions(
 
 /// The session `id` names and its owner, once the policy lets `actor` read its `resource`: 404
 /// if there is no such session.
-async fn readable_session(
+pub(crate) async fn readable_session(
     state: &PeopleState,
     actor: &Actor,
     id: &str,

@@ -1,0 +1,158 @@
+"""Reads a biofeed session export back with tools other than biofeed's and compares it with
+what was sent (a JSON file the Rust test writes). Exits non-zero naming the first difference.
+
+    read_export.py edf|csv|rr EXPORT SENT.json
+
+SENT.json: {"t_us": [...], "values": [[...], ...], "labels": [...], "unit": "µV",
+            "rate": 256, "min": -2000, "max": 2000, "patient_code": "…",
+            "annotations": ["session start", …], "absent": ["Anna", …]}
+"""
+
+import csv
+import datetime
+import json
+import sys
+
+import numpy as np
+
+
+def fail(message):
+    print(message, file=sys.stderr)
+    sys.exit(1)
+
+
+def expected_layout(sent):
+    """Where each sent sample must be: records of one second from the first sample's second;
+    seconds without a sample are left out (EDF+D)."""
+    rate = sent["rate"]
+    t = np.array(sent["t_us"], dtype=np.int64)
+    start = (t[0] // 1_000_000) * 1_000_000
+    slots = ((t - start) * rate + 500_000) // 1_000_000
+    records = sorted(set((slots // rate).tolist()))
+    continuous = records == list(range(records[0], records[-1] + 1))
+    return start, slots, records, continuous
+
+
+def check_edf(path, sent):
+    raw = open(path, "rb").read()
+    for text in sent["absent"]:
+        if text.encode() in raw:
+            fail(f"the file holds {text!r}")
+    kind = raw[192:197].decode()
+    start, slots, records, continuous = expected_layout(sent)
+    if kind != ("EDF+C" if continuous else "EDF+D"):
+        fail(f"file says {kind}, the samples are {'continuous' if continuous else 'discontinuous'}")
+    step = (sent["max"] - sent["min"]) / 65535
+    values = np.array(sent["values"], dtype=np.float32)
+    rate = sent["rate"]
+    if continuous:
+        check_edf_c(path, sent, start, slots, records, values, step)
+    else:
+        check_edf_d(path, sent, start, slots, values, step)
+    print(f"edf ok: {kind}, {len(records)} records, {len(sent['labels'])} signals")
+
+
+def check_edf_c(path, sent, start, slots, records, values, step):
+    import pyedflib  # EDFlib's reader: refuses malformed records, annotations or EDF+D
+
+    rate = sent["rate"]
+    reader = pyedflib.EdfReader(path)
+    labels = reader.getSignalLabels()
+    want = [f"{sent['kind']} {label}" for label in sent["labels"]]
+    if labels != want:
+        fail(f"labels {labels} != {want}")
+    for i in range(len(labels)):
+        if reader.getSampleFrequency(i) != rate:
+            fail(f"signal {i}: {reader.getSampleFrequency(i)} Hz, sent {rate}")
+        if reader.getPhysicalDimension(i) != sent["dimension"]:
+            fail(f"signal {i}: dimension {reader.getPhysicalDimension(i)!r}")
+    if reader.getPatientCode() != sent["patient_code"]:
+        fail(f"patient code {reader.getPatientCode()!r}")
+    if reader.getPatientName() not in ("X", ""):
+        fail(f"patient name {reader.getPatientName()!r}")
+    index = slots - records[0] * rate
+    for i in range(len(labels)):
+        read = reader.readSignal(i)
+        if len(read) != len(records) * rate:
+            fail(f"signal {i}: {len(read)} samples, expected {len(records) * rate}")
+        error = np.abs(read[index] - values[:, i])
+        if error.max() > step * 0.5 + 1e-9:
+            fail(f"signal {i}: off by {error.max()} (> half a step {step / 2})")
+    onsets, _, texts = reader.readAnnotations()
+    for text in sent["annotations"]:
+        if text not in list(texts):
+            fail(f"annotation {text!r} missing from {list(texts)}")
+    starts = [o for o, x in zip(onsets, texts) if x == "session start"]
+    expected_start = (sent["started_us"] - start) / 1e6
+    if not starts or abs(starts[0] - expected_start) > 1e-6:
+        fail(f"session start at {starts}, expected {expected_start}")
+    start_time = reader.getStartdatetime().replace(tzinfo=datetime.timezone.utc)
+    if int(start_time.timestamp()) * 1_000_000 != start:
+        fail(f"start {start_time} != {start}")
+    reader.close()
+
+
+def check_edf_d(path, sent, start, slots, values, step):
+    # EDFlib, edfio and MNE refuse or flatten EDF+D; Luna reads its records' own start times.
+    import lunapi
+
+    rate = sent["rate"]
+    instance = lunapi.proj().inst("export")
+    instance.attach_edf(path)
+    headers = instance.headers()
+    labels = sorted(headers["CH"].tolist())
+    want = sorted(f"{sent['kind']}_{label}" for label in sent["labels"])
+    if labels != want:
+        fail(f"labels {labels} != {want}")
+    if set(headers["SR"].tolist()) != {float(rate)} or set(headers["PDIM"].tolist()) != {sent["dimension"]}:
+        fail(f"rates {set(headers['SR'])}, dimensions {set(headers['PDIM'])}")
+    for i, label in enumerate(sent["labels"]):
+        _, data = instance.data([f"{sent['kind']}_{label}"], [], time=True)
+        # Time (seconds from the file's start, gaps included) → value.
+        read = {round(t * rate): v for t, v in data}
+        for slot, value in zip(slots.tolist(), values[:, i]):
+            if slot not in read:
+                fail(f"{label}: no sample at {slot / rate} s")
+            if abs(read[slot] - value) > step * 0.5 + 1e-9:
+                fail(f"{label}: {read[slot]} at {slot / rate} s, sent {value}")
+        if len(read) != len(set((slots // rate).tolist())) * rate:
+            fail(f"{label}: {len(read)} samples in the file")
+
+
+def check_csv(path, sent):
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header = ["time", "time_us"] + [f"{label} ({sent['unit']})" for label in sent["labels"]]
+    if rows[0] != header:
+        fail(f"header {rows[0]} != {header}")
+    body = rows[1:]
+    if len(body) != len(sent["t_us"]):
+        fail(f"{len(body)} rows, sent {len(sent['t_us'])}")
+    for row, t_us, values in zip(body, sent["t_us"], sent["values"]):
+        if int(row[1]) != t_us:
+            fail(f"time_us {row[1]} != {t_us}")
+        when = datetime.datetime.strptime(row[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.timezone.utc
+        )
+        epoch = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+        if (when - epoch) // datetime.timedelta(microseconds=1) != t_us:
+            fail(f"time {row[0]} != {t_us}")
+        read = np.array([float(v) for v in row[2:]], dtype=np.float32)
+        if not np.array_equal(read, np.array(values, dtype=np.float32)):
+            fail(f"values {row[2:]} != {values}")
+    print(f"csv ok: {len(body)} rows")
+
+
+def check_rr(path, sent):
+    lines = open(path, encoding="utf-8").read().splitlines()
+    read = np.array([float(line) for line in lines], dtype=np.float32)
+    want = np.array([v[0] for v in sent["values"]], dtype=np.float32)
+    if not np.array_equal(read, want):
+        fail(f"{len(read)} intervals read, {len(want)} sent, or values differ")
+    print(f"rr ok: {len(read)} intervals")
+
+
+if __name__ == "__main__":
+    kind, path, sent_path = sys.argv[1:4]
+    sent = json.load(open(sent_path, encoding="utf-8"))
+    {"edf": check_edf, "csv": check_csv, "rr": check_rr}[kind](path, sent)
