@@ -176,6 +176,9 @@ impl Cli {
             Command::Bench(BenchCommand::Consume(settings)) => {
                 exit_with(biofeed_bench::consume::run(*settings).await)
             }
+            Command::Bench(BenchCommand::Export(settings)) => {
+                exit_with(bench::run_export(*settings).await)
+            }
             Command::Bench(BenchCommand::E2e(settings)) => {
                 exit_with(bench::run_e2e(*settings).await)
             }

@@ -615,6 +615,27 @@ pub async fn audit_operator_session_export(
     .await
 }
 
+/// Records in `user`'s access log that an operator exported their completed sessions in one
+/// bundle (`biofeed admin session bundle`), before a sample is written.
+pub async fn audit_operator_bundle_export(
+    accounts: &Accounts,
+    user: Uuid,
+    format: &str,
+) -> Result<(), AccountsError> {
+    crate::audit::record(
+        &accounts.pool,
+        &crate::audit::Entry {
+            actor: None,
+            subject: user,
+            action: "data.export",
+            resource: "bundle_export",
+            allowed: true,
+            detail: serde_json::json!({ "via": "admin session bundle", "format": format }),
+        },
+    )
+    .await
+}
+
 /// The live user with this email, if any (there is at most one: one live account per email).
 pub async fn find_by_email(
     accounts: &Accounts,

@@ -12,5 +12,6 @@
 
 pub mod consume;
 pub mod e2e;
+pub mod export;
 pub mod gateway;
 mod harness;

@@ -650,7 +650,7 @@ impl Prepared {
         Ok(total)
     }
 
-    async fn write_part<W: Write>(
+    pub(crate) async fn write_part<W: Write>(
         &self,
         part: &Part,
         w: &mut W,
@@ -799,4 +799,299 @@ mod tests {
         assert_eq!(ascii_unit("°C"), "degC");
         assert_eq!(signal_kind("respiration"), "Resp");
     }
+}
+
+/// What a person-level bundle holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleFormat {
+    /// Every completed session's files in this format, a folder per session.
+    Files(Format),
+    /// The EEG sessions as a BIDS dataset (BIDS-EEG: EDF+ and its sidecars).
+    Bids,
+}
+
+impl BundleFormat {
+    /// Every bundle format, as the query string names them.
+    pub const NAMES: &'static str = "csv, edf, rr, bids";
+
+    /// The bundle format named `name`.
+    pub fn parse(name: &str) -> Result<Self, ExportError> {
+        match name {
+            "bids" => Ok(Self::Bids),
+            other => Format::parse(other)
+                .map(Self::Files)
+                .map_err(|_| ExportError::Unsupported {
+                    field: "format",
+                    reason: format!("unknown format '{other}': one of {}", Self::NAMES),
+                }),
+        }
+    }
+
+    /// Whether a data type named `name` at `rate` goes into the bundle.
+    fn holds(self, name: &str, rate: Option<f32>) -> bool {
+        let d = DataType {
+            name: name.to_owned(),
+            unit: String::new(),
+            sample_rate_hz: rate,
+            min_value: 0.0,
+            max_value: 1.0,
+            labels: Vec::new(),
+        };
+        match self {
+            Self::Files(format) => cannot_hold(format, &d).is_none(),
+            Self::Bids => name == "eeg" && d.whole_rate().is_some(),
+        }
+    }
+}
+
+/// One session of a bundle.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct BundledSession {
+    user_id: Uuid,
+    session_id: Uuid,
+    started_at: DateTime<Utc>,
+    exercise: String,
+    data_type: String,
+    sample_rate_hz: Option<f32>,
+}
+
+/// A person in a bundle: their id, pseudonymous label, and sessions (id, start, exercise) in
+/// time order.
+type BundledPerson = (Uuid, String, Vec<(Uuid, DateTime<Utc>, String)>);
+
+/// A person-level export, checked: a zip of their completed sessions.
+#[derive(Clone)]
+pub struct Bundle {
+    exporter: Exporter,
+    format: BundleFormat,
+    /// Per person (by participant label), their sessions in time order.
+    people: Vec<BundledPerson>,
+}
+
+impl Exporter {
+    /// Plans a zip of every completed session of `users` in `format` (each person a folder,
+    /// named by their pseudonymous label); 409 when none holds data the format can hold.
+    pub async fn prepare_bundle(
+        &self,
+        users: &[Uuid],
+        format: BundleFormat,
+    ) -> Result<Bundle, ExportError> {
+        let rows: Vec<BundledSession> = sqlx::query_as(
+            "SELECT s.user_id, s.id AS session_id, s.started_at, e.name AS exercise,
+                    d.name AS data_type, d.sample_rate_hz
+             FROM sessions s JOIN exercises e ON e.id = s.exercise_id
+             JOIN session_data_types sd ON sd.session_id = s.id
+             JOIN data_types d ON d.id = sd.data_type_id
+             WHERE s.user_id = ANY($1) AND s.status = 'completed'
+             ORDER BY s.user_id, s.started_at, s.id",
+        )
+        .bind(users)
+        .fetch_all(&self.accounts.pool)
+        .await?;
+        let mut people: Vec<BundledPerson> = Vec::new();
+        for row in rows
+            .into_iter()
+            .filter(|r| format.holds(&r.data_type, r.sample_rate_hz))
+        {
+            if people.last().is_none_or(|p| p.0 != row.user_id) {
+                let label =
+                    biofeed_accounts::export::participant_label(&self.accounts, row.user_id);
+                people.push((row.user_id, label, Vec::new()));
+            }
+            if let Some((_, _, sessions)) = people.last_mut() {
+                if sessions.last().is_none_or(|s| s.0 != row.session_id) {
+                    sessions.push((row.session_id, row.started_at, row.exercise));
+                }
+            }
+        }
+        if people.is_empty() {
+            return Err(ExportError::NotExportable(match format {
+                BundleFormat::Bids => {
+                    "no completed EEG session to put in a BIDS dataset".to_owned()
+                }
+                BundleFormat::Files(_) => {
+                    "no completed session holds data this format can hold".to_owned()
+                }
+            }));
+        }
+        self.clickhouse.query("SELECT 1").fetch_one::<u8>().await?;
+        Ok(Bundle {
+            exporter: self.clone(),
+            format,
+            people,
+        })
+    }
+}
+
+impl Bundle {
+    /// The zip's name.
+    pub fn filename(&self) -> String {
+        match (self.format, self.people.as_slice()) {
+            (BundleFormat::Bids, _) => "biofeed-bids.zip".to_owned(),
+            (_, [(_, label, _)]) => format!("biofeed-{label}.zip"),
+            _ => "biofeed-export.zip".to_owned(),
+        }
+    }
+
+    /// How many sessions it holds.
+    pub fn sessions(&self) -> usize {
+        self.people.iter().map(|p| p.2.len()).sum()
+    }
+
+    /// Streams the zip into `out` (see [`Prepared::write`] for a failure midway).
+    pub async fn write(&self, out: mpsc::Sender<Vec<u8>>) -> Result<u64, ExportError> {
+        let pending = Pending::default();
+        let mut total = 0u64;
+        let mut zip = zip::ZipWriter::new_stream(pending.clone());
+        let text = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .large_file(true);
+        let stored = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored)
+            .large_file(true);
+        let zip_error = |e: zip::result::ZipError| ExportError::Write(e.to_string());
+        if self.format == BundleFormat::Bids {
+            zip.start_file("dataset_description.json", text)
+                .map_err(zip_error)?;
+            zip.write_all(
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "Name": "biofeed EEG sessions",
+                    "BIDSVersion": "1.9.0",
+                    "DatasetType": "raw",
+                    "GeneratedBy": [{ "Name": "biofeed", "Version": env!("CARGO_PKG_VERSION") }],
+                }))
+                .unwrap_or_default()
+                .as_bytes(),
+            )?;
+            zip.start_file("participants.tsv", text)
+                .map_err(zip_error)?;
+            let mut participants = "participant_id\n".to_owned();
+            for (_, label, _) in &self.people {
+                participants.push_str(&format!("sub-{label}\n"));
+            }
+            zip.write_all(participants.as_bytes())?;
+            zip.start_file("README", text).map_err(zip_error)?;
+            zip.write_all(
+                b"EEG sessions exported by biofeed. Participants are pseudonymous codes; sessions are labelled by their start (UTC). \
+                  Recordings are EDF+ (EDF+D where seconds are missing).\n",
+            )?;
+        }
+        for (user, label, sessions) in &self.people {
+            let mut used: Vec<String> = Vec::new();
+            for (session, started_at, exercise) in sessions {
+                let request = Request {
+                    session: *session,
+                    format: match self.format {
+                        BundleFormat::Files(f) => f,
+                        BundleFormat::Bids => Format::Edf,
+                    },
+                    data_type: (self.format == BundleFormat::Bids).then(|| "eeg".to_owned()),
+                    identify: false,
+                };
+                let prepared = match self.exporter.prepare(&request).await {
+                    Ok(p) => p,
+                    // A session with nothing of the format (e.g. no samples stored) is left out.
+                    Err(ExportError::Unsupported { reason, .. }) => {
+                        tracing::info!(session_id = %session, %reason, "session left out of the bundle");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                debug_assert_eq!(prepared.user, *user);
+                for part in &prepared.parts {
+                    match (self.format, part) {
+                        (BundleFormat::Bids, Part::Edf(d, layout)) => {
+                            let mut ses = started_at.format("%Y%m%dT%H%M%S").to_string();
+                            while used.contains(&ses) {
+                                ses.push('b');
+                            }
+                            used.push(ses.clone());
+                            let task: String = exercise
+                                .chars()
+                                .filter(char::is_ascii_alphanumeric)
+                                .collect();
+                            let stem = format!(
+                                "sub-{label}/ses-{ses}/eeg/sub-{label}_ses-{ses}_task-{task}"
+                            );
+                            zip.start_file(format!("{stem}_eeg.edf"), stored)
+                                .map_err(zip_error)?;
+                            prepared
+                                .write_part(part, &mut zip, &pending, &out, &mut total)
+                                .await?;
+                            zip.start_file(format!("{stem}_eeg.json"), text)
+                                .map_err(zip_error)?;
+                            zip.write_all(bids_sidecar(&task, d, layout).as_bytes())?;
+                            zip.start_file(format!("{stem}_channels.tsv"), text)
+                                .map_err(zip_error)?;
+                            zip.write_all(bids_channels(d).as_bytes())?;
+                            zip.start_file(format!("{stem}_events.tsv"), text)
+                                .map_err(zip_error)?;
+                            zip.write_all(bids_events(layout).as_bytes())?;
+                        }
+                        (BundleFormat::Bids, _) => {}
+                        (BundleFormat::Files(_), part) => {
+                            zip.start_file(
+                                format!("{label}/{}", prepared.part_name(part)),
+                                if matches!(part, Part::Edf(..)) {
+                                    stored
+                                } else {
+                                    text
+                                },
+                            )
+                            .map_err(zip_error)?;
+                            prepared
+                                .write_part(part, &mut zip, &pending, &out, &mut total)
+                                .await?;
+                        }
+                    }
+                }
+            }
+        }
+        zip.finish().map_err(zip_error)?;
+        if let Some(chunk) = pending.take_if(0) {
+            total += chunk.len() as u64;
+            out.send(chunk).await.map_err(|_| ExportError::Closed)?;
+        }
+        Ok(total)
+    }
+}
+
+/// The BIDS-EEG sidecar (`*_eeg.json`) of a recording.
+fn bids_sidecar(task: &str, d: &DataType, layout: &edf::Layout) -> String {
+    serde_json::to_string_pretty(&serde_json::json!({
+        "TaskName": task,
+        "SamplingFrequency": layout.rate_hz,
+        "EEGChannelCount": layout.signals.len(),
+        "EEGReference": "n/a",
+        "PowerLineFrequency": "n/a",
+        "SoftwareFilters": "n/a",
+        "RecordingType": if layout.continuous { "continuous" } else { "discontinuous" },
+        "RecordingDuration": layout.records * u64::from(layout.record_seconds),
+        "Manufacturer": "n/a",
+        "EEGPlacementScheme": if d.labels.iter().any(|l| l == "Fp1") { "10-20" } else { "n/a" },
+    }))
+    .unwrap_or_default()
+}
+
+/// `*_channels.tsv`: one row per channel.
+fn bids_channels(d: &DataType) -> String {
+    let mut tsv = "name\ttype\tunits\n".to_owned();
+    for label in &d.labels {
+        tsv.push_str(&format!("{}\tEEG\t{}\n", label, d.unit));
+    }
+    tsv
+}
+
+/// `*_events.tsv`: the session's annotations, onsets in seconds from the recording's start.
+fn bids_events(layout: &edf::Layout) -> String {
+    let mut tsv = "onset\tduration\ttrial_type\n".to_owned();
+    for a in &layout.annotations {
+        let text: String = a
+            .text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        tsv.push_str(&format!("{:.6}\t0\t{text}\n", a.onset_us as f64 / 1e6));
+    }
+    tsv
 }

@@ -52,6 +52,7 @@ pub fn routes() -> Router<PeopleState> {
         .route("/v1/sessions/{id}/export", get(export::export_session))
         .route("/v1/users", post(accounts::sign_up))
         .route("/v1/users/{id}/sessions", get(reads::user_sessions))
+        .route("/v1/users/{id}/export", get(export::export_person))
         .route("/v1/users/{id}/access-log", get(reads::access_log))
         .route("/v1/auth/login", post(accounts::log_in))
         .route("/v1/auth/logout", post(accounts::log_out))

@@ -27,7 +27,7 @@ pub enum AdminCommand {
     /// Devices and their tokens.
     #[command(subcommand)]
     Device(DeviceCommand),
-    /// Sessions: export one in CSV, EDF+ or RR text.
+    /// Sessions: export one in CSV, EDF+ or RR text, or a person's all (BIDS too).
     #[command(subcommand)]
     Session(SessionCommand),
     /// The PII keys.

@@ -31,6 +31,42 @@ pub enum BenchCommand {
     /// Needs the PII keys. Exit code 1 if a point was lost.
     #[command(after_help = AFTER_HELP)]
     E2e(Box<biofeed_bench::e2e::BenchE2eSettings>),
+
+    /// How fast long sessions export, and in how much memory: stores a synthetic EEG session
+    /// of each length (8 channels at 256 Hz by default; 10 minutes and one hour, 7.4 M samples)
+    /// in databases of its own, runs `biofeed admin session export` on each in each format,
+    /// and reports MB/s and the export's peak RSS beside this disk's sequential write speed.
+    ///
+    /// Needs the PII keys. Makes and afterwards drops Postgres and ClickHouse databases and
+    /// topics of its own.
+    #[command(after_help = AFTER_HELP)]
+    Export(Box<biofeed_bench::export::BenchExportSettings>),
+}
+
+pub(crate) async fn run_export(
+    settings: biofeed_bench::export::BenchExportSettings,
+) -> anyhow::Result<()> {
+    let figures =
+        biofeed_bench::export::run(&settings, |step| eprintln!("bench export: {step}")).await?;
+    for r in &figures.runs {
+        eprintln!(
+            "{}: {} s session, {} samples → {} bytes in {:.2} s: {:.1} MB/s, {:.2} M samples/s, peak RSS {:.0} MiB",
+            r.format,
+            r.session_seconds,
+            r.samples,
+            r.bytes,
+            r.seconds,
+            r.mb_per_s,
+            r.samples_per_s / 1e6,
+            r.peak_rss_mib
+        );
+    }
+    eprintln!(
+        "this disk writes {:.0} MB/s sequentially (fsync'd)",
+        figures.disk_mb_per_s
+    );
+    println!("{}", serde_json::to_string(&figures)?);
+    Ok(())
 }
 
 pub(crate) async fn run_e2e(settings: biofeed_bench::e2e::BenchE2eSettings) -> anyhow::Result<()> {

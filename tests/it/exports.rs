@@ -430,3 +430,155 @@ async fn exports_refuse_what_they_cannot_hold_and_whom_they_may_not_serve() {
         .await;
     assert_eq!(run.code, 4, "{run:?}");
 }
+
+/// Unpacks the zip `bytes` into `dir`.
+fn unzip(bytes: Vec<u8>, dir: &Path) {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).unwrap();
+    zip.extract(dir).unwrap();
+}
+
+/// `seconds` of continuous 8-channel EEG at 256 Hz from `t0`.
+fn eeg(t0: i64, seconds: i64) -> Vec<(i64, Vec<f32>)> {
+    (0..seconds * 256)
+        .map(|i| {
+            let values = (0..8).map(|c| ((i + c) % 97) as f32 - 48.0).collect();
+            (t0 + i * 1_000_000 / 256, values)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_persons_sessions_bundle_as_a_bids_dataset_the_validator_accepts() {
+    let gw = TestGateway::spawn(Default::default()).await;
+    let person = gw
+        .sign_up_with(
+            "user",
+            json!({ "first_name": "Bidsina", "birth_date": "1991-02-03" }),
+        )
+        .await;
+    let other = gw.sign_up("user", 30).await;
+    let stranger = gw.sign_up("user", 30).await;
+    let t0 = (now_us() / 60_000_000 - 30) * 60_000_000;
+    let mut eeg_sessions = Vec::new();
+    for (who, n) in [(&person, 2), (&other, 1)] {
+        let token = gw.device_for(who).await;
+        for k in 0..n {
+            let session = open(&gw, &token, "alpha_neurofeedback", &["eeg"]).await;
+            gw.stores
+                .insert_points(who.id, session, "eeg", &eeg(t0 + k * 600_000_000, 3))
+                .await;
+            complete(&gw, &token, session, json!({ "rating": 3 })).await;
+            eeg_sessions.push(session);
+        }
+    }
+    // An HRV session of the person: in the CSV bundle, not in BIDS.
+    let token = gw.device_for(&person).await;
+    let hrv = open(&gw, &token, "hrv_biofeedback", &["rr_interval"]).await;
+    gw.stores
+        .insert_points(person.id, hrv, "rr_interval", &[(t0, vec![812.5])])
+        .await;
+    complete(&gw, &token, hrv, json!({})).await;
+    // An open EEG session is left out.
+    let open_session = open(&gw, &token, "alpha_neurofeedback", &["eeg"]).await;
+    gw.stores
+        .insert_points(person.id, open_session, "eeg", &eeg(t0, 1))
+        .await;
+
+    let accounts = gw.accounts().await;
+    let label = biofeed_accounts::export::participant_label(&accounts, person.id);
+    let other_label = biofeed_accounts::export::participant_label(&accounts, other.id);
+    let dir = std::env::temp_dir().join(format!("biofeed-bids-{}", gw.stores.id));
+    let path = format!("/v1/users/{}/export?format=bids", person.id);
+    let (status, headers, body) = export(&gw, &person, &path).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(headers["content-type"], "application/zip");
+    unzip(body, &dir.join("person"));
+    let sent = json!({
+        "sessions": { label.clone(): 2 },
+        "labels": EEG_LABELS, "rate": 256, "task": "alphaneurofeedback",
+        "samples_per_recording": 3 * 256,
+        "absent": ["Bidsina", "1991", person.email],
+    });
+    let out = read_back("bids", &dir.join("person"), &sent);
+    assert!(out.contains("1 participants"), "{out}");
+
+    // The CSV bundle holds every completed session's files, the open one's none.
+    let (status, _, body) = export(
+        &gw,
+        &person,
+        &format!("/v1/users/{}/export?format=csv", person.id),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(body)).unwrap();
+    let mut names: Vec<String> = (0..zip.len())
+        .map(|i| zip.by_index(i).unwrap().name().unwrap().into_owned())
+        .collect();
+    names.sort();
+    let mut want = vec![
+        format!("{label}/{}_eeg.csv", eeg_sessions[0]),
+        format!("{label}/{}_eeg.csv", eeg_sessions[1]),
+        format!("{label}/{hrv}_rr_interval.csv"),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+
+    // Refusals: a format it does not know, nothing of the format, people one may not read.
+    let (status, _, body) = export(
+        &gw,
+        &person,
+        &format!("/v1/users/{}/export?format=xlsx", person.id),
+    )
+    .await;
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(problem(&body)["field"], "format");
+    let (status, _, body) = export(
+        &gw,
+        &stranger,
+        &format!("/v1/users/{}/export?format=bids", stranger.id),
+    )
+    .await;
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    assert!(problem(&body)["detail"]
+        .as_str()
+        .unwrap()
+        .contains("no completed EEG session"));
+    let (status, _, _) = export(&gw, &stranger, &path).await;
+    assert_eq!(status, 404);
+
+    // An operator's dataset of two people (e.g. a practitioner's consented patients), audited.
+    let file = dir.join("both.zip");
+    let run = gw
+        .stores
+        .biofeed(&[
+            "admin",
+            "session",
+            "bundle",
+            &person.id.to_string(),
+            &other.id.to_string(),
+            "--format",
+            "bids",
+            "--output",
+            file.to_str().unwrap(),
+            "--master-key",
+            &gw.keys.master_key().to_base64(),
+            "--blind-index-key",
+            &gw.keys.blind_index_key.to_base64(),
+        ])
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    unzip(std::fs::read(&file).unwrap(), &dir.join("both"));
+    let mut sent = sent;
+    sent["sessions"] = json!({ label: 2, other_label: 1 });
+    let out = read_back("bids", &dir.join("both"), &sent);
+    assert!(out.contains("2 participants"), "{out}");
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE actor_id IS NULL AND resource = 'bundle_export' AND subject_id = ANY($1)",
+    )
+    .bind(vec![person.id, other.id])
+    .fetch_one(&accounts.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

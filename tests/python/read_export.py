@@ -152,7 +152,69 @@ def check_rr(path, sent):
     print(f"rr ok: {len(read)} intervals")
 
 
+def check_bids(root, sent):
+    """A BIDS-EEG dataset unpacked in `root`: every path valid by the BIDS validator's rules,
+    the required files and columns, and each recording readable by EDFlib."""
+    import os
+
+    import pyedflib
+    from bids_validator import BIDSValidator
+
+    validator = BIDSValidator()
+    files = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = "/" + os.path.relpath(os.path.join(folder, name), root)
+            files.append(path)
+            if not validator.is_bids(path):
+                fail(f"{path} is not a valid BIDS path")
+            raw = open(os.path.join(folder, name), "rb").read()
+            for text in sent["absent"]:
+                if text.encode() in raw:
+                    fail(f"{path} holds {text!r}")
+    description = json.load(open(os.path.join(root, "dataset_description.json")))
+    for key in ("Name", "BIDSVersion"):
+        if key not in description:
+            fail(f"dataset_description.json has no {key}")
+    with open(os.path.join(root, "participants.tsv"), encoding="utf-8") as f:
+        participants = list(csv.DictReader(f, delimiter="\t"))
+    ids = sorted(p["participant_id"] for p in participants)
+    if ids != sorted(f"sub-{label}" for label in sent["sessions"]):
+        fail(f"participants {ids}")
+    for label, count in sent["sessions"].items():
+        recordings = sorted(p for p in files if p.startswith(f"/sub-{label}/") and p.endswith("_eeg.edf"))
+        if len(recordings) != count:
+            fail(f"sub-{label}: {len(recordings)} recordings, expected {count}")
+        for edf in recordings:
+            stem = os.path.join(root, edf[1:-len("_eeg.edf")])
+            if f"_task-{sent['task']}_" not in edf:
+                fail(f"{edf}: task")
+            sidecar = json.load(open(stem + "_eeg.json"))
+            for key in ("TaskName", "SamplingFrequency", "EEGReference", "PowerLineFrequency", "SoftwareFilters"):
+                if key not in sidecar:
+                    fail(f"{edf}: sidecar lacks {key}")
+            if sidecar["SamplingFrequency"] != sent["rate"] or sidecar["TaskName"] != sent["task"]:
+                fail(f"{edf}: sidecar {sidecar}")
+            with open(stem + "_channels.tsv", encoding="utf-8") as f:
+                channels = list(csv.DictReader(f, delimiter="\t"))
+            if [c["name"] for c in channels] != sent["labels"] or {c["type"] for c in channels} != {"EEG"}:
+                fail(f"{edf}: channels {channels}")
+            with open(stem + "_events.tsv", encoding="utf-8") as f:
+                events = list(csv.DictReader(f, delimiter="\t"))
+            if not events or set(events[0]) < {"onset", "duration"}:
+                fail(f"{edf}: events {events}")
+            reader = pyedflib.EdfReader(os.path.join(root, edf[1:]))
+            if reader.getSignalLabels() != [f"EEG {label}" for label in sent["labels"]]:
+                fail(f"{edf}: labels {reader.getSignalLabels()}")
+            if reader.getPatientCode() != label:
+                fail(f"{edf}: patient code {reader.getPatientCode()}")
+            if reader.getNSamples()[0] != sent["samples_per_recording"]:
+                fail(f"{edf}: {reader.getNSamples()[0]} samples")
+            reader.close()
+    print(f"bids ok: {len(files)} files, {len(ids)} participants")
+
+
 if __name__ == "__main__":
     kind, path, sent_path = sys.argv[1:4]
     sent = json.load(open(sent_path, encoding="utf-8"))
-    {"edf": check_edf, "csv": check_csv, "rr": check_rr}[kind](path, sent)
+    {"edf": check_edf, "csv": check_csv, "rr": check_rr, "bids": check_bids}[kind](path, sent)

@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, Uri};
 use axum::response::{IntoResponse, Response};
 use biofeed_accounts::export::export_user;
-use biofeed_exports::{ExportError, Exporter, Format, Request};
+use biofeed_exports::{BundleFormat, ExportError, Exporter, Format, Request};
 use tokio::sync::mpsc;
 
 use crate::people::auth::UserAuth;
@@ -107,17 +107,90 @@ pub async fn export_session(
         })
         .await
         .map_err(export_problem)?;
+    let writer = prepared.clone();
+    Ok(stream_response(
+        session,
+        prepared.content_type(),
+        &prepared.filename(),
+        prepared.content_length(),
+        move |tx| async move { writer.write(tx).await },
+    ))
+}
+
+/// The query of a person's bundle.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct BundleQuery {
+    /// `csv`, `edf` or `rr` (every completed session's files, a folder named by the person's
+    /// pseudonymous code), or `bids` (the EEG sessions as a BIDS-EEG dataset).
+    pub format: String,
+}
+
+/// Every completed session of a person in one format, zipped, streamed.
+#[utoipa::path(get, path = "/v1/users/{id}/export", tag = "reads",
+    params(("id" = Uuid, Path, description = "the person"), BundleQuery),
+    responses(
+        (status = 200, description = "a zip; a transfer that ends early is incomplete", content_type = "application/zip", body = String),
+        (status = 404, description = "no such user whose data you may read", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "no completed session holds data this format can hold", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an unknown format", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the points store is unavailable; retry after the hint", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn export_person(
+    State(state): State<PeopleState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let q: BundleQuery = crate::people::reads::query(&uri)?;
+    let format = BundleFormat::parse(&q.format).map_err(export_problem)?;
+    let owner = crate::people::reads::parse_user_id(&id)?;
+    state
+        .allow(
+            &actor,
+            biofeed_accounts::policy::Action::ReadData { resource: "export" },
+            owner,
+        )
+        .await?;
+    let bundle = Exporter::new(
+        state.inner.accounts.clone(),
+        state.inner.clickhouse.client(),
+    )
+    .prepare_bundle(&[owner], format)
+    .await
+    .map_err(export_problem)?;
+    let writer = bundle.clone();
+    Ok(stream_response(
+        owner,
+        "application/zip",
+        &bundle.filename(),
+        None,
+        move |tx| async move { writer.write(tx).await },
+    ))
+}
+
+/// Streams what `write` sends as the response body; a failure midway ends the body with an
+/// error, so the transfer is aborted and the file never looks whole.
+fn stream_response<F, Fut>(
+    subject: uuid::Uuid,
+    content_type: &'static str,
+    filename: &str,
+    length: Option<u64>,
+    write: F,
+) -> Response
+where
+    F: FnOnce(mpsc::Sender<Vec<u8>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<u64, ExportError>> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
-    let writer = prepared.clone();
     tokio::spawn(async move {
-        if let Err(e) = writer.write(tx).await {
-            tracing::warn!(session_id = %session, error = %e, "session export cut short");
+        if let Err(e) = write(tx).await {
+            tracing::warn!(%subject, error = %e, "export cut short");
             let _ = failed_tx.send(());
         }
     });
-    // The body ends with an error if the export failed: the transfer is aborted, so the file
-    // never looks whole.
     let stream =
         futures_util::stream::unfold((rx, Some(failed_rx)), |(mut rx, failed)| async move {
             match rx.recv().await {
@@ -133,19 +206,14 @@ pub async fn export_session(
         });
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(prepared.content_type()),
-    );
-    if let Ok(v) =
-        HeaderValue::from_str(&format!("attachment; filename=\"{}\"", prepared.filename()))
-    {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
-    if let Some(length) = prepared.content_length() {
+    if let Some(length) = length {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
-    Ok(response)
+    response
 }
 
 /// The problem answer of a refused or failed export.

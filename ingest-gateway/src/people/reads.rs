@@ -58,7 +58,7 @@ pub(crate) fn query<T: serde::de::DeserializeOwned>(uri: &Uri) -> Result<T, ApiE
         .map_err(|e| ApiError::malformed(format!("query string: {}", e.body_text())))
 }
 
-fn parse_user_id(id: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_user_id(id: &str) -> Result<Uuid, ApiError> {
     Uuid::try_parse(id).map_err(|_| ApiError::NotFound("user"))
 }
 

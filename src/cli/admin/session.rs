@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use biofeed_accounts::users;
-use biofeed_exports::{Exporter, Format, Request};
+use biofeed_exports::{BundleFormat, Exporter, Format, Request};
 use clap::Subcommand;
 use uuid::Uuid;
 
@@ -45,6 +45,35 @@ pub enum SessionCommand {
         #[command(flatten, next_help_heading = "ClickHouse")]
         clickhouse: biofeed_backends::clickhouse::ClickHouseSettings,
     },
+    /// Write every completed session of one or more people in one format, zipped: `csv`, `edf`
+    /// or `rr` (a folder per person, named by their pseudonymous code), or `bids` (their EEG
+    /// sessions as one BIDS-EEG dataset: `dataset_description.json`, `participants.tsv`, and
+    /// per session `sub-*/ses-*/eeg/*_eeg.edf`, `*_eeg.json`, `*_channels.tsv`, `*_events.tsv`).
+    ///
+    /// Audited in each person's access log (resource `bundle_export`) before a sample is
+    /// written. Exit 4 when no completed session holds data the format can hold.
+    #[command(after_help = AFTER_HELP)]
+    Bundle {
+        /// The people's ids.
+        #[arg(required = true)]
+        user_ids: Vec<Uuid>,
+        /// csv, edf, rr or bids.
+        #[arg(long, value_parser = parse_bundle_format)]
+        format: BundleFormat,
+        /// Write to this file instead of standard output (written beside it, then renamed).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Postgres and keys.
+        #[command(flatten)]
+        store: AccountStore,
+        /// Where ClickHouse is (the points).
+        #[command(flatten, next_help_heading = "ClickHouse")]
+        clickhouse: biofeed_backends::clickhouse::ClickHouseSettings,
+    },
+}
+
+fn parse_bundle_format(name: &str) -> Result<BundleFormat, String> {
+    BundleFormat::parse(name).map_err(|e| e.to_string())
 }
 
 fn parse_format(name: &str) -> Result<Format, String> {
@@ -61,6 +90,28 @@ pub(crate) async fn run(command: SessionCommand) -> anyhow::Result<()> {
             store,
             clickhouse,
         } => export(session_id, format, data_type, output, store, clickhouse).await,
+        SessionCommand::Bundle {
+            user_ids,
+            format,
+            output,
+            store,
+            clickhouse,
+        } => {
+            let accounts = store.connect().await?;
+            let exporter = Exporter::new(accounts.clone(), clickhouse.connect().await?.client());
+            let bundle = exporter.prepare_bundle(&user_ids, format).await?;
+            for user in &user_ids {
+                users::audit_operator_bundle_export(&accounts, *user, &format!("{format:?}"))
+                    .await?;
+            }
+            let what = format!("{} sessions as {}", bundle.sessions(), bundle.filename());
+            write_out(
+                output,
+                &what,
+                move |tx| async move { bundle.write(tx).await },
+            )
+            .await
+        }
     }
 }
 
@@ -90,14 +141,33 @@ async fn export(
         prepared.format_name(),
     )
     .await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let writer = prepared.clone();
-    let export = tokio::spawn(async move { writer.write(tx).await });
+    let what = format!("session {session} as {}", prepared.filename());
+    write_out(
+        output,
+        &what,
+        move |tx| async move { writer.write(tx).await },
+    )
+    .await
+}
+
+/// Runs `write`, writing what it sends to `output` (beside it first, renamed once complete: a
+/// failure midway leaves no file) or to standard output (a failure midway exits non-zero).
+pub(crate) async fn write_out<F, Fut>(
+    output: Option<PathBuf>,
+    what: &str,
+    write: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Vec<u8>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<u64, biofeed_exports::ExportError>> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let export = tokio::spawn(write(tx));
     let partial = output.as_ref().map(|path| {
-        path.with_extension(format!(
-            "{}.partial",
-            path.extension().and_then(|e| e.to_str()).unwrap_or("")
-        ))
+        let mut name = path.file_name().unwrap_or_default().to_os_string();
+        name.push(".partial");
+        path.with_file_name(name)
     });
     let mut out: Box<dyn Write> = match &partial {
         Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
@@ -115,18 +185,11 @@ async fn export(
     match (written, &partial, &output) {
         (Ok(bytes), Some(partial), Some(path)) => {
             std::fs::rename(partial, path)?;
-            eprintln!(
-                "exported session {session} as {} into {} ({bytes} bytes)",
-                prepared.filename(),
-                path.display()
-            );
+            eprintln!("exported {what} into {} ({bytes} bytes)", path.display());
             Ok(())
         }
         (Ok(bytes), _, _) => {
-            eprintln!(
-                "exported session {session} as {} ({bytes} bytes)",
-                prepared.filename()
-            );
+            eprintln!("exported {what} ({bytes} bytes)");
             Ok(())
         }
         (Err(e), partial, _) => {
