@@ -582,3 +582,68 @@ async fn a_persons_sessions_bundle_as_a_bids_dataset_the_validator_accepts() {
     assert_eq!(audited, 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// ClickHouse dies while a long export streams: the transfer ends in an error, never as a
+/// shorter file that looks whole (CSV: no last chunk; EDF+: fewer bytes than announced).
+#[tokio::test]
+async fn an_export_cut_short_by_clickhouse_dying_ends_in_an_error_not_a_short_file() {
+    let mut clickhouse = crate::private_clickhouse::PrivateClickHouse::start().await;
+    let url = clickhouse.url().parse().unwrap();
+    let stores = crate::helpers::Isolated::migrated_with(|s| s.stores.clickhouse.url = url).await;
+    let brokers = stores.settings.stores.kafka.brokers.clone();
+    let gw = TestGateway::spawn_on(stores, &brokers, Default::default()).await;
+    let person = gw.sign_up("user", 30).await;
+    let token = gw.device_for(&person).await;
+    let session = open(&gw, &token, "alpha_neurofeedback", &["eeg"]).await;
+    // An hour of 8-channel EEG of little redundancy: far more than the sockets between
+    // ClickHouse, the gateway and the client hold.
+    let t0 = (now_us() / 60_000_000 - 90) * 60_000_000;
+    let ch = gw
+        .stores
+        .settings
+        .stores
+        .clickhouse
+        .connect()
+        .await
+        .unwrap();
+    ch.client()
+        .query(&format!(
+            "INSERT INTO points SELECT toUUID('{}'), toUUID('{session}'), 'eeg',
+                toInt64({t0} + intDiv(number * 1000000, 256)),
+                arrayMap(c -> toFloat32((rand(c) % 40000) / 10 - 2000), range(8)), now()
+             FROM numbers(921600)",
+            person.id
+        ))
+        .execute()
+        .await
+        .unwrap();
+    complete(&gw, &token, session, json!({})).await;
+    for format in ["csv", "edf"] {
+        let mut response = gw
+            .as_person(
+                reqwest::Method::GET,
+                &person,
+                &format!("/v1/sessions/{session}/export?format={format}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{format}");
+        let announced = response.content_length();
+        let mut received = response.chunk().await.unwrap().map_or(0, |c| c.len());
+        assert!(received > 0, "{format}: the export started");
+        clickhouse.kill();
+        let ended = loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => received += chunk.len(),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(
+            ended.is_err(),
+            "{format}: the transfer ended cleanly after {received} bytes (announced {announced:?}) although ClickHouse died"
+        );
+        clickhouse.restart().await;
+    }
+}
