@@ -2,12 +2,13 @@
 //! stream: the header first (its size and the number of data records are known beforehand, so
 //! the file's length is too), then one data record at a time.
 //!
-//! One file holds one data type: a signal per channel, all at the data type's rate, and the
-//! `EDF Annotations` signal. Data records last one second (or the few seconds that make a whole
-//! number of samples). A sample goes to the slot its time rounds to; a record in which no sample
-//! fell is left out and the file is EDF+D (discontinuous), each record saying its start in its
-//! time-keeping annotation. Slots of a written record that no sample filled (a gap inside a
-//! second) hold the channel's previous value.
+//! One file holds one data type: a signal per channel, all at the data type's (whole-Hz) rate,
+//! and the `EDF Annotations` signal. Data records last one second from the first sample (the
+//! header's start is that sample's second; the first record's time-keeping annotation gives the
+//! fraction, e.g. `+0.25`). A sample goes to the slot its time rounds to; a record in which no
+//! sample fell is left out and the file is EDF+D (discontinuous), each record saying its start
+//! in its time-keeping annotation. Slots of a written record that no sample filled (a gap inside
+//! a second) hold the channel's previous value.
 //!
 //! Rust's EDF crates (edfplus 0.1, edf-rs 0.x) write to seekable files only and neither writes
 //! EDF+D, so the format is written here: fixed-width ASCII header fields and 16-bit samples.
@@ -48,8 +49,12 @@ pub struct Layout {
     pub patient: String,
     /// EDF+ recording field: `Startdate dd-MMM-yyyy admincode technician equipment`.
     pub recording: String,
-    /// The file's start: the first record's start, a whole second.
+    /// The file's start as the header gives it: the first sample's second.
     pub start: DateTime<Utc>,
+    /// The first record's start, µs since the epoch: the first sample's time.
+    pub first_us: i64,
+    /// The last sample's time when the layout was made: later ones are not read.
+    pub last_us: i64,
     /// Samples per second of every signal.
     pub rate_hz: u32,
     /// Seconds per data record.
@@ -71,16 +76,22 @@ impl Layout {
         (self.rate_hz * self.record_seconds) as usize
     }
 
+    /// The first record's start, µs after the header's start (under a second).
+    fn offset_us(&self) -> i64 {
+        self.first_us - self.start.timestamp_micros()
+    }
+
     /// Bytes of the annotation signal in each record: room for the first record's annotations.
     pub fn annotation_bytes(&self) -> usize {
-        let first = tal_timekeeping(0).len()
+        let first = tal_timekeeping(self.offset_us()).len()
             + self
                 .annotations
                 .iter()
                 .map(|a| tal(a.onset_us, &a.text).len())
                 .sum::<usize>();
-        // Later records hold a time-keeping TAL only: 16 bytes hold onsets of 12 digits.
-        let bytes = first.max(16);
+        // Later records hold a time-keeping TAL only: 24 bytes hold onsets of 12 digits and 6
+        // decimals.
+        let bytes = first.max(24);
         bytes + bytes % 2
     }
 
@@ -220,9 +231,9 @@ fn onset(us: i64) -> String {
     }
 }
 
-/// A time-keeping TAL: the record's start, seconds after the file's start.
-fn tal_timekeeping(seconds: u64) -> Vec<u8> {
-    format!("+{seconds}\x14\x14\0").into_bytes()
+/// A time-keeping TAL: the record's start, µs after the file's start.
+fn tal_timekeeping(onset_us: i64) -> Vec<u8> {
+    format!("{}\x14\x14\0", onset(onset_us)).into_bytes()
 }
 
 /// An annotation's TAL.
@@ -268,7 +279,7 @@ impl Records {
             })
             .collect();
         Self {
-            start_us: layout.start.timestamp_micros(),
+            start_us: layout.first_us,
             spr,
             channels,
             current: None,
@@ -293,8 +304,9 @@ impl Records {
         d.clamp(f64::from(DIGITAL_MIN), f64::from(DIGITAL_MAX)) as i16
     }
 
-    /// Adds a sample; returns the bytes of any record it completed.
-    pub fn push(&mut self, t_us: i64, values: &[f32], out: &mut Vec<u8>) {
+    /// Adds a sample, writing into `out` any record it completed; refuses a record beyond the
+    /// planned number (the points changed since the layout was made).
+    pub fn push(&mut self, t_us: i64, values: &[f32], out: &mut Vec<u8>) -> Result<(), String> {
         let slot = Self::slot(self.start_us, self.layout.rate_hz, t_us).max(0);
         let spr = self.spr as i64;
         let (record, pos) = (slot / spr, (slot % spr) as usize);
@@ -303,10 +315,10 @@ impl Records {
             Some(current) if record < current => {
                 // Out of order (cannot happen with sorted input): keep it in the current record.
                 self.collisions += 1;
-                return;
+                return Ok(());
             }
             Some(_) => {
-                self.flush(out);
+                self.flush(out)?;
                 self.current = Some(record);
             }
             None => self.current = Some(record),
@@ -319,13 +331,20 @@ impl Records {
             let v = values.get(c).copied().unwrap_or(0.0);
             self.slots[c * self.spr + pos] = self.digital(c, v);
         }
+        Ok(())
     }
 
     /// Writes the record being filled, if any.
-    fn flush(&mut self, out: &mut Vec<u8>) {
+    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), String> {
         let Some(record) = self.current.take() else {
-            return;
+            return Ok(());
         };
+        if self.written >= self.layout.records {
+            return Err(format!(
+                "more than the {} data records planned: the points changed while they were exported",
+                self.layout.records
+            ));
+        }
         // Slots no sample filled hold the previous value (the first filled one at the start of
         // the file).
         if let Some(first) = self.filled.iter().position(|f| *f) {
@@ -348,8 +367,9 @@ impl Records {
         for v in &self.slots {
             out.extend_from_slice(&v.to_le_bytes());
         }
-        let mut annotations =
-            tal_timekeeping(record as u64 * u64::from(self.layout.record_seconds));
+        let mut annotations = tal_timekeeping(
+            self.layout.offset_us() + record * i64::from(self.layout.record_seconds) * 1_000_000,
+        );
         if self.written == 0 {
             for a in &self.layout.annotations {
                 annotations.extend(tal(a.onset_us, &a.text));
@@ -359,12 +379,13 @@ impl Records {
         out.extend_from_slice(&annotations);
         self.filled.iter_mut().for_each(|f| *f = false);
         self.written += 1;
+        Ok(())
     }
 
     /// Writes the last record; the number of records written.
-    pub fn finish(mut self, out: &mut Vec<u8>) -> u64 {
-        self.flush(out);
-        self.written
+    pub fn finish(mut self, out: &mut Vec<u8>) -> Result<u64, String> {
+        self.flush(out)?;
+        Ok(self.written)
     }
 }
 
@@ -377,6 +398,8 @@ mod tests {
             patient: "abc X X X".to_owned(),
             recording: "Startdate 26-NOV-2026 X X biofeed".to_owned(),
             start: DateTime::from_timestamp(1_764_000_000, 0).unwrap(),
+            first_us: 1_764_000_000_000_000,
+            last_us: 1_764_000_010_000_000,
             rate_hz: 4,
             record_seconds: 1,
             records,
@@ -415,12 +438,12 @@ mod tests {
         let mut r = Records::new(l.clone());
         let mut out = Vec::new();
         for i in 0..4 {
-            r.push(start + i * 250_000, &[50.0], &mut out);
+            r.push(start + i * 250_000, &[50.0], &mut out).unwrap();
         }
         // Seconds 1 and 2 missing; second 3 has two of its four samples.
-        r.push(start + 3_000_000, &[0.0], &mut out);
-        r.push(start + 3_500_000, &[100.0], &mut out);
-        assert_eq!(r.finish(&mut out), 2);
+        r.push(start + 3_000_000, &[0.0], &mut out).unwrap();
+        r.push(start + 3_500_000, &[100.0], &mut out).unwrap();
+        assert_eq!(r.finish(&mut out).unwrap(), 2);
         assert_eq!(out.len(), 2 * l.record_bytes());
         let sample = |record: usize, pos: usize| {
             let at = record * l.record_bytes() + pos * 2;
@@ -436,6 +459,25 @@ mod tests {
         assert!(second.starts_with(b"+3\x14\x14\0"), "{second:?}");
         let first = &out[8..l.record_bytes()];
         assert!(first.starts_with(b"+0\x14\x14\0-0.5\x14session start\x14\0"));
+    }
+
+    #[test]
+    fn the_first_record_starts_at_the_first_sample_and_no_record_beyond_the_plan_is_written() {
+        // The first sample 0.9 s into its second, at 1 Hz: record 0 holds it (EDF+C), its
+        // time-keeping annotation says +0.9.
+        let mut l = layout(2, true);
+        l.rate_hz = 1;
+        l.first_us += 900_000;
+        let mut r = Records::new(l.clone());
+        let mut out = Vec::new();
+        r.push(l.first_us, &[1.0], &mut out).unwrap();
+        r.push(l.first_us + 1_000_000, &[2.0], &mut out).unwrap();
+        // A third second that appeared after the plan: refused, not written.
+        let refused = r.push(l.first_us + 2_000_000, &[3.0], &mut out);
+        assert!(refused.is_ok(), "the second record is only written now");
+        assert_eq!(out.len(), 2 * l.record_bytes());
+        assert!(out[2..].starts_with(b"+0.9\x14\x14\0"));
+        assert!(r.finish(&mut out).unwrap_err().contains("more than the 2"));
     }
 
     #[test]

@@ -313,6 +313,7 @@ impl Exporter {
             None
         };
         let mut parts = Vec::with_capacity(chosen.len());
+        let mut empty = Vec::new();
         for d in chosen {
             parts.push(match request.format {
                 Format::Csv => Part::Csv(d),
@@ -325,9 +326,25 @@ impl Exporter {
                             &d,
                             patient.clone().unwrap_or_default(),
                         )
-                        .await?;
-                    Part::Edf(d, Box::new(layout))
+                        .await;
+                    match layout {
+                        Ok(layout) => Part::Edf(d, Box::new(layout)),
+                        // A declared data type without samples is left out unless asked for.
+                        Err(ExportError::Unsupported {
+                            field: "data_type", ..
+                        }) if request.data_type.is_none() => {
+                            empty.push(d.name);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
+            });
+        }
+        if parts.is_empty() {
+            return Err(ExportError::Unsupported {
+                field: "data_type",
+                reason: format!("the session holds no samples of {}", empty.join(", ")),
             });
         }
         // The points store must answer before anything is sent.
@@ -400,23 +417,25 @@ impl Exporter {
                 reason: format!("the session holds no samples of {}", d.name),
             });
         }
+        // Records of one second from the first sample; the header's start is its second.
         let start_us = first.div_euclid(1_000_000) * 1_000_000;
         let record_seconds = 1;
         let spr = i64::from(rate * record_seconds);
         let present: u64 = self
             .clickhouse
             .query(&format!(
-                "SELECT uniqExact(intDiv(intDiv((t_us - ?) * ? + 500000, 1000000), ?)) {POINTS_OF}"
+                "SELECT uniqExact(intDiv(intDiv((t_us - ?) * ? + 500000, 1000000), ?)) {POINTS_OF} AND t_us <= ?"
             ))
-            .bind(start_us)
+            .bind(first)
             .bind(i64::from(rate))
             .bind(spr)
             .bind(row.user_id.to_string())
             .bind(session.to_string())
             .bind(&d.name)
+            .bind(last)
             .fetch_one()
             .await?;
-        let last_slot = edf::Records::slot(start_us, rate, last);
+        let last_slot = edf::Records::slot(first, rate, last);
         if count > (last_slot + 1) as u64 {
             return Err(ExportError::Unsupported {
                 field: "format",
@@ -444,10 +463,21 @@ impl Exporter {
                 onset_us: onset(ended),
                 text: "session end".to_owned(),
             });
-            // The person's ratings: numbers and yes/no only (free text may name people).
+            // The person's ratings: numbers and yes/no under plain keys only (free text, in a
+            // value or a key, may name people), at most 16 of them.
             if let Some(serde_json::Value::Object(fields)) = &row.feedback {
-                for (key, value) in fields {
-                    if value.is_number() || value.is_boolean() {
+                let plain = |key: &str| {
+                    (1..=32).contains(&key.len())
+                        && key
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                };
+                for (key, value) in fields
+                    .iter()
+                    .filter(|(k, v)| plain(k) && (v.is_number() || v.is_boolean()))
+                    .take(16)
+                {
+                    {
                         annotations.push(edf::Annotation {
                             onset_us: onset(ended),
                             text: format!("feedback {key}={value}"),
@@ -476,6 +506,8 @@ impl Exporter {
                 start.format("%d-%b-%Y").to_string().to_uppercase()
             ),
             start,
+            first_us: first,
+            last_us: last,
             rate_hz: rate,
             record_seconds,
             records: present,
@@ -659,13 +691,21 @@ impl Prepared {
         total: &mut u64,
     ) -> Result<(), ExportError> {
         let d = part.data_type();
+        // An EDF+ file reads only the samples its layout was made for.
+        let until = match part {
+            Part::Edf(_, layout) => layout.last_us,
+            _ => i64::MAX,
+        };
         let mut cursor = self
             .exporter
             .clickhouse
-            .query(&format!("SELECT t_us, values {POINTS_OF} ORDER BY t_us"))
+            .query(&format!(
+                "SELECT t_us, values {POINTS_OF} AND t_us <= ? ORDER BY t_us"
+            ))
             .bind(self.user.to_string())
             .bind(self.session.to_string())
             .bind(&d.name)
+            .bind(until)
             .fetch::<Sample>()?;
         let mut flush = |pending: &Pending| -> Option<Vec<u8>> {
             let chunk = pending.take_if(CHUNK)?;
@@ -715,7 +755,9 @@ impl Prepared {
                 let mut records = edf::Records::new((**layout).clone());
                 let mut bytes = Vec::with_capacity(CHUNK + layout.record_bytes());
                 while let Some(s) = cursor.next().await? {
-                    records.push(s.t_us, &s.values, &mut bytes);
+                    records
+                        .push(s.t_us, &s.values, &mut bytes)
+                        .map_err(ExportError::Write)?;
                     if bytes.len() >= CHUNK {
                         w.write_all(&bytes)?;
                         bytes.clear();
@@ -725,7 +767,7 @@ impl Prepared {
                     }
                 }
                 let collisions = records.collisions;
-                let written = records.finish(&mut bytes);
+                let written = records.finish(&mut bytes).map_err(ExportError::Write)?;
                 w.write_all(&bytes)?;
                 if written != layout.records {
                     return Err(ExportError::Write(format!(
@@ -824,6 +866,16 @@ impl BundleFormat {
                     field: "format",
                     reason: format!("unknown format '{other}': one of {}", Self::NAMES),
                 }),
+        }
+    }
+
+    /// The format's name: `csv`, `edf`, `rr` or `bids`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Files(Format::Csv) => "csv",
+            Self::Files(Format::Edf) => "edf",
+            Self::Files(Format::Rr) => "rr",
+            Self::Bids => "bids",
         }
     }
 
@@ -963,19 +1015,14 @@ impl Bundle {
                 .unwrap_or_default()
                 .as_bytes(),
             )?;
-            zip.start_file("participants.tsv", text)
-                .map_err(zip_error)?;
-            let mut participants = "participant_id\n".to_owned();
-            for (_, label, _) in &self.people {
-                participants.push_str(&format!("sub-{label}\n"));
-            }
-            zip.write_all(participants.as_bytes())?;
             zip.start_file("README", text).map_err(zip_error)?;
             zip.write_all(
                 b"EEG sessions exported by biofeed. Participants are pseudonymous codes; sessions are labelled by their start (UTC). \
                   Recordings are EDF+ (EDF+D where seconds are missing).\n",
             )?;
         }
+        // participants.tsv lists who has a recording in the dataset: written last.
+        let mut participants = "participant_id\n".to_owned();
         for (user, label, sessions) in &self.people {
             let mut used: Vec<String> = Vec::new();
             for (session, started_at, exercise) in sessions {
@@ -991,7 +1038,10 @@ impl Bundle {
                 let prepared = match self.exporter.prepare(&request).await {
                     Ok(p) => p,
                     // A session with nothing of the format (e.g. no samples stored) is left out.
-                    Err(ExportError::Unsupported { reason, .. }) => {
+                    Err(
+                        ExportError::Unsupported { reason, .. }
+                        | ExportError::NotExportable(reason),
+                    ) => {
                         tracing::info!(session_id = %session, %reason, "session left out of the bundle");
                         continue;
                     }
@@ -1006,10 +1056,16 @@ impl Bundle {
                                 ses.push('b');
                             }
                             used.push(ses.clone());
-                            let task: String = exercise
+                            let mut task: String = exercise
                                 .chars()
                                 .filter(char::is_ascii_alphanumeric)
                                 .collect();
+                            if task.is_empty() {
+                                task = "exercise".to_owned();
+                            }
+                            if used.len() == 1 {
+                                participants.push_str(&format!("sub-{label}\n"));
+                            }
                             let stem = format!(
                                 "sub-{label}/ses-{ses}/eeg/sub-{label}_ses-{ses}_task-{task}"
                             );
@@ -1046,6 +1102,11 @@ impl Bundle {
                     }
                 }
             }
+        }
+        if self.format == BundleFormat::Bids {
+            zip.start_file("participants.tsv", text)
+                .map_err(zip_error)?;
+            zip.write_all(participants.as_bytes())?;
         }
         zip.finish().map_err(zip_error)?;
         if let Some(chunk) = pending.take_if(0) {

@@ -145,9 +145,9 @@ async fn eeg_and_rr_exports_read_back_by_other_tools_equal_what_was_sent() {
         "rate": 256, "min": -2000.0, "max": 2000.0,
         "absent": absent,
     });
-    // Seconds 0-3 and 5-7 hold samples (the first at 0.25 s): EDF+D of 7 records.
+    // Records of a second from the first sample: 0-2 and 5-7 hold samples: EDF+D of 6 records.
     let out = read_back("edf", &edf, &sent);
-    assert!(out.contains("EDF+D, 7 records, 8 signals"), "{out}");
+    assert!(out.contains("EDF+D, 6 records, 8 signals"), "{out}");
 
     let (status, headers, body) = export(
         &gw,
@@ -182,8 +182,9 @@ async fn eeg_and_rr_exports_read_back_by_other_tools_equal_what_was_sent() {
     gw.stores
         .insert_points(person.id, hrv, "rr_interval", &rr)
         .await;
+    // At 1 Hz, 0.9 s into a second: still one continuous record per second.
     let hr: Vec<(i64, Vec<f32>)> = (0..60)
-        .map(|i| (t0 + i * 1_000_000, vec![70.0 + i as f32 / 8.0]))
+        .map(|i| (t0 + 650_000 + i * 1_000_000, vec![70.0 + i as f32 / 8.0]))
         .collect();
     gw.stores
         .insert_points(person.id, hrv, "heart_rate", &hr)
@@ -192,7 +193,7 @@ async fn eeg_and_rr_exports_read_back_by_other_tools_equal_what_was_sent() {
         &gw,
         &token,
         hrv,
-        json!({ "rating": 4, "calm": true, "note": "with Annabel's coach" }),
+        json!({ "rating": 4, "calm": true, "note": "with Annabel's coach", "talked with Annabel": 5 }),
     )
     .await;
     let (status, _, body) = export(
@@ -274,6 +275,19 @@ async fn eeg_and_rr_exports_read_back_by_other_tools_equal_what_was_sent() {
     sent_hr["absent"] = absent.clone();
     let out = read_back("edf", &hr_edf, &sent_hr);
     assert!(out.contains("EDF+C, 60 records, 1 signals"), "{out}");
+    // Their own export, with their name asked for: in the EDF+ patient field.
+    let (status, _, body) = export(
+        &gw,
+        &person,
+        &format!("/v1/sessions/{hrv}/export?format=edf&identify=true"),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let patient = String::from_utf8_lossy(&body[8..88]).into_owned();
+    assert!(
+        patient.contains("Annabel_Exportova") && patient.contains("17-MAY-1990"),
+        "{patient}"
+    );
 
     // The operator's export from the CLI: the same file, written whole, and audited.
     let out = dir.join("cli.txt");
@@ -349,6 +363,11 @@ async fn exports_refuse_what_they_cannot_hold_and_whom_they_may_not_serve() {
             format!("/v1/sessions/{eeg}/export?format=rr"),
             "format",
             "eeg is not rr_interval",
+        ),
+        (
+            format!("/v1/sessions/{eeg}/export?format=bids"),
+            "format",
+            "/v1/users/{id}/export?format=bids",
         ),
         (
             format!("/v1/sessions/{hrv}/export?format=edf"),

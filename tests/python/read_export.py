@@ -22,12 +22,13 @@ def fail(message):
 
 
 def expected_layout(sent):
-    """Where each sent sample must be: records of one second from the first sample's second;
-    seconds without a sample are left out (EDF+D)."""
+    """Where each sent sample must be (EDF+ as biofeed writes it): records of one second from
+    the first sample, the header's start being that sample's second; seconds without a sample
+    are left out (EDF+D)."""
     rate = sent["rate"]
     t = np.array(sent["t_us"], dtype=np.int64)
     start = (t[0] // 1_000_000) * 1_000_000
-    slots = ((t - start) * rate + 500_000) // 1_000_000
+    slots = ((t - t[0]) * rate + 500_000) // 1_000_000
     records = sorted(set((slots // rate).tolist()))
     continuous = records == list(range(records[0], records[-1] + 1))
     return start, slots, records, continuous
@@ -83,7 +84,9 @@ def check_edf_c(path, sent, start, slots, records, values, step):
         if text not in list(texts):
             fail(f"annotation {text!r} missing from {list(texts)}")
     starts = [o for o, x in zip(onsets, texts) if x == "session start"]
-    expected_start = (sent["started_us"] - start) / 1e6
+    # EDFlib gives onsets from the first record's start (the header's second plus the first
+    # record's time-keeping fraction), i.e. from the first sample.
+    expected_start = (sent["started_us"] - sent["t_us"][0]) / 1e6
     if not starts or abs(starts[0] - expected_start) > 1e-6:
         fail(f"session start at {starts}, expected {expected_start}")
     start_time = reader.getStartdatetime().replace(tzinfo=datetime.timezone.utc)
@@ -108,8 +111,10 @@ def check_edf_d(path, sent, start, slots, values, step):
         fail(f"rates {set(headers['SR'])}, dimensions {set(headers['PDIM'])}")
     for i, label in enumerate(sent["labels"]):
         _, data = instance.data([f"{sent['kind']}_{label}"], [], time=True)
-        # Time (seconds from the file's start, gaps included) → value.
-        read = {round(t * rate): v for t, v in data}
+        # Time (seconds from the header's start, gaps included; the first record starts at the
+        # first sample, a fraction of a second in) → value.
+        offset = (sent["t_us"][0] - start) / 1e6
+        read = {round((t - offset) * rate): v for t, v in data}
         for slot, value in zip(slots.tolist(), values[:, i]):
             if slot not in read:
                 fail(f"{label}: no sample at {slot / rate} s")

@@ -85,9 +85,20 @@ pub async fn export_session(
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let q: SessionExportQuery = crate::people::reads::query(&uri)?;
+    if q.format == "bids" {
+        return Err(ApiError::invalid(
+            "format",
+            "a BIDS dataset holds a person's EEG sessions: GET /v1/users/{id}/export?format=bids",
+        ));
+    }
     let format = Format::parse(&q.format).map_err(export_problem)?;
-    let (session, owner) =
-        crate::people::reads::readable_session(&state, &actor, &id, "export").await?;
+    // One answer whether the session does not exist or may not be read.
+    let (session, owner) = crate::people::reads::readable_session(&state, &actor, &id, "export")
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => ApiError::NotFound("session"),
+            other => other,
+        })?;
     if q.identify && owner != actor.user_id {
         return Err(ApiError::invalid(
             "identify",
@@ -184,26 +195,30 @@ where
     Fut: std::future::Future<Output = Result<u64, ExportError>> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
-    let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<()>();
+    // Whether the export completed: anything but a yes (an error, a panic) fails the body.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
     tokio::spawn(async move {
-        if let Err(e) = write(tx).await {
-            tracing::warn!(%subject, error = %e, "export cut short");
-            let _ = failed_tx.send(());
+        let done = match write(tx).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "export cut short");
+                false
+            }
+        };
+        let _ = done_tx.send(done);
+    });
+    let stream = futures_util::stream::unfold((rx, Some(done_rx)), |(mut rx, done)| async move {
+        match rx.recv().await {
+            Some(chunk) => Some((Ok(Bytes::from(chunk)), (rx, done))),
+            None => match done?.await {
+                Ok(true) => None,
+                Ok(false) | Err(_) => Some((
+                    Err(std::io::Error::other("the export failed midway")),
+                    (rx, None),
+                )),
+            },
         }
     });
-    let stream =
-        futures_util::stream::unfold((rx, Some(failed_rx)), |(mut rx, failed)| async move {
-            match rx.recv().await {
-                Some(chunk) => Some((Ok(Bytes::from(chunk)), (rx, failed))),
-                None => match failed?.await {
-                    Ok(()) => Some((
-                        Err(std::io::Error::other("the export failed midway")),
-                        (rx, None),
-                    )),
-                    Err(_) => None,
-                },
-            }
-        });
     let mut response = Body::from_stream(stream).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));

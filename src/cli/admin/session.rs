@@ -101,8 +101,7 @@ pub(crate) async fn run(command: SessionCommand) -> anyhow::Result<()> {
             let exporter = Exporter::new(accounts.clone(), clickhouse.connect().await?.client());
             let bundle = exporter.prepare_bundle(&user_ids, format).await?;
             for user in &user_ids {
-                users::audit_operator_bundle_export(&accounts, *user, &format!("{format:?}"))
-                    .await?;
+                users::audit_operator_bundle_export(&accounts, *user, format.name()).await?;
             }
             let what = format!("{} sessions as {}", bundle.sessions(), bundle.filename());
             write_out(
@@ -169,17 +168,25 @@ where
         name.push(".partial");
         path.with_file_name(name)
     });
-    let mut out: Box<dyn Write> = match &partial {
-        Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
-        None => Box::new(std::io::stdout().lock()),
+    let mut file = match &partial {
+        Some(path) => Some(std::io::BufWriter::new(std::fs::File::create(path)?)),
+        None => None,
     };
     let written = async {
+        let mut stdout = std::io::stdout().lock();
         while let Some(chunk) = rx.recv().await {
-            out.write_all(&chunk)?;
+            match &mut file {
+                Some(f) => f.write_all(&chunk)?,
+                None => stdout.write_all(&chunk)?,
+            }
         }
-        out.flush()?;
-        drop(out);
-        anyhow::Ok(export.await??)
+        stdout.flush()?;
+        let bytes = export.await??;
+        // On disk before it takes its name: a file under its name is whole, crash or not.
+        if let Some(f) = file.take() {
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        }
+        anyhow::Ok(bytes)
     }
     .await;
     match (written, &partial, &output) {
