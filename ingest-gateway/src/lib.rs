@@ -309,7 +309,7 @@ const FAILED: metrics::OutcomeLabels = metrics::OutcomeLabels { outcome: "failed
         people::relationships::list_relationships, people::relationships::accept, people::relationships::revoke,
         people::reads::user_sessions, people::reads::session, people::reads::session_points,
         people::reads::session_metrics, people::reads::access_log, people::export::export_session,
-        people::export::export_person),
+        people::export::export_person, people::export::export_followers),
     components(schemas(problem::Problem, device::points::JsonFrame, device::points::FrameAccepted,
         device::sessions::OpenSession, device::sessions::SessionOpened, device::sessions::CompleteSession,
         device::sessions::SessionClosed, people::accounts::SignUp, people::accounts::SignedUp,

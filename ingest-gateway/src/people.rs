@@ -63,6 +63,7 @@ pub fn routes() -> Router<PeopleState> {
                 .delete(profile::delete_me),
         )
         .route("/v1/me/export", get(export::export_me))
+        .route("/v1/me/followers/export", get(export::export_followers))
         .route(
             "/v1/me/devices",
             post(devices::register_device).get(devices::list_devices),

@@ -565,7 +565,45 @@ async fn a_persons_sessions_bundle_as_a_bids_dataset_the_validator_accepts() {
     let (status, _, _) = export(&gw, &stranger, &path).await;
     assert_eq!(status, 404);
 
-    // An operator's dataset of two people (e.g. a practitioner's consented patients), audited.
+    // A practitioner's dataset of their consented patients, each read audited; the person
+    // whose consent is pending is not in it.
+    let practitioner = gw.operator_made("practitioner").await;
+    let (status, _, body) = export(&gw, &practitioner, "/v1/me/followers/export?format=bids").await;
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    gw.relate(&practitioner, &person, "practitioner_patient")
+        .await;
+    gw.relate(&practitioner, &other, "practitioner_patient")
+        .await;
+    let (status, body) = gw
+        .send(
+            &practitioner,
+            "/v1/relationships",
+            json!({ "type": "practitioner_patient", "follower_id": stranger.id }),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _, body) = export(&gw, &practitioner, "/v1/me/followers/export?format=bids").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    unzip(body, &dir.join("patients"));
+    let mut both = sent.clone();
+    both["sessions"] = json!({ label.clone(): 2, other_label.clone(): 1 });
+    let out = read_back("bids", &dir.join("patients"), &both);
+    assert!(out.contains("2 participants"), "{out}");
+    let (status, log) = gw
+        .read(&person, &format!("/v1/users/{}/access-log", person.id))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        log.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["resource"] == "export"
+                && r["actor_id"] == json!(practitioner.id)
+                && r["allowed"] == true),
+        "{log}"
+    );
+
+    // An operator's dataset of two people, audited.
     let file = dir.join("both.zip");
     let run = gw
         .stores

@@ -181,6 +181,66 @@ pub async fn export_person(
     ))
 }
 
+/// Every completed session of everyone the caller leads and may read (a practitioner's consented
+/// patients, a guardian's children) in one format, zipped: one BIDS dataset of them all with
+/// `format=bids`.
+#[utoipa::path(get, path = "/v1/me/followers/export", tag = "reads",
+    params(BundleQuery),
+    responses(
+        (status = 200, description = "a zip; a transfer that ends early is incomplete", content_type = "application/zip", body = String),
+        (status = 409, description = "no one the caller may read has a completed session of this format", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an unknown format", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the points store is unavailable; retry after the hint", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn export_followers(
+    State(state): State<PeopleState>,
+    UserAuth { actor, .. }: UserAuth,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let q: BundleQuery = crate::people::reads::query(&uri)?;
+    let format = BundleFormat::parse(&q.format).map_err(export_problem)?;
+    // Candidates from the relationships; the policy decides (and audits) each one.
+    let followers: Vec<uuid::Uuid> =
+        biofeed_accounts::relationships::list(state.pool(), Some(actor.user_id))
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.lead_id == actor.user_id && r.consented_at.is_some() && r.revoked_at.is_none()
+            })
+            .map(|r| r.follower_id)
+            .collect();
+    let mut readable = Vec::with_capacity(followers.len());
+    for follower in followers {
+        let allowed = state
+            .allow(
+                &actor,
+                biofeed_accounts::policy::Action::ReadData { resource: "export" },
+                follower,
+            )
+            .await;
+        match allowed {
+            Ok(_) => readable.push(follower),
+            Err(ApiError::NotFound(_) | ApiError::Forbidden(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let bundle = Exporter::new(
+        state.inner.accounts.clone(),
+        state.inner.clickhouse.client(),
+    )
+    .prepare_bundle(&readable, format)
+    .await
+    .map_err(export_problem)?;
+    let writer = bundle.clone();
+    Ok(stream_response(
+        actor.user_id,
+        "application/zip",
+        &bundle.filename(),
+        None,
+        move |tx| async move { writer.write(tx).await },
+    ))
+}
+
 /// Streams what `write` sends as the response body; a failure midway ends the body with an
 /// error, so the transfer is aborted and the file never looks whole.
 fn stream_response<F, Fut>(
