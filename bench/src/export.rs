@@ -67,6 +67,9 @@ pub struct ExportRun {
     pub samples_per_s: f64,
     /// Peak resident memory of the export process, MiB.
     pub peak_rss_mib: f64,
+    /// CPU seconds (user + system) of the export process: the rest of `seconds` it waited,
+    /// mostly for ClickHouse reading the points.
+    pub cpu_seconds: f64,
 }
 
 /// The figures of a run.
@@ -203,6 +206,7 @@ async fn measure(
                 mb_per_s: bytes as f64 / 1e6 / run.0,
                 samples_per_s: samples as f64 / run.0,
                 peak_rss_mib: run.1,
+                cpu_seconds: run.2,
             });
             std::fs::remove_file(&path)?;
         }
@@ -217,15 +221,21 @@ async fn measure(
     })
 }
 
-/// Runs `biofeed admin session export` into `path`: its seconds and peak RSS (MiB).
+/// Runs `biofeed admin session export` into `path`: its seconds, peak RSS (MiB) and CPU
+/// seconds.
 fn export_once(
     env: &[(&'static str, String)],
     session: Uuid,
     format: &str,
     path: &std::path::Path,
-) -> anyhow::Result<(f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64)> {
     let started = Instant::now();
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    // Its secrets come as values: the inherited *_FILE settings would conflict with them.
+    for key in biofeed_backends::SECRET_FILE_SETTINGS {
+        command.env_remove(key);
+    }
+    let mut child = command
         .args([
             "admin",
             "session",
@@ -243,8 +253,10 @@ fn export_once(
         .spawn()?;
     let pid = child.id();
     let mut peak = 0.0f64;
+    let mut cpu = 0.0f64;
     let status = loop {
         peak = peak.max(peak_rss_mib(pid));
+        cpu = cpu.max(cpu_seconds(pid));
         if let Some(status) = child.try_wait()? {
             break status;
         }
@@ -258,7 +270,24 @@ fn export_once(
         }
         anyhow::bail!("biofeed admin session export failed: {stderr}");
     }
-    Ok((seconds, peak))
+    Ok((seconds, peak, cpu))
+}
+
+/// CPU seconds (user + system) process `pid` used so far (Linux `/proc/<pid>/stat`, at the
+/// usual 100 ticks a second); 0 where unknown.
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // The fields after the command's closing parenthesis: utime and stime are 12th and
+            // 13th of them.
+            let rest = &s[s.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks: f64 =
+                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        })
+        .unwrap_or(0.0)
 }
 
 /// Writes `bytes` to `path` in 1 MiB writes, then fsync: MB/s.

@@ -50,12 +50,13 @@ pub(crate) async fn run_export(
         biofeed_bench::export::run(&settings, |step| eprintln!("bench export: {step}")).await?;
     for r in &figures.runs {
         eprintln!(
-            "{}: {} s session, {} samples → {} bytes in {:.2} s: {:.1} MB/s, {:.2} M samples/s, peak RSS {:.0} MiB",
+            "{}: {} s session, {} samples → {} bytes in {:.2} s ({:.2} s CPU): {:.1} MB/s, {:.2} M samples/s, peak RSS {:.0} MiB",
             r.format,
             r.session_seconds,
             r.samples,
             r.bytes,
             r.seconds,
+            r.cpu_seconds,
             r.mb_per_s,
             r.samples_per_s / 1e6,
             r.peak_rss_mib
