@@ -579,16 +579,11 @@ pub async fn list_users(
 /// operator at the CLI). Called before anything is decrypted, so an export that could not be
 /// audited does not happen.
 pub async fn audit_operator_export(accounts: &Accounts, user: Uuid) -> Result<(), AccountsError> {
-    crate::audit::record(
-        &accounts.pool,
-        &crate::audit::Entry {
-            actor: None,
-            subject: user,
-            action: "data.export",
-            resource: "export",
-            allowed: true,
-            detail: serde_json::json!({ "via": "admin user export" }),
-        },
+    audit_operator_data_export(
+        accounts,
+        user,
+        "export",
+        serde_json::json!({ "via": "admin user export" }),
     )
     .await
 }
@@ -601,18 +596,8 @@ pub async fn audit_operator_session_export(
     session: Uuid,
     format: &str,
 ) -> Result<(), AccountsError> {
-    crate::audit::record(
-        &accounts.pool,
-        &crate::audit::Entry {
-            actor: None,
-            subject: user,
-            action: "data.export",
-            resource: "session_export",
-            allowed: true,
-            detail: serde_json::json!({ "via": "admin session export", "session_id": session, "format": format }),
-        },
-    )
-    .await
+    let detail = serde_json::json!({ "via": "admin session export", "session_id": session, "format": format });
+    audit_operator_data_export(accounts, user, "session_export", detail).await
 }
 
 /// Records in `user`'s access log that an operator exported their completed sessions in one
@@ -622,15 +607,26 @@ pub async fn audit_operator_bundle_export(
     user: Uuid,
     format: &str,
 ) -> Result<(), AccountsError> {
+    let detail = serde_json::json!({ "via": "admin session bundle", "format": format });
+    audit_operator_data_export(accounts, user, "bundle_export", detail).await
+}
+
+/// An operator's `data.export` of `resource` in `user`'s access log (actor None).
+async fn audit_operator_data_export(
+    accounts: &Accounts,
+    user: Uuid,
+    resource: &'static str,
+    detail: serde_json::Value,
+) -> Result<(), AccountsError> {
     crate::audit::record(
         &accounts.pool,
         &crate::audit::Entry {
             actor: None,
             subject: user,
             action: "data.export",
-            resource: "bundle_export",
+            resource,
             allowed: true,
-            detail: serde_json::json!({ "via": "admin session bundle", "format": format }),
+            detail,
         },
     )
     .await

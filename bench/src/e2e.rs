@@ -199,19 +199,9 @@ pub async fn run(
 ) -> anyhow::Result<E2eFigures> {
     let mut own = OwnStores::new(&settings.stores.kafka, 10);
     let id = own.id.clone();
-    let mut stores = settings.stores.clone();
-    stores.clickhouse.database = format!("biofeed_e2e_{id}");
-    // Its analysts' database beside it (`<database>_analyst`), never a configured one.
-    stores.clickhouse.analyst_database = None;
-    stores.topics.points = format!("biofeed.e2e.{id}.points");
-    stores.topics.dlq = format!("biofeed.e2e.{id}.dlq");
-    // The devices' users, sessions and the jobs' bookkeeping go to a Postgres database of the
-    // bench's own, dropped whole at the end: nothing lands in the configured one.
-    stores.postgres = own
-        .postgres(&stores.postgres, &format!("biofeed_e2e_{id}"))
-        .await?;
-    own.clickhouse(&stores.clickhouse);
-    own.topics(&[&stores.topics.points, &stores.topics.dlq]);
+    // The devices' users, sessions and the jobs' bookkeeping, the points and the topics go to
+    // stores of the bench's own, dropped whole at the end: nothing lands in the configured ones.
+    let stores = own.all_stores(&settings.stores, "e2e").await?;
     let outcome = async {
         biofeed_migrations::migrate(&biofeed_migrations::MigrateSettings {
             stores: stores.clone(),

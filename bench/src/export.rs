@@ -1,5 +1,5 @@
 //! `biofeed bench export`: how fast a long session exports, and in how much memory. It stores
-//! synthetic EEG sessions (8 channels at 256 Hz by default, one of each length asked for) in
+//! synthetic EEG sessions (the `eeg` data type's 8 channels at 256 Hz, one of each length asked for) in
 //! Postgres and ClickHouse databases of its own, runs the real `biofeed admin session export`
 //! on each (a child process, writing a file), and reports MB/s and the child's peak RSS per
 //! format and length, beside this disk's own sequential write speed for the same bytes.
@@ -22,12 +22,6 @@ pub struct BenchExportSettings {
         env = "BIOFEED_BENCH_EXPORT_LENGTHS", value_delimiter = ',',
         value_parser = humantime::parse_duration, default_value = "10m,1h")]
     pub lengths: Vec<Duration>,
-
-    /// EEG channels.
-    #[arg(long = "channels", id = "export_channels", value_name = "N",
-        env = "BIOFEED_BENCH_EXPORT_CHANNELS", default_value_t = 8,
-        value_parser = clap::value_parser!(u16).range(1..=8))]
-    pub channels: u16,
 
     /// The formats to time (csv, edf).
     #[arg(long = "formats", id = "export_formats", value_name = "FORMAT[,…]",
@@ -82,7 +76,10 @@ pub struct ExportFigures {
     pub disk_mb_per_s: f64,
 }
 
+/// The seeded `eeg` data type: 8 channels at 256 Hz.
 const RATE: u64 = 256;
+/// See [`RATE`].
+const CHANNELS: u16 = 8;
 
 /// Runs the benchmark.
 pub async fn run(
@@ -91,16 +88,7 @@ pub async fn run(
 ) -> anyhow::Result<ExportFigures> {
     let mut own = OwnStores::new(&settings.stores.kafka, 10);
     let id = own.id.clone();
-    let mut stores = settings.stores.clone();
-    stores.clickhouse.database = format!("biofeed_export_{id}");
-    stores.clickhouse.analyst_database = None;
-    stores.topics.points = format!("biofeed.export.{id}.points");
-    stores.topics.dlq = format!("biofeed.export.{id}.dlq");
-    stores.postgres = own
-        .postgres(&stores.postgres, &format!("biofeed_export_{id}"))
-        .await?;
-    own.clickhouse(&stores.clickhouse);
-    own.topics(&[&stores.topics.points, &stores.topics.dlq]);
+    let stores = own.all_stores(&settings.stores, "export").await?;
     let dir = std::env::temp_dir().join(format!("biofeed-bench-export-{id}"));
     let outcome = async {
         std::fs::create_dir_all(&dir)?;
@@ -154,7 +142,7 @@ async fn measure(
         let seconds = length.as_secs().max(1);
         progress(&format!(
             "storing a {seconds} s session of {} EEG channels at {RATE} Hz",
-            settings.channels
+            CHANNELS
         ));
         let session = Uuid::new_v4();
         let end = chrono::Utc::now() - chrono::Duration::minutes(1);
@@ -185,7 +173,7 @@ async fn measure(
                     arrayMap(c -> toFloat32(round(sin(number / 7 + c) * 400 + cos(number / 131 + c) * 90, 1)), range({channels})),
                     now() FROM numbers({rows})",
                 t0 = start.timestamp_micros(),
-                channels = settings.channels,
+                channels = CHANNELS,
                 rows = seconds * RATE,
             ))
             .execute()
@@ -196,7 +184,7 @@ async fn measure(
             let path = dir.join(format!("{session}.{format}"));
             let run = export_once(&env, session, format, &path)?;
             let bytes = std::fs::metadata(&path)?.len();
-            let samples = seconds * RATE * u64::from(settings.channels);
+            let samples = seconds * RATE * u64::from(CHANNELS);
             runs.push(ExportRun {
                 format: format.clone(),
                 session_seconds: seconds,

@@ -54,6 +54,29 @@ impl OwnStores {
         Ok(settings)
     }
 
+    /// The configured stores with a Postgres database (created and migrated), a ClickHouse
+    /// database and its analysts' database, and topics of the run's own, all named
+    /// `<kind>_<id>`: whatever the run writes lands in none of the configured ones.
+    pub(crate) async fn all_stores(
+        &mut self,
+        configured: &biofeed_backends::StoreSettings,
+        kind: &str,
+    ) -> anyhow::Result<biofeed_backends::StoreSettings> {
+        let id = self.id.clone();
+        let mut stores = configured.clone();
+        stores.clickhouse.database = format!("biofeed_{kind}_{id}");
+        // Its analysts' database beside it (`<database>_analyst`), never a configured one.
+        stores.clickhouse.analyst_database = None;
+        stores.topics.points = format!("biofeed.{kind}.{id}.points");
+        stores.topics.dlq = format!("biofeed.{kind}.{id}.dlq");
+        stores.postgres = self
+            .postgres(&stores.postgres, &format!("biofeed_{kind}_{id}"))
+            .await?;
+        self.clickhouse(&stores.clickhouse);
+        self.topics(&[&stores.topics.points, &stores.topics.dlq]);
+        Ok(stores)
+    }
+
     /// Records that the ClickHouse database of `settings` is the run's own, to be dropped.
     pub(crate) fn clickhouse(&mut self, settings: &ClickHouseSettings) {
         self.clickhouse = Some(settings.clone());

@@ -33,7 +33,7 @@ pub enum BenchCommand {
     E2e(Box<biofeed_bench::e2e::BenchE2eSettings>),
 
     /// How fast long sessions export, and in how much memory: stores a synthetic EEG session
-    /// of each length (8 channels at 256 Hz by default; 10 minutes and one hour, 7.4 M samples)
+    /// of each length (8 channels at 256 Hz; by default 10 minutes and one hour, 7.4 M samples)
     /// in databases of its own, runs `biofeed admin session export` on each in each format,
     /// and reports MB/s and the export's peak RSS beside this disk's sequential write speed.
     ///

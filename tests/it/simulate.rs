@@ -209,3 +209,41 @@ async fn bench_gateway_keeps_its_user_out_of_the_configured_database() {
         "the configured database was written"
     );
 }
+
+#[tokio::test]
+async fn bench_export_times_whole_exports_and_leaves_nothing_behind() {
+    let stores = Isolated::new().await;
+    let figures = bench(
+        &stores,
+        &["export", "--lengths", "5s,20s", "--formats", "edf,csv"],
+    )
+    .await;
+    let runs = figures["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4, "{figures}");
+    for run in runs {
+        let samples = run["session_seconds"].as_u64().unwrap() * 256 * 8;
+        assert_eq!(run["samples"], samples, "{run}");
+        // Whole files: at least two bytes a sample (EDF+), a line per sample time (CSV).
+        assert!(run["bytes"].as_u64().unwrap() >= samples * 2, "{run}");
+        for key in ["seconds", "mb_per_s", "peak_rss_mib"] {
+            assert!(run[key].as_f64().unwrap() > 0.0, "{key}: {run}");
+        }
+    }
+    assert!(
+        figures["disk_mb_per_s"].as_f64().unwrap() > 0.0,
+        "{figures}"
+    );
+    assert_eq!(
+        crate::helpers::postgres_databases_like("biofeed_export_%").await,
+        0,
+        "the bench's own database is dropped"
+    );
+    let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
+    let left: u64 = ch
+        .server_client()
+        .query("SELECT count() FROM system.databases WHERE name LIKE 'biofeed_export_%'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
