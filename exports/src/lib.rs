@@ -975,6 +975,40 @@ impl Exporter {
     }
 }
 
+impl Exporter {
+    /// Plans a BIDS dataset of one completed EEG session (its person as the one participant),
+    /// refusing as [`Exporter::prepare`] does.
+    pub async fn prepare_session_bids(&self, session: Uuid) -> Result<Bundle, ExportError> {
+        let request = Request {
+            session,
+            format: Format::Edf,
+            data_type: Some("eeg".to_owned()),
+            identify: false,
+        };
+        let prepared = self.prepare(&request).await.map_err(|e| match e {
+            ExportError::Unsupported { reason, .. } => ExportError::Unsupported {
+                field: "format",
+                reason: format!("a BIDS dataset holds EEG recordings: {reason}"),
+            },
+            other => other,
+        })?;
+        let (started_at, exercise): (DateTime<Utc>, String) = sqlx::query_as(
+            "SELECT s.started_at, e.name FROM sessions s JOIN exercises e ON e.id = s.exercise_id
+             WHERE s.id = $1",
+        )
+        .bind(session)
+        .fetch_optional(&self.accounts.pool)
+        .await?
+        .ok_or(ExportError::NotFound)?;
+        let label = biofeed_accounts::export::participant_label(&self.accounts, prepared.user);
+        Ok(Bundle {
+            exporter: self.clone(),
+            format: BundleFormat::Bids,
+            people: vec![(prepared.user, label, vec![(session, started_at, exercise)])],
+        })
+    }
+}
+
 impl Bundle {
     /// The zip's name.
     pub fn filename(&self) -> String {
@@ -983,6 +1017,11 @@ impl Bundle {
             (_, [(_, label, _)]) => format!("biofeed-{label}.zip"),
             _ => "biofeed-export.zip".to_owned(),
         }
+    }
+
+    /// Whose sessions it holds.
+    pub fn people(&self) -> Vec<Uuid> {
+        self.people.iter().map(|p| p.0).collect()
     }
 
     /// How many sessions it holds.

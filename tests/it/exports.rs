@@ -365,9 +365,9 @@ async fn exports_refuse_what_they_cannot_hold_and_whom_they_may_not_serve() {
             "eeg is not rr_interval",
         ),
         (
-            format!("/v1/sessions/{eeg}/export?format=bids"),
+            format!("/v1/sessions/{hrv}/export?format=bids"),
             "format",
-            "/v1/users/{id}/export?format=bids",
+            "a BIDS dataset holds EEG recordings",
         ),
         (
             format!("/v1/sessions/{hrv}/export?format=edf"),
@@ -520,6 +520,40 @@ async fn a_persons_sessions_bundle_as_a_bids_dataset_the_validator_accepts() {
     });
     let out = read_back("bids", &dir.join("person"), &sent);
     assert!(out.contains("1 participants"), "{out}");
+
+    // One session as a dataset of its own, from the API and from the CLI.
+    let (status, _, body) = export(
+        &gw,
+        &person,
+        &format!("/v1/sessions/{}/export?format=bids", eeg_sessions[1]),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    unzip(body, &dir.join("one"));
+    let mut one = sent.clone();
+    one["sessions"] = json!({ label.clone(): 1 });
+    read_back("bids", &dir.join("one"), &one);
+    let one_file = dir.join("one.zip");
+    let run = gw
+        .stores
+        .biofeed(&[
+            "admin",
+            "session",
+            "export",
+            &eeg_sessions[1].to_string(),
+            "--format",
+            "bids",
+            "--output",
+            one_file.to_str().unwrap(),
+            "--master-key",
+            &gw.keys.master_key().to_base64(),
+            "--blind-index-key",
+            &gw.keys.blind_index_key.to_base64(),
+        ])
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    unzip(std::fs::read(&one_file).unwrap(), &dir.join("one-cli"));
+    read_back("bids", &dir.join("one-cli"), &one);
 
     // The CSV bundle holds every completed session's files, the open one's none.
     let (status, _, body) = export(

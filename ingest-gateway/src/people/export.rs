@@ -55,8 +55,8 @@ pub async fn export_me(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct SessionExportQuery {
-    /// `csv` (one file per data type), `edf` (EDF+, one file per sampled data type) or `rr`
-    /// (RR intervals in ms, one per line).
+    /// `csv` (one file per data type), `edf` (EDF+, one file per sampled data type), `rr`
+    /// (RR intervals in ms, one per line) or `bids` (a BIDS-EEG dataset of this session, zipped).
     pub format: String,
     /// Only this data type; without it, every data type of the session the format holds (a zip
     /// when there are several).
@@ -85,13 +85,21 @@ pub async fn export_session(
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let q: SessionExportQuery = crate::people::reads::query(&uri)?;
-    if q.format == "bids" {
-        return Err(ApiError::invalid(
-            "format",
-            "a BIDS dataset holds a person's EEG sessions: GET /v1/users/{id}/export?format=bids",
-        ));
-    }
-    let format = Format::parse(&q.format).map_err(export_problem)?;
+    let bids = q.format == "bids";
+    let format = if bids {
+        Format::Edf
+    } else {
+        Format::parse(&q.format).map_err(|_| {
+            ApiError::invalid(
+                "format",
+                format!(
+                    "unknown format '{}': one of {}, bids",
+                    q.format,
+                    Format::NAMES
+                ),
+            )
+        })?
+    };
     // One answer whether the session does not exist or may not be read.
     let (session, owner) = crate::people::reads::readable_session(&state, &actor, &id, "export")
         .await
@@ -109,6 +117,26 @@ pub async fn export_session(
         state.inner.accounts.clone(),
         state.inner.clickhouse.client(),
     );
+    if bids {
+        if q.identify || q.data_type.as_deref().is_some_and(|d| d != "eeg") {
+            return Err(ApiError::invalid(
+                if q.identify { "identify" } else { "data_type" },
+                "a BIDS dataset holds pseudonymous EEG recordings only",
+            ));
+        }
+        let bundle = exporter
+            .prepare_session_bids(session)
+            .await
+            .map_err(export_problem)?;
+        let writer = bundle.clone();
+        return Ok(stream_response(
+            session,
+            "application/zip",
+            &bundle.filename(),
+            None,
+            move |tx| async move { writer.write(tx).await },
+        ));
+    }
     let prepared = exporter
         .prepare(&Request {
             session,

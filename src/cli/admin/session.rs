@@ -4,12 +4,12 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use biofeed_accounts::users;
-use biofeed_exports::{BundleFormat, Exporter, Format, Request};
+use biofeed_exports::{BundleFormat, Exporter, Request};
 use clap::Subcommand;
 use uuid::Uuid;
 
 use crate::cli::admin::AccountStore;
-use crate::cli::AFTER_HELP;
+use crate::cli::{Refused, AFTER_HELP};
 
 /// `biofeed admin session …`.
 #[derive(Debug, Subcommand)]
@@ -19,8 +19,8 @@ pub enum SessionCommand {
     /// column per channel), `edf` (EDF+, for EEG, ECG, PPG, respiration, EDA, temperature, heart
     /// rate and SpO2; pseudonymous patient field; annotations for the session's start and end,
     /// its exercise and the person's ratings) or `rr` (RR intervals in ms, one per line, as
-    /// Kubios reads them). A session with several data types in the format gives a zip of one
-    /// file each.
+    /// Kubios reads them) or `bids` (its EEG as a BIDS-EEG dataset of one recording, zipped). A
+    /// session with several data types in the format gives a zip of one file each.
     ///
     /// Audited: recorded in the person's access log (action `data.export`, resource
     /// `session_export`, actor none: an operator) before a sample is written. With --output the
@@ -29,9 +29,9 @@ pub enum SessionCommand {
     Export {
         /// The session's id.
         session_id: Uuid,
-        /// csv, edf or rr.
-        #[arg(long, value_parser = parse_format)]
-        format: Format,
+        /// csv, edf, rr or bids (a BIDS-EEG dataset of this session, zipped).
+        #[arg(long, value_parser = parse_bundle_format)]
+        format: BundleFormat,
         /// Only this data type (e.g. eeg); default every one the format holds.
         #[arg(long)]
         data_type: Option<String>,
@@ -76,10 +76,6 @@ fn parse_bundle_format(name: &str) -> Result<BundleFormat, String> {
     BundleFormat::parse(name).map_err(|e| e.to_string())
 }
 
-fn parse_format(name: &str) -> Result<Format, String> {
-    Format::parse(name).map_err(|e| e.to_string())
-}
-
 pub(crate) async fn run(command: SessionCommand) -> anyhow::Result<()> {
     match command {
         SessionCommand::Export {
@@ -116,7 +112,7 @@ pub(crate) async fn run(command: SessionCommand) -> anyhow::Result<()> {
 
 async fn export(
     session: Uuid,
-    format: Format,
+    format: BundleFormat,
     data_type: Option<String>,
     output: Option<PathBuf>,
     store: AccountStore,
@@ -125,6 +121,26 @@ async fn export(
     let accounts = store.connect().await?;
     let clickhouse = clickhouse.connect().await?.client();
     let exporter = Exporter::new(accounts.clone(), clickhouse);
+    let format = match format {
+        BundleFormat::Files(format) => format,
+        BundleFormat::Bids => {
+            anyhow::ensure!(
+                data_type.as_deref().is_none_or(|d| d == "eeg"),
+                Refused("a BIDS dataset holds EEG recordings only: leave out --data-type".into())
+            );
+            let bundle = exporter.prepare_session_bids(session).await?;
+            for owner in bundle.people() {
+                users::audit_operator_session_export(&accounts, owner, session, "bids").await?;
+            }
+            let what = format!("session {session} as {}", bundle.filename());
+            return write_out(
+                output,
+                &what,
+                move |tx| async move { bundle.write(tx).await },
+            )
+            .await;
+        }
+    };
     let prepared = exporter
         .prepare(&Request {
             session,
