@@ -637,6 +637,34 @@ async fn a_persons_sessions_bundle_as_a_bids_dataset_the_validator_accepts() {
         "{log}"
     );
 
+    // Revoked: that patient is no longer in it, and a patient gets nothing of their
+    // practitioner's through the endpoint.
+    let relationships = biofeed_accounts::relationships::list(&accounts.pool, Some(other.id))
+        .await
+        .unwrap();
+    for r in relationships
+        .iter()
+        .filter(|r| r.lead_id == practitioner.id && r.revoked_at.is_none())
+    {
+        let (status, body) = gw
+            .send(
+                &other,
+                &format!("/v1/relationships/{}/revoke", r.id),
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, _, body) = export(&gw, &practitioner, "/v1/me/followers/export?format=bids").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    unzip(body, &dir.join("patients-after"));
+    let mut one_patient = sent.clone();
+    one_patient["sessions"] = json!({ label.clone(): 2 });
+    let out = read_back("bids", &dir.join("patients-after"), &one_patient);
+    assert!(out.contains("1 participants"), "{out}");
+    let (status, _, body) = export(&gw, &person, "/v1/me/followers/export?format=bids").await;
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+
     // An operator's dataset of two people, audited.
     let file = dir.join("both.zip");
     let run = gw

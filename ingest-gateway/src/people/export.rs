@@ -237,6 +237,11 @@ pub async fn export_followers(
             })
             .map(|r| r.follower_id)
             .collect();
+    // One person may be followed under two kinds (e.g. parent_child and guardian_ward): asked
+    // about, and audited, once.
+    let mut followers = followers;
+    followers.sort_unstable();
+    followers.dedup();
     let mut readable = Vec::with_capacity(followers.len());
     for follower in followers {
         let allowed = state
