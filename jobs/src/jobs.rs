@@ -441,11 +441,12 @@ impl Context {
                     let samples: Vec<Sample> =
                         points.into_iter().map(|p| (p.t_us, p.values)).collect();
                     let rate = f64::from(rate.unwrap_or(1.0));
-                    let metrics: Vec<Metric> = match data_type.as_str() {
-                        "rr_interval" => signals::hrv(&samples),
-                        "spo2" => signals::spo2(&samples, (1e6 / rate) as i64),
-                        _ => signals::eeg_band_power(&samples, channels.max(1) as usize, rate),
-                    };
+                    let metrics: Vec<Metric> = signals::for_data_type(
+                        &data_type,
+                        channels.max(1) as usize,
+                        rate,
+                        &samples,
+                    );
                     rows.extend(
                         metrics
                             .into_iter()

@@ -20,7 +20,8 @@ pub mod consumer_progress;
 pub mod jobs;
 pub mod metrics;
 pub mod runner;
-pub mod signals;
+/// The metrics' arithmetic lives in `biofeed-signals`, shared with the live feed.
+pub use biofeed_signals as signals;
 
 use std::time::Duration;
 

@@ -15,6 +15,14 @@
 //!   overlap, taken only within gap-free stretches, one-sided power spectral density averaged over
 //!   segments — integrated over delta 1–4 Hz, theta 4–8 Hz, alpha 8–13 Hz, beta 13–30 Hz (lower
 //!   edge inclusive), in µV².
+//! - **HRV coherence** (the resonance-breathing score): the accepted beats' RR series resampled
+//!   at 4 Hz by linear interpolation, mean removed, Hann-windowed, its power spectrum; the peak
+//!   is the strongest bin in 0.04–0.26 Hz, its power the bins within ±0.015 Hz of it, and the
+//!   score is that power over the rest of the power in 0.0033–0.4 Hz (the ratio HeartMath
+//!   publishes: slow even breathing near 0.1 Hz drives it up). Needs 32 s of beats.
+//!
+//! `for_data_type` chooses the metrics of a data type; the jobs runner (a completed session) and
+//! the live feed (a window of an open one) both call it, so the two never disagree.
 
 use rustfft::num_complex::Complex;
 use rustfft::FftPlanner;
@@ -39,6 +47,26 @@ const RR_MIN_MS: f64 = 300.0;
 const RR_MAX_MS: f64 = 2000.0;
 const RR_MAX_CHANGE: f64 = 0.2;
 const RR_GAP_US: i64 = 3_000_000;
+
+/// The data types with metrics.
+pub const METRIC_DATA_TYPES: [&str; 3] = ["rr_interval", "spo2", "eeg"];
+
+/// The metrics of `samples` of `data_type` (with its channel count and nominal rate; RR's
+/// irregular rate is ignored): HRV for `rr_interval`, oximetry for `spo2`, band power for `eeg`,
+/// nothing for the others.
+pub fn for_data_type(
+    data_type: &str,
+    channels: usize,
+    rate_hz: f64,
+    samples: &[Sample],
+) -> Vec<Metric> {
+    match data_type {
+        "rr_interval" => hrv(samples),
+        "spo2" => spo2(samples, (1e6 / rate_hz) as i64),
+        "eeg" => eeg_band_power(samples, channels.max(1), rate_hz),
+        _ => Vec::new(),
+    }
+}
 
 /// HRV metrics from RR intervals (channel 0, in ms).
 pub fn hrv(samples: &[Sample]) -> Vec<Metric> {
@@ -93,7 +121,72 @@ pub fn hrv(samples: &[Sample]) -> Vec<Metric> {
         metrics.push(metric("rmssd_ms", 0, rmssd, d));
         metrics.push(metric("pnn50_pct", 0, 100.0 * nn50 as f64 / d as f64, d));
     }
+    if let Some(score) = coherence(&accepted) {
+        metrics.push(metric("hrv_coherence_ratio", 0, score, n));
+    }
     metrics
+}
+
+const COHERENCE_RATE_HZ: f64 = 4.0;
+const COHERENCE_MIN_SPAN_US: i64 = 32_000_000;
+
+/// The HRV coherence ratio of accepted beats `(time, RR ms, _)` (module docs), if they span 32 s.
+fn coherence(accepted: &[(i64, f64, bool)]) -> Option<f64> {
+    let (first, last) = (accepted.first()?.0, accepted.last()?.0);
+    if last - first < COHERENCE_MIN_SPAN_US || accepted.len() < 16 {
+        return None;
+    }
+    let step_us = 1e6 / COHERENCE_RATE_HZ;
+    let n = ((last - first) as f64 / step_us) as usize + 1;
+    let mut series = Vec::with_capacity(n);
+    let mut beat = 0;
+    for i in 0..n {
+        let t = first as f64 + i as f64 * step_us;
+        while beat + 2 < accepted.len() && (accepted[beat + 1].0 as f64) < t {
+            beat += 1;
+        }
+        let (t0, v0, _) = accepted[beat];
+        let (t1, v1, _) = accepted[(beat + 1).min(accepted.len() - 1)];
+        let share = if t1 > t0 {
+            ((t - t0 as f64) / (t1 - t0) as f64).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        series.push(v0 + (v1 - v0) * share);
+    }
+    let mean = series.iter().sum::<f64>() / n as f64;
+    let size = n.next_power_of_two();
+    let mut buffer: Vec<Complex<f64>> = (0..size)
+        .map(|i| {
+            let value = series.get(i).map_or(0.0, |v| {
+                let w = 0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / n as f64).cos();
+                (v - mean) * w
+            });
+            Complex::new(value, 0.0)
+        })
+        .collect();
+    FftPlanner::<f64>::new()
+        .plan_fft_forward(size)
+        .process(&mut buffer);
+    let df = COHERENCE_RATE_HZ / size as f64;
+    let power: Vec<(f64, f64)> = (1..size / 2)
+        .map(|k| (k as f64 * df, buffer[k].norm_sqr()))
+        .collect();
+    let (peak_f, _) = power
+        .iter()
+        .filter(|(f, _)| (0.04..=0.26).contains(f))
+        .max_by(|a, b| a.1.total_cmp(&b.1))?;
+    let peak: f64 = power
+        .iter()
+        .filter(|(f, _)| (f - peak_f).abs() <= 0.015 + df / 2.0)
+        .map(|(_, p)| p)
+        .sum();
+    let total: f64 = power
+        .iter()
+        .filter(|(f, _)| (0.0033..=0.4).contains(f))
+        .map(|(_, p)| p)
+        .sum();
+    (total - peak > 0.0).then(|| peak / (total - peak))
 }
 
 /// Pulse oximetry metrics (channel 0, in %), with the data type's nominal sample period.
@@ -278,6 +371,36 @@ mod tests {
         let m = hrv(&with_gap);
         assert_eq!(get(&m, "rmssd_ms"), Some(20.0));
         assert_eq!(m.iter().find(|x| x.name == "rmssd_ms").unwrap().samples, 1);
+    }
+
+    #[test]
+    fn coherence_is_high_for_breathing_at_resonance_and_low_for_noise() {
+        // Two minutes of beats around 900 ms: modulated by 0.1 Hz breathing (±60 ms), or by
+        // pseudo-random jitter of the same size.
+        let beats = |rr_at: &mut dyn FnMut(usize, f64) -> f64| {
+            let mut t = 0.0f64;
+            let mut out = Vec::new();
+            for i in 0..140 {
+                let rr = rr_at(i, t);
+                t += rr / 1000.0;
+                out.push(((t * 1e6) as i64, vec![rr as f32]));
+            }
+            out
+        };
+        let resonant =
+            beats(&mut |_, t| 900.0 + 60.0 * (2.0 * std::f64::consts::PI * 0.1 * t).sin());
+        let mut seed = 7u64;
+        let noisy = beats(&mut |_, _| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            900.0 + ((seed >> 33) as f64 / (1u64 << 31) as f64 - 0.5) * 120.0
+        });
+        let score = |s: &[Sample]| get(&hrv(s), "hrv_coherence_ratio").unwrap();
+        assert!(score(&resonant) > 5.0, "{}", score(&resonant));
+        assert!(score(&noisy) < 1.0, "{}", score(&noisy));
+        // Under 32 s of beats: no score.
+        assert_eq!(get(&hrv(&resonant[..30]), "hrv_coherence_ratio"), None);
     }
 
     #[test]
