@@ -8,6 +8,7 @@ mod admin;
 mod bench;
 mod consume;
 mod jobs;
+mod live;
 mod migrate;
 mod simulate;
 mod up;
@@ -24,6 +25,7 @@ pub use admin::{
 pub use bench::BenchCommand;
 pub use consume::ConsumeArgs;
 pub use jobs::{JobsArgs, JobsCommand};
+pub use live::LiveArgs;
 pub use migrate::MigrateArgs;
 pub use up::UpArgs;
 
@@ -126,6 +128,17 @@ pub enum Command {
     #[command(after_help = AFTER_HELP)]
     Replay(biofeed_consumers::ReplaySettings),
 
+    /// Run a live member: reads the points topic in a consumer group of its own, keeps a window
+    /// of every open session's samples per data type, and writes their rolling metrics (HRV and
+    /// its coherence, SpO2, EEG band powers — the session metrics' arithmetic) with the newest
+    /// samples for a plot to the live topic, at most once a second per data type; every gateway
+    /// hands them to the viewers of GET /v1/sessions/{id}/live. Run several for more sessions
+    /// (each member holds whole sessions); a restarted member rebuilds its windows from Kafka.
+    ///
+    /// Stops on SIGTERM or Ctrl-C.
+    #[command(after_help = AFTER_HELP)]
+    Live(LiveArgs),
+
     /// Run the job runner: rollups, session metrics, purge of failed sessions, erasure in
     /// ClickHouse and the analyst sync, each on its interval; or, with a subcommand, run one job
     /// now, list failed jobs, or retry them.
@@ -168,6 +181,7 @@ impl Cli {
             Command::Gateway(settings) => exit_with(biofeed_ingest_gateway::run(*settings).await),
             Command::Consume(args) => exit_with(consume::run(args).await),
             Command::Replay(settings) => exit_with(consume::run_replay(settings).await),
+            Command::Live(args) => exit_with(live::run(args).await),
             Command::Admin(command) => exit_with(admin::run(command).await),
             Command::Jobs(args) => exit_with(jobs::run(args).await),
             Command::Bench(BenchCommand::Gateway(settings)) => {
@@ -263,6 +277,11 @@ fn backend_error<'a>(
         Some(_) => return None,
         None => {}
     }
+    match cause.downcast_ref::<biofeed_live::LiveError>() {
+        Some(biofeed_live::LiveError::Backend(b)) => return Some(b),
+        Some(_) => return None,
+        None => {}
+    }
     let job = match cause.downcast_ref::<RunnerError>() {
         Some(RunnerError::Unreachable(b)) => return Some(b),
         Some(RunnerError::Job(job)) => Some(job),
@@ -289,6 +308,9 @@ fn retry_hint(cause: &(dyn std::error::Error + 'static)) -> Option<bool> {
     }
     if let Some(j) = cause.downcast_ref::<biofeed_jobs::jobs::JobError>() {
         return Some(j.is_retryable());
+    }
+    if let Some(l) = cause.downcast_ref::<biofeed_live::LiveError>() {
+        return Some(l.is_retryable());
     }
     cause
         .downcast_ref::<biofeed_consumers::ConsumeError>()

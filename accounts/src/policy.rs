@@ -267,6 +267,19 @@ impl Policy {
         Ok(decision)
     }
 
+    /// The same decision as `authorize`, not audited again: for a read that `authorize` allowed
+    /// (and audited) and that goes on — a live feed re-asks every second, so that a revoked
+    /// relationship or a changed role ends it at once. `Ok(false)` when it is no longer allowed.
+    pub async fn still_allows(
+        &self,
+        accounts: &Accounts,
+        actor: &Actor,
+        action: Action,
+        subject: Uuid,
+    ) -> Result<bool, AccountsError> {
+        Ok(self.decide(accounts, actor, action, subject).await?.is_ok())
+    }
+
     /// The decision table behind `authorize`: one arm per action; the relationship arms, which
     /// first load the relationship, are worked out in `may_accept` and `may_revoke`.
     async fn decide(

@@ -204,6 +204,12 @@ pub struct TopicNames {
     #[arg(long = "dlq-topic", id = "dlq_topic",
         value_name = "TOPIC", env = "BIOFEED_DLQ_TOPIC", default_value = biofeed_schema::topics::POINTS_DLQ, value_parser = parse_topic)]
     pub dlq: String,
+
+    /// Topic of the live feedback: open sessions' rolling metrics, written by the live members
+    /// (`biofeed live`, or the live part of `biofeed up`) and read by every gateway.
+    #[arg(long = "live-topic", id = "live_topic",
+        value_name = "TOPIC", env = "BIOFEED_LIVE_TOPIC", default_value = biofeed_schema::topics::LIVE, value_parser = parse_topic)]
+    pub live: String,
 }
 
 impl KafkaSettings {

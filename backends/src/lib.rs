@@ -73,6 +73,7 @@ impl StoreSettings {
             ),
             ("BIOFEED_POINTS_TOPIC", self.topics.points.clone()),
             ("BIOFEED_DLQ_TOPIC", self.topics.dlq.clone()),
+            ("BIOFEED_LIVE_TOPIC", self.topics.live.clone()),
         ];
         let path = |p: &std::path::PathBuf| p.display().to_string();
         let optional = [

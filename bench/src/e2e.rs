@@ -209,6 +209,7 @@ pub async fn run(
                 points_partitions: 6,
                 points_retention: Duration::from_secs(86_400),
                 dlq_retention: Duration::from_secs(86_400),
+                live_retention: Duration::from_secs(600),
                 replication: settings.replication.clone(),
             },
         })

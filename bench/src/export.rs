@@ -98,6 +98,7 @@ pub async fn run(
                 points_partitions: 1,
                 points_retention: Duration::from_secs(3600),
                 dlq_retention: Duration::from_secs(3600),
+                live_retention: Duration::from_secs(600),
                 replication: settings.replication.clone(),
             },
         })

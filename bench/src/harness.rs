@@ -69,11 +69,16 @@ impl OwnStores {
         stores.clickhouse.analyst_database = None;
         stores.topics.points = format!("biofeed.{kind}.{id}.points");
         stores.topics.dlq = format!("biofeed.{kind}.{id}.dlq");
+        stores.topics.live = format!("biofeed.{kind}.{id}.live");
         stores.postgres = self
             .postgres(&stores.postgres, &format!("biofeed_{kind}_{id}"))
             .await?;
         self.clickhouse(&stores.clickhouse);
-        self.topics(&[&stores.topics.points, &stores.topics.dlq]);
+        self.topics(&[
+            &stores.topics.points,
+            &stores.topics.dlq,
+            &stores.topics.live,
+        ]);
         Ok(stores)
     }
 

@@ -52,4 +52,18 @@ impl Access {
             .inc();
         Ok(decision?)
     }
+
+    /// Whether a read that was allowed is still allowed (the policy's `still_allows`: the same
+    /// decision, not audited again).
+    pub(crate) async fn still_allows(
+        &self,
+        actor: &Actor,
+        action: Action,
+        subject: Uuid,
+    ) -> Result<bool, ApiError> {
+        Ok(self
+            .policy
+            .still_allows(&self.accounts, actor, action, subject)
+            .await?)
+    }
 }

@@ -165,6 +165,7 @@ impl Application {
                 max_read_points: settings.max_read_points,
                 device_tokens,
                 metrics: Arc::clone(&metrics),
+                live: biofeed_live::hub::Hub::start(&settings.kafka, &settings.topics.live)?,
             }),
             operator: Arc::new(Operator {
                 pool,
@@ -308,7 +309,7 @@ const FAILED: metrics::OutcomeLabels = metrics::OutcomeLabels { outcome: "failed
         people::devices::revoke_device, people::relationships::invite,
         people::relationships::list_relationships, people::relationships::accept, people::relationships::revoke,
         people::reads::user_sessions, people::reads::session, people::reads::session_points,
-        people::reads::session_metrics, people::reads::access_log, people::export::export_session,
+        people::reads::session_metrics, people::reads::access_log, people::export::export_session, people::live::session_live,
         people::export::export_person, people::export::export_followers),
     components(schemas(problem::Problem, device::points::JsonFrame, device::points::FrameAccepted,
         device::sessions::OpenSession, device::sessions::SessionOpened, device::sessions::CompleteSession,

@@ -56,6 +56,10 @@ pub struct Metrics {
     pub access_decisions: Family<OutcomeLabels, Counter>,
     /// TLS certificate reloads (SIGHUP) by outcome.
     pub tls_reloads: Family<OutcomeLabels, Counter>,
+    /// Live feeds being watched on this gateway now.
+    pub live_viewers: Gauge<i64, AtomicI64>,
+    /// Live feeds ended by the gateway, by reason (logged_out, access_ended, session_closed, …).
+    pub live_ended: Family<ReasonLabels, Counter>,
 }
 
 /// Registers each `name, help, metric;` row in `registry`, in the rows' order (the order of the
@@ -77,6 +81,8 @@ impl Default for Metrics {
         let logins = Family::<OutcomeLabels, Counter>::default();
         let access_decisions = Family::<OutcomeLabels, Counter>::default();
         let tls_reloads = Family::<OutcomeLabels, Counter>::default();
+        let live_viewers = Gauge::<i64, AtomicI64>::default();
+        let live_ended = Family::<ReasonLabels, Counter>::default();
         let mut registry = Registry::with_prefix("biofeed_gateway");
         // Name, help and metric, in the order they are exposed.
         register!(registry,
@@ -91,6 +97,8 @@ impl Default for Metrics {
                 "access-policy decisions by outcome (allowed, not_found, forbidden)",
                 access_decisions;
             "tls_reloads", "certificate reloads on SIGHUP by outcome (ok, failed)", tls_reloads;
+            "live_viewers", "live feeds being watched on this gateway", live_viewers;
+            "live_ended", "live feeds the gateway ended, by reason", live_ended;
         );
         Self {
             registry,
@@ -103,6 +111,8 @@ impl Default for Metrics {
             duplicate_frames,
             produce_latency,
             in_flight,
+            live_viewers,
+            live_ended,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod accounts;
 pub mod auth;
 pub mod devices;
 pub mod export;
+pub mod live;
 pub mod profile;
 pub mod reads;
 pub mod recordings;
@@ -50,6 +51,7 @@ pub fn routes() -> Router<PeopleState> {
         .route("/v1/sessions/{id}/points", get(reads::session_points))
         .route("/v1/sessions/{id}/metrics", get(reads::session_metrics))
         .route("/v1/sessions/{id}/export", get(export::export_session))
+        .route("/v1/sessions/{id}/live", get(live::session_live))
         .route("/v1/users", post(accounts::sign_up))
         .route("/v1/users/{id}/sessions", get(reads::user_sessions))
         .route("/v1/users/{id}/export", get(export::export_person))
@@ -96,6 +98,8 @@ pub(crate) struct PeopleInner {
     /// Forgotten when a device is revoked or a person erased, so their devices stop at once.
     pub(crate) device_tokens: DeviceTokenCache,
     pub(crate) metrics: Arc<Metrics>,
+    /// The live topic's reader: the feeds of open sessions.
+    pub(crate) live: biofeed_live::hub::Hub,
 }
 
 impl PeopleState {
@@ -107,7 +111,7 @@ impl PeopleState {
     }
 
     /// Postgres.
-    fn pool(&self) -> &PgPool {
+    pub(crate) fn pool(&self) -> &PgPool {
         &self.inner.accounts.pool
     }
 

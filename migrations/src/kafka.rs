@@ -1,4 +1,4 @@
-//! Kafka topics: the points topic and its dead letters, created when missing.
+//! Kafka topics: the points topic, its dead letters and the live feedback, created when missing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +45,17 @@ pub struct TopicLayout {
         value_parser = biofeed_backends::parse_duration
     )]
     pub dlq_retention: Duration,
+
+    /// How long Kafka keeps live feedback messages (a viewer reads them within a second; minutes
+    /// are plenty).
+    #[arg(
+        long = "live-retention", id = "live_retention",
+        value_name = "DURATION",
+        env = "BIOFEED_LIVE_RETENTION",
+        default_value = "10min",
+        value_parser = biofeed_backends::parse_duration
+    )]
+    pub live_retention: Duration,
 
     /// How many brokers keep each partition.
     #[command(flatten)]
@@ -105,7 +116,7 @@ struct Wanted<'a> {
     retention_ms: String,
 }
 
-fn wanted<'a>(topics: &'a TopicNames, layout: &TopicLayout) -> [Wanted<'a>; 2] {
+fn wanted<'a>(topics: &'a TopicNames, layout: &TopicLayout) -> [Wanted<'a>; 3] {
     [
         Wanted {
             name: &topics.points,
@@ -117,6 +128,13 @@ fn wanted<'a>(topics: &'a TopicNames, layout: &TopicLayout) -> [Wanted<'a>; 2] {
             name: &topics.dlq,
             partitions: 1,
             retention_ms: layout.dlq_retention.as_millis().to_string(),
+        },
+        Wanted {
+            // Keyed by session like the points, as many partitions, so one session's feeds keep
+            // their order.
+            name: &topics.live,
+            partitions: layout.points_partitions,
+            retention_ms: layout.live_retention.as_millis().to_string(),
         },
     ]
 }
@@ -227,7 +245,7 @@ pub async fn topic_status(
 ) -> Result<StepReport, MigrateError> {
     let options = AdminOptions::new().request_timeout(Some(kafka.connect_timeout));
     let mut items = Vec::new();
-    for name in [&topics.points, &topics.dlq] {
+    for name in [&topics.points, &topics.dlq, &topics.live] {
         let layout = partition_layout(admin, name, kafka.connect_timeout).await?;
         let item = match layout {
             None => ItemState {

@@ -23,4 +23,7 @@ pub mod topics {
     /// Dead letters: the original bytes of frames that could not be decoded or stored, with
     /// headers saying why, where from and when.
     pub const POINTS_DLQ: &str = "biofeed.points.dlq";
+    /// Live feedback: the rolling metrics of open sessions, JSON, key `<session>/<data type>`,
+    /// kept minutes only (written by the live members, read by every gateway).
+    pub const LIVE: &str = "biofeed.live.v1";
 }

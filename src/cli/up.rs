@@ -1,4 +1,4 @@
-//! `biofeed up`: the gateway, a consumer and a jobs runner in one process.
+//! `biofeed up`: the gateway, a consumer, a jobs runner and a live member in one process.
 
 use biofeed_ingest_gateway::GatewaySettings;
 use clap::Args;
@@ -33,6 +33,9 @@ pub struct UpArgs {
     /// The jobs runner's settings.
     #[command(flatten, next_help_heading = "Jobs")]
     pub jobs: biofeed_jobs::JobsOptions,
+    /// The live member's settings.
+    #[command(flatten, next_help_heading = "Live feedback")]
+    pub live: biofeed_live::LiveOptions,
 }
 
 pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -51,9 +54,19 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
     let job_metrics = JobMetrics::registered(&mut registry);
+    let live = biofeed_live::member::prepare(
+        biofeed_live::LiveSettings {
+            options: args.live,
+            postgres: gateway.postgres.clone(),
+            kafka: gateway.kafka.clone(),
+            topics: gateway.topics.clone(),
+        },
+        &mut registry,
+    )
+    .await?;
     let app = Application::build(gateway).await?;
     eprintln!(
-        "biofeed up: gateway on {}://{}, consumer and jobs metrics on http://{}/metrics",
+        "biofeed up: gateway on {}://{}, consumer, jobs and live metrics on http://{}/metrics",
         app.scheme(),
         app.local_addr()?,
         endpoint.address()?
@@ -68,6 +81,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
                 "jobs",
                 biofeed_jobs::run_runner(jobs, job_metrics, shutdown.clone()),
             ),
+            Part::new("live", live.run(shutdown.clone())),
         ],
     )
     .await;

@@ -31,6 +31,8 @@ pub enum Role {
     Replay,
     /// `biofeed jobs`.
     Jobs,
+    /// `biofeed live`.
+    Live,
     /// An analyst: ClickHouse's pseudonymous views only.
     Analyst,
 }
@@ -44,6 +46,7 @@ impl Role {
             Role::Consume => "consume",
             Role::Replay => "replay",
             Role::Jobs => "jobs",
+            Role::Live => "live",
             Role::Analyst => "analyst",
         }
     }
@@ -56,6 +59,7 @@ impl Role {
             Some("consume") => Role::Consume,
             Some("replay") => Role::Replay,
             Some("jobs") => Role::Jobs,
+            Some("live") => Role::Live,
             _ => Role::Up,
         }
     }
@@ -184,16 +188,22 @@ impl Isolated {
         settings.stores.postgres = settings.stores.postgres.with_database(&database);
         settings.stores.clickhouse.database = database;
         settings.stores.clickhouse.analyst_database = None;
-        (settings.stores.topics.points, settings.stores.topics.dlq) = Self::topic_names(id);
+        (
+            settings.stores.topics.points,
+            settings.stores.topics.dlq,
+            settings.stores.topics.live,
+        ) = Self::topic_names(id);
         settings
     }
 
     /// This test's topic names. They start as biofeed's own do (`biofeed.points.`,
-    /// `biofeed.points.dlq.`), so that Kafka's prefixed ACLs apply to them as to production's.
-    fn topic_names(id: &str) -> (String, String) {
+    /// `biofeed.points.dlq.`, `biofeed.live.`), so that Kafka's prefixed ACLs apply to them as
+    /// to production's.
+    fn topic_names(id: &str) -> (String, String, String) {
         (
             format!("biofeed.points.test-{id}"),
             format!("biofeed.points.dlq.test-{id}"),
+            format!("biofeed.live.test-{id}"),
         )
     }
 
@@ -290,6 +300,7 @@ impl Isolated {
             ("BIOFEED_KAFKA_BROKERS", s.kafka.brokers.clone()),
             ("BIOFEED_POINTS_TOPIC", s.topics.points.clone()),
             ("BIOFEED_DLQ_TOPIC", s.topics.dlq.clone()),
+            ("BIOFEED_LIVE_TOPIC", s.topics.live.clone()),
             ("BIOFEED_LOG", "warn".to_owned()),
         ];
         for (key, value) in ours {
@@ -430,15 +441,15 @@ pub async fn metrics_text(base: &str) -> String {
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Drop for Isolated {
-    /// Drops the test's Postgres and ClickHouse databases and deletes its two topics — by the
+    /// Drops the test's Postgres and ClickHouse databases and deletes its three topics — by the
     /// names `new` gave them, on whichever servers the settings point at now — each within
     /// [`CLEANUP_TIMEOUT`]; failures are ignored (the names are the test's own, so a leftover
     /// harms no other test). `Drop` cannot await and may run on the test's own single-threaded
     /// runtime, so the removal runs on a thread with a runtime of its own.
     fn drop(&mut self) {
         let database = format!("biofeed_test_{}", self.id);
-        let (points, dlq) = Self::topic_names(&self.id);
-        let topics = [points, dlq];
+        let (points, dlq, live) = Self::topic_names(&self.id);
+        let topics = [points, dlq, live];
         let stores = self.settings.stores.clone();
         let cleanup = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_current_thread()

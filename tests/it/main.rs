@@ -15,6 +15,7 @@ mod gateway_tls;
 mod helpers;
 mod jobs;
 mod layering;
+mod live;
 mod migrate;
 mod people;
 mod privacy;

@@ -1,0 +1,471 @@
+//! The live member (`biofeed live`, or the live part of `biofeed up`): a consumer group on the
+//! points topic that keeps every assigned session's windows and feeds their metrics back.
+//!
+//! Rebuilding: no offset is ever committed. Each assignment (start, restart, rebalance) seeks
+//! every partition to the first message at "now minus the lookback" (the longest window plus a
+//! margin) and notes the partition's end; until the member has read up to that end, the
+//! partition's sessions are fed nothing, so no viewer sees a metric over half a window. A member
+//! restarted under its static instance id gets its partitions back at once; one that died for
+//! good loses them to the others after `BIOFEED_LIVE_SESSION_TIMEOUT`.
+//!
+//! Memory: one window per session and data type, the longest of its metrics window and plot span
+//! of samples (an RR window of 60 s: about 70 samples, ~5 KiB; 8-channel 256 Hz EEG over a 10 s
+//! plot span: 2,560 samples, ~200 KiB); `biofeed_live_window_bytes` shows the sum.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use biofeed_backends::shutdown::Shutdown;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::window::{Shape, Window};
+use crate::{host_name, now_us, LiveError, LiveOptions, LiveSettings};
+
+/// The live member's metrics.
+#[derive(Debug, Clone, Default)]
+pub struct LiveMetrics {
+    /// Windows held (sessions × data types).
+    pub windows: Gauge,
+    /// Bytes the windows' samples take, roughly.
+    pub window_bytes: Gauge,
+    /// Feeds written to the live topic.
+    pub feeds: Counter,
+    /// Feeds the producer could not queue (dropped: the next one follows within the interval).
+    pub feeds_dropped: Counter,
+    /// Points messages that could not be decoded (the consumers dead-letter them).
+    pub undecodable: Counter,
+    /// Partitions still being re-read after an assignment.
+    pub rebuilding_partitions: Gauge,
+}
+
+impl LiveMetrics {
+    /// Registers the metrics in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("biofeed_live");
+        r.register(
+            "windows",
+            "Windows held (sessions times data types)",
+            m.windows.clone(),
+        );
+        r.register(
+            "window_bytes",
+            "Bytes the windows' samples take, roughly",
+            m.window_bytes.clone(),
+        );
+        r.register("feeds", "Feeds written to the live topic", m.feeds.clone());
+        r.register(
+            "feeds_dropped",
+            "Feeds the producer could not queue",
+            m.feeds_dropped.clone(),
+        );
+        r.register(
+            "undecodable",
+            "Points messages that could not be decoded",
+            m.undecodable.clone(),
+        );
+        r.register(
+            "rebuilding_partitions",
+            "Partitions being re-read after an assignment",
+            m.rebuilding_partitions.clone(),
+        );
+        m
+    }
+}
+
+/// A window and when it was last fed back.
+struct Entry {
+    window: Window,
+    partition: i32,
+    dirty: bool,
+    last_feed: Option<Instant>,
+    last_sample: Instant,
+}
+
+/// What the loop and the rebalance callback share.
+#[derive(Default)]
+struct State {
+    windows: HashMap<(Uuid, String), Entry>,
+    /// Partitions being re-read: the offset their end had at assignment.
+    rebuilding: HashMap<i32, i64>,
+}
+
+/// The consumer's context: seeks every assigned partition back by the lookback.
+struct Rebuild {
+    state: Arc<Mutex<State>>,
+    /// A consumer outside the group, for offset look-ups (not the group member itself, whose
+    /// rebalance callback this runs in).
+    lookup: BaseConsumer,
+    lookback: Duration,
+}
+
+impl ClientContext for Rebuild {}
+
+impl ConsumerContext for Rebuild {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let since_ms = (now_us() / 1000) - self.lookback.as_millis() as i64;
+                let mut query = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    let _ = query.add_partition_offset(
+                        e.topic(),
+                        e.partition(),
+                        Offset::Offset(since_ms),
+                    );
+                }
+                let found = self
+                    .lookup
+                    .offsets_for_times(query, Duration::from_secs(10));
+                let mut state = lock(&self.state);
+                let assigned: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                for (topic, partition) in assigned {
+                    let start = found
+                        .as_ref()
+                        .ok()
+                        .and_then(|f| f.find_partition(&topic, partition))
+                        .map(|p| p.offset())
+                        .unwrap_or(Offset::End);
+                    let end = self
+                        .lookup
+                        .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                        .map(|(_, high)| high)
+                        .ok();
+                    match (start, end) {
+                        (Offset::Offset(from), Some(end)) if from < end => {
+                            state.rebuilding.insert(partition, end);
+                            tracing::info!(
+                                partition,
+                                from,
+                                end,
+                                "rebuilding the windows of an assigned partition"
+                            );
+                        }
+                        _ => {
+                            state.rebuilding.remove(&partition);
+                        }
+                    }
+                    let start = if matches!(start, Offset::Offset(_)) {
+                        start
+                    } else {
+                        Offset::End
+                    };
+                    let _ = tpl.set_partition_offset(&topic, partition, start);
+                }
+                drop(state);
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(error = %e, "cannot take the assigned partitions");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                let mut state = lock(&self.state);
+                state
+                    .windows
+                    .retain(|_, entry| !revoked.contains(&entry.partition));
+                for p in &revoked {
+                    state.rebuilding.remove(p);
+                }
+                drop(state);
+                if let Err(e) = consumer.unassign() {
+                    tracing::warn!(error = %e, "cannot give the revoked partitions back");
+                }
+            }
+            other => tracing::error!(error = ?other, "kafka rebalance failed"),
+        }
+    }
+}
+
+/// A live member connected to its services, ready to run.
+pub struct PreparedMember {
+    options: LiveOptions,
+    consumer: ClientConfig,
+    lookup: ClientConfig,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    points_topic: String,
+    live_topic: String,
+    pool: PgPool,
+    shapes: HashMap<String, (u16, f64)>,
+    metrics: LiveMetrics,
+}
+
+/// Connects to Postgres and Kafka (failing fast, naming the setting), reads the data types and
+/// registers the member's metrics in `registry`.
+pub async fn prepare(
+    settings: LiveSettings,
+    registry: &mut Registry,
+) -> Result<PreparedMember, LiveError> {
+    let pool = settings.postgres.connect().await?;
+    settings.kafka.connect_admin().await?;
+    let shapes = load_shapes(&pool).await?;
+    let base = settings.kafka.client_config()?;
+    let instance_id = settings
+        .options
+        .instance_id
+        .clone()
+        .unwrap_or_else(host_name);
+    tracing::info!(instance_id, group = settings.options.group, "live member");
+    let mut consumer = base.clone();
+    consumer
+        .set("client.id", "biofeed-live")
+        .set("group.id", &settings.options.group)
+        .set("group.instance.id", &instance_id)
+        .set(
+            "session.timeout.ms",
+            settings.options.session_timeout.as_millis().to_string(),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "latest")
+        .set("fetch.wait.max.ms", "10");
+    let mut lookup = base.clone();
+    lookup
+        .set("client.id", "biofeed-live-lookup")
+        .set("group.id", format!("{}-lookup", settings.options.group))
+        .set("enable.auto.commit", "false");
+    let producer: ThreadedProducer<DefaultProducerContext> = base
+        .clone()
+        .set("client.id", "biofeed-live")
+        // A feed is superseded within the interval: low latency over durability.
+        .set("acks", "1")
+        .set("enable.idempotence", "false")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "10000")
+        .set("compression.type", "lz4")
+        .create()?;
+    Ok(PreparedMember {
+        options: settings.options,
+        consumer,
+        lookup,
+        producer,
+        points_topic: settings.topics.points,
+        live_topic: settings.topics.live,
+        pool,
+        shapes,
+        metrics: LiveMetrics::register(registry),
+    })
+}
+
+async fn load_shapes(pool: &PgPool) -> Result<HashMap<String, (u16, f64)>, sqlx::Error> {
+    let rows: Vec<(String, i16, Option<f32>)> =
+        sqlx::query_as("SELECT name, channels, sample_rate_hz FROM data_types")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, channels, rate)| {
+            (
+                name,
+                (channels.max(1) as u16, f64::from(rate.unwrap_or(1.0))),
+            )
+        })
+        .collect())
+}
+
+impl PreparedMember {
+    /// The member's metrics.
+    pub fn metrics(&self) -> &LiveMetrics {
+        &self.metrics
+    }
+
+    /// Runs until `shutdown` fires.
+    pub async fn run(self, shutdown: Shutdown) -> Result<(), LiveError> {
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || self.run_loop(&rt, &shutdown))
+            .await
+            .map_err(|e| LiveError::Panicked(e.to_string()))?
+    }
+
+    fn run_loop(
+        mut self,
+        rt: &tokio::runtime::Handle,
+        shutdown: &Shutdown,
+    ) -> Result<(), LiveError> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let consumer: BaseConsumer<Rebuild> = self.consumer.create_with_context(Rebuild {
+            state: Arc::clone(&state),
+            lookup: self.lookup.create()?,
+            lookback: self.options.lookback(),
+        })?;
+        consumer.subscribe(&[&self.points_topic])?;
+        tracing::info!(topic = self.points_topic, "feeding back live metrics");
+        let mut last_sweep = Instant::now();
+        let mut last_shapes = Instant::now();
+        while !shutdown.is_fired() {
+            // What has arrived (up to a bound), then the feeds that are due.
+            let mut wait = Duration::from_millis(20);
+            for _ in 0..1000 {
+                match consumer.poll(wait) {
+                    None => break,
+                    Some(Ok(message)) => {
+                        let mut s = lock(&state);
+                        self.take(
+                            &mut s,
+                            message.partition(),
+                            message.offset(),
+                            message.payload(),
+                        );
+                    }
+                    Some(Err(e)) => {
+                        if let Some((code, reason)) = consumer.client().fatal_error() {
+                            tracing::error!(?code, reason, "kafka consumer failed for good");
+                            shutdown.fire();
+                            return Err(LiveError::Fatal(reason));
+                        }
+                        tracing::warn!(error = %e, "kafka consumer error");
+                    }
+                }
+                wait = Duration::ZERO;
+            }
+            self.feed_due(&mut lock(&state));
+            if last_sweep.elapsed() >= Duration::from_secs(1) {
+                last_sweep = Instant::now();
+                let mut s = lock(&state);
+                let idle = self.options.idle;
+                s.windows
+                    .retain(|_, entry| entry.last_sample.elapsed() < idle);
+                self.metrics.windows.set(s.windows.len() as i64);
+                self.metrics
+                    .window_bytes
+                    .set(s.windows.values().map(|e| e.window.bytes()).sum::<usize>() as i64);
+                self.metrics
+                    .rebuilding_partitions
+                    .set(s.rebuilding.len() as i64);
+            }
+            if last_shapes.elapsed() >= Duration::from_secs(60) {
+                last_shapes = Instant::now();
+                match rt.block_on(load_shapes(&self.pool)) {
+                    Ok(shapes) => self.shapes = shapes,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot re-read the data types; keeping the old ones")
+                    }
+                }
+            }
+        }
+        consumer.unsubscribe();
+        let _ = self.producer.flush(Duration::from_secs(5));
+        Ok(())
+    }
+
+    /// Adds a points message's samples to its window.
+    fn take(&self, state: &mut State, partition: i32, offset: i64, payload: Option<&[u8]>) {
+        if let Some(&end) = state.rebuilding.get(&partition) {
+            if offset + 1 >= end {
+                state.rebuilding.remove(&partition);
+                tracing::info!(partition, "windows rebuilt; feeding back");
+            }
+        }
+        let frame = match biofeed_schema::decode(payload.unwrap_or_default()) {
+            Ok(frame) => frame,
+            Err(_) => {
+                self.metrics.undecodable.inc();
+                return;
+            }
+        };
+        let name = frame.data_type.as_str();
+        let Some(&(_, rate_hz)) = self.shapes.get(name) else {
+            return;
+        };
+        let window_us = if name == "eeg" {
+            self.options.eeg_window
+        } else {
+            self.options.window
+        };
+        let entry = state
+            .windows
+            .entry((frame.session_id, name.to_owned()))
+            .or_insert_with(|| Entry {
+                window: Window::new(
+                    frame.session_id,
+                    name,
+                    Shape {
+                        channels: frame.channels,
+                        rate_hz,
+                        window_us: window_us.as_micros() as i64,
+                        plot_us: self.options.plot_span.as_micros() as i64,
+                        plot_points: self.options.plot_points as usize,
+                    },
+                ),
+                partition,
+                dirty: false,
+                last_feed: None,
+                last_sample: Instant::now(),
+            });
+        let channels = usize::from(frame.channels.max(1));
+        entry.window.add(
+            frame
+                .offsets_us
+                .iter()
+                .zip(frame.values.chunks(channels))
+                .map(|(offset, values)| (frame.t0_us + offset, values.to_vec())),
+        );
+        entry.partition = partition;
+        entry.dirty = true;
+        entry.last_sample = Instant::now();
+    }
+
+    /// Feeds back every window with new samples whose interval has passed, unless its partition
+    /// is still being re-read.
+    fn feed_due(&self, state: &mut State) {
+        let State {
+            windows,
+            rebuilding,
+        } = state;
+        for entry in windows.values_mut() {
+            if !entry.dirty
+                || rebuilding.contains_key(&entry.partition)
+                || entry
+                    .last_feed
+                    .is_some_and(|t| t.elapsed() < self.options.interval)
+            {
+                continue;
+            }
+            entry.dirty = false;
+            entry.last_feed = Some(Instant::now());
+            let Some(feed) = entry.window.feed(now_us()) else {
+                continue;
+            };
+            let Ok(json) = serde_json::to_vec(&feed) else {
+                continue;
+            };
+            let key = feed.key();
+            match self
+                .producer
+                .send(BaseRecord::to(&self.live_topic).key(&key).payload(&json))
+            {
+                Ok(()) => {
+                    self.metrics.feeds.inc();
+                }
+                Err((e, _)) => {
+                    self.metrics.feeds_dropped.inc();
+                    tracing::warn!(error = %e, "cannot queue a live feed");
+                }
+            };
+        }
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,255 @@
+//! A window of one data type of one session: the newest samples by time, a re-sent sample
+//! replacing the one of the same instant (as `points FINAL` collapses it), and the feed computed
+//! from it. Pure: no I/O, so the arithmetic is tested here.
+
+use std::collections::BTreeMap;
+
+use biofeed_signals::Sample;
+use uuid::Uuid;
+
+use crate::feed::{Feed, FeedMetric, Plot};
+
+/// How a data type is fed back: its shape and the window's length.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    /// Values per sample.
+    pub channels: u16,
+    /// Nominal samples per second (RR's irregular rate: 1).
+    pub rate_hz: f64,
+    /// The metrics' window, µs.
+    pub window_us: i64,
+    /// The plot's span, µs.
+    pub plot_us: i64,
+    /// At most this many plot points.
+    pub plot_points: usize,
+}
+
+/// The newest samples of one data type of a session.
+#[derive(Debug, Clone)]
+pub struct Window {
+    session: Uuid,
+    data_type: String,
+    shape: Shape,
+    samples: BTreeMap<i64, Vec<f32>>,
+}
+
+impl Window {
+    /// An empty window.
+    pub fn new(session: Uuid, data_type: &str, shape: Shape) -> Self {
+        Self {
+            session,
+            data_type: data_type.to_owned(),
+            shape,
+            samples: BTreeMap::new(),
+        }
+    }
+
+    /// Adds samples `(t_us, values)`; a sample of an instant already held replaces it. Samples
+    /// older than the window behind the newest are dropped.
+    pub fn add(&mut self, samples: impl IntoIterator<Item = (i64, Vec<f32>)>) {
+        for (t, values) in samples {
+            self.samples.insert(t, values);
+        }
+        if let Some(&newest) = self.samples.keys().next_back() {
+            let keep = self.shape.window_us.max(self.shape.plot_us);
+            self.samples = self.samples.split_off(&(newest - keep + 1));
+        }
+    }
+
+    /// The newest sample's time.
+    pub fn newest(&self) -> Option<i64> {
+        self.samples.keys().next_back().copied()
+    }
+
+    /// Samples held.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether it holds no sample.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// Bytes its samples take, roughly (for the memory gauge).
+    pub fn bytes(&self) -> usize {
+        // A B-tree entry: the key, the Vec header, the values, and the node's share.
+        self.samples.len() * (8 + 24 + 16 + 4 * usize::from(self.shape.channels))
+    }
+
+    /// The feed of the window as it stands (none while empty), computed at `now_us`.
+    pub fn feed(&self, now_us: i64) -> Option<Feed> {
+        let through = self.newest()?;
+        let from = through - self.shape.window_us;
+        let window: Vec<Sample> = self
+            .samples
+            .range(from + 1..)
+            .map(|(t, v)| (*t, v.clone()))
+            .collect();
+        let metrics = biofeed_signals::for_data_type(
+            &self.data_type,
+            usize::from(self.shape.channels),
+            self.shape.rate_hz,
+            &window,
+        )
+        .into_iter()
+        .filter(|m| m.value.is_finite())
+        .map(|m| FeedMetric {
+            name: m.name.to_owned(),
+            channel: m.channel,
+            value: m.value,
+            samples: m.samples,
+        })
+        .collect();
+        Some(Feed {
+            session_id: self.session,
+            data_type: self.data_type.clone(),
+            channels: self.shape.channels,
+            window_us: self.shape.window_us,
+            through_us: through,
+            samples: window.len() as u64,
+            metrics,
+            plot: self.plot(through),
+            computed_at_us: now_us,
+        })
+    }
+
+    /// The newest `plot_us` downsampled into at most `plot_points` buckets of equal length.
+    fn plot(&self, through: i64) -> Plot {
+        let channels = usize::from(self.shape.channels);
+        let from = through - self.shape.plot_us;
+        let points = self.shape.plot_points.max(1) as i128;
+        let span = i128::from(self.shape.plot_us.max(1));
+        let mut plot = Plot {
+            t_us: Vec::new(),
+            values: vec![Vec::new(); channels],
+        };
+        let mut current: Option<(i128, i64, Vec<f64>, u32)> = None;
+        let close = |plot: &mut Plot, (_, t0, sums, n): (i128, i64, Vec<f64>, u32)| {
+            plot.t_us.push(t0);
+            for (channel, sum) in sums.iter().enumerate() {
+                plot.values[channel].push((sum / f64::from(n)) as f32);
+            }
+        };
+        for (t, values) in self.samples.range(from + 1..) {
+            // In 0..points: a sample at `from + 1` opens the first bucket, one at `through` the last.
+            let bucket = i128::from(t - from - 1) * points / span;
+            match &mut current {
+                Some((b, _, sums, n)) if *b == bucket => {
+                    for (sum, v) in sums.iter_mut().zip(values) {
+                        *sum += f64::from(*v);
+                    }
+                    *n += 1;
+                }
+                _ => {
+                    if let Some(done) = current.take() {
+                        close(&mut plot, done);
+                    }
+                    let mut sums = vec![0.0; channels];
+                    for (sum, v) in sums.iter_mut().zip(values) {
+                        *sum = f64::from(*v);
+                    }
+                    current = Some((bucket, *t, sums, 1));
+                }
+            }
+        }
+        if let Some(done) = current.take() {
+            close(&mut plot, done);
+        }
+        plot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(window_s: i64, plot_points: usize) -> Shape {
+        Shape {
+            channels: 1,
+            rate_hz: 1.0,
+            window_us: window_s * 1_000_000,
+            plot_us: 10_000_000,
+            plot_points,
+        }
+    }
+
+    fn beats(from_s: i64, rr: &[f32]) -> Vec<(i64, Vec<f32>)> {
+        let mut t = from_s * 1_000_000;
+        rr.iter()
+            .map(|v| {
+                t += (*v as i64) * 1000;
+                (t, vec![*v])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_feed_is_the_session_arithmetic_over_the_window_only() {
+        let mut w = Window::new(Uuid::from_u128(1), "rr_interval", shape(5, 100));
+        // 10 beats of 1 s, then 4 of 800 ms: a 5 s window ending at the newest beat holds the
+        // four short ones and the last long one (its time is 5.2 s before the newest: outside).
+        let mut all = beats(0, &[1000.0; 10]);
+        all.extend(beats(10, &[800.0; 4]));
+        w.add(all.clone());
+        let feed = w.feed(42).unwrap();
+        let through = all.last().unwrap().0;
+        let expected: Vec<Sample> = all
+            .iter()
+            .filter(|(t, _)| *t > through - 5_000_000)
+            .cloned()
+            .collect();
+        assert_eq!(feed.samples, expected.len() as u64);
+        assert_eq!(feed.through_us, through);
+        let arithmetic = biofeed_signals::hrv(&expected);
+        assert_eq!(feed.metrics.len(), arithmetic.len());
+        for (m, a) in feed.metrics.iter().zip(&arithmetic) {
+            assert_eq!(
+                (m.name.as_str(), m.value, m.samples),
+                (a.name, a.value, a.samples)
+            );
+        }
+        assert_eq!(feed.computed_at_us, 42);
+    }
+
+    #[test]
+    fn a_resent_sample_replaces_and_old_samples_leave() {
+        let mut w = Window::new(Uuid::from_u128(1), "heart_rate", shape(5, 100));
+        w.add([(1_000_000, vec![60.0]), (2_000_000, vec![61.0])]);
+        w.add([(2_000_000, vec![61.0])]);
+        assert_eq!(w.len(), 2);
+        // Kept: the longer of the window and the plot span (10 s) behind the newest.
+        w.add([(11_500_000, vec![70.0])]);
+        assert_eq!(w.len(), 2, "the sample at 1 s is more than 10 s behind");
+        // A late sample older than that is dropped at once.
+        w.add([(500_000, vec![1.0])]);
+        assert_eq!(w.len(), 2);
+        assert!(Window::new(Uuid::nil(), "eeg", shape(5, 10))
+            .feed(0)
+            .is_none());
+    }
+
+    #[test]
+    fn the_plot_is_bucket_means_never_more_points_than_asked() {
+        let mut w = Window::new(Uuid::from_u128(1), "ppg", shape(5, 10));
+        // 100 Hz for 10 s: 1000 samples, 10 buckets of 1 s.
+        w.add((1..=1000).map(|i| (i * 10_000, vec![i as f32])));
+        let feed = w.feed(0).unwrap();
+        assert_eq!(feed.plot.t_us.len(), 10);
+        // 256 Hz into 300 points over 10 s (a span the points do not divide): never 301.
+        let mut eeg = Window::new(Uuid::from_u128(2), "eeg", shape(4, 300));
+        eeg.add((0..2560).map(|i| (1_000_000 + i * 3_906, vec![0.0])));
+        assert_eq!(eeg.feed(0).unwrap().plot.t_us.len(), 300);
+        assert_eq!(feed.plot.values[0].len(), 10);
+        // The first bucket holds samples 1..=100: mean 50.5, timed at the first.
+        assert_eq!(feed.plot.t_us[0], 10_000);
+        assert_eq!(feed.plot.values[0][0], 50.5);
+        // Sparse data keeps every sample.
+        let mut rr = Window::new(Uuid::from_u128(1), "rr_interval", shape(60, 100));
+        rr.add(beats(0, &[900.0, 910.0, 905.0]));
+        assert_eq!(
+            rr.feed(0).unwrap().plot.values[0],
+            vec![900.0, 910.0, 905.0]
+        );
+    }
+}
