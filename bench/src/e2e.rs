@@ -380,6 +380,7 @@ async fn start_up(
             format!("127.0.0.1:{metrics_port}"),
         )
         .env("BIOFEED_CONSUMER_GROUP", format!("biofeed-e2e-{id}"))
+        .env("BIOFEED_LIVE_GROUP", format!("biofeed-e2e-{id}-live"))
         .env("BIOFEED_GATEWAY_MAX_IN_FLIGHT", "4096")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit());

@@ -416,7 +416,7 @@ impl PreparedMember {
                 .offsets_us
                 .iter()
                 .zip(frame.values.chunks(channels))
-                .map(|(offset, values)| (frame.t0_us + offset, values.to_vec())),
+                .map(|(offset, values)| (frame.t0_us + offset, values)),
         );
         entry.partition = partition;
         entry.dirty = true;

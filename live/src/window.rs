@@ -2,7 +2,7 @@
 //! replacing the one of the same instant (as `points FINAL` collapses it), and the feed computed
 //! from it. Pure: no I/O, so the arithmetic is tested here.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 use biofeed_signals::Sample;
 use uuid::Uuid;
@@ -24,13 +24,16 @@ pub struct Shape {
     pub plot_points: usize,
 }
 
-/// The newest samples of one data type of a session.
+/// The newest samples of one data type of a session: their times in order, and their values
+/// flat (`channels` per sample) in the same order. A session's frames arrive in order (one
+/// partition), so adding is an append; a late or re-sent sample is put in place.
 #[derive(Debug, Clone)]
 pub struct Window {
     session: Uuid,
     data_type: String,
     shape: Shape,
-    samples: BTreeMap<i64, Vec<f32>>,
+    times: VecDeque<i64>,
+    values: VecDeque<f32>,
 }
 
 impl Window {
@@ -40,52 +43,86 @@ impl Window {
             session,
             data_type: data_type.to_owned(),
             shape,
-            samples: BTreeMap::new(),
+            times: VecDeque::new(),
+            values: VecDeque::new(),
         }
     }
 
-    /// Adds samples `(t_us, values)`; a sample of an instant already held replaces it. Samples
-    /// older than the window behind the newest are dropped.
-    pub fn add(&mut self, samples: impl IntoIterator<Item = (i64, Vec<f32>)>) {
+    fn channels(&self) -> usize {
+        usize::from(self.shape.channels.max(1))
+    }
+
+    /// Adds samples `(t_us, values)` (`channels` values each; a sample of another width is
+    /// ignored); a sample of an instant already held replaces it. Samples older than the
+    /// window behind the newest are dropped.
+    pub fn add<'v>(&mut self, samples: impl IntoIterator<Item = (i64, &'v [f32])>) {
+        let channels = self.channels();
         for (t, values) in samples {
-            self.samples.insert(t, values);
+            if values.len() != channels {
+                continue;
+            }
+            match self.times.back() {
+                Some(&newest) if t <= newest => {
+                    let at = self.times.partition_point(|&x| x < t);
+                    if self.times.get(at) == Some(&t) {
+                        for (c, v) in values.iter().enumerate() {
+                            self.values[at * channels + c] = *v;
+                        }
+                    } else {
+                        self.times.insert(at, t);
+                        for (c, v) in values.iter().enumerate() {
+                            self.values.insert(at * channels + c, *v);
+                        }
+                    }
+                }
+                _ => {
+                    self.times.push_back(t);
+                    self.values.extend(values);
+                }
+            }
         }
-        if let Some(&newest) = self.samples.keys().next_back() {
+        if let Some(&newest) = self.times.back() {
             let keep = self.shape.window_us.max(self.shape.plot_us);
-            self.samples = self.samples.split_off(&(newest - keep + 1));
+            let old = self.times.partition_point(|&x| x <= newest - keep);
+            self.times.drain(..old);
+            self.values.drain(..old * channels);
         }
     }
 
     /// The newest sample's time.
     pub fn newest(&self) -> Option<i64> {
-        self.samples.keys().next_back().copied()
+        self.times.back().copied()
     }
 
     /// Samples held.
     pub fn len(&self) -> usize {
-        self.samples.len()
+        self.times.len()
     }
 
     /// Whether it holds no sample.
     pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
+        self.times.is_empty()
     }
 
-    /// Bytes its samples take, roughly (for the memory gauge).
+    /// Bytes its samples take (for the memory gauge).
     pub fn bytes(&self) -> usize {
-        // A B-tree entry: the key, the Vec header, the values, and the node's share.
-        self.samples.len() * (8 + 24 + 16 + 4 * usize::from(self.shape.channels))
+        self.times.capacity() * 8 + self.values.capacity() * 4
+    }
+
+    /// The samples with `t > from`, as the arithmetic takes them.
+    fn since(&mut self, from: i64) -> impl Iterator<Item = (i64, &[f32])> + '_ {
+        let channels = self.channels();
+        let first = self.times.partition_point(|&x| x <= from);
+        let values: &[f32] = self.values.make_contiguous();
+        let times = &self.times;
+        (first..times.len()).map(move |i| (times[i], &values[i * channels..(i + 1) * channels]))
     }
 
     /// The feed of the window as it stands (none while empty), computed at `now_us`.
-    pub fn feed(&self, now_us: i64) -> Option<Feed> {
+    pub fn feed(&mut self, now_us: i64) -> Option<Feed> {
         let through = self.newest()?;
         let from = through - self.shape.window_us;
-        let window: Vec<Sample> = self
-            .samples
-            .range(from + 1..)
-            .map(|(t, v)| (*t, v.clone()))
-            .collect();
+        let window: Vec<Sample> = self.since(from).map(|(t, v)| (t, v.to_vec())).collect();
         let metrics = biofeed_signals::for_data_type(
             &self.data_type,
             usize::from(self.shape.channels),
@@ -115,7 +152,7 @@ impl Window {
     }
 
     /// The newest `plot_us` downsampled into at most `plot_points` buckets of equal length.
-    fn plot(&self, through: i64) -> Plot {
+    fn plot(&mut self, through: i64) -> Plot {
         let channels = usize::from(self.shape.channels);
         let from = through - self.shape.plot_us;
         let points = self.shape.plot_points.max(1) as i128;
@@ -131,7 +168,7 @@ impl Window {
                 plot.values[channel].push((sum / f64::from(n)) as f32);
             }
         };
-        for (t, values) in self.samples.range(from + 1..) {
+        for (t, values) in self.since(from) {
             // In 0..points: a sample at `from + 1` opens the first bucket, one at `through` the last.
             let bucket = i128::from(t - from - 1) * points / span;
             match &mut current {
@@ -149,7 +186,7 @@ impl Window {
                     for (sum, v) in sums.iter_mut().zip(values) {
                         *sum = f64::from(*v);
                     }
-                    current = Some((bucket, *t, sums, 1));
+                    current = Some((bucket, t, sums, 1));
                 }
             }
         }
@@ -174,6 +211,10 @@ mod tests {
         }
     }
 
+    fn add(w: &mut Window, samples: &[(i64, Vec<f32>)]) {
+        w.add(samples.iter().map(|(t, v)| (*t, v.as_slice())));
+    }
+
     fn beats(from_s: i64, rr: &[f32]) -> Vec<(i64, Vec<f32>)> {
         let mut t = from_s * 1_000_000;
         rr.iter()
@@ -191,7 +232,7 @@ mod tests {
         // four short ones and the last long one (its time is 5.2 s before the newest: outside).
         let mut all = beats(0, &[1000.0; 10]);
         all.extend(beats(10, &[800.0; 4]));
-        w.add(all.clone());
+        add(&mut w, &all);
         let feed = w.feed(42).unwrap();
         let through = all.last().unwrap().0;
         let expected: Vec<Sample> = all
@@ -215,30 +256,52 @@ mod tests {
     #[test]
     fn a_resent_sample_replaces_and_old_samples_leave() {
         let mut w = Window::new(Uuid::from_u128(1), "heart_rate", shape(5, 100));
-        w.add([(1_000_000, vec![60.0]), (2_000_000, vec![61.0])]);
-        w.add([(2_000_000, vec![61.0])]);
+        add(&mut w, &[(1_000_000, vec![60.0]), (2_000_000, vec![61.0])]);
+        add(&mut w, &[(2_000_000, vec![62.0])]);
         assert_eq!(w.len(), 2);
         // Kept: the longer of the window and the plot span (10 s) behind the newest.
-        w.add([(11_500_000, vec![70.0])]);
+        add(&mut w, &[(11_500_000, vec![70.0])]);
         assert_eq!(w.len(), 2, "the sample at 1 s is more than 10 s behind");
         // A late sample older than that is dropped at once.
-        w.add([(500_000, vec![1.0])]);
+        add(&mut w, &[(500_000, vec![1.0])]);
         assert_eq!(w.len(), 2);
         assert!(Window::new(Uuid::nil(), "eeg", shape(5, 10))
             .feed(0)
             .is_none());
+        // A sample out of order goes in its place; one of the wrong width is ignored.
+        add(
+            &mut w,
+            &[(11_000_000, vec![65.0]), (11_200_000, vec![1.0, 2.0])],
+        );
+        let plot = w.feed(0).unwrap().plot;
+        assert_eq!(plot.t_us, vec![2_000_000, 11_000_000, 11_500_000]);
+        assert_eq!(
+            plot.values[0],
+            vec![62.0, 65.0, 70.0],
+            "the re-sent sample replaced the first"
+        );
     }
 
     #[test]
     fn the_plot_is_bucket_means_never_more_points_than_asked() {
         let mut w = Window::new(Uuid::from_u128(1), "ppg", shape(5, 10));
         // 100 Hz for 10 s: 1000 samples, 10 buckets of 1 s.
-        w.add((1..=1000).map(|i| (i * 10_000, vec![i as f32])));
+        add(
+            &mut w,
+            &(1..=1000)
+                .map(|i| (i * 10_000, vec![i as f32]))
+                .collect::<Vec<_>>(),
+        );
         let feed = w.feed(0).unwrap();
         assert_eq!(feed.plot.t_us.len(), 10);
         // 256 Hz into 300 points over 10 s (a span the points do not divide): never 301.
         let mut eeg = Window::new(Uuid::from_u128(2), "eeg", shape(4, 300));
-        eeg.add((0..2560).map(|i| (1_000_000 + i * 3_906, vec![0.0])));
+        add(
+            &mut eeg,
+            &(0..2560)
+                .map(|i| (1_000_000 + i * 3_906, vec![0.0]))
+                .collect::<Vec<_>>(),
+        );
         assert_eq!(eeg.feed(0).unwrap().plot.t_us.len(), 300);
         assert_eq!(feed.plot.values[0].len(), 10);
         // The first bucket holds samples 1..=100: mean 50.5, timed at the first.
@@ -246,7 +309,7 @@ mod tests {
         assert_eq!(feed.plot.values[0][0], 50.5);
         // Sparse data keeps every sample.
         let mut rr = Window::new(Uuid::from_u128(1), "rr_interval", shape(60, 100));
-        rr.add(beats(0, &[900.0, 910.0, 905.0]));
+        add(&mut rr, &beats(0, &[900.0, 910.0, 905.0]));
         assert_eq!(
             rr.feed(0).unwrap().plot.values[0],
             vec![900.0, 910.0, 905.0]

@@ -99,6 +99,12 @@ pub struct SimulateSettings {
     )]
     pub terms_version: String,
 
+    /// Watch the first device's sessions live while they record (`GET /v1/sessions/{id}/live`,
+    /// as the person): print each feed's rolling metrics as it arrives. Needs a live member
+    /// (`biofeed up` runs one).
+    #[arg(long = "watch", id = "simulate_watch", env = "BIOFEED_SIMULATE_WATCH")]
+    pub watch: bool,
+
     /// Seed of the random signals and choices (default: random).
     #[arg(
         long = "seed",
@@ -199,6 +205,57 @@ pub struct Progress {
     pub sessions: AtomicU64,
     /// Devices signed up and registered.
     pub ready: AtomicU64,
+    /// With `--watch`: the live feeds' lines not yet printed.
+    pub live: std::sync::Mutex<Vec<String>>,
+}
+
+impl Progress {
+    /// Takes the live feeds' lines not yet printed.
+    pub fn take_live(&self) -> Vec<String> {
+        std::mem::take(&mut *self.live.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn push_live(&self, line: String) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line);
+    }
+}
+
+/// One line of a live feed (`biofeed-live`'s JSON): the data type, the window and its metrics
+/// (EEG band powers averaged over the channels).
+pub fn live_line(feed: &serde_json::Value) -> String {
+    let data_type = feed["data_type"].as_str().unwrap_or("?");
+    let session = feed["session_id"].as_str().unwrap_or("?");
+    let mut sums: Vec<(String, f64, u32)> = Vec::new();
+    for m in feed["metrics"].as_array().into_iter().flatten() {
+        let (Some(name), Some(value)) = (m["name"].as_str(), m["value"].as_f64()) else {
+            continue;
+        };
+        match sums.iter_mut().find(|(n, _, _)| n == name) {
+            Some((_, sum, n)) => {
+                *sum += value;
+                *n += 1;
+            }
+            None => sums.push((name.to_owned(), value, 1)),
+        }
+    }
+    let metrics: Vec<String> = sums
+        .iter()
+        .map(|(name, sum, n)| format!("{name} {:.1}", sum / f64::from(*n)))
+        .collect();
+    format!(
+        "live {} {data_type} ({} samples in {:.0} s): {}",
+        &session[..session.len().min(8)],
+        feed["samples"].as_u64().unwrap_or(0),
+        feed["window_us"].as_f64().unwrap_or(0.0) / 1e6,
+        if metrics.is_empty() {
+            "(too few samples yet)".to_owned()
+        } else {
+            metrics.join(", ")
+        }
+    )
 }
 
 /// The `q` quantile of sorted values (nearest rank), 0 for none.
@@ -353,6 +410,7 @@ pub async fn simulate(
             seed: seed.wrapping_add(u64::from(index) * 7_919),
             email: format!("sim-{run}-{index}@example.org"),
             progress: Arc::clone(&progress),
+            watch: settings.watch && index == 0,
         };
         tasks.spawn(async move { device.run(deadline).await });
     }
@@ -408,12 +466,15 @@ struct Device {
     seed: u64,
     email: String,
     progress: Arc<Progress>,
+    /// Watches its sessions live (`--watch`, the first device).
+    watch: bool,
 }
 
 /// Who a simulated device records for, and the token it records with.
 struct Enrolled {
     user_id: Uuid,
     device_token: String,
+    login_token: String,
 }
 
 #[derive(Default)]
@@ -560,6 +621,7 @@ impl Device {
         Ok(Enrolled {
             user_id,
             device_token,
+            login_token: token,
         })
     }
 
@@ -591,6 +653,8 @@ impl Device {
             .ok_or_else(|| anyhow::anyhow!("opening a session answered without its id"))?;
         let ends = (Instant::now() + Duration::from_secs_f64(length * rng.gen_range(0.5..1.5)))
             .min(deadline);
+        let watcher = (self.watch)
+            .then(|| tokio::spawn(self.watch_live(session, enrolled.login_token.clone())));
         let mut last = now_us();
         // Skip what happened before the session opened.
         let _ = body.measure(self.kind, last - 1, last);
@@ -603,12 +667,79 @@ impl Device {
             points += self.post(session, device_token, measured, outcome).await?;
         }
         let status = self.end_session(rng, session, device_token).await?;
+        if let Some(watcher) = watcher {
+            watcher.abort();
+        }
         Ok(SessionRecord {
             session_id: session,
             user_id: enrolled.user_id,
             status: status.to_owned(),
             points,
         })
+    }
+
+    /// Reads a session's live feed (Server-Sent Events) as the person and queues each feed's
+    /// line for printing, until the feed ends or the task is aborted.
+    fn watch_live(
+        &self,
+        session: Uuid,
+        token: String,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (http, url, progress) = (
+            self.http.clone(),
+            self.url.clone(),
+            Arc::clone(&self.progress),
+        );
+        async move {
+            let Ok(live) = url.join(&format!("/v1/sessions/{session}/live")) else {
+                return;
+            };
+            let response = match http
+                .get(live)
+                .bearer_auth(&token)
+                .timeout(Duration::from_secs(24 * 3600))
+                .send()
+                .await
+            {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    progress.push_live(format!("live: the gateway answered {}", r.status()));
+                    return;
+                }
+                Err(e) => {
+                    progress.push_live(format!("live: {e}"));
+                    return;
+                }
+            };
+            let mut response = response;
+            let mut buffer = String::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(at) = buffer.find("\n\n") {
+                    let block: String = buffer.drain(..at + 2).collect();
+                    let mut event = "";
+                    let mut data = String::new();
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("event:") {
+                            event = if v.trim() == "end" { "end" } else { "feed" };
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push_str(v.trim_start());
+                        }
+                    }
+                    let Ok(json) = serde_json::from_str::<serde_json::Value>(&data) else {
+                        continue;
+                    };
+                    if event == "end" {
+                        progress.push_live(format!(
+                            "live: the feed ended ({})",
+                            json["reason"].as_str().unwrap_or("?")
+                        ));
+                        return;
+                    }
+                    progress.push_live(live_line(&json));
+                }
+            }
+        }
     }
 
     /// Ends a session the way `abort_share` says (aborted, or completed with random feedback)

@@ -19,6 +19,9 @@ pub(crate) async fn run(settings: biofeed_simulator::SimulateSettings) -> anyhow
             let started = std::time::Instant::now();
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                for line in progress.take_live() {
+                    bar.suspend(|| eprintln!("{line}"));
+                }
                 let elapsed = started.elapsed().as_secs_f64();
                 let points = progress.points.load(Ordering::Relaxed);
                 bar.set_position(elapsed as u64);
@@ -34,6 +37,9 @@ pub(crate) async fn run(settings: biofeed_simulator::SimulateSettings) -> anyhow
     let outcome = biofeed_simulator::simulate(&settings, Arc::clone(&progress)).await;
     ticker.abort();
     bar.finish_and_clear();
+    for line in progress.take_live() {
+        eprintln!("{line}");
+    }
     let summary = outcome?;
     eprintln!(
         "simulated {} devices for {:.1} s: {} sessions completed, {} aborted; {} points accepted \

@@ -33,6 +33,10 @@ pub struct UpArgs {
     /// The jobs runner's settings.
     #[command(flatten, next_help_heading = "Jobs")]
     pub jobs: biofeed_jobs::JobsOptions,
+    /// Run a live member in this process (the live feedback of GET /v1/sessions/{id}/live);
+    /// `false` where live members run apart (`biofeed live`).
+    #[arg(long = "live-member", id = "up_live_member", value_name = "BOOL", env = "BIOFEED_UP_LIVE_MEMBER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub live_member: bool,
     /// The live member's settings.
     #[command(flatten, next_help_heading = "Live feedback")]
     pub live: biofeed_live::LiveOptions,
@@ -54,16 +58,22 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
     let job_metrics = JobMetrics::registered(&mut registry);
-    let live = biofeed_live::member::prepare(
-        biofeed_live::LiveSettings {
-            options: args.live,
-            postgres: gateway.postgres.clone(),
-            kafka: gateway.kafka.clone(),
-            topics: gateway.topics.clone(),
-        },
-        &mut registry,
-    )
-    .await?;
+    let live = if args.live_member {
+        Some(
+            biofeed_live::member::prepare(
+                biofeed_live::LiveSettings {
+                    options: args.live,
+                    postgres: gateway.postgres.clone(),
+                    kafka: gateway.kafka.clone(),
+                    topics: gateway.topics.clone(),
+                },
+                &mut registry,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let app = Application::build(gateway).await?;
     eprintln!(
         "biofeed up: gateway on {}://{}, consumer, jobs and live metrics on http://{}/metrics",
@@ -72,19 +82,18 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         endpoint.address()?
     );
     let metrics = endpoint.serve(registry);
-    let outcome = run_parts(
-        &shutdown,
-        vec![
-            Part::new("gateway", app.run_until(shutdown.wait())),
-            Part::new("consumer", consume(consumer, shutdown.clone())),
-            Part::new(
-                "jobs",
-                biofeed_jobs::run_runner(jobs, job_metrics, shutdown.clone()),
-            ),
-            Part::new("live", live.run(shutdown.clone())),
-        ],
-    )
-    .await;
+    let mut parts = vec![
+        Part::new("gateway", app.run_until(shutdown.wait())),
+        Part::new("consumer", consume(consumer, shutdown.clone())),
+        Part::new(
+            "jobs",
+            biofeed_jobs::run_runner(jobs, job_metrics, shutdown.clone()),
+        ),
+    ];
+    if let Some(live) = live {
+        parts.push(Part::new("live", live.run(shutdown.clone())));
+    }
+    let outcome = run_parts(&shutdown, parts).await;
     metrics.stop().await;
     Ok(outcome?)
 }

@@ -503,3 +503,46 @@ async fn a_live_member_killed_mid_session_is_back_within_seconds_with_whole_wind
     assert!(viewer.ended.is_none());
     member.stop_ok().await;
 }
+
+#[tokio::test]
+async fn biofeed_up_feeds_back_and_simulate_watch_prints_the_feed() {
+    let stores = crate::helpers::Isolated::migrated().await;
+    let up =
+        crate::up::UpSettings::new(&stores, &biofeed_accounts::AccountKeys::generate(), "live");
+    let env = crate::helpers::with(up.env.clone(), "BIOFEED_LIVE_WINDOW", "10s".to_owned());
+    let process = crate::up::start_up(&env, &up.url).await;
+    let run = crate::helpers::run_biofeed(
+        &[
+            "simulate",
+            "--url",
+            &up.url,
+            "--devices",
+            "1",
+            "--duration",
+            "12s",
+            "--session-length",
+            "30s",
+            "--watch",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    // The strap's RR session, watched as its person: lines with the HRV metrics.
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("live ") && l.contains(" rr_interval ("))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("rmssd_ms") && l.contains("mean_hr_bpm")),
+        "{run:?}"
+    );
+    assert!(lines.len() >= 3, "{run:?}");
+    // The summary stays the last line of standard output.
+    let summary: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["devices"], 1);
+    process.stop_ok().await;
+}

@@ -37,6 +37,10 @@ impl UpSettings {
                 "BIOFEED_CONSUMER_GROUP",
                 format!("biofeed-test-{group}-{}", stores.id),
             ),
+            (
+                "BIOFEED_LIVE_GROUP",
+                format!("biofeed-live-test-{group}-{}", stores.id),
+            ),
             ("BIOFEED_BATCH_MAX_AGE", "200ms".to_owned()),
         ]);
         for key in [
