@@ -5,6 +5,7 @@
 //! Kafka engine) in the same run; a markdown report with the machine it ran on.
 
 mod devices;
+mod live;
 mod report;
 
 use std::collections::HashMap;
@@ -55,6 +56,12 @@ pub struct BenchE2eSettings {
         default_value = "docs/bench-e2e.md"
     )]
     pub report: std::path::PathBuf,
+
+    /// Live sessions beside the load: RR-interval sessions, each watched on
+    /// `GET /v1/sessions/{id}/live`; measures the sample-to-feedback latency (0: none).
+    #[arg(long = "live-sessions", id = "e2e_live_sessions", value_name = "N", env = "BIOFEED_BENCH_E2E_LIVE_SESSIONS",
+          default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub live_sessions: u32,
 
     /// Skip the peer comparisons (bench gateway, bench consume).
     #[arg(long = "no-peers", id = "e2e_no_peers")]
@@ -126,6 +133,21 @@ pub struct E2eFigures {
     pub security: String,
     /// One ClickHouse server or a cluster's shards and replicas, and the Kafka brokers.
     pub topology: String,
+    /// Live sessions watched beside the load (`--live-sessions`).
+    pub live_sessions: u32,
+    /// Feeds their viewers received in the measured window and after.
+    pub live_feeds: u64,
+    /// Device send → a feed whose window holds that frame's last sample, median, ms.
+    pub live_p50_ms: f64,
+    /// The same, 99th percentile, ms.
+    pub live_p99_ms: f64,
+    /// Viewers whose stream ended before the run did (0: none).
+    pub live_viewers_lost: u64,
+    /// Windows the live member held at the end (every session's data types: the live sessions'
+    /// and the load's).
+    pub live_windows: u64,
+    /// Bytes those windows' samples took.
+    pub live_window_bytes: u64,
     /// `biofeed bench gateway`'s last line, if run.
     pub gateway_peer: Option<serde_json::Value>,
     /// `biofeed bench consume`'s last line, if run.
@@ -267,7 +289,7 @@ async fn measure(
     progress: &(impl Fn(&str) + Send + Sync),
 ) -> anyhow::Result<E2eFigures> {
     progress("starting biofeed up on the bench's own database and topics");
-    let (up, url) = start_up(settings, stores, id).await?;
+    let (up, url, metrics_url) = start_up(settings, stores, id).await?;
     let pid = up.0.id();
     let mut http = reqwest::Client::builder()
         .pool_max_idle_per_host(settings.devices as usize)
@@ -289,6 +311,15 @@ async fn measure(
         settings.devices
     ));
     let sessions = devices::register(settings, accounts, &http, &url, id).await?;
+    let mut live_load = if settings.live_sessions > 0 {
+        progress(&format!(
+            "opening {} live sessions, each with a viewer",
+            settings.live_sessions
+        ));
+        Some(live::LiveLoad::start(accounts, &http, &url, id, settings.live_sessions).await?)
+    } else {
+        None
+    };
     let mut load = Devices::start(settings, &http, &url, &sessions);
 
     // The prober: when a probe frame's last sample is queryable, its end-to-end latency is known.
@@ -307,9 +338,23 @@ async fn measure(
         probe_users,
     ));
 
-    let window = sustain(settings, &load, &ch, &e2e, progress).await?;
+    let window = sustain(settings, &load, live_load.as_ref(), &ch, &e2e, progress).await?;
+    let live_gauges = live_gauges(&http, &metrics_url).await;
     load.stop().await;
     prober.abort();
+    let (live_feeds, live_viewers_lost, mut live_latencies) = match live_load.as_mut() {
+        Some(l) => {
+            l.measuring.store(false, Ordering::Relaxed);
+            l.stop().await;
+            (
+                l.feeds.load(Ordering::Relaxed),
+                l.viewers_lost.load(Ordering::Relaxed),
+                l.latencies.lock().map(|v| v.clone()).unwrap_or_default(),
+            )
+        }
+        None => (0, 0, Vec::new()),
+    };
+    live_latencies.sort_by(f64::total_cmp);
 
     progress("draining: waiting until every accepted point is queryable");
     let total_accepted = load.accepted.load(Ordering::Relaxed);
@@ -353,9 +398,40 @@ async fn measure(
         retried: load.retried.load(Ordering::Relaxed),
         peak_rss_mib,
         bytes_per_point: bytes as f64 / stored.max(1) as f64,
+        live_sessions: settings.live_sessions,
+        live_feeds,
+        live_p50_ms: percentile(&live_latencies, 0.5),
+        live_p99_ms: percentile(&live_latencies, 0.99),
+        live_viewers_lost,
+        live_windows: live_gauges.0,
+        live_window_bytes: live_gauges.1,
         gateway_peer: None,
         consume_peer: None,
     })
+}
+
+/// The live member's `biofeed_live_windows` and `biofeed_live_window_bytes` gauges from the
+/// `biofeed up` child's metrics endpoint (0 when it does not answer).
+async fn live_gauges(http: &reqwest::Client, metrics_url: &str) -> (u64, u64) {
+    let text = match http.get(format!("{metrics_url}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let gauge = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0) as u64
+    };
+    (
+        gauge("biofeed_live_windows"),
+        gauge("biofeed_live_window_bytes"),
+    )
 }
 
 /// Spawns `biofeed up` on `stores`, on free ports; returns it and its gateway's URL.
@@ -363,7 +439,7 @@ async fn start_up(
     settings: &BenchE2eSettings,
     stores: &StoreSettings,
     id: &str,
-) -> anyhow::Result<(Child, String)> {
+) -> anyhow::Result<(Child, String, String)> {
     let (port, metrics_port) = (free_port()?, free_port()?);
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
@@ -398,6 +474,7 @@ async fn start_up(
     Ok((
         Child(command.spawn()?),
         format!("{scheme}://localhost:{port}"),
+        format!("http://127.0.0.1:{metrics_port}"),
     ))
 }
 
@@ -494,6 +571,7 @@ struct Window {
 async fn sustain(
     settings: &BenchE2eSettings,
     load: &Devices,
+    live: Option<&live::LiveLoad>,
     ch: &ClickHouse,
     e2e: &Mutex<Vec<f64>>,
     progress: &(impl Fn(&str) + Send + Sync),
@@ -511,6 +589,12 @@ async fn sustain(
     }
     if let Ok(mut l) = load.latencies.lock() {
         l.clear();
+    }
+    if let Some(live) = live {
+        if let Ok(mut l) = live.latencies.lock() {
+            l.clear();
+        }
+        live.measuring.store(true, Ordering::Relaxed);
     }
     let (offered0, accepted0, stored0, t0) = (
         load.offered.load(Ordering::Relaxed),

@@ -87,6 +87,18 @@ pub(crate) async fn run_e2e(settings: biofeed_bench::e2e::BenchE2eSettings) -> a
         figures.stored,
         settings.report.display()
     );
+    if figures.live_sessions > 0 {
+        eprintln!(
+            "live feedback: {} sessions watched, sample → feedback p50 {:.0} ms, p99 {:.0} ms; {} windows in {} bytes ({:.0} B each); {} viewers lost",
+            figures.live_sessions,
+            figures.live_p50_ms,
+            figures.live_p99_ms,
+            figures.live_windows,
+            figures.live_window_bytes,
+            figures.live_window_bytes as f64 / figures.live_windows.max(1) as f64,
+            figures.live_viewers_lost
+        );
+    }
     println!("{}", serde_json::to_string(&figures)?);
     anyhow::ensure!(
         figures.lost == 0,

@@ -49,6 +49,35 @@ fn tuning() -> Vec<(String, bool)> {
     .collect()
 }
 
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "**not met**"
+    }
+}
+
+/// The live-feedback rows (`--live-sessions`), or nothing.
+fn live_rows(f: &E2eFigures) -> String {
+    if f.live_sessions == 0 {
+        return String::new();
+    }
+    format!(
+        "| live sessions watched (RR, one viewer each) | {} ({} feeds received, {} viewers lost) | |\n\
+         | sample-to-feedback latency p50 / p99 (device send → a feed whose window holds it) | {:.0} ms / {:.0} ms | p99 < 1 s: {} |\n\
+         | live member's windows / their samples' bytes (per window) | {} / {} ({:.0} B) | |\n",
+        f.live_sessions,
+        f.live_feeds,
+        f.live_viewers_lost,
+        f.live_p50_ms,
+        f.live_p99_ms,
+        verdict(f.live_p99_ms < 1_000.0 && f.live_p99_ms > 0.0),
+        f.live_windows,
+        f.live_window_bytes,
+        f.live_window_bytes as f64 / f.live_windows.max(1) as f64,
+    )
+}
+
 /// A figure of a peer benchmark's last-line JSON (NaN when it is missing).
 fn number(v: &serde_json::Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
@@ -77,7 +106,6 @@ fn peer_row(
 
 /// Writes the markdown report of a run to `settings.report`.
 pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyhow::Result<()> {
-    let verdict = |ok: bool| if ok { "met" } else { "**not met**" };
     let gateway_peer = peer_row(
         "biofeed bench gateway",
         "the gateway vs producing the same Avro frames straight into Kafka (librdkafka)",
@@ -112,7 +140,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | points accepted / stored after draining | {acc} / {sto} | none lost: {t3} |\n\
          | requests retried after 429/503 | {retried} | |\n\
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
-         | bytes per point on disk (one replica's copy) | {bpp:.2} | |\n\n\
+         | bytes per point on disk (one replica's copy) | {bpp:.2} | |\n{live}\n\
          ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
          Reproduce: `{up} && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{ca}{peers}`.\n",
         up = if settings.stores.clickhouse.cluster.is_some() {
@@ -160,6 +188,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
         bpp = f.bytes_per_point,
         gp = gateway_peer,
         cp = consume_peer,
+        live = live_rows(f),
     );
     if let Some(dir) = settings
         .report
