@@ -353,6 +353,51 @@ pub async fn authenticate(pool: &PgPool, token: &str) -> Result<Option<Actor>, A
     .await?)
 }
 
+/// [`authenticate`] for many tokens in one query (a gateway re-checking its open live feeds
+/// every second): the actor of each token that is known, unexpired and unrevoked, its user live.
+pub async fn authenticate_many(
+    pool: &PgPool,
+    tokens: &[&str],
+) -> Result<std::collections::HashMap<String, Actor>, AccountsError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        token_hash: Vec<u8>,
+        #[sqlx(flatten)]
+        actor: Actor,
+    }
+    let by_hash: std::collections::HashMap<Vec<u8>, &str> = tokens
+        .iter()
+        .filter(|t| t.starts_with(TOKEN_PREFIX))
+        .map(|t| (token_hash(t).to_vec(), *t))
+        .collect();
+    if by_hash.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let hashes: Vec<Vec<u8>> = by_hash.keys().cloned().collect();
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT t.token_hash, u.id AS user_id, r.name AS role,
+                coalesce(array_agg(p.name) FILTER (WHERE p.name IS NOT NULL), '{}') AS permissions
+         FROM login_tokens t JOIN users u ON u.id = t.user_id
+         JOIN roles r ON r.id = u.role_id
+         LEFT JOIN role_permissions rp ON rp.role_id = r.id
+         LEFT JOIN permissions p ON p.id = rp.permission_id
+         WHERE u.deleted_at IS NULL AND t.token_hash = ANY($1)
+           AND t.revoked_at IS NULL AND t.expires_at > now()
+         GROUP BY t.token_hash, u.id, r.name",
+    )
+    .bind(&hashes)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            by_hash
+                .get(&row.token_hash)
+                .map(|token| ((*token).to_owned(), row.actor))
+        })
+        .collect())
+}
+
 /// Revokes a login token.
 pub async fn logout(pool: &PgPool, token: &str) -> Result<(), AccountsError> {
     sqlx::query(

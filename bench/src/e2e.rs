@@ -578,7 +578,7 @@ async fn sustain(
 ) -> anyhow::Result<Window> {
     let count = || async {
         ch.client()
-            .query("SELECT count() FROM points")
+            .query("SELECT count() FROM points WHERE data_type = 'ecg'")
             .fetch_one::<u64>()
             .await
     };
@@ -632,7 +632,7 @@ async fn drain(ch: &ClickHouse, accepted: u64) -> anyhow::Result<u64> {
     while Instant::now() < drain {
         stored = ch
             .client()
-            .query("SELECT count() FROM points FINAL")
+            .query("SELECT count() FROM points FINAL WHERE data_type = 'ecg'")
             .fetch_one::<u64>()
             .await?;
         if stored >= accepted {

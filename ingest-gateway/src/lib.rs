@@ -166,6 +166,7 @@ impl Application {
                 device_tokens,
                 metrics: Arc::clone(&metrics),
                 live: biofeed_live::hub::Hub::start(&settings.kafka, &settings.topics.live)?,
+                live_watchers: people::live::Watchers::default(),
             }),
             operator: Arc::new(Operator {
                 pool,
@@ -211,6 +212,13 @@ impl Application {
             Arc::clone(&state.operator.metrics),
         )?;
         let app = router(self.state);
+        // Open live feeds never end by themselves: at shutdown they are ended (an `end` event)
+        // so that the graceful shutdown, which waits for every connection, can finish.
+        let people = state.people.clone();
+        let shutdown = async move {
+            shutdown.await;
+            people.inner.live_watchers.close();
+        };
         let served = match self.https {
             Some(https) => {
                 tracing::info!(%address, "gateway listening (https)");

@@ -100,14 +100,16 @@ pub(crate) struct PeopleInner {
     pub(crate) metrics: Arc<Metrics>,
     /// The live topic's reader: the feeds of open sessions.
     pub(crate) live: biofeed_live::hub::Hub,
+    /// The open live feeds, re-checked together every second.
+    pub(crate) live_watchers: live::Watchers,
 }
 
 impl PeopleState {
-    /// The people half's state.
+    /// The people half's state; starts the re-check of its live feeds (which ends with it).
     pub(crate) fn new(inner: PeopleInner) -> Self {
-        Self {
-            inner: Arc::new(inner),
-        }
+        let inner = Arc::new(inner);
+        tokio::spawn(live::recheck_loop(Arc::downgrade(&inner)));
+        Self { inner }
     }
 
     /// Postgres.

@@ -14,7 +14,8 @@ pub struct Feed {
     /// Values per sample.
     pub channels: u16,
     /// The window's length in µs: the metrics cover the samples with
-    /// `through_us - window_us < t_us <= through_us`.
+    /// `through_us - window_us < t_us <= through_us` (for a data type without metrics, the
+    /// plot span).
     pub window_us: i64,
     /// The newest sample's time, µs since the epoch.
     pub through_us: i64,

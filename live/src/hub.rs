@@ -66,6 +66,8 @@ impl Hub {
         let mut config: ClientConfig = kafka.client_config()?;
         config
             .set("client.id", "biofeed-live-hub")
+            // librdkafka's consumer needs a group id even for `assign`; nothing is committed
+            // and no group is joined.
             .set("group.id", "biofeed-live-hub")
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "latest")

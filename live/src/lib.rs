@@ -20,6 +20,7 @@ pub mod feed;
 pub mod hub;
 pub mod member;
 pub mod window;
+pub mod windows;
 
 use std::time::Duration;
 
@@ -42,7 +43,9 @@ pub struct LiveOptions {
     )]
     pub group: String,
     /// This member's static identity in its group: a member restarted under the same id — after
-    /// a crash or `kill -9` too — takes its partitions back at once. Default: this host's name.
+    /// a crash or `kill -9` too — takes its partitions back at once. Give every member of a group
+    /// its own (a second with the same id fences the first). Default: this host's name with
+    /// `-live` (`biofeed live`) or `-up` (`biofeed up`).
     #[arg(
         long = "live-instance-id",
         id = "live_instance_id",
@@ -70,7 +73,8 @@ pub struct LiveOptions {
     /// At most this many plot points per feed (bucket means beyond).
     #[arg(long = "live-plot-points", id = "live_plot_points", value_name = "N", env = "BIOFEED_LIVE_PLOT_POINTS", default_value_t = 300, value_parser = clap::value_parser!(u32).range(2..=5000))]
     pub plot_points: u32,
-    /// A session's window is forgotten after this long without a new sample.
+    /// A session's window is forgotten after this long without a new sample (at least the
+    /// longest window plus a minute).
     #[arg(long = "live-idle", id = "live_idle", value_name = "DURATION", env = "BIOFEED_LIVE_IDLE", default_value = "2min", value_parser = parse_duration)]
     pub idle: Duration,
 }
@@ -78,7 +82,7 @@ pub struct LiveOptions {
 impl LiveOptions {
     /// The longest window a member must rebuild after an assignment.
     pub fn lookback(&self) -> Duration {
-        self.window.max(self.eeg_window).max(self.plot_span) + Duration::from_secs(30)
+        self.window.max(self.eeg_window).max(self.plot_span) + Duration::from_secs(60)
     }
 }
 

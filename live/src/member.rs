@@ -3,10 +3,11 @@
 //!
 //! Rebuilding: no offset is ever committed. Each assignment (start, restart, rebalance) seeks
 //! every partition to the first message at "now minus the lookback" (the longest window plus a
-//! margin) and notes the partition's end; until the member has read up to that end, the
-//! partition's sessions are fed nothing, so no viewer sees a metric over half a window. A member
-//! restarted under its static instance id gets its partitions back at once; one that died for
-//! good loses them to the others after `BIOFEED_LIVE_SESSION_TIMEOUT`.
+//! minute) and notes the partition's end; the gates of [`crate::windows`] then keep every feed
+//! whole (nothing until the member has read up to that end; no window reaching back before what
+//! the re-read holds). A member restarted under its static instance id gets its partitions back
+//! at once; one that died for good loses them to the others after
+//! `BIOFEED_LIVE_SESSION_TIMEOUT`.
 //!
 //! Memory: one window per session and data type, the longest of its metrics window and plot span
 //! of samples (an RR window of 60 s: about 70 samples, ~5 KiB; 8-channel 256 Hz EEG over a 10 s
@@ -26,9 +27,8 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
-use uuid::Uuid;
 
-use crate::window::{Shape, Window};
+use crate::windows::Windows;
 use crate::{host_name, now_us, LiveError, LiveOptions, LiveSettings};
 
 /// The live member's metrics.
@@ -83,26 +83,14 @@ impl LiveMetrics {
     }
 }
 
-/// A window and when it was last fed back.
-struct Entry {
-    window: Window,
-    partition: i32,
-    dirty: bool,
-    last_feed: Option<Instant>,
-    last_sample: Instant,
-}
-
-/// What the loop and the rebalance callback share.
-#[derive(Default)]
-struct State {
-    windows: HashMap<(Uuid, String), Entry>,
-    /// Partitions being re-read: the offset their end had at assignment.
-    rebuilding: HashMap<i32, i64>,
-}
+/// A device clock may run this far ahead of the gateway's (which refuses more than its
+/// `BIOFEED_GATEWAY_MAX_CLOCK_SKEW`, 5 s by default): a sample this much after the lookback's
+/// start was received after it, so the re-read holds it.
+const CLOCK_MARGIN_US: i64 = 30_000_000;
 
 /// The consumer's context: seeks every assigned partition back by the lookback.
 struct Rebuild {
-    state: Arc<Mutex<State>>,
+    state: Arc<Mutex<Windows>>,
     /// A consumer outside the group, for offset look-ups (not the group member itself, whose
     /// rebalance callback this runs in).
     lookup: BaseConsumer,
@@ -120,56 +108,61 @@ impl ConsumerContext for Rebuild {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let since_ms = (now_us() / 1000) - self.lookback.as_millis() as i64;
-                let mut query = TopicPartitionList::new();
-                for e in tpl.elements() {
-                    let _ = query.add_partition_offset(
-                        e.topic(),
-                        e.partition(),
-                        Offset::Offset(since_ms),
-                    );
-                }
-                let found = self
-                    .lookup
-                    .offsets_for_times(query, Duration::from_secs(10));
-                let mut state = lock(&self.state);
+                let now = now_us();
+                let since_us = now - self.lookback.as_micros() as i64;
                 let assigned: Vec<(String, i32)> = tpl
                     .elements()
                     .iter()
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
+                let mut query = TopicPartitionList::new();
+                for (topic, partition) in &assigned {
+                    let _ = query.add_partition_offset(
+                        topic,
+                        *partition,
+                        Offset::Offset(since_us / 1000),
+                    );
+                }
+                let found = self
+                    .lookup
+                    .offsets_for_times(query, Duration::from_secs(10))
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "cannot look up where the lookback starts; the assigned sessions are fed again once a whole window of new samples arrived");
+                    })
+                    .ok();
+                let mut state = lock(&self.state);
                 for (topic, partition) in assigned {
                     let start = found
                         .as_ref()
-                        .ok()
                         .and_then(|f| f.find_partition(&topic, partition))
-                        .map(|p| p.offset())
-                        .unwrap_or(Offset::End);
-                    let end = self
-                        .lookup
-                        .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                        .map(|(_, high)| high)
-                        .ok();
-                    match (start, end) {
-                        (Offset::Offset(from), Some(end)) if from < end => {
-                            state.rebuilding.insert(partition, end);
-                            tracing::info!(
-                                partition,
-                                from,
-                                end,
-                                "rebuilding the windows of an assigned partition"
-                            );
-                        }
-                        _ => {
-                            state.rebuilding.remove(&partition);
-                        }
-                    }
-                    let start = if matches!(start, Offset::Offset(_)) {
-                        start
-                    } else {
-                        Offset::End
+                        .map(|p| p.offset());
+                    let end = || {
+                        self.lookup
+                            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                            .map(|(_, high)| high)
+                            .map_err(|e| tracing::warn!(error = %e, partition, "cannot read the end of an assigned partition; its sessions are fed again once a whole window of new samples arrived"))
+                            .ok()
                     };
-                    let _ = tpl.set_partition_offset(&topic, partition, start);
+                    let (seek, rebuilding, complete_from) = match start {
+                        // Nothing since the lookback's start: nothing to re-read.
+                        Some(Offset::End) => (Offset::End, None, since_us + CLOCK_MARGIN_US),
+                        Some(Offset::Offset(from)) => match end() {
+                            Some(end) if from < end => {
+                                tracing::info!(
+                                    partition,
+                                    from,
+                                    end,
+                                    "rebuilding the windows of an assigned partition"
+                                );
+                                (Offset::Offset(from), Some(end), since_us + CLOCK_MARGIN_US)
+                            }
+                            Some(_) => (Offset::Offset(from), None, since_us + CLOCK_MARGIN_US),
+                            None => (Offset::End, None, now),
+                        },
+                        _ => (Offset::End, None, now),
+                    };
+                    state.assigned(partition, rebuilding, complete_from);
+                    let _ = tpl.set_partition_offset(&topic, partition, seek);
                 }
                 drop(state);
                 if let Err(e) = consumer.assign(tpl) {
@@ -177,20 +170,19 @@ impl ConsumerContext for Rebuild {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                let revoked: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let mut state = lock(&self.state);
-                state
-                    .windows
-                    .retain(|_, entry| !revoked.contains(&entry.partition));
-                for p in &revoked {
-                    state.rebuilding.remove(p);
+                for e in tpl.elements() {
+                    state.revoked(e.partition());
                 }
                 drop(state);
                 if let Err(e) = consumer.unassign() {
                     tracing::warn!(error = %e, "cannot give the revoked partitions back");
                 }
             }
-            other => tracing::error!(error = ?other, "kafka rebalance failed"),
+            other => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::error!(error = ?other, ?partitions, "kafka rebalance failed");
+            }
         }
     }
 }
@@ -213,6 +205,7 @@ pub struct PreparedMember {
 pub async fn prepare(
     settings: LiveSettings,
     registry: &mut Registry,
+    role: &str,
 ) -> Result<PreparedMember, LiveError> {
     let pool = settings.postgres.connect().await?;
     settings.kafka.connect_admin().await?;
@@ -222,7 +215,7 @@ pub async fn prepare(
         .options
         .instance_id
         .clone()
-        .unwrap_or_else(host_name);
+        .unwrap_or_else(|| format!("{}-{role}", host_name()));
     tracing::info!(instance_id, group = settings.options.group, "live member");
     let mut consumer = base.clone();
     consumer
@@ -300,7 +293,7 @@ impl PreparedMember {
         rt: &tokio::runtime::Handle,
         shutdown: &Shutdown,
     ) -> Result<(), LiveError> {
-        let state = Arc::new(Mutex::new(State::default()));
+        let state = Arc::new(Mutex::new(Windows::new(self.options.clone())));
         let consumer: BaseConsumer<Rebuild> = self.consumer.create_with_context(Rebuild {
             state: Arc::clone(&state),
             lookup: self.lookup.create()?,
@@ -308,6 +301,8 @@ impl PreparedMember {
         })?;
         consumer.subscribe(&[&self.points_topic])?;
         tracing::info!(topic = self.points_topic, "feeding back live metrics");
+        // A window is kept at least as long as it spans.
+        let idle = self.options.idle.max(self.options.lookback());
         let mut last_sweep = Instant::now();
         let mut last_shapes = Instant::now();
         while !shutdown.is_fired() {
@@ -316,19 +311,10 @@ impl PreparedMember {
             for _ in 0..1000 {
                 match consumer.poll(wait) {
                     None => break,
-                    Some(Ok(message)) => {
-                        let mut s = lock(&state);
-                        self.take(
-                            &mut s,
-                            message.partition(),
-                            message.offset(),
-                            message.payload(),
-                        );
-                    }
+                    Some(Ok(message)) => self.take(&state, &message),
                     Some(Err(e)) => {
                         if let Some((code, reason)) = consumer.client().fatal_error() {
                             tracing::error!(?code, reason, "kafka consumer failed for good");
-                            shutdown.fire();
                             return Err(LiveError::Fatal(reason));
                         }
                         tracing::warn!(error = %e, "kafka consumer error");
@@ -336,20 +322,19 @@ impl PreparedMember {
                 }
                 wait = Duration::ZERO;
             }
-            self.feed_due(&mut lock(&state));
+            let feeds = lock(&state).due(Instant::now(), now_us());
+            for feed in feeds {
+                self.send(&feed);
+            }
             if last_sweep.elapsed() >= Duration::from_secs(1) {
                 last_sweep = Instant::now();
                 let mut s = lock(&state);
-                let idle = self.options.idle;
-                s.windows
-                    .retain(|_, entry| entry.last_sample.elapsed() < idle);
-                self.metrics.windows.set(s.windows.len() as i64);
-                self.metrics
-                    .window_bytes
-                    .set(s.windows.values().map(|e| e.window.bytes()).sum::<usize>() as i64);
+                let (windows, bytes) = s.evict_idle(Instant::now(), idle);
+                self.metrics.windows.set(windows as i64);
+                self.metrics.window_bytes.set(bytes as i64);
                 self.metrics
                     .rebuilding_partitions
-                    .set(s.rebuilding.len() as i64);
+                    .set(s.rebuilding() as i64);
             }
             if last_shapes.elapsed() >= Duration::from_secs(60) {
                 last_shapes = Instant::now();
@@ -367,104 +352,49 @@ impl PreparedMember {
     }
 
     /// Adds a points message's samples to its window.
-    fn take(&self, state: &mut State, partition: i32, offset: i64, payload: Option<&[u8]>) {
-        if let Some(&end) = state.rebuilding.get(&partition) {
-            if offset + 1 >= end {
-                state.rebuilding.remove(&partition);
-                tracing::info!(partition, "windows rebuilt; feeding back");
-            }
-        }
-        let frame = match biofeed_schema::decode(payload.unwrap_or_default()) {
+    fn take(&self, state: &Mutex<Windows>, message: &rdkafka::message::BorrowedMessage<'_>) {
+        let frame = match biofeed_schema::decode(message.payload().unwrap_or_default()) {
             Ok(frame) => frame,
             Err(_) => {
                 self.metrics.undecodable.inc();
                 return;
             }
         };
-        let name = frame.data_type.as_str();
-        let Some(&(_, rate_hz)) = self.shapes.get(name) else {
+        let Some(&(_, rate_hz)) = self.shapes.get(frame.data_type.as_str()) else {
             return;
         };
-        let window_us = if name == "eeg" {
-            self.options.eeg_window
-        } else {
-            self.options.window
-        };
-        let entry = state
-            .windows
-            .entry((frame.session_id, name.to_owned()))
-            .or_insert_with(|| Entry {
-                window: Window::new(
-                    frame.session_id,
-                    name,
-                    Shape {
-                        channels: frame.channels,
-                        rate_hz,
-                        window_us: window_us.as_micros() as i64,
-                        plot_us: self.options.plot_span.as_micros() as i64,
-                        plot_points: self.options.plot_points as usize,
-                    },
-                ),
-                partition,
-                dirty: false,
-                last_feed: None,
-                last_sample: Instant::now(),
-            });
-        let channels = usize::from(frame.channels.max(1));
-        entry.window.add(
-            frame
-                .offsets_us
-                .iter()
-                .zip(frame.values.chunks(channels))
-                .map(|(offset, values)| (frame.t0_us + offset, values)),
+        lock(state).take(
+            message.partition(),
+            message.offset(),
+            &frame,
+            rate_hz,
+            Instant::now(),
         );
-        entry.partition = partition;
-        entry.dirty = true;
-        entry.last_sample = Instant::now();
     }
 
-    /// Feeds back every window with new samples whose interval has passed, unless its partition
-    /// is still being re-read.
-    fn feed_due(&self, state: &mut State) {
-        let State {
-            windows,
-            rebuilding,
-        } = state;
-        for entry in windows.values_mut() {
-            if !entry.dirty
-                || rebuilding.contains_key(&entry.partition)
-                || entry
-                    .last_feed
-                    .is_some_and(|t| t.elapsed() < self.options.interval)
-            {
-                continue;
+    /// Writes a feed to the live topic (dropped when the producer's queue is full: the next one
+    /// follows within the interval).
+    fn send(&self, feed: &crate::feed::Feed) {
+        let Ok(json) = serde_json::to_vec(feed) else {
+            return;
+        };
+        let key = feed.key();
+        match self
+            .producer
+            .send(BaseRecord::to(&self.live_topic).key(&key).payload(&json))
+        {
+            Ok(()) => {
+                self.metrics.feeds.inc();
             }
-            entry.dirty = false;
-            entry.last_feed = Some(Instant::now());
-            let Some(feed) = entry.window.feed(now_us()) else {
-                continue;
-            };
-            let Ok(json) = serde_json::to_vec(&feed) else {
-                continue;
-            };
-            let key = feed.key();
-            match self
-                .producer
-                .send(BaseRecord::to(&self.live_topic).key(&key).payload(&json))
-            {
-                Ok(()) => {
-                    self.metrics.feeds.inc();
-                }
-                Err((e, _)) => {
-                    self.metrics.feeds_dropped.inc();
-                    tracing::warn!(error = %e, "cannot queue a live feed");
-                }
-            };
+            Err((e, _)) => {
+                self.metrics.feeds_dropped.inc();
+                tracing::warn!(error = %e, "cannot queue a live feed");
+            }
         }
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+fn lock(state: &Mutex<Windows>) -> MutexGuard<'_, Windows> {
     state
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

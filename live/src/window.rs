@@ -32,6 +32,8 @@ pub struct Window {
     session: Uuid,
     data_type: String,
     shape: Shape,
+    /// Whether the data type has metrics (else only the plot span is kept).
+    metrics: bool,
     times: VecDeque<i64>,
     values: VecDeque<f32>,
 }
@@ -42,6 +44,7 @@ impl Window {
         Self {
             session,
             data_type: data_type.to_owned(),
+            metrics: biofeed_signals::METRIC_DATA_TYPES.contains(&data_type),
             shape,
             times: VecDeque::new(),
             values: VecDeque::new(),
@@ -82,10 +85,23 @@ impl Window {
             }
         }
         if let Some(&newest) = self.times.back() {
-            let keep = self.shape.window_us.max(self.shape.plot_us);
+            let keep = self.window_us().max(self.shape.plot_us);
             let old = self.times.partition_point(|&x| x <= newest - keep);
             self.times.drain(..old);
             self.values.drain(..old * channels);
+        }
+    }
+
+    /// The metrics' window; for a data type without metrics, the plot span.
+    pub fn span_us(&self) -> i64 {
+        self.window_us()
+    }
+
+    fn window_us(&self) -> i64 {
+        if self.metrics {
+            self.shape.window_us
+        } else {
+            self.shape.plot_us
         }
     }
 
@@ -121,30 +137,34 @@ impl Window {
     /// The feed of the window as it stands (none while empty), computed at `now_us`.
     pub fn feed(&mut self, now_us: i64) -> Option<Feed> {
         let through = self.newest()?;
-        let from = through - self.shape.window_us;
-        let window: Vec<Sample> = self.since(from).map(|(t, v)| (t, v.to_vec())).collect();
-        let metrics = biofeed_signals::for_data_type(
-            &self.data_type,
-            usize::from(self.shape.channels),
-            self.shape.rate_hz,
-            &window,
-        )
-        .into_iter()
-        .filter(|m| m.value.is_finite())
-        .map(|m| FeedMetric {
-            name: m.name.to_owned(),
-            channel: m.channel,
-            value: m.value,
-            samples: m.samples,
-        })
-        .collect();
+        let window_us = self.window_us();
+        let from = through - window_us;
+        let channels = usize::from(self.shape.channels);
+        let rate_hz = self.shape.rate_hz;
+        let (samples, metrics) = if self.metrics {
+            let window: Vec<Sample> = self.since(from).map(|(t, v)| (t, v.to_vec())).collect();
+            let metrics =
+                biofeed_signals::for_data_type(&self.data_type, channels, rate_hz, &window)
+                    .into_iter()
+                    .filter(|m| m.value.is_finite())
+                    .map(|m| FeedMetric {
+                        name: m.name.to_owned(),
+                        channel: m.channel,
+                        value: m.value,
+                        samples: m.samples,
+                    })
+                    .collect();
+            (window.len(), metrics)
+        } else {
+            (self.since(from).count(), Vec::new())
+        };
         Some(Feed {
             session_id: self.session,
             data_type: self.data_type.clone(),
             channels: self.shape.channels,
-            window_us: self.shape.window_us,
+            window_us,
             through_us: through,
-            samples: window.len() as u64,
+            samples: samples as u64,
             metrics,
             plot: self.plot(through),
             computed_at_us: now_us,
@@ -259,7 +279,7 @@ mod tests {
         add(&mut w, &[(1_000_000, vec![60.0]), (2_000_000, vec![61.0])]);
         add(&mut w, &[(2_000_000, vec![62.0])]);
         assert_eq!(w.len(), 2);
-        // Kept: the longer of the window and the plot span (10 s) behind the newest.
+        // Kept (no metrics for heart rate): the plot span (10 s) behind the newest.
         add(&mut w, &[(11_500_000, vec![70.0])]);
         assert_eq!(w.len(), 2, "the sample at 1 s is more than 10 s behind");
         // A late sample older than that is dropped at once.

@@ -14,7 +14,7 @@ pub struct LiveArgs {
         long,
         value_name = "ADDR",
         env = "BIOFEED_LIVE_METRICS_LISTEN",
-        default_value = "127.0.0.1:9465"
+        default_value = "127.0.0.1:9466"
     )]
     pub metrics_listen: std::net::SocketAddr,
     /// The member's settings.
@@ -26,7 +26,7 @@ pub(crate) async fn run(args: LiveArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::on_signal();
     let endpoint = MetricsEndpoint::bind(args.metrics_listen).await?;
     let mut registry = Registry::default();
-    let member = biofeed_live::member::prepare(args.settings, &mut registry).await?;
+    let member = biofeed_live::member::prepare(args.settings, &mut registry, "live").await?;
     let metrics = endpoint.serve(registry);
     eprintln!("biofeed live: feeding back open sessions' metrics");
     let outcome = member.run(shutdown).await;

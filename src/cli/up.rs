@@ -68,6 +68,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
                     topics: gateway.topics.clone(),
                 },
                 &mut registry,
+                "up",
             )
             .await?,
         )
@@ -91,7 +92,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
         ),
     ];
     if let Some(live) = live {
-        parts.push(Part::new("live", live.run(shutdown.clone())));
+        parts.push(Part::new("live", live_part(live, shutdown.clone())));
     }
     let outcome = run_parts(&shutdown, parts).await;
     metrics.stop().await;
@@ -108,5 +109,18 @@ async fn consume(
         "consumer stopped: {} rows written, {} frames dead-lettered, {} frames of erased users and {} of closed sessions dropped",
         summary.rows, summary.dead_lettered, summary.dropped_erased, summary.dropped_closed
     );
+    Ok(())
+}
+
+/// The live member's part: its failure (e.g. another member took its instance id) is logged and
+/// leaves the gateway, the consumer and the jobs running; the feeds stop until a restart.
+async fn live_part(
+    live: biofeed_live::member::PreparedMember,
+    shutdown: Shutdown,
+) -> Result<(), biofeed_live::LiveError> {
+    if let Err(e) = live.run(shutdown.clone()).await {
+        tracing::error!(error = %e, "the live member stopped: no live feedback until biofeed up restarts");
+        shutdown.wait().await;
+    }
     Ok(())
 }

@@ -84,6 +84,26 @@ fn the_consumers_link_no_migrations() {
 }
 
 #[test]
+fn the_live_members_use_no_clickhouse_and_the_arithmetic_no_io() {
+    // ARCHITECTURE.md: the live members read Kafka and the data types, nothing else (backends,
+    // which they link for connections, brings ClickHouse's client: they must not use it); the
+    // metrics' arithmetic does no I/O at all.
+    assert_links_none(
+        "biofeed-live",
+        &["biofeed-migrations", "biofeed-accounts", "axum"],
+    );
+    for (path, text) in sources("live/src") {
+        for used in ["clickhouse", "reqwest", "hyper::"] {
+            assert!(!text.contains(used), "{} uses {used}", path.display());
+        }
+    }
+    assert_links_none(
+        "biofeed-signals",
+        &["tokio", "sqlx", "rdkafka", "clickhouse", "biofeed-schema"],
+    );
+}
+
+#[test]
 fn the_gateway_links_no_migrations() {
     assert_links_none("biofeed-ingest-gateway", &["biofeed-migrations"]);
 }
@@ -124,7 +144,7 @@ fn sources(dir: &str) -> Vec<(std::path::PathBuf, String)> {
 }
 
 /// The production crates' sources (not the binary's, not the tests').
-const CRATES: [&str; 9] = [
+const CRATES: [&str; 12] = [
     "schema",
     "backends",
     "migrations",
@@ -132,6 +152,9 @@ const CRATES: [&str; 9] = [
     "ingest-gateway",
     "consumers",
     "jobs",
+    "signals",
+    "live",
+    "exports",
     "simulator",
     "bench",
 ];

@@ -310,7 +310,7 @@ fn check_feed(feed: &Value, sent: &[Sample], window_us: i64, channels: usize) {
 }
 
 /// Checks every feed and that they came about once a second (never more often than every
-/// 0.9 s, never more than 2.5 s apart) once they started.
+/// 0.9 s, never more than 4 s apart on a busy machine) once they started.
 fn check_feeds(feeds: &[Value], sent: &[Sample], window_us: i64, channels: usize, at_least: usize) {
     assert!(
         feeds.len() >= at_least,
@@ -329,7 +329,7 @@ fn check_feeds(feeds: &[Value], sent: &[Sample], window_us: i64, channels: usize
         .collect();
     for pair in times.windows(2) {
         let gap = pair[1] - pair[0];
-        assert!((900_000..2_500_000).contains(&gap), "feeds {gap} µs apart");
+        assert!((900_000..4_000_000).contains(&gap), "feeds {gap} µs apart");
     }
 }
 
@@ -392,15 +392,18 @@ async fn viewers_get_the_session_arithmetic_every_second_until_access_or_the_ses
     let (_, log) = gw
         .read(&person, &format!("/v1/users/{}/access-log", person.id))
         .await;
-    assert!(
-        log.as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["actor_id"] == practitioner.id.to_string()
+    // Opened twice (the RR and the EEG session): two rows, however many seconds of re-checks.
+    let opened = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["actor_id"] == practitioner.id.to_string()
                 && r["resource"] == "live"
-                && r["allowed"] == true),
-        "{log}"
-    );
+                && r["allowed"] == true
+        })
+        .count();
+    assert_eq!(opened, 2, "{log}");
 
     // The patient revokes: the practitioner's streams end at once, the patient's goes on.
     let (status, body) = gw
@@ -415,7 +418,7 @@ async fn viewers_get_the_session_arithmetic_every_second_until_access_or_the_ses
     assert_eq!(theirs.end(Duration::from_secs(10)).await, "access_ended");
     assert_eq!(eeg.end(Duration::from_secs(10)).await, "access_ended");
     assert!(
-        revoked_at.elapsed() < Duration::from_secs(3),
+        revoked_at.elapsed() < Duration::from_secs(5),
         "ended {:?} after the revocation",
         revoked_at.elapsed()
     );
@@ -431,6 +434,24 @@ async fn viewers_get_the_session_arithmetic_every_second_until_access_or_the_ses
     own.drain();
     assert!(own.feeds.len() > before, "the patient's own feed goes on");
     check_feeds(&own.feeds, &device.rr, RR_WINDOW_US, 1, 5);
+
+    // A second login of the person watches the EEG; logging it out ends that feed at once.
+    let second = Person {
+        token: gw
+            .log_in(&person.email, crate::people::PASSWORD)
+            .await
+            .unwrap(),
+        ..person.clone()
+    };
+    let mut other_login = watch(&gw, &second, eeg_session).await.unwrap();
+    let response = gw
+        .as_person(reqwest::Method::POST, &second, "/v1/auth/logout")
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    assert_eq!(other_login.end(Duration::from_secs(10)).await, "logged_out");
+    assert!(own.ended.is_none(), "the first login's feed goes on");
 
     // The session completes: the feed ends, and a new one is refused with 409.
     let response = gw

@@ -2,31 +2,42 @@
 //!
 //! Server-Sent Events rather than a WebSocket: the feed flows one way, SSE is plain HTTP (the
 //! same TLS, cookies, proxies and HTTP/2 as every other read), and browsers reconnect by
-//! themselves. The access policy decides at the start (audited as a read of `live`) and is asked
-//! again every second without a new audit row, together with the login token and the session's
-//! status: a logout, a revoked relationship or the session's end close the stream within a
-//! second, with an `end` event saying why.
+//! themselves (a browser's `EventSource` cannot send an `Authorization` header, so a web page
+//! needs a session cookie, or reads the stream with `fetch`). The access policy decides at the
+//! start (audited as a read of `live`). Then, once
+//! a second, the gateway re-checks all its open feeds at once — their login tokens in one query,
+//! their sessions' status in another, and the policy (`still_allows`: the same decision, not
+//! audited again) once per viewer and person — so a logout, a revoked relationship or the
+//! session's end close the stream within a second, with an `end` event saying why, at a cost
+//! that does not grow with the viewers of one person.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use biofeed_accounts::login;
-use biofeed_accounts::policy::{Action, Actor};
+use biofeed_accounts::policy::Action;
 use biofeed_live::hub::FeedJson;
 use futures_util::Stream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::metrics::ReasonLabels;
 use crate::people::auth::UserAuth;
 use crate::people::reads::readable_session;
-use crate::people::PeopleState;
+use crate::people::{PeopleInner, PeopleState};
 use crate::problem::ApiError;
 
-/// How often an open feed re-asks whether it may go on.
+/// How often the open feeds are re-checked.
 const RECHECK: Duration = Duration::from_secs(1);
+/// How long feeds go on while the re-check fails.
+const UNCONFIRMED: Duration = Duration::from_secs(3);
+/// How long the last event of an ended feed may wait for a viewer that does not read.
+const END_TIMEOUT: Duration = Duration::from_secs(5);
 const ACTION: Action = Action::ReadData { resource: "live" };
 
 /// An open session's live feedback.
@@ -57,14 +68,18 @@ pub async fn session_live(
     }
     let subscription = state.inner.live.subscribe(session);
     let (tx, rx) = mpsc::channel::<Event>(16);
+    let (id, ended) = state.inner.live_watchers.add(Watch {
+        token,
+        actor: actor.user_id,
+        owner,
+        session,
+        end: None,
+    });
     let watcher = Watcher {
         state: state.clone(),
-        actor,
-        token,
-        session,
-        owner,
+        id,
     };
-    tokio::spawn(watcher.run(subscription, tx));
+    tokio::spawn(watcher.run(subscription, ended, tx));
     Ok(Sse::new(futures_util::stream::unfold(rx, |mut rx| async {
         rx.recv().await.map(|event| (Ok(event), rx))
     }))
@@ -80,20 +95,174 @@ async fn session_status(state: &PeopleState, session: Uuid) -> Result<Option<Str
     )
 }
 
-/// One viewer's feed: forwards the hub's feeds and re-asks every second.
+/// The open feeds of this gateway, re-checked together every second.
+#[derive(Default)]
+pub(crate) struct Watchers {
+    open: Mutex<HashMap<u64, Watch>>,
+    next: AtomicU64,
+    /// Set at shutdown: every feed is ended, and new ones end at once.
+    closing: std::sync::atomic::AtomicBool,
+}
+
+/// One open feed: who watches whose session with which login, and how to end it.
+pub(crate) struct Watch {
+    token: String,
+    actor: Uuid,
+    owner: Uuid,
+    session: Uuid,
+    end: Option<oneshot::Sender<&'static str>>,
+}
+
+impl Watchers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Watch>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a feed; its id, and the receiver of the reason it must end.
+    fn add(&self, mut watch: Watch) -> (u64, oneshot::Receiver<&'static str>) {
+        let (end, ended) = oneshot::channel();
+        watch.end = Some(end);
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, watch);
+        if self.closing.load(Ordering::SeqCst) {
+            self.end(id, "unavailable");
+        }
+        (id, ended)
+    }
+
+    /// Ends every feed (the gateway is stopping) and every one opened from now on.
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        self.end_all("unavailable");
+    }
+
+    fn end_all(&self, reason: &'static str) {
+        let ids: Vec<u64> = self.lock().keys().copied().collect();
+        for id in ids {
+            self.end(id, reason);
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Ends (and forgets) the feed `id` with `reason`.
+    fn end(&self, id: u64, reason: &'static str) {
+        if let Some(end) = self.lock().remove(&id).and_then(|w| w.end) {
+            let _ = end.send(reason);
+        }
+    }
+}
+
+/// Re-checks the gateway's open feeds every second while the people half lives. While the
+/// checks fail (Postgres away), the feeds go on for at most [`UNCONFIRMED`], then end: what
+/// cannot be confirmed is not shown.
+pub(crate) async fn recheck_loop(people: Weak<PeopleInner>) {
+    let mut tick = tokio::time::interval(RECHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut confirmed = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(inner) = people.upgrade() else {
+            return;
+        };
+        let state = PeopleState { inner };
+        match recheck(&state).await {
+            Ok(()) => confirmed = tokio::time::Instant::now(),
+            Err(e) if confirmed.elapsed() >= UNCONFIRMED => {
+                tracing::warn!(error = %e, "cannot re-check the live feeds; ending them");
+                state.inner.live_watchers.end_all("unavailable");
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot re-check the live feeds; trying again"),
+        }
+    }
+}
+
+/// One re-check of every open feed: the login tokens in one query, the sessions in another,
+/// the policy once per distinct viewer and person.
+async fn recheck(state: &PeopleState) -> Result<(), ApiError> {
+    let watchers = &state.inner.live_watchers;
+    let open: Vec<(u64, String, Uuid, Uuid, Uuid)> = watchers
+        .lock()
+        .iter()
+        .map(|(id, w)| (*id, w.token.clone(), w.actor, w.owner, w.session))
+        .collect();
+    if open.is_empty() {
+        return Ok(());
+    }
+    let mut tokens: Vec<&str> = open.iter().map(|(_, t, ..)| t.as_str()).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    let actors = login::authenticate_many(state.pool(), &tokens).await?;
+    let mut sessions: Vec<Uuid> = open.iter().map(|(.., s)| *s).collect();
+    sessions.sort_unstable();
+    sessions.dedup();
+    let still_open: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM sessions WHERE id = ANY($1) AND status = 'open'")
+            .bind(&sessions)
+            .fetch_all(state.pool())
+            .await?;
+    let mut allowed: HashMap<(Uuid, Uuid), Option<bool>> = HashMap::new();
+    for (id, token, actor, owner, session) in &open {
+        let reason = match actors.get(token) {
+            Some(current) if current.user_id == *actor => {
+                let key = (*actor, *owner);
+                let may = match allowed.get(&key) {
+                    Some(may) => *may,
+                    None => {
+                        let may = match state
+                            .inner
+                            .access
+                            .still_allows(current, ACTION, *owner)
+                            .await
+                        {
+                            Ok(may) => Some(may),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot re-check a live feed's access; ending it");
+                                None
+                            }
+                        };
+                        allowed.insert(key, may);
+                        may
+                    }
+                };
+                if may.is_none() {
+                    Some("unavailable")
+                } else if may == Some(false) {
+                    Some("access_ended")
+                } else if !still_open.contains(session) {
+                    Some("session_closed")
+                } else {
+                    None
+                }
+            }
+            _ => Some("logged_out"),
+        };
+        if let Some(reason) = reason {
+            watchers.end(*id, reason);
+        }
+    }
+    Ok(())
+}
+
+/// One viewer's feed: forwards the hub's feeds until the viewer leaves or the re-check ends it.
 struct Watcher {
     state: PeopleState,
-    actor: Actor,
-    token: String,
-    session: Uuid,
-    owner: Uuid,
+    id: u64,
 }
 
 impl Watcher {
-    async fn run(self, subscription: biofeed_live::hub::Subscription, tx: mpsc::Sender<Event>) {
+    async fn run(
+        self,
+        subscription: biofeed_live::hub::Subscription,
+        ended: oneshot::Receiver<&'static str>,
+        tx: mpsc::Sender<Event>,
+    ) {
         let metrics = &self.state.inner.metrics;
         metrics.live_viewers.inc();
-        let reason = self.forward(subscription, &tx).await;
+        let reason = forward(subscription, ended, &tx).await;
+        self.state.inner.live_watchers.remove(self.id);
         metrics.live_viewers.dec();
         if let Some(reason) = reason {
             metrics
@@ -103,73 +272,40 @@ impl Watcher {
                 })
                 .inc();
             let data = serde_json::json!({ "reason": reason }).to_string();
-            let _ = tx.send(Event::default().event("end").data(data)).await;
+            let end = tx.send(Event::default().event("end").data(data));
+            let _ = tokio::time::timeout(END_TIMEOUT, end).await;
         }
     }
+}
 
-    /// Forwards feeds until the viewer leaves (`None`) or the feed must end (the reason).
-    async fn forward(
-        &self,
-        subscription: biofeed_live::hub::Subscription,
-        tx: &mpsc::Sender<Event>,
-    ) -> Option<&'static str> {
-        let mut feeds = subscription.feeds;
-        for json in subscription.newest {
-            if tx.send(feed_event(&json)).await.is_err() {
-                return None;
-            }
-        }
-        let mut recheck = tokio::time::interval(RECHECK);
-        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        recheck.tick().await;
-        loop {
-            tokio::select! {
-                () = tx.closed() => return None,
-                feed = feeds.recv() => match feed {
-                    Ok(json) => {
-                        if tx.send(feed_event(&json)).await.is_err() {
-                            return None;
-                        }
-                    }
-                    // A viewer too slow for the feed skips to the newest.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return Some("unavailable"),
-                },
-                _ = recheck.tick() => match self.may_go_on().await {
-                    Ok(None) => {}
-                    Ok(Some(reason)) => return Some(reason),
-                    Err(e) => {
-                        // Unable to confirm the viewer may still see it: stop rather than show.
-                        tracing::warn!(error = %e, "cannot re-check a live feed's access; ending it");
-                        return Some("unavailable");
-                    }
-                },
-            }
+/// Forwards feeds until the viewer leaves (`None`) or the feed must end (the reason).
+async fn forward(
+    subscription: biofeed_live::hub::Subscription,
+    mut ended: oneshot::Receiver<&'static str>,
+    tx: &mpsc::Sender<Event>,
+) -> Option<&'static str> {
+    let mut feeds = subscription.feeds;
+    for json in subscription.newest {
+        if tx.try_send(feed_event(&json)).is_err() {
+            break;
         }
     }
-
-    /// `None` while the login, the access and the session's openness hold; else why not.
-    async fn may_go_on(&self) -> Result<Option<&'static str>, ApiError> {
-        let pool = self.state.pool();
-        let Some(actor) = login::authenticate(pool, &self.token).await? else {
-            return Ok(Some("logged_out"));
-        };
-        if actor.user_id != self.actor.user_id
-            || !self
-                .state
-                .inner
-                .access
-                .still_allows(&actor, ACTION, self.owner)
-                .await?
-        {
-            return Ok(Some("access_ended"));
-        }
-        Ok(
-            match session_status(&self.state, self.session).await?.as_deref() {
-                Some("open") => None,
-                _ => Some("session_closed"),
+    loop {
+        tokio::select! {
+            () = tx.closed() => return None,
+            reason = &mut ended => return Some(reason.unwrap_or("unavailable")),
+            feed = feeds.recv() => match feed {
+                // A viewer that does not read what it was sent skips feeds (never blocks this
+                // loop, which must see the end of its access at once).
+                Ok(json) => match tx.try_send(feed_event(&json)) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                    Err(mpsc::error::TrySendError::Closed(_)) => return None,
+                },
+                // A viewer too slow for the feed skips to the newest.
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return Some("unavailable"),
             },
-        )
+        }
     }
 }
 
