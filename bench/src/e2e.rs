@@ -143,6 +143,9 @@ pub struct E2eFigures {
     pub live_p99_ms: f64,
     /// Viewers whose stream ended before the run did (0: none).
     pub live_viewers_lost: u64,
+    /// Frames no feed had answered 5 s after their post at the end (counted in the latencies as
+    /// that late).
+    pub live_unanswered: u64,
     /// Windows the live member held at the end (every session's data types: the live sessions'
     /// and the load's).
     pub live_windows: u64,
@@ -342,18 +345,22 @@ async fn measure(
     let live_gauges = live_gauges(&http, &metrics_url).await;
     load.stop().await;
     prober.abort();
-    let (live_feeds, live_viewers_lost, mut live_latencies) = match live_load.as_mut() {
-        Some(l) => {
-            l.measuring.store(false, Ordering::Relaxed);
-            l.stop().await;
-            (
-                l.feeds.load(Ordering::Relaxed),
-                l.viewers_lost.load(Ordering::Relaxed),
-                l.latencies.lock().map(|v| v.clone()).unwrap_or_default(),
-            )
-        }
-        None => (0, 0, Vec::new()),
-    };
+    let (live_feeds, live_viewers_lost, live_unanswered, mut live_latencies) =
+        match live_load.as_mut() {
+            Some(l) => {
+                // A frame posted more than 5 s ago and not fed back yet counts as that late.
+                let unanswered = l.settle_unanswered(Duration::from_secs(5));
+                l.measuring.store(false, Ordering::Relaxed);
+                l.stop().await;
+                (
+                    l.feeds.load(Ordering::Relaxed),
+                    l.viewers_lost.load(Ordering::Relaxed),
+                    unanswered,
+                    l.latencies.lock().map(|v| v.clone()).unwrap_or_default(),
+                )
+            }
+            None => (0, 0, 0, Vec::new()),
+        };
     live_latencies.sort_by(f64::total_cmp);
 
     progress("draining: waiting until every accepted point is queryable");
@@ -403,6 +410,7 @@ async fn measure(
         live_p50_ms: percentile(&live_latencies, 0.5),
         live_p99_ms: percentile(&live_latencies, 0.99),
         live_viewers_lost,
+        live_unanswered,
         live_windows: live_gauges.0,
         live_window_bytes: live_gauges.1,
         gateway_peer: None,

@@ -19,7 +19,8 @@
 //!   at 4 Hz by linear interpolation, mean removed, Hann-windowed, its power spectrum; the peak
 //!   is the strongest bin in 0.04–0.26 Hz, its power the bins within ±0.015 Hz of it, and the
 //!   score is that power over the rest of the power in 0.0033–0.4 Hz (the ratio HeartMath
-//!   publishes: slow even breathing near 0.1 Hz drives it up). Needs 32 s of beats.
+//!   publishes: slow even breathing near 0.1 Hz drives it up). Needs 32 s of beats without a gap
+//!   over 3 s.
 //!
 //! `for_data_type` chooses the metrics of a data type; the jobs runner (a completed session) and
 //! the live feed (a window of an open one) both call it, so the two never disagree.
@@ -134,6 +135,13 @@ const COHERENCE_MIN_SPAN_US: i64 = 32_000_000;
 fn coherence(accepted: &[(i64, f64, bool)]) -> Option<f64> {
     let (first, last) = (accepted.first()?.0, accepted.last()?.0);
     if last - first < COHERENCE_MIN_SPAN_US || accepted.len() < 16 {
+        return None;
+    }
+    // A gap in the recording would be bridged by a straight line: slow power that is not there.
+    if accepted
+        .windows(2)
+        .any(|pair| pair[1].0 - pair[0].0 > RR_GAP_US)
+    {
         return None;
     }
     let step_us = 1e6 / COHERENCE_RATE_HZ;
@@ -401,6 +409,12 @@ mod tests {
         assert!(score(&noisy) < 1.0, "{}", score(&noisy));
         // Under 32 s of beats: no score.
         assert_eq!(get(&hrv(&resonant[..30]), "hrv_coherence_ratio"), None);
+        // Nor across a 10 s gap in the recording.
+        let mut gap = resonant.clone();
+        for beat in &mut gap[70..] {
+            beat.0 += 10_000_000;
+        }
+        assert_eq!(get(&hrv(&gap), "hrv_coherence_ratio"), None);
     }
 
     #[test]

@@ -458,6 +458,15 @@ pub async fn simulate(
     Ok(summary)
 }
 
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Device {
     http: reqwest::Client,
     url: reqwest::Url,
@@ -653,8 +662,12 @@ impl Device {
             .ok_or_else(|| anyhow::anyhow!("opening a session answered without its id"))?;
         let ends = (Instant::now() + Duration::from_secs_f64(length * rng.gen_range(0.5..1.5)))
             .min(deadline);
-        let watcher = (self.watch)
-            .then(|| tokio::spawn(self.watch_live(session, enrolled.login_token.clone())));
+        // Aborted when the session ends, or when recording fails (dropped with it).
+        let _watcher = self.watch.then(|| {
+            AbortOnDrop(tokio::spawn(
+                self.watch_live(session, enrolled.login_token.clone()),
+            ))
+        });
         let mut last = now_us();
         // Skip what happened before the session opened.
         let _ = body.measure(self.kind, last - 1, last);
@@ -667,9 +680,6 @@ impl Device {
             points += self.post(session, device_token, measured, outcome).await?;
         }
         let status = self.end_session(rng, session, device_token).await?;
-        if let Some(watcher) = watcher {
-            watcher.abort();
-        }
         Ok(SessionRecord {
             session_id: session,
             user_id: enrolled.user_id,

@@ -28,6 +28,8 @@ pub(super) struct LiveLoad {
     pub(super) feeds: Arc<AtomicU64>,
     /// Viewers whose stream ended or failed.
     pub(super) viewers_lost: Arc<AtomicU64>,
+    /// Every session's frames posted and not yet fed back.
+    pending: Vec<Arc<Pending>>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -83,6 +85,7 @@ impl LiveLoad {
             latencies: Arc::new(Mutex::new(Vec::new())),
             feeds: Arc::new(AtomicU64::new(0)),
             viewers_lost: Arc::new(AtomicU64::new(0)),
+            pending: Vec::new(),
             tasks: tokio::task::JoinSet::new(),
         };
         for index in 0..n {
@@ -102,6 +105,7 @@ impl LiveLoad {
                 .and_then(|s| s.parse().ok())
                 .context("opening a live session")?;
             let pending: Arc<Pending> = Arc::new(Mutex::new(VecDeque::new()));
+            load.pending.push(Arc::clone(&pending));
             let viewer = http
                 .get(format!("{url}/v1/sessions/{session}/live"))
                 .bearer_auth(&login)
@@ -131,6 +135,27 @@ impl LiveLoad {
             load.tasks.spawn(async move { device.run().await });
         }
         Ok(load)
+    }
+
+    /// Frames posted in the measured window that no feed answered within `limit` (counted in
+    /// the latencies as `limit`, so that they raise the percentiles rather than vanish); how
+    /// many.
+    pub(super) fn settle_unanswered(&self, limit: Duration) -> u64 {
+        let now = Instant::now();
+        let mut late = Vec::new();
+        for pending in &self.pending {
+            if let Ok(p) = pending.lock() {
+                late.extend(
+                    p.iter()
+                        .filter(|(_, sent)| now.duration_since(*sent) > limit)
+                        .map(|(_, sent)| now.duration_since(*sent).as_secs_f64() * 1e3),
+                );
+            }
+        }
+        if let Ok(mut l) = self.latencies.lock() {
+            l.extend(&late);
+        }
+        late.len() as u64
     }
 
     /// Stops every device and viewer.

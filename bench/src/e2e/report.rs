@@ -63,12 +63,13 @@ fn live_rows(f: &E2eFigures) -> String {
         return String::new();
     }
     format!(
-        "| live sessions watched (RR, one viewer each) | {} ({} feeds received, {} viewers lost) | |\n\
+        "| live sessions watched (RR, one viewer each) | {} ({} feeds received, {} viewers lost, {} frames unanswered after 5 s) | |\n\
          | sample-to-feedback latency p50 / p99 (device send → a feed whose window holds it) | {:.0} ms / {:.0} ms | p99 < 1 s: {} |\n\
-         | live member's windows / their samples' bytes (per window) | {} / {} ({:.0} B) | |\n",
+         | live member's windows (the live sessions' and the load's) / their samples' bytes (per window) | {} / {} ({:.0} B) | |\n",
         f.live_sessions,
         f.live_feeds,
         f.live_viewers_lost,
+        f.live_unanswered,
         f.live_p50_ms,
         f.live_p99_ms,
         verdict(f.live_p99_ms < 1_000.0 && f.live_p99_ms > 0.0),
@@ -142,13 +143,18 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
          | bytes per point on disk (one replica's copy) | {bpp:.2} | |\n{live}\n\
          ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
-         Reproduce: `{up} && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{ca}{peers}`.\n",
+         Reproduce: `{up} && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{live_arg}{ca}{peers}`.\n",
         up = if settings.stores.clickhouse.cluster.is_some() {
             "compose/local up --cluster"
         } else {
             "compose/local up"
         },
         peers = if settings.no_peers { " --no-peers" } else { "" },
+        live_arg = if settings.live_sessions > 0 {
+            format!(" --live-sessions {}", settings.live_sessions)
+        } else {
+            String::new()
+        },
         tls = if settings.gateway_ca_file.is_some() {
             "BIOFEED_GATEWAY_TLS_CERT_FILE=.state/tls/gateway.pem BIOFEED_GATEWAY_TLS_KEY_FILE=.state/tls/gateway.key "
         } else {
