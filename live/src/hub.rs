@@ -1,8 +1,8 @@
 //! The gateway's side of live feedback: one reader of the live topic per gateway, which hands
 //! each feed to the viewers of its session connected to this gateway.
 //!
-//! Every gateway reads every partition of the live topic from its end (no consumer group, no
-//! commits): a viewer may connect to any gateway, and the feeds are small (one per session and
+//! Every gateway reads every partition of the live topic from its end (assigned, never a group
+//! member, nothing committed): a viewer may connect to any gateway, and the feeds are small (one per session and
 //! data type per interval). The newest feed of each session and data type is kept for a minute,
 //! so a viewer who connects sees the current metrics at once.
 

@@ -10,8 +10,9 @@
 //! `BIOFEED_LIVE_SESSION_TIMEOUT`.
 //!
 //! Memory: one window per session and data type, the longest of its metrics window and plot span
-//! of samples (an RR window of 60 s: about 70 samples, ~5 KiB; 8-channel 256 Hz EEG over a 10 s
-//! plot span: 2,560 samples, ~200 KiB); `biofeed_live_window_bytes` shows the sum.
+//! of samples (an RR window of 60 s: about 70 samples, ~1.6 KiB with the ring's spare capacity;
+//! 8-channel 256 Hz EEG over a 10 s plot span: 2,560 samples, ~160 KiB);
+//! `biofeed_live_window_bytes` shows the sum.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -88,6 +89,9 @@ impl LiveMetrics {
 /// start was received after it, so the re-read holds it.
 const CLOCK_MARGIN_US: i64 = 30_000_000;
 
+/// How long an assignment's offset look-ups may take (each of the two).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The consumer's context: seeks every assigned partition back by the lookback.
 struct Rebuild {
     state: Arc<Mutex<Windows>>,
@@ -99,6 +103,38 @@ struct Rebuild {
 
 impl ClientContext for Rebuild {}
 
+impl Rebuild {
+    /// The offsets of `partitions` at the time `at_ms` (ms since the epoch; -1: their ends, the
+    /// high watermarks), by partition; `None` for a partition whose look-up failed (logged).
+    fn offsets_at(&self, partitions: &[(String, i32)], at_ms: i64) -> HashMap<i32, Option<Offset>> {
+        let mut query = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            let _ = query.add_partition_offset(topic, *partition, Offset::Offset(at_ms));
+        }
+        let found = self.lookup.offsets_for_times(query, LOOKUP_TIMEOUT);
+        match found {
+            Ok(found) => found
+                .elements()
+                .iter()
+                .map(|e| {
+                    let offset = match e.error() {
+                        Ok(()) => Some(e.offset()),
+                        Err(error) => {
+                            tracing::warn!(%error, partition = e.partition(), "cannot look up an offset of an assigned partition; its sessions are fed again once a whole window of new samples arrived");
+                            None
+                        }
+                    };
+                    (e.partition(), offset)
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot look up the assigned partitions' offsets; their sessions are fed again once a whole window of new samples arrived");
+                partitions.iter().map(|(_, p)| (*p, None)).collect()
+            }
+        }
+    }
+}
+
 impl ConsumerContext for Rebuild {
     fn rebalance(
         &self,
@@ -108,58 +144,46 @@ impl ConsumerContext for Rebuild {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let now = now_us();
-                let since_us = now - self.lookback.as_micros() as i64;
                 let assigned: Vec<(String, i32)> = tpl
                     .elements()
                     .iter()
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
-                let mut query = TopicPartitionList::new();
-                for (topic, partition) in &assigned {
-                    let _ = query.add_partition_offset(
-                        topic,
-                        *partition,
-                        Offset::Offset(since_us / 1000),
-                    );
-                }
-                let found = self
-                    .lookup
-                    .offsets_for_times(query, Duration::from_secs(10))
-                    .map_err(|e| {
-                        tracing::warn!(error = %e, "cannot look up where the lookback starts; the assigned sessions are fed again once a whole window of new samples arrived");
-                    })
-                    .ok();
+                // First every partition's end (then the lookback's start: a message produced in
+                // between is after the end and read), in one request each, bounded together.
+                let ends_read_at = now_us();
+                let ends = self.offsets_at(&assigned, -1);
+                let since_us = now_us() - self.lookback.as_micros() as i64;
+                let starts = self.offsets_at(&assigned, since_us / 1000);
                 let mut state = lock(&self.state);
                 for (topic, partition) in assigned {
-                    let start = found
-                        .as_ref()
-                        .and_then(|f| f.find_partition(&topic, partition))
-                        .map(|p| p.offset());
-                    let end = || {
-                        self.lookup
-                            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                            .map(|(_, high)| high)
-                            .map_err(|e| tracing::warn!(error = %e, partition, "cannot read the end of an assigned partition; its sessions are fed again once a whole window of new samples arrived"))
-                            .ok()
-                    };
-                    let (seek, rebuilding, complete_from) = match start {
-                        // Nothing since the lookback's start: nothing to re-read.
-                        Some(Offset::End) => (Offset::End, None, since_us + CLOCK_MARGIN_US),
-                        Some(Offset::Offset(from)) => match end() {
-                            Some(end) if from < end => {
-                                tracing::info!(
-                                    partition,
-                                    from,
-                                    end,
-                                    "rebuilding the windows of an assigned partition"
-                                );
-                                (Offset::Offset(from), Some(end), since_us + CLOCK_MARGIN_US)
-                            }
-                            Some(_) => (Offset::Offset(from), None, since_us + CLOCK_MARGIN_US),
-                            None => (Offset::End, None, now),
-                        },
-                        _ => (Offset::End, None, now),
+                    let end = ends.get(&partition).copied().flatten();
+                    let start = starts.get(&partition).copied().flatten();
+                    let (seek, rebuilding, complete_from) = match (end, start) {
+                        (Some(Offset::Offset(end)), Some(Offset::Offset(from))) if from < end => {
+                            tracing::info!(
+                                partition,
+                                from,
+                                end,
+                                "rebuilding the windows of an assigned partition"
+                            );
+                            (Offset::Offset(from), Some(end), since_us + CLOCK_MARGIN_US)
+                        }
+                        // Messages since the lookback's start all came after the end was read.
+                        (_, Some(Offset::Offset(from))) => {
+                            (Offset::Offset(from), None, since_us + CLOCK_MARGIN_US)
+                        }
+                        // Nothing since the lookback's start when it was looked up.
+                        (Some(Offset::Offset(end)), Some(Offset::End)) => {
+                            (Offset::Offset(end), None, since_us + CLOCK_MARGIN_US)
+                        }
+                        // The start unknown: from the end, fed once a whole window came after it.
+                        (Some(Offset::Offset(end)), _) => {
+                            (Offset::Offset(end), None, ends_read_at + CLOCK_MARGIN_US)
+                        }
+                        // Nothing known: from wherever the end is when fetching starts, fed once a
+                        // whole window came after that (with a minute's slack for the start).
+                        _ => (Offset::End, None, now_us() + 60_000_000 + CLOCK_MARGIN_US),
                     };
                     state.assigned(partition, rebuilding, complete_from);
                     let _ = tpl.set_partition_offset(&topic, partition, seek);
@@ -353,6 +377,8 @@ impl PreparedMember {
 
     /// Adds a points message's samples to its window.
     fn take(&self, state: &Mutex<Windows>, message: &rdkafka::message::BorrowedMessage<'_>) {
+        // Every message counts towards the end of a partition's re-read, whatever it holds.
+        lock(state).seen(message.partition(), message.offset());
         let frame = match biofeed_schema::decode(message.payload().unwrap_or_default()) {
             Ok(frame) => frame,
             Err(_) => {

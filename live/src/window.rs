@@ -85,16 +85,17 @@ impl Window {
             }
         }
         if let Some(&newest) = self.times.back() {
-            let keep = self.window_us().max(self.shape.plot_us);
+            let keep = self.kept_us();
             let old = self.times.partition_point(|&x| x <= newest - keep);
             self.times.drain(..old);
             self.values.drain(..old * channels);
         }
     }
 
-    /// The metrics' window; for a data type without metrics, the plot span.
-    pub fn span_us(&self) -> i64 {
-        self.window_us()
+    /// How far back from the newest sample the window keeps samples (the metrics' window or the
+    /// plot span, the longer).
+    pub fn kept_us(&self) -> i64 {
+        self.window_us().max(self.shape.plot_us)
     }
 
     fn window_us(&self) -> i64 {

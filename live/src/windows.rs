@@ -86,6 +86,17 @@ impl Windows {
             .count()
     }
 
+    /// Notes that the message at `offset` of `partition` was read (whatever it holds: an
+    /// undecodable one too), which may end the partition's re-read.
+    pub fn seen(&mut self, partition: i32, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&partition) {
+            if p.rebuilding_until.is_some_and(|end| offset + 1 >= end) {
+                p.rebuilding_until = None;
+                tracing::info!(partition, "windows rebuilt; feeding back");
+            }
+        }
+    }
+
     /// Adds the message at `offset` of `partition`, a frame of a data type with `rate_hz`.
     pub fn take(
         &mut self,
@@ -95,12 +106,7 @@ impl Windows {
         rate_hz: f64,
         now: Instant,
     ) {
-        if let Some(p) = self.partitions.get_mut(&partition) {
-            if p.rebuilding_until.is_some_and(|end| offset + 1 >= end) {
-                p.rebuilding_until = None;
-                tracing::info!(partition, "windows rebuilt; feeding back");
-            }
-        }
+        self.seen(partition, offset);
         let name = frame.data_type.as_str();
         let window_us = if name == "eeg" {
             self.options.eeg_window
@@ -154,8 +160,9 @@ impl Windows {
             {
                 continue;
             }
+            // The plot too: all the window keeps must lie after `complete_from`.
             let whole = entry.window.newest().is_some_and(|through| {
-                through - entry.window.span_us() >= partition.complete_from_us
+                through - entry.window.kept_us() >= partition.complete_from_us
             });
             if !whole {
                 continue;
@@ -249,6 +256,10 @@ mod tests {
             w.due(now, 0).is_empty(),
             "its window (95..105] reaches back before 100 s"
         );
+        // An undecodable last message still ends a re-read (seen, never taken).
+        w.assigned(4, Some(8), 0);
+        w.seen(4, 7);
+        assert_eq!(w.rebuilding(), 0);
         // Once the window lies wholly after 100 s, it is fed.
         let later = now + Duration::from_secs(2);
         w.take(3, 2, &beat(session, 110), 1.0, later);

@@ -2,8 +2,8 @@
 //!
 //! Server-Sent Events rather than a WebSocket: the feed flows one way, SSE is plain HTTP (the
 //! same TLS, cookies, proxies and HTTP/2 as every other read), and browsers reconnect by
-//! themselves (a browser's `EventSource` cannot send an `Authorization` header, so a web page
-//! needs a session cookie, or reads the stream with `fetch`). The access policy decides at the
+//! themselves (a browser's `EventSource` cannot send an `Authorization` header: a web page
+//! reads the stream with `fetch` and the bearer token). The access policy decides at the
 //! start (audited as a read of `live`). Then, once
 //! a second, the gateway re-checks all its open feeds at once — their login tokens in one query,
 //! their sessions' status in another, and the policy (`still_allows`: the same decision, not
@@ -203,33 +203,38 @@ async fn recheck(state: &PeopleState) -> Result<(), ApiError> {
             .bind(&sessions)
             .fetch_all(state.pool())
             .await?;
-    let mut allowed: HashMap<(Uuid, Uuid), Option<bool>> = HashMap::new();
+    // The policy once per viewer and person, concurrently (bounded by Postgres' pool); an
+    // error fails the pass, and the feeds go on for the grace period while passes fail.
+    let mut pairs: Vec<(Uuid, Uuid)> = open
+        .iter()
+        .filter(|(_, token, actor, ..)| actors.get(token).is_some_and(|a| a.user_id == *actor))
+        .map(|(_, _, actor, owner, _)| (*actor, *owner))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let actor_of: HashMap<Uuid, &biofeed_accounts::policy::Actor> =
+        actors.values().map(|a| (a.user_id, a)).collect();
+    let decisions = futures_util::future::join_all(pairs.iter().map(|(actor, owner)| async {
+        match actor_of.get(actor) {
+            Some(current) => {
+                state
+                    .inner
+                    .access
+                    .still_allows(current, ACTION, *owner)
+                    .await
+            }
+            None => Ok(false),
+        }
+    }))
+    .await;
+    let mut allowed: HashMap<(Uuid, Uuid), bool> = HashMap::new();
+    for (pair, decision) in pairs.into_iter().zip(decisions) {
+        allowed.insert(pair, decision?);
+    }
     for (id, token, actor, owner, session) in &open {
         let reason = match actors.get(token) {
             Some(current) if current.user_id == *actor => {
-                let key = (*actor, *owner);
-                let may = match allowed.get(&key) {
-                    Some(may) => *may,
-                    None => {
-                        let may = match state
-                            .inner
-                            .access
-                            .still_allows(current, ACTION, *owner)
-                            .await
-                        {
-                            Ok(may) => Some(may),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot re-check a live feed's access; ending it");
-                                None
-                            }
-                        };
-                        allowed.insert(key, may);
-                        may
-                    }
-                };
-                if may.is_none() {
-                    Some("unavailable")
-                } else if may == Some(false) {
+                if !allowed.get(&(*actor, *owner)).copied().unwrap_or(false) {
                     Some("access_ended")
                 } else if !still_open.contains(session) {
                     Some("session_closed")
