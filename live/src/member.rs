@@ -104,8 +104,8 @@ struct Rebuild {
 impl ClientContext for Rebuild {}
 
 impl Rebuild {
-    /// The offsets of `partitions` at the time `at_ms` (ms since the epoch; -1: their ends, the
-    /// high watermarks), by partition; `None` for a partition whose look-up failed (logged).
+    /// The offsets of `partitions` at the time `at_ms` (ms since the epoch), by partition
+    /// (`Offset::End`: no message since); `None` for a partition whose look-up failed (logged).
     fn offsets_at(&self, partitions: &[(String, i32)], at_ms: i64) -> HashMap<i32, Option<Offset>> {
         let mut query = TopicPartitionList::new();
         for (topic, partition) in partitions {
@@ -149,10 +149,21 @@ impl ConsumerContext for Rebuild {
                     .iter()
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
-                // First every partition's end (then the lookback's start: a message produced in
-                // between is after the end and read), in one request each, bounded together.
+                // First every partition's end, then the lookback's start: a message produced in
+                // between is after the end, and read.
                 let ends_read_at = now_us();
-                let ends = self.offsets_at(&assigned, -1);
+                let ends: HashMap<i32, Option<Offset>> = assigned
+                    .iter()
+                    .map(|(topic, partition)| {
+                        let end = self
+                            .lookup
+                            .fetch_watermarks(topic, *partition, LOOKUP_TIMEOUT)
+                            .map_err(|error| tracing::warn!(%error, partition, "cannot read the end of an assigned partition; its sessions are fed again once a whole window of new samples arrived"))
+                            .ok()
+                            .map(|(_, high)| Offset::Offset(high));
+                        (*partition, end)
+                    })
+                    .collect();
                 let since_us = now_us() - self.lookback.as_micros() as i64;
                 let starts = self.offsets_at(&assigned, since_us / 1000);
                 let mut state = lock(&self.state);

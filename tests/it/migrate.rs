@@ -25,23 +25,25 @@ async fn migrate_applies_everything_once_and_status_tells_the_truth() {
     let before = crate::helpers::run_biofeed(&["migrate", "--status"], &env()).await;
     assert_eq!(before.code, 0, "{before:?}");
     // Every migration of each store: Postgres's as the migrator counts them, five ClickHouse
-    // ones and the two topics.
+    // ones and the three topics (points, dead letters, live feeds).
     let migrations = [
         (
             "postgres",
             biofeed_migrations::postgres::MIGRATOR.iter().count(),
         ),
         ("clickhouse", 5),
-        ("kafka", 2),
+        ("kafka", 3),
     ];
     for (store, n) in migrations {
         let line = format!("{store}: {n} pending");
         assert!(before.stdout.contains(&line), "{before:?}");
     }
-    assert!(
-        before.stdout.contains(&test.settings.stores.topics.points),
-        "{before:?}"
-    );
+    for topic in [
+        &test.settings.stores.topics.points,
+        &test.settings.stores.topics.live,
+    ] {
+        assert!(before.stdout.contains(topic.as_str()), "{before:?}");
+    }
 
     let first = crate::helpers::run_biofeed(&["migrate"], &env()).await;
     assert_eq!(first.code, 0, "{first:?}");
