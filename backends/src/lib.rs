@@ -291,6 +291,17 @@ impl Target {
     }
 }
 
+/// This host's name (the kernel's, else `$HOSTNAME`), or `fallback`: the default static group
+/// member id of the consumers and the live members.
+pub fn host_name(fallback: &str) -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| fallback.to_owned())
+}
+
 /// Parses a positive duration such as `5s`, `1500ms`, `2min` or `7days` for duration settings.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
     let parsed = humantime::parse_duration(value).map_err(|e| {

@@ -242,7 +242,7 @@ pub async fn prepare(
         .options
         .instance_id
         .clone()
-        .unwrap_or_else(host_name);
+        .unwrap_or_else(|| biofeed_backends::host_name("biofeed-consumer"));
     tracing::info!(instance_id, "static group member");
     config
         .set("client.id", "biofeed-consumer")
@@ -283,16 +283,6 @@ impl PreparedConsumer {
             .await
             .map_err(|e| ConsumeError::Panicked("consume", e.to_string()))?
     }
-}
-
-/// This host's name (the kernel's), the default static group member id.
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|name| name.trim().to_owned())
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "biofeed-consumer".to_owned())
 }
 
 /// Replays, reporting progress as (messages read, messages in range).

@@ -30,7 +30,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use sqlx::PgPool;
 
 use crate::windows::Windows;
-use crate::{host_name, now_us, LiveError, LiveOptions, LiveSettings};
+use crate::{now_us, LiveError, LiveOptions, LiveSettings};
 
 /// The live member's metrics.
 #[derive(Debug, Clone, Default)]
@@ -250,7 +250,7 @@ pub async fn prepare(
         .options
         .instance_id
         .clone()
-        .unwrap_or_else(|| format!("{}-{role}", host_name()));
+        .unwrap_or_else(|| format!("{}-{role}", biofeed_backends::host_name("biofeed")));
     tracing::info!(instance_id, group = settings.options.group, "live member");
     let mut consumer = base.clone();
     consumer
