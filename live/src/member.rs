@@ -151,7 +151,6 @@ impl ConsumerContext for Rebuild {
                     .collect();
                 // First every partition's end, then the lookback's start: a message produced in
                 // between is after the end, and read.
-                let ends_read_at = now_us();
                 let ends: HashMap<i32, Option<Offset>> = assigned
                     .iter()
                     .map(|(topic, partition)| {
@@ -164,6 +163,9 @@ impl ConsumerContext for Rebuild {
                         (*partition, end)
                     })
                     .collect();
+                // After every end was read: a message received before then and not re-read has
+                // samples at most a clock margin after it.
+                let ends_read_at = now_us();
                 let since_us = now_us() - self.lookback.as_micros() as i64;
                 let starts = self.offsets_at(&assigned, since_us / 1000);
                 let mut state = lock(&self.state);
