@@ -47,19 +47,7 @@ pub(super) async fn register(
         let user = users::create_user(accounts, &email, "user").await?;
         let device =
             devices::create_device(&accounts.pool, user, &format!("e2e-bench-{id}")).await?;
-        let opened: serde_json::Value = http
-            .post(format!("{url}/v1/sessions"))
-            .bearer_auth(&device.token)
-            .json(&serde_json::json!({ "exercise": "hrv_biofeedback", "data_types": ["ecg"] }))
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let session: Uuid = opened["session_id"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .context("opening a session")?;
+        let session = open_session(http, url, &device.token, "ecg").await?;
         registered.push(Registered {
             session,
             token: device.token,
@@ -67,6 +55,29 @@ pub(super) async fn register(
         });
     }
     Ok(registered)
+}
+
+/// Opens an `hrv_biofeedback` session streaming `data_type` with a device token, through the
+/// gateway at `url`; its id.
+pub(super) async fn open_session(
+    http: &reqwest::Client,
+    url: &str,
+    device_token: &str,
+    data_type: &str,
+) -> anyhow::Result<Uuid> {
+    let opened: serde_json::Value = http
+        .post(format!("{url}/v1/sessions"))
+        .bearer_auth(device_token)
+        .json(&serde_json::json!({ "exercise": "hrv_biofeedback", "data_types": [data_type] }))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    opened["session_id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .context("opening a session")
 }
 
 /// The running devices and what they counted.

@@ -35,12 +35,7 @@ pub(super) struct LiveLoad {
 
 /// A person for every live session: signed up with a password (one hash) and logged in through
 /// the gateway, for the viewers' login token.
-async fn person(
-    accounts: &Accounts,
-    http: &reqwest::Client,
-    url: &str,
-    id: &str,
-) -> anyhow::Result<(Uuid, String)> {
+async fn person(http: &reqwest::Client, url: &str, id: &str) -> anyhow::Result<(Uuid, String)> {
     let email = format!("live-{id}@example.org");
     let password = format!("bench-{}", Uuid::new_v4().simple());
     let signed_up: serde_json::Value = http
@@ -65,7 +60,6 @@ async fn person(
         .json()
         .await?;
     let token = login["token"].as_str().context("a login token")?.to_owned();
-    let _ = accounts;
     Ok((user, token))
 }
 
@@ -78,7 +72,7 @@ impl LiveLoad {
         id: &str,
         n: u32,
     ) -> anyhow::Result<Self> {
-        let (user, login) = person(accounts, http, url, id).await?;
+        let (user, login) = person(http, url, id).await?;
         let mut load = Self {
             stop: Arc::new(AtomicBool::new(false)),
             measuring: Arc::new(AtomicBool::new(false)),
@@ -91,19 +85,8 @@ impl LiveLoad {
         for index in 0..n {
             let device =
                 devices::create_device(&accounts.pool, user, &format!("live-bench-{id}")).await?;
-            let opened: serde_json::Value = http
-                .post(format!("{url}/v1/sessions"))
-                .bearer_auth(&device.token)
-                .json(&serde_json::json!({ "exercise": "hrv_biofeedback", "data_types": ["rr_interval"] }))
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            let session: Uuid = opened["session_id"]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .context("opening a live session")?;
+            let session =
+                super::devices::open_session(http, url, &device.token, "rr_interval").await?;
             let pending: Arc<Pending> = Arc::new(Mutex::new(VecDeque::new()));
             load.pending.push(Arc::clone(&pending));
             let viewer = http
