@@ -94,8 +94,13 @@ impl PrivateKafka {
                 scram.push(format!("{mechanism}=[name={user},password={pw}]"));
             }
         }
-        let cluster_id = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(uuid::Uuid::new_v4().as_bytes());
+        // As Kafka's own Uuid.randomUuid: never an id starting with '-', which the storage
+        // tool's argument parser takes for an option (one failed CI run on it).
+        let cluster_id = std::iter::repeat_with(|| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(uuid::Uuid::new_v4().as_bytes())
+        })
+        .find(|id| !id.starts_with('-'))
+        .unwrap();
         let format = Command::new("java")
             .args([
                 "-cp",
