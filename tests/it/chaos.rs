@@ -41,8 +41,10 @@ async fn killed_twice_mid_stream_nothing_accepted_is_lost_or_doubled_nothing_del
             &url,
             "--devices",
             "6",
+            // Long enough for the whole scenario below (two kills and restarts until ready, an
+            // erasure mid-stream) to happen while every device still streams, on a busy machine.
             "--duration",
-            "30s",
+            "90s",
             "--session-length",
             "4s",
             "--abort-share",
@@ -59,14 +61,23 @@ async fn killed_twice_mid_stream_nothing_accepted_is_lost_or_doubled_nothing_del
     let second = start_up(&env, &url).await;
     rows_beyond(&stores, seen).await;
 
-    // Erase one simulated person while their device streams.
+    // Erase one simulated person while their device streams: one with an open session (a device
+    // is between two sessions now and then; a watchdog, not a timing).
     let pool = stores.settings.stores.postgres.connect().await.unwrap();
-    let erased: Uuid = sqlx::query_scalar(
-        "SELECT user_id FROM sessions WHERE status = 'open' ORDER BY started_at LIMIT 1",
+    let erased: Uuid = eventually(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        async || {
+            sqlx::query_scalar(
+                "SELECT user_id FROM sessions WHERE status = 'open' ORDER BY started_at LIMIT 1",
+            )
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .ok_or_else(|| "no open session".to_owned())
+        },
     )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    .await;
     let erase = run_biofeed(
         &["admin", "user", "erase", &erased.to_string(), "--yes"],
         &env,

@@ -176,8 +176,10 @@ async fn a_broker_and_a_replica_killed_mid_stream_lose_and_double_nothing_on_any
             &url,
             "--devices",
             "4",
+            // Long enough that the devices still stream through every kill, the erasure and the
+            // restart below, however slowly the broker and replica go down and come back.
             "--duration",
-            "45s",
+            "120s",
             "--session-length",
             "5s",
             "--abort-share",

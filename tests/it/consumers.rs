@@ -385,6 +385,9 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
 
     let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
     wait_for_points(&stores, points_of(&good)).await;
+    // The good frames stored says nothing of the poison in other partitions: stop once the
+    // consumer has been through the whole topic.
+    wait_until_committed(&stores, &format!("biofeed-test-group-{}", stores.id)).await;
     let stderr = consumer.stop_ok().await;
     assert!(stderr.contains("2 frames dead-lettered"), "{stderr}");
 
@@ -519,6 +522,8 @@ async fn frames_of_erased_users_are_dropped_on_consume_and_on_replay() {
     produce_frames(&stores, &drop).await;
     let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
     wait_for_points(&stores, points_of(&keep)).await;
+    // (The dropped frames may sit in other partitions than the kept ones: the whole topic read.)
+    wait_until_committed(&stores, &format!("biofeed-test-group-{}", stores.id)).await;
     let stderr = consumer.stop_ok().await;
     assert!(
         stderr.contains("10 frames of erased users and 0 of closed sessions dropped"),
@@ -757,6 +762,8 @@ async fn frames_of_sessions_no_longer_open_or_completed_are_dropped_on_consume_a
     let dropped = sent.len() - kept.len() + unknown.len();
     let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
     wait_for_points(&stores, points_of(&kept)).await;
+    // (The dropped frames may sit in other partitions than the kept ones: the whole topic read.)
+    wait_until_committed(&stores, &format!("biofeed-test-group-{}", stores.id)).await;
     let stderr = consumer.stop_ok().await;
     assert!(
         stderr.contains(&format!("{dropped} of closed sessions dropped")),

@@ -947,10 +947,12 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
         .await
         .expect("migrate");
     let brokers = kafka.brokers();
+    // A request waiting for the killed Kafka stays in flight for the produce timeout: long
+    // enough, on a busy machine, to see it in flight and send the next request meanwhile.
     let gw = TestGateway::spawn_on(
         stores,
         &brokers,
-        &["--produce-timeout", "2s", "--max-in-flight", "1"],
+        &["--produce-timeout", PRODUCE_TIMEOUT, "--max-in-flight", "1"],
     )
     .await;
     let session = gw.open_session("hrv_biofeedback", &["rr_interval"]).await;
@@ -1003,7 +1005,8 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
     // Kafka back: the same gateway accepts again, without a restart.
     kafka.restart().await;
     let (after_id, after) = json_frame("rr_interval", 5, 1, 840.0);
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    // (A watchdog: an attempt may wait a whole produce timeout while the producer reconnects.)
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let status = gw
             .post(&points)
@@ -1081,9 +1084,18 @@ async fn repeated_sample_times_are_refused_naming_the_index_as_json_and_as_avro(
     assert!(gw.topic_messages().await.is_empty(), "nothing published");
 }
 
-/// The gateway's `biofeed_gateway_in_flight_requests` gauge.
+/// How long the gateway waits for Kafka's acknowledgement in the tests that stop Kafka while a
+/// request waits: they must see that request in flight and send another before it times out,
+/// which a loaded machine cannot promise within 2 or 3 s.
+const PRODUCE_TIMEOUT: &str = "10s";
+
+/// The gateway's `biofeed_gateway_in_flight_requests` gauge, read with the test's own client
+/// (one client for every poll: no new TLS set-up each time).
 async fn in_flight(gw: &TestGateway) -> i64 {
-    let text = metrics_text(&gw.url).await;
+    let text = match gw.http.get(format!("{}/metrics", gw.url)).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
     text.lines()
         .find_map(|l| l.strip_prefix("biofeed_gateway_in_flight_requests "))
         .and_then(|v| v.trim().parse().ok())
@@ -1115,7 +1127,8 @@ async fn a_retry_while_the_first_post_waits_for_kafka_is_never_told_duplicate_be
         .await
         .expect("migrate");
     let brokers = kafka.brokers();
-    let gw = TestGateway::spawn_on(stores, &brokers, &["--produce-timeout", "3s"]).await;
+    // (See PRODUCE_TIMEOUT: the retry must reach the gateway while the first still waits.)
+    let gw = TestGateway::spawn_on(stores, &brokers, &["--produce-timeout", PRODUCE_TIMEOUT]).await;
     let session = gw.open_session("hrv_biofeedback", &["rr_interval"]).await;
     let points = format!("/v1/sessions/{session}/points");
 
@@ -1144,7 +1157,8 @@ async fn a_retry_while_the_first_post_waits_for_kafka_is_never_told_duplicate_be
 
     // Kafka back: the frame is accepted (202, published now), then a re-post is a duplicate.
     kafka.restart().await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    // (A watchdog: an attempt may wait a whole produce timeout while the producer reconnects.)
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let status = gw
             .post(&points)

@@ -172,7 +172,14 @@ pub struct TopicMessage {
     pub headers: Vec<(String, String)>,
 }
 
-/// Reads a topic from the beginning until no message arrives for two seconds.
+/// How long [`read_messages`] may take to reach a topic's end: a watchdog, not a timing.
+const READ_WATCHDOG: Duration = Duration::from_secs(60);
+
+/// Reads a topic from the beginning to its end as it was when the read began: first each
+/// partition's end (its high watermark), then messages until every partition's position (the
+/// offset after the last message read from it) reached that end. Every message acknowledged
+/// before the call is read; a pause in delivery is waited out, not taken for the end. Fails
+/// the test, naming the partitions short of their end, after [`READ_WATCHDOG`].
 pub async fn read_messages(kafka: &KafkaSettings, topic: &str) -> Vec<TopicMessage> {
     use rdkafka::message::Headers;
     let (kafka, topic) = (kafka.clone(), topic.to_owned());
@@ -197,17 +204,46 @@ pub async fn read_messages(kafka: &KafkaSettings, topic: &str) -> Vec<TopicMessa
             "topic {topic} exists ({:?})",
             described.error()
         );
-        let partitions = described.partitions().len();
+        // Each partition's end, and where reading it starts (its first offset still held). No
+        // producer of the tests or of biofeed is transactional: no control record follows a
+        // partition's last message, so the offset after that message is the end.
+        let mut ends = std::collections::BTreeMap::new();
+        let mut positions = std::collections::BTreeMap::new();
         let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions {
+        for partition in described.partitions().iter().map(|p| p.id()) {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("the end of {topic} [{partition}]: {e}"));
+            ends.insert(partition, high);
+            positions.insert(partition, low);
             assignment
-                .add_partition_offset(&topic, p as i32, Offset::Beginning)
+                .add_partition_offset(&topic, partition, Offset::Beginning)
                 .unwrap();
         }
         consumer.assign(&assignment).unwrap();
+        let deadline = std::time::Instant::now() + READ_WATCHDOG;
         let mut messages = Vec::new();
-        while let Some(message) = consumer.poll(Duration::from_secs(2)) {
-            let message = message.unwrap();
+        loop {
+            let short: Vec<String> = ends
+                .iter()
+                .filter(|(partition, end)| positions[*partition] < **end)
+                .map(|(partition, end)| {
+                    format!("partition {partition} at {} of {end}", positions[partition])
+                })
+                .collect();
+            if short.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read {topic} for {READ_WATCHDOG:?} without reaching its end: {}",
+                short.join(", ")
+            );
+            let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+                continue;
+            };
+            let message = message.unwrap_or_else(|e| panic!("reading {topic}: {e}"));
+            positions.insert(message.partition(), message.offset() + 1);
             let headers = message
                 .headers()
                 .map(|h| {

@@ -565,6 +565,23 @@ pub async fn run_biofeed(args: &[&str], env: &[(&str, String)]) -> Run {
 /// Runs the real binary with extra environment variables and without `removed` ones (which
 /// `compose/local test` may have exported).
 pub async fn run_biofeed_without(args: &[&str], env: &[(&str, String)], removed: &[&str]) -> Run {
+    run_biofeed_watched(WATCHDOG, args, env, removed).await
+}
+
+/// Runs the real binary with extra environment variables, calling it a hang only after `limit`
+/// instead of [`WATCHDOG`]: for runs that take minutes by design (`biofeed bench`: a warm-up,
+/// the measurement, then draining until every point is stored).
+pub async fn run_biofeed_within(limit: Duration, args: &[&str], env: &[(&str, String)]) -> Run {
+    run_biofeed_watched(limit, args, env, &[]).await
+}
+
+/// Runs the real binary with `env` and without `removed`; fails the test after `limit`.
+async fn run_biofeed_watched(
+    limit: Duration,
+    args: &[&str],
+    env: &[(&str, String)],
+    removed: &[&str],
+) -> Run {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_biofeed"));
     command.args(args).kill_on_drop(true);
     for key in removed {
@@ -573,9 +590,9 @@ pub async fn run_biofeed_without(args: &[&str], env: &[(&str, String)], removed:
     for (key, value) in env {
         command.env(key, value);
     }
-    let output: Output = tokio::time::timeout(WATCHDOG, command.output())
+    let output: Output = tokio::time::timeout(limit, command.output())
         .await
-        .unwrap_or_else(|_| panic!("biofeed {args:?} hung for {WATCHDOG:?}"))
+        .unwrap_or_else(|_| panic!("biofeed {args:?} hung for {limit:?}"))
         .expect("biofeed runs");
     Run {
         code: output.status.code().expect("exited, not killed"),

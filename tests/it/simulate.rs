@@ -9,7 +9,9 @@ use biofeed_accounts::AccountKeys;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::helpers::{eventually, key_env, metrics_text, run_biofeed, Isolated};
+use crate::helpers::{
+    eventually, key_env, metrics_text, run_biofeed, run_biofeed_within, Isolated,
+};
 use crate::up::{simulated_points, start_up, stored_points, UpSettings};
 
 #[tokio::test]
@@ -104,6 +106,11 @@ async fn simulated_devices_leave_exactly_the_completed_sessions_points() {
     assert_eq!(code, 0, "{stderr}");
 }
 
+/// How long a `biofeed bench` run may take before the test calls it a hang (a watchdog, not a
+/// timing): `bench e2e` alone warms up for 10 s and drains for up to 120 s around its
+/// measurement, after starting `biofeed up` and migrating stores of its own.
+const BENCH_WATCHDOG: Duration = Duration::from_secs(300);
+
 /// Runs `biofeed bench <args>` on `stores` (left unmigrated: the bench makes and migrates its
 /// own databases) with fresh keys; checks it succeeded and returns its last-line JSON.
 async fn bench(stores: &Isolated, args: &[&str]) -> Value {
@@ -112,7 +119,7 @@ async fn bench(stores: &Isolated, args: &[&str]) -> Value {
     env.extend(key_env(&AccountKeys::generate()));
     let mut all = vec!["bench"];
     all.extend_from_slice(args);
-    let run = run_biofeed(&all, &env).await;
+    let run = run_biofeed_within(BENCH_WATCHDOG, &all, &env).await;
     assert_eq!(run.code, 0, "{run:?}");
     serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap()
 }

@@ -5,12 +5,16 @@ what was sent (a JSON file the Rust test writes). Exits non-zero naming the firs
 
 SENT.json: {"t_us": [...], "values": [[...], ...], "labels": [...], "unit": "µV",
             "rate": 256, "min": -2000, "max": 2000, "patient_code": "…",
-            "annotations": ["session start", …], "absent": ["Anna", …]}
+            "annotations": ["session start", …], "absent": ["Anna", "1990-05-17", …]}
+
+"absent": texts no file may hold; a birth date (YYYY-MM-DD) in any of the forms it could be
+written in (see absent_forms).
 """
 
 import csv
 import datetime
 import json
+import re
 import sys
 
 import numpy as np
@@ -19,6 +23,35 @@ import numpy as np
 def fail(message):
     print(message, file=sys.stderr)
     sys.exit(1)
+
+
+MONTHS = ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"]
+
+
+def absent_forms(sent):
+    """(text, bytes) pairs: the bytes no file may hold, and which text of sent["absent"] they
+    are a form of. Each text as it is, and each date (YYYY-MM-DD) among them also as 19900517,
+    17-MAY-1990 (EDF+), 17-May-1990, 17.05.1990, 17.05.90, 17/05/1990, 05/17/1990 and
+    1990/05/17. Whole dates only: a year or a few digits alone turn up by chance in binary
+    samples, hex labels and microsecond onsets."""
+    pairs = []
+    for text in sent["absent"]:
+        forms = [text]
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            y, m, d = text.split("-")
+            month = MONTHS[int(m) - 1]
+            forms += [
+                f"{y}{m}{d}",
+                f"{d}-{month}-{y}",
+                f"{d}-{month.capitalize()}-{y}",
+                f"{d}.{m}.{y}",
+                f"{d}.{m}.{y[2:]}",
+                f"{d}/{m}/{y}",
+                f"{m}/{d}/{y}",
+                f"{y}/{m}/{d}",
+            ]
+        pairs += [(text, form.encode()) for form in forms]
+    return pairs
 
 
 def expected_layout(sent):
@@ -36,9 +69,9 @@ def expected_layout(sent):
 
 def check_edf(path, sent):
     raw = open(path, "rb").read()
-    for text in sent["absent"]:
-        if text.encode() in raw:
-            fail(f"the file holds {text!r}")
+    for text, form in absent_forms(sent):
+        if form in raw:
+            fail(f"the file holds {form.decode()!r} ({text!r})")
     kind = raw[192:197].decode()
     start, slots, records, continuous = expected_layout(sent)
     if kind != ("EDF+C" if continuous else "EDF+D"):
@@ -174,9 +207,9 @@ def check_bids(root, sent):
             if not validator.is_bids(path):
                 fail(f"{path} is not a valid BIDS path")
             raw = open(os.path.join(folder, name), "rb").read()
-            for text in sent["absent"]:
-                if text.encode() in raw:
-                    fail(f"{path} holds {text!r}")
+            for text, form in absent_forms(sent):
+                if form in raw:
+                    fail(f"{path} holds {form.decode()!r} ({text!r})")
     description = json.load(open(os.path.join(root, "dataset_description.json")))
     for key in ("Name", "BIDSVersion"):
         if key not in description:
