@@ -53,6 +53,11 @@ impl Access {
         Ok(decision?)
     }
 
+    /// Whether `user` is below their consent age, as the policy counts it.
+    pub(crate) async fn is_minor(&self, user: Uuid) -> Result<bool, ApiError> {
+        Ok(self.policy.is_minor(&self.accounts, user).await?)
+    }
+
     /// Whether a read that was allowed is still allowed (the policy's `still_allows`: the same
     /// decision, not audited again).
     pub(crate) async fn still_allows(

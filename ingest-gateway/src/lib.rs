@@ -33,6 +33,7 @@ pub mod people;
 pub mod problem;
 pub mod settings;
 pub mod tls;
+pub mod web;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -163,6 +164,7 @@ impl Application {
                 access,
                 terms_version: settings.terms_version,
                 max_read_points: settings.max_read_points,
+                secure_cookies: settings.secure_cookies || https.is_some(),
                 device_tokens,
                 metrics: Arc::clone(&metrics),
                 live: biofeed_live::hub::Hub::start(&settings.kafka, &settings.topics.live)?,
@@ -318,14 +320,16 @@ const FAILED: metrics::OutcomeLabels = metrics::OutcomeLabels { outcome: "failed
         people::relationships::list_relationships, people::relationships::accept, people::relationships::revoke,
         people::reads::user_sessions, people::reads::session, people::reads::session_points,
         people::reads::session_metrics, people::reads::access_log, people::export::export_session, people::live::session_live,
-        people::export::export_person, people::export::export_followers),
+        people::export::export_person, people::export::export_followers,
+        people::accounts::web_log_in, people::reads::people, people::reads::trend, people::reads::data_types, people::accounts::terms),
     components(schemas(problem::Problem, device::points::JsonFrame, device::points::FrameAccepted,
         device::sessions::OpenSession, device::sessions::SessionOpened, device::sessions::CompleteSession,
         device::sessions::SessionClosed, people::accounts::SignUp, people::accounts::SignedUp,
         people::accounts::Login, people::accounts::Token, people::profile::ProfilePatch, people::profile::EraseMe,
         people::relationships::Invite, people::devices::RegisterDevice, people::devices::DeviceRegistered,
         people::recordings::SessionView, people::reads::Sample, people::reads::Bucket, people::reads::Points,
-        people::reads::SessionMetric, people::reads::SessionMetrics)),
+        people::reads::SessionMetric, people::reads::SessionMetrics, people::accounts::WebSession,
+        people::reads::Person, people::reads::TrendPoint, people::reads::DataTypeView, people::accounts::Terms)),
     modifiers(&TokenSchemes),
     tags((name = "sessions", description = "a device's sessions"), (name = "points", description = "samples"),
         (name = "accounts", description = "sign-up, login, one's own profile, export and erasure"),
@@ -354,7 +358,7 @@ impl utoipa::Modify for TokenSchemes {
         );
         components.add_security_scheme(
             "login_token",
-            bearer("a login token from `POST /v1/auth/login`"),
+            bearer("a login token from `POST /v1/auth/login` (or, from the web app's pages, the same token in the `biofeed_login` cookie of `POST /v1/auth/session`)"),
         );
     }
 }
@@ -369,10 +373,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
         .with_state(Arc::clone(&state.operator));
-    Router::new()
+    let app = Router::new()
         .merge(device::routes().with_state(state.device))
         .merge(people::routes().with_state(state.people))
         .merge(operator)
+        .merge(web::routes())
         // Axum's own 404 and 405 have empty bodies; every refusal is a problem. The 405 keeps the
         // `Allow` header axum adds (it is only set when the answer has none).
         .fallback(|| async { ApiError::NotFound("route") })
@@ -382,7 +387,8 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.operator,
             count_requests,
-        ))
+        ));
+    web::harden(app)
 }
 
 /// A path's session id; a malformed one cannot name a session, so it is 404 like a missing one.

@@ -57,7 +57,12 @@ pub fn routes() -> Router<PeopleState> {
         .route("/v1/users/{id}/export", get(export::export_person))
         .route("/v1/users/{id}/access-log", get(reads::access_log))
         .route("/v1/auth/login", post(accounts::log_in))
+        .route("/v1/auth/session", post(accounts::web_log_in))
         .route("/v1/auth/logout", post(accounts::log_out))
+        .route("/v1/me/people", get(reads::people))
+        .route("/v1/users/{id}/trend", get(reads::trend))
+        .route("/v1/data-types", get(reads::data_types))
+        .route("/v1/terms", get(accounts::terms))
         .route(
             "/v1/me",
             get(profile::get_me)
@@ -95,6 +100,8 @@ pub(crate) struct PeopleInner {
     pub(crate) access: Access,
     pub(crate) terms_version: String,
     pub(crate) max_read_points: u32,
+    /// Whether the login cookie is marked `Secure` (HTTPS served here or by a proxy in front).
+    pub(crate) secure_cookies: bool,
     /// Forgotten when a device is revoked or a person erased, so their devices stop at once.
     pub(crate) device_tokens: DeviceTokenCache,
     pub(crate) metrics: Arc<Metrics>,

@@ -76,6 +76,11 @@ pub struct GatewaySettings {
     #[arg(long = "max-read-points", id = "gateway_max_read_points", value_name = "N", env = "BIOFEED_GATEWAY_MAX_READ_POINTS", default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_read_points: u32,
 
+    /// Marks the web app's login cookie `Secure` although the gateway serves plain HTTP: set it
+    /// when a TLS-terminating proxy is in front (a gateway serving HTTPS itself always does).
+    #[arg(long = "secure-cookies", id = "gateway_secure_cookies", env = "BIOFEED_GATEWAY_SECURE_COOKIES", default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub secure_cookies: bool,
+
     /// HTTPS: the certificate and key, and HSTS.
     #[command(flatten, next_help_heading = "HTTPS")]
     pub tls: TlsSettings,

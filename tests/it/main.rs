@@ -26,3 +26,4 @@ mod services;
 mod settings;
 mod simulate;
 mod up;
+mod web;

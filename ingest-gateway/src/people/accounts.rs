@@ -1,16 +1,19 @@
 //! Accounts: sign-up, login and logout.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::{CACHE_CONTROL, SET_COOKIE};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::IntoResponse;
 use axum::Json;
 use biofeed_accounts::login;
 use biofeed_accounts::users::{self, Email, NewUser, ProfileFields};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::metrics::OutcomeLabels;
-use crate::people::auth::UserAuth;
+use crate::people::auth::{clear_login_cookie, same_origin, set_login_cookie, UserAuth, Via};
 use crate::people::{created, json_body, peer_address, PeopleState};
 use crate::problem::{ApiError, Problem};
 
@@ -167,13 +170,82 @@ pub async fn log_in(
     }))
 }
 
-/// Logs out: the token stops working at once.
+/// A web app login: who, until when (the token itself is only in the cookie).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WebSession {
+    /// Whose it is.
+    pub user_id: Uuid,
+    /// When it stops working (RFC 3339).
+    pub expires_at: String,
+}
+
+/// Logs in for the web app: the same login token as `/v1/auth/login`, under the same rules and
+/// throttle, handed over only as an `HttpOnly`, `SameSite=Strict` cookie (`Secure` over HTTPS),
+/// never in the body where a script could read it. The request must come from this site's own
+/// pages (`Origin`).
+#[utoipa::path(post, path = "/v1/auth/session", tag = "accounts", request_body = Login,
+    responses(
+        (status = 200, description = "logged in; the token is in the `biofeed_login` cookie", body = WebSession),
+        (status = 401, description = "wrong email or password", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "no Origin header, or another site's", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many failed logins for this account or address; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn web_log_in(
+    State(state): State<PeopleState>,
+    extensions: axum::http::Extensions,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Result<([(HeaderName, HeaderValue); 2], Json<WebSession>), ApiError> {
+    same_origin(&headers, &uri)?;
+    let Json(token) = log_in(State(state.clone()), extensions, headers, body).await?;
+    let expires_at = DateTime::parse_from_rfc3339(&token.expires_at)
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .with_timezone(&Utc);
+    Ok((
+        [
+            (
+                SET_COOKIE,
+                set_login_cookie(&token.token, expires_at, state.inner.secure_cookies)?,
+            ),
+            (CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        Json(WebSession {
+            user_id: token.user_id,
+            expires_at: token.expires_at,
+        }),
+    ))
+}
+
+/// Logs out: the token stops working at once (and the web app's cookie is cleared).
 #[utoipa::path(post, path = "/v1/auth/logout", tag = "accounts",
     responses((status = 204, description = "logged out")), security(("login_token" = [])))]
 pub async fn log_out(
     State(state): State<PeopleState>,
     auth: UserAuth,
-) -> Result<StatusCode, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     login::logout(state.pool(), &auth.token).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    if auth.via == Via::Cookie {
+        response
+            .headers_mut()
+            .insert(SET_COOKIE, clear_login_cookie(state.inner.secure_cookies));
+    }
+    Ok(response)
+}
+
+/// The terms of use that sign-up must accept.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Terms {
+    /// The current version: send it as `accept_terms`.
+    pub version: String,
+}
+
+/// The current terms version (sign-up accepts exactly this one).
+#[utoipa::path(get, path = "/v1/terms", tag = "accounts",
+    responses((status = 200, description = "the current terms", body = Terms)))]
+pub async fn terms(State(state): State<PeopleState>) -> Json<Terms> {
+    Json(Terms {
+        version: state.inner.terms_version.clone(),
+    })
 }

@@ -55,7 +55,7 @@ the gateway closes the stream", content_type = "text/event-stream"),
     ), security(("login_token" = [])))]
 pub async fn session_live(
     State(state): State<PeopleState>,
-    UserAuth { actor, token }: UserAuth,
+    UserAuth { actor, token, .. }: UserAuth,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let (session, owner) = readable_session(&state, &actor, &id, "live").await?;

@@ -2,15 +2,16 @@
 
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::response::IntoResponse;
 use axum::Json;
-use biofeed_accounts::erase::{self, Erased};
+use biofeed_accounts::erase;
 use biofeed_accounts::login;
 use biofeed_accounts::profile_change::{change_profile, ProfileChange};
 use biofeed_accounts::users::{self, Profile};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use crate::people::auth::UserAuth;
+use crate::people::auth::{clear_login_cookie, UserAuth, Via};
 use crate::people::{json_body, peer_address, PeopleState};
 use crate::problem::{ApiError, Problem};
 
@@ -65,7 +66,7 @@ pub async fn get_me(
     ), security(("login_token" = [])))]
 pub async fn patch_me(
     State(state): State<PeopleState>,
-    UserAuth { actor, token }: UserAuth,
+    UserAuth { actor, token, .. }: UserAuth,
     extensions: axum::http::Extensions,
     headers: HeaderMap,
     body: axum::body::Body,
@@ -104,11 +105,11 @@ pub async fn patch_me(
     ), security(("login_token" = [])))]
 pub async fn delete_me(
     State(state): State<PeopleState>,
-    UserAuth { actor, .. }: UserAuth,
+    UserAuth { actor, via, .. }: UserAuth,
     extensions: axum::http::Extensions,
     headers: HeaderMap,
     body: axum::body::Body,
-) -> Result<Json<Erased>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let request: EraseMe = json_body(&headers, body).await?;
     let me = state.allow_own(&actor, "account").await?;
     let inner = &state.inner;
@@ -126,7 +127,15 @@ pub async fn delete_me(
     .map_err(wrong_password_is_forbidden("the password is wrong"))?;
     let erased = erase::erase_user(&inner.accounts, me, Some(me)).await?;
     inner.device_tokens.forget_all();
-    Ok(Json(erased))
+    // The web app's cookie names a token erasure revoked: the browser forgets it too.
+    let mut response = Json(erased).into_response();
+    if via == Via::Cookie {
+        response.headers_mut().insert(
+            axum::http::header::SET_COOKIE,
+            clear_login_cookie(inner.secure_cookies),
+        );
+    }
+    Ok(response)
 }
 
 /// A wrong password is 403 with `message`; any other login error keeps its own answer.

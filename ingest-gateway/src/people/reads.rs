@@ -8,6 +8,7 @@ use axum::http::Uri;
 use axum::Json;
 use biofeed_accounts::audit::{self, AccessRecord};
 use biofeed_accounts::policy::{Action, Actor};
+use biofeed_accounts::{relationships, users};
 use chrono::{DateTime, Utc};
 use clickhouse::{Row, RowOwned, RowRead};
 use serde::{Deserialize, Serialize};
@@ -429,5 +430,216 @@ pub async fn access_log(
     state.allow(&actor, Action::ReadAccessLog, subject).await?;
     Ok(Json(
         audit::access_log(state.pool(), subject, before, limit).await?,
+    ))
+}
+
+/// Someone whose data the caller may read: themself, or a follower of an accepted relationship.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Person {
+    /// Their id.
+    pub user_id: Uuid,
+    /// Their first name, decrypted (None if they gave none).
+    pub first_name: Option<String>,
+    /// `self`, or the relationship's kind (`parent_child`, `practitioner_patient`, …).
+    pub relationship: String,
+    /// Below their consent age: a care relationship of theirs is accepted by their guardian.
+    pub minor: bool,
+}
+
+/// The caller and everyone whose data they may read (a guardian's children, a practitioner's
+/// consented patients), each with their first name. Each follower is a read of their profile,
+/// decided and audited by the policy; one the policy refuses is left out.
+#[utoipa::path(get, path = "/v1/me/people", tag = "reads",
+    responses((status = 200, description = "the caller first, then followers", body = [Person])),
+    security(("login_token" = [])))]
+pub async fn people(
+    State(state): State<PeopleState>,
+    UserAuth { actor, .. }: UserAuth,
+) -> Result<Json<Vec<Person>>, ApiError> {
+    let me = state.allow_own(&actor, "profile").await?;
+    let inner = &state.inner;
+    let mut people = vec![Person {
+        user_id: me,
+        first_name: users::profile(&inner.accounts, me).await?.fields.first_name,
+        relationship: "self".to_owned(),
+        minor: inner.access.is_minor(me).await?,
+    }];
+    let mut seen = std::collections::HashSet::from([me]);
+    for r in relationships::list(state.pool(), Some(me)).await? {
+        let active = r.lead_id == me && r.consented_at.is_some() && r.revoked_at.is_none();
+        if !active || !seen.insert(r.follower_id) {
+            continue;
+        }
+        let resource = "profile";
+        match state
+            .allow(&actor, Action::ReadData { resource }, r.follower_id)
+            .await
+        {
+            Ok(()) => {}
+            Err(ApiError::NotFound(_) | ApiError::Forbidden(_)) => continue,
+            Err(e) => return Err(e),
+        }
+        people.push(Person {
+            user_id: r.follower_id,
+            first_name: users::profile(&inner.accounts, r.follower_id)
+                .await?
+                .fields
+                .first_name,
+            relationship: r.relationship_type,
+            minor: inner.access.is_minor(r.follower_id).await?,
+        });
+    }
+    Ok(Json(people))
+}
+
+/// Which metric a trend follows.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct TrendQuery {
+    /// The metric, as in a session's metrics (`rmssd_ms`, `spo2_mean_pct`, `eeg_alpha_uv2`, …).
+    pub metric: String,
+    /// Its channel (default 0).
+    pub channel: Option<u16>,
+    /// Sessions started at or after this time (RFC 3339; default 90 days ago).
+    pub since: Option<String>,
+}
+
+/// One session's value of a metric.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TrendPoint {
+    /// The session.
+    pub session_id: Uuid,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its exercise.
+    pub exercise: String,
+    /// The metric's value in it.
+    pub value: f64,
+}
+
+/// A metric across a person's completed sessions, oldest first (at most 1000 sessions).
+#[utoipa::path(get, path = "/v1/users/{id}/trend", tag = "reads",
+    params(("id" = Uuid, Path, description = "the person"), TrendQuery),
+    responses(
+        (status = 200, description = "the metric per session, oldest first", body = [TrendPoint]),
+        (status = 404, description = "no such user whose data you may read", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a malformed metric name or time", body = Problem, content_type = "application/problem+json"),
+    ), security(("login_token" = [])))]
+pub async fn trend(
+    State(state): State<PeopleState>,
+    UserAuth { actor, .. }: UserAuth,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Json<Vec<TrendPoint>>, ApiError> {
+    let owner = parse_user_id(&id)?;
+    let q: TrendQuery = query(&uri)?;
+    let metric_ok = (1..=64).contains(&q.metric.len())
+        && q.metric
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !metric_ok {
+        return Err(ApiError::invalid(
+            "metric",
+            "must be a metric's name: 1 to 64 of a-z, 0-9 and _",
+        ));
+    }
+    let since = match q.since.as_deref() {
+        Some(s) => DateTime::parse_from_rfc3339(s)
+            .map_err(|_| ApiError::invalid("since", "must be an RFC 3339 time"))?
+            .with_timezone(&Utc),
+        None => Utc::now() - chrono::Duration::days(90),
+    };
+    let resource = "metrics";
+    state
+        .allow(&actor, Action::ReadData { resource }, owner)
+        .await?;
+    let sessions: Vec<(Uuid, DateTime<Utc>, String)> = sqlx::query_as(
+        "SELECT s.id, s.started_at, e.name FROM sessions s JOIN exercises e ON e.id = s.exercise_id
+         WHERE s.user_id = $1 AND s.status = 'completed' AND s.started_at >= $2
+         ORDER BY s.started_at DESC LIMIT 1000",
+    )
+    .bind(owner)
+    .bind(since)
+    .fetch_all(state.pool())
+    .await?;
+    if sessions.is_empty() {
+        return Ok(Json(Vec::new()));
+    }
+    #[derive(Row, Deserialize)]
+    struct Value {
+        #[serde(with = "clickhouse::serde::uuid")]
+        session_id: Uuid,
+        value: f64,
+    }
+    let values: Vec<Value> = state
+        .inner
+        .clickhouse
+        .client()
+        .query(
+            "SELECT session_id, value FROM session_metrics FINAL
+             WHERE user_id = toUUID(?) AND metric = ? AND channel = ?",
+        )
+        .bind(owner.to_string())
+        .bind(&q.metric)
+        .bind(q.channel.unwrap_or(0))
+        .fetch_all()
+        .await?;
+    let by_session: std::collections::HashMap<Uuid, f64> = values
+        .into_iter()
+        .map(|v| (v.session_id, v.value))
+        .collect();
+    let mut points: Vec<TrendPoint> = sessions
+        .into_iter()
+        .filter_map(|(session_id, started_at, exercise)| {
+            by_session.get(&session_id).map(|&value| TrendPoint {
+                session_id,
+                started_at,
+                exercise,
+                value,
+            })
+        })
+        .collect();
+    points.reverse();
+    Ok(Json(points))
+}
+
+/// A data type of the catalog, as the web app plots it.
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct DataTypeView {
+    /// Its name.
+    pub name: String,
+    /// What it measures.
+    pub description: String,
+    /// The unit of its values.
+    pub unit: String,
+    /// Values per sample.
+    pub channels: i16,
+    /// The channels' names.
+    #[schema(value_type = Vec<String>)]
+    pub channel_names: sqlx::types::Json<Vec<String>>,
+    /// Nominal samples per second (None for event streams such as RR intervals).
+    pub sample_rate_hz: Option<f32>,
+    /// Smallest valid value.
+    pub min_value: f32,
+    /// Largest valid value.
+    pub max_value: f32,
+}
+
+/// The catalog of data types (no personal data: it needs no login).
+#[utoipa::path(get, path = "/v1/data-types", tag = "reads",
+    responses((status = 200, description = "every data type", body = [DataTypeView])))]
+pub async fn data_types(
+    State(state): State<PeopleState>,
+) -> Result<Json<Vec<DataTypeView>>, ApiError> {
+    Ok(Json(
+        sqlx::query_as(
+            "SELECT name, description, unit, channels,
+                    coalesce(metadata -> 'channels', '[]'::jsonb) AS channel_names,
+                    sample_rate_hz, min_value, max_value
+             FROM data_types ORDER BY id",
+        )
+        .fetch_all(state.pool())
+        .await?,
     ))
 }

@@ -1,0 +1,875 @@
+//! The people's web app, in a real browser: Debian's headless Chromium driven through
+//! chromedriver (WebDriver), against `biofeed up` (gateway, consumer, jobs, live) on the real
+//! services. A person signs up with a name that is HTML, registers a device in the app, the
+//! device records a session through the device API, and the person opens it: the plotted series
+//! are compared with the API's numbers and a screenshot is saved. A practitioner, invited and
+//! accepted in the app, sees the session until the patient revokes. Every page passes axe-core's
+//! WCAG 2.1 A/AA checks. And, over plain HTTP: the cookie's flags, the Origin check, the headers.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use biofeed_accounts::AccountKeys;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::gateway_app::{now_us, TestGateway};
+use crate::helpers::{free_port, http_client, wait_until, Isolated};
+use crate::people::PASSWORD;
+use crate::up::{start_up, UpSettings};
+
+/// A name a person may give that is also HTML: it must show as these characters.
+const XSS_NAME: &str = "<img src=x onerror=alert(1)>";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Where the tests leave what a person looks at afterwards (the screenshot).
+fn artefacts() -> PathBuf {
+    let dir = std::env::var_os("BIOFEED_TEST_ARTEFACTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/test-artefacts"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// chromedriver on a port of its own, stopped when dropped.
+struct Driver {
+    process: std::process::Child,
+    url: String,
+}
+
+impl Driver {
+    async fn start() -> Self {
+        let port = free_port();
+        let process = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver runs (compose/local test installs Debian's chromium-driver)");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            "chromedriver answers",
+            async || {
+                http.get(format!("{url}/status"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await;
+        Self { process, url }
+    }
+
+    /// A new browser (its own profile: its own cookies), phone-wide when `phone`.
+    async fn browser(&self, phone: bool) -> Browser {
+        let size = if phone { "390,844" } else { "1280,1800" };
+        let capabilities = json!({
+            "browserName": "chrome",
+            // The gateway's certificate is the local test CA's.
+            "acceptInsecureCerts": true,
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                         format!("--window-size={size}"), "--lang=en-US"],
+            },
+        });
+        let Value::Object(capabilities) = capabilities else {
+            unreachable!()
+        };
+        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .expect("a Chromium session");
+        Browser { client }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+struct Browser {
+    client: Client,
+}
+
+impl Browser {
+    /// Runs `script` (a function body) and returns what it returns.
+    async fn js(&self, script: &str) -> Value {
+        self.client
+            .execute(script, Vec::new())
+            .await
+            .unwrap_or_else(|e| panic!("{script}: {e}"))
+    }
+
+    /// Waits (a watchdog, not a timing) until `expression` is truthy in the page.
+    async fn until(&self, expression: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let value = self
+                .client
+                .execute(&format!("return Boolean({expression});"), Vec::new())
+                .await
+                .unwrap_or(Value::Bool(false));
+            if value == Value::Bool(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within 60 s; the page says: {}",
+                self.main_text().await
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn main_text(&self) -> String {
+        self.client
+            .execute(
+                "return document.querySelector('main')?.innerText || '';",
+                Vec::new(),
+            )
+            .await
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// Opens `route` of the app and waits for its heading to be `heading`.
+    async fn open(&self, base: &str, route: &str, heading: &str) {
+        let target = format!("{base}/{route}");
+        // The same address again changes no hash: a reload, as a person pressing F5.
+        let here = self.client.current_url().await.unwrap();
+        if here.as_str() == target {
+            self.client.refresh().await.unwrap();
+        } else {
+            self.client.goto(&target).await.unwrap();
+        }
+        self.wait_heading(heading).await;
+    }
+
+    async fn wait_heading(&self, heading: &str) {
+        let expression = format!(
+            "document.querySelector('main h1')?.textContent === {}",
+            json!(heading)
+        );
+        self.until(&expression, &format!("the page headed {heading:?}"))
+            .await;
+    }
+
+    /// Types `text` into the form control labelled `label`.
+    async fn fill(&self, label: &str, text: &str) {
+        let id = self
+            .js(&format!(
+                "const l = [...document.querySelectorAll('main label')].find(l => l.textContent === {});
+                 return l ? l.htmlFor : null;",
+                json!(label)
+            ))
+            .await;
+        let id = id
+            .as_str()
+            .unwrap_or_else(|| panic!("a field labelled {label:?}"));
+        let input = self
+            .client
+            .find(Locator::Id(id))
+            .await
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        input.clear().await.ok();
+        input.send_keys(text).await.unwrap();
+    }
+
+    /// Clicks the button whose text is `text`.
+    async fn click(&self, text: &str) {
+        let button = self
+            .client
+            .find(Locator::XPath(&format!(
+                "//main//button[normalize-space(.)={}]",
+                json!(text)
+            )))
+            .await
+            .unwrap_or_else(|e| panic!("a button {text:?}: {e}"));
+        button.click().await.unwrap();
+    }
+
+    /// Runs axe-core's WCAG 2.1 A and AA rules on the page; panics naming every violation.
+    async fn accessible(&self, page: &str) {
+        let axe = std::fs::read_to_string(repo().join("web/node_modules/axe-core/axe.min.js"))
+            .expect("axe-core is installed in web/node_modules (npm ci)");
+        // Injected by the driver, not by the page: the page's CSP allows no such script.
+        self.client.execute(&axe, Vec::new()).await.unwrap();
+        let result = self
+            .client
+            .execute_async(
+                "const done = arguments[arguments.length - 1];
+                 axe.run(document, { runOnly: { type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa'] } })
+                    .then(r => done(r.violations.map(v => ({ id: v.id, impact: v.impact, help: v.help,
+                        nodes: v.nodes.slice(0, 3).map(n => n.html) }))))
+                    .catch(e => done([{ id: 'axe-error', help: String(e) }]));",
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            result,
+            json!([]),
+            "accessibility violations on the {page} page"
+        );
+    }
+
+    /// Saves a screenshot as a test artefact; its path.
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.client.screenshot().await.unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        let path = artefacts().join(name);
+        std::fs::write(&path, png).unwrap();
+        path
+    }
+}
+
+/// The number in a table cell's text such as `42.3 ms`.
+fn leading_number(text: &str) -> f64 {
+    text.split_whitespace()
+        .next()
+        .and_then(|n| n.replace(',', "").parse().ok())
+        .unwrap_or_else(|| panic!("a number in {text:?}"))
+}
+
+/// A person's login token through the API (for the test's own checks of the numbers).
+async fn bearer(http: &reqwest::Client, url: &str, email: &str) -> String {
+    let body: Value = http
+        .post(format!("{url}/v1/auth/login"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["token"].as_str().unwrap().to_owned()
+}
+
+/// A device records a completed HRV session with `token`: RR intervals and a heart rate each
+/// second over the last ten minutes; the session id.
+async fn record_session(http: &reqwest::Client, url: &str, token: &str) -> Uuid {
+    let opened: Value = http
+        .post(format!("{url}/v1/sessions"))
+        .bearer_auth(token)
+        .json(
+            &json!({ "exercise": "hrv_biofeedback", "data_types": ["rr_interval", "heart_rate"] }),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session: Uuid = opened["session_id"].as_str().unwrap().parse().unwrap();
+    let start = now_us() - 600_000_000;
+    let (mut beats, mut t) = (Vec::new(), start);
+    let mut i = 0_u32;
+    while t < start + 600_000_000 {
+        let rr = 850.0 + 60.0 * (f64::from(i) * 0.6).sin() + f64::from(i % 7) * 4.0;
+        beats.push((t, rr as f32));
+        t += (rr as i64) * 1000;
+        i += 1;
+    }
+    let heart: Vec<(i64, f32)> = (0..600)
+        .map(|s| (start + s * 1_000_000, 62.0 + (s % 11) as f32))
+        .collect();
+    for (data_type, samples) in [("rr_interval", &beats), ("heart_rate", &heart)] {
+        for chunk in samples.chunks(200) {
+            let response = http
+                .post(format!("{url}/v1/sessions/{session}/points"))
+                .bearer_auth(token)
+                .json(&json!({
+                    "frame_id": Uuid::new_v4(), "data_type": data_type,
+                    "timestamps_us": chunk.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+                    "values": chunk.iter().map(|(_, v)| vec![*v]).collect::<Vec<_>>(),
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202, "{}", response.text().await.unwrap());
+        }
+    }
+    let done = http
+        .post(format!("{url}/v1/sessions/{session}/complete"))
+        .bearer_auth(token)
+        .json(&json!({ "feedback": { "feeling": XSS_NAME } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 200, "{}", done.text().await.unwrap());
+    session
+}
+
+/// The whole journey of the issue, in Chromium.
+#[tokio::test]
+async fn people_use_the_web_app_in_a_real_browser() {
+    let stores = Isolated::migrated().await;
+    let keys = AccountKeys::generate();
+    let mut up = UpSettings::new(&stores, &keys, "web");
+    // The device posts ten minutes of samples at once, ending now.
+    up.env
+        .push(("BIOFEED_GATEWAY_MAX_CLOCK_SKEW", "15m".to_owned()));
+    let process = start_up(&up.env, &up.url).await;
+    let url = up.url.clone();
+    let http = http_client();
+    let driver = Driver::start().await;
+    let patient = driver.browser(false).await;
+
+    // Sign-up, with a first name that is HTML.
+    let email = format!("web-{}@example.org", Uuid::new_v4().simple());
+    patient.open(&url, "#/signup", "Sign up").await;
+    patient.accessible("sign-up").await;
+    patient.fill("Email", &email).await;
+    patient.fill("Password", PASSWORD).await;
+    patient.fill("First name", XSS_NAME).await;
+    // A date input types in the browser's locale format; the value is set as the form holds it.
+    patient
+        .js("document.querySelector('input[name=birth_date]').value = '1990-05-17';")
+        .await;
+    patient.fill("Country", "DE").await;
+    patient
+        .js("document.getElementById('accept').click();")
+        .await;
+    patient.click("Create my account").await;
+    patient.wait_heading(&format!("Hello, {XSS_NAME}")).await;
+    // Shown as text: no element was made of it, no script ran.
+    assert_eq!(
+        patient
+            .js("return document.querySelectorAll('main img, header img').length;")
+            .await,
+        json!(0)
+    );
+    assert!(
+        patient.client.get_alert_text().await.is_err(),
+        "no alert ran"
+    );
+    // The login token is not readable by script.
+    assert_eq!(patient.js("return document.cookie;").await, json!(""));
+    patient.accessible("home").await;
+
+    // A device registered in the app; its token shown once.
+    patient.open(&url, "#/devices", "Devices").await;
+    patient.accessible("devices").await;
+    patient.fill("Model", "Polar H10 <b>strap</b>").await;
+    patient.click("Register").await;
+    patient
+        .until(
+            "document.querySelector('input[name=token]')",
+            "the new token",
+        )
+        .await;
+    let token = patient
+        .js("return document.querySelector('input[name=token]').value;")
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(patient.main_text().await.contains("Polar H10 <b>strap</b>"));
+
+    // The device records a session through the device API; the jobs compute its metrics.
+    let session = record_session(&http, &url, &token).await;
+    let api_token = bearer(&http, &url, &email).await;
+    let metrics: Value = crate::helpers::eventually(
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+        async || {
+            let m: Value = http
+                .get(format!("{url}/v1/sessions/{session}/metrics"))
+                .bearer_auth(&api_token)
+                .send()
+                .await
+                .map_err(|e| e.to_string())?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            if m["computed_at"].is_string() {
+                Ok(m)
+            } else {
+                Err(format!("the session's metrics: {m}"))
+            }
+        },
+    )
+    .await;
+    let rmssd = metrics["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == "rmssd_ms")
+        .unwrap()["value"]
+        .as_f64()
+        .unwrap();
+
+    // The session page: the RR tachogram plotted is the API's RR intervals.
+    patient
+        .open(&url, "#/", &format!("Hello, {XSS_NAME}"))
+        .await;
+    patient
+        .until(
+            &format!("document.querySelector('a[href=\"#/sessions/{session}\"]')"),
+            "the session on the home page",
+        )
+        .await;
+    patient
+        .client
+        .find(Locator::Css(&format!("a[href=\"#/sessions/{session}\"]")))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    patient
+        .until(
+            "document.querySelector('main').dataset.ready === 'true'",
+            "the plots",
+        )
+        .await;
+    let plotted = patient
+        .js(
+            "const p = document.querySelector('figure[data-data-type=rr_interval] .plot');
+             return { data: p.uplot.data, step: p.closest('figure').dataset.step };",
+        )
+        .await;
+    assert_eq!(
+        plotted["step"], "raw",
+        "ten minutes of RR intervals are plotted raw"
+    );
+    // Drawn: the plot's canvas has ink on it.
+    let ink = patient
+        .js(
+            "const c = document.querySelector('figure[data-data-type=rr_interval] canvas');
+             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+             let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+             return { ink: n, width: c.width, height: c.height };",
+        )
+        .await;
+    assert!(
+        ink["ink"].as_u64().unwrap() > 1000,
+        "the RR plot is drawn: {ink}"
+    );
+    let points: Value = http
+        .get(format!(
+            "{url}/v1/sessions/{session}/points?data_type=rr_interval"
+        ))
+        .bearer_auth(&api_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let samples = points["samples"].as_array().unwrap();
+    let xs = plotted["data"][0].as_array().unwrap();
+    let ys = plotted["data"][1].as_array().unwrap();
+    assert_eq!(xs.len(), samples.len());
+    assert!(samples.len() > 600);
+    for ((x, y), sample) in xs.iter().zip(ys).zip(samples) {
+        let t = sample["t_us"].as_i64().unwrap() as f64 / 1e6;
+        assert!((x.as_f64().unwrap() - t).abs() < 1e-6, "{x} vs {t}");
+        assert_eq!(y.as_f64().unwrap(), sample["values"][0].as_f64().unwrap());
+    }
+    // The heart rate's ten minutes: plotted raw too, as many points as the API holds.
+    let heart = patient
+        .js("return document.querySelector('figure[data-data-type=heart_rate] .plot').uplot.data[1].length;")
+        .await;
+    assert_eq!(heart, json!(600));
+    // The HRV table shows the API's RMSSD.
+    let shown = patient
+        .js("const row = [...document.querySelectorAll('main tr')].find(r => r.cells[0]?.textContent === 'RMSSD');
+             return row.cells[1].textContent;")
+        .await;
+    assert!(
+        (leading_number(shown.as_str().unwrap()) - rmssd).abs() < 0.051,
+        "{shown} vs {rmssd}"
+    );
+    // The feedback, HTML too, is text.
+    assert!(patient.main_text().await.contains(XSS_NAME));
+    assert_eq!(
+        patient
+            .js("return document.querySelectorAll('main img').length;")
+            .await,
+        json!(0)
+    );
+    patient.accessible("session").await;
+    let shot = patient.screenshot("session-page.png").await;
+    eprintln!("screenshot of the session page: {}", shot.display());
+
+    // Zooming asks the API again for the view, downsampled no further than the screen needs.
+    patient.click("+ Zoom in").await;
+    patient
+        .until(
+            "(() => { const d = document.querySelector('figure[data-data-type=rr_interval] .plot').uplot.data[0];
+                      return d.length > 0 && d.length < 700; })()",
+            "the zoomed view's points",
+        )
+        .await;
+
+    // Trends, the access log, the account page.
+    patient.open(&url, "#/trends", "Trends").await;
+    patient
+        .until("document.querySelector('main table')", "the RMSSD trend")
+        .await;
+    patient.accessible("trends").await;
+    patient.open(&url, "#/access-log", "Who saw my data").await;
+    patient.accessible("access log").await;
+    patient.open(&url, "#/account", "Account").await;
+    patient.accessible("account").await;
+
+    // A practitioner signs up; the patient invites them in the app, they accept in theirs.
+    let practitioner = driver.browser(true).await; // on a phone's width
+    let p_email = format!("web-practitioner-{}@example.org", Uuid::new_v4().simple());
+    let signed_up: Value = http
+        .post(format!("{url}/v1/users"))
+        .json(&json!({ "email": p_email, "password": PASSWORD, "role": "practitioner",
+                       "accept_terms": "2026-11-01", "profile": { "birth_date": "1970-01-01", "country": "DE", "first_name": "Dana" } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let p_id = signed_up["user_id"].as_str().unwrap().to_owned();
+    practitioner.open(&url, "#/login", "Log in").await;
+    practitioner.accessible("login").await;
+    practitioner.fill("Email", &p_email).await;
+    practitioner.fill("Password", PASSWORD).await;
+    practitioner.click("Log in").await;
+    practitioner.wait_heading("Hello, Dana").await;
+
+    patient.open(&url, "#/people", "People").await;
+    patient.fill("Their id", &p_id).await;
+    let select = patient
+        .client
+        .find(Locator::Css("main select[name=kind]"))
+        .await
+        .unwrap();
+    select
+        .select_by_value("lead:practitioner_patient")
+        .await
+        .unwrap();
+    patient.click("Send invitation").await;
+    patient
+        .until(
+            "document.querySelector('main').innerText.includes('waiting for acceptance')",
+            "the invitation",
+        )
+        .await;
+    patient.accessible("people").await;
+
+    practitioner.open(&url, "#/people", "People").await;
+    practitioner.click("Accept").await;
+    practitioner
+        .until(
+            "document.querySelector('main').innerText.includes('accepted')",
+            "the acceptance",
+        )
+        .await;
+    practitioner.accessible("people (phone width)").await;
+    practitioner.open(&url, "#/", "Hello, Dana").await;
+    practitioner
+        .until(
+            &format!("document.querySelector('a[href=\"#/sessions/{session}\"]')"),
+            "the patient's session on the practitioner's home",
+        )
+        .await;
+    // The patient's first name, decrypted by the API, shown as text.
+    assert!(practitioner.main_text().await.contains(XSS_NAME));
+    practitioner.accessible("home (phone width)").await;
+    practitioner
+        .client
+        .goto(&format!("{url}/#/sessions/{session}"))
+        .await
+        .unwrap();
+    practitioner
+        .until(
+            "document.querySelector('main').dataset.ready === 'true'",
+            "the practitioner's plots",
+        )
+        .await;
+
+    // The patient revokes; the practitioner's next page load no longer shows the session.
+    patient.open(&url, "#/people", "People").await;
+    patient.click("Revoke").await;
+    patient
+        .until(
+            "document.querySelector('main').innerText.includes('ended')",
+            "the revocation",
+        )
+        .await;
+    practitioner.client.refresh().await.unwrap();
+    practitioner.wait_heading("Something went wrong").await;
+    assert!(practitioner.main_text().await.contains("session not found"));
+    practitioner.open(&url, "#/", "Hello, Dana").await;
+    assert_eq!(
+        practitioner
+            .js(&format!(
+                "return document.querySelectorAll('a[href=\"#/sessions/{session}\"]').length;"
+            ))
+            .await,
+        json!(0)
+    );
+    assert!(!practitioner.main_text().await.contains(XSS_NAME));
+
+    // A session followed live: the page shows its feed while the device streams, and its end.
+    let opened: Value = http
+        .post(format!("{url}/v1/sessions"))
+        .bearer_auth(&token)
+        .json(&json!({ "exercise": "hrv_biofeedback", "data_types": ["rr_interval"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let live = opened["session_id"].as_str().unwrap().to_owned();
+    patient
+        .client
+        .goto(&format!("{url}/#/sessions/{live}"))
+        .await
+        .unwrap();
+    patient
+        .until("document.querySelector('.live-status')", "the live section")
+        .await;
+    let mut next_beat = now_us();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let fed = "document.querySelector('.live-feed[data-data-type=rr_interval] dl')?.innerText.includes('RMSSD')";
+    loop {
+        let mut beats = Vec::new();
+        while next_beat <= now_us() {
+            let rr = 800 + (beats.len() as i64 % 5) * 30;
+            beats.push((next_beat, rr as f32));
+            next_beat += rr * 1000;
+        }
+        if !beats.is_empty() {
+            let response = http
+                .post(format!("{url}/v1/sessions/{live}/points"))
+                .bearer_auth(&token)
+                .json(&json!({
+                    "frame_id": Uuid::new_v4(), "data_type": "rr_interval",
+                    "timestamps_us": beats.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+                    "values": beats.iter().map(|(_, v)| vec![*v]).collect::<Vec<_>>(),
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+        }
+        if patient.js(&format!("return Boolean({fed});")).await == json!(true) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no live feed on the page within 60 s: {}",
+            patient.main_text().await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    patient.accessible("live session").await;
+    let closed = http
+        .post(format!("{url}/v1/sessions/{live}/complete"))
+        .bearer_auth(&token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(closed.status(), 200);
+    patient
+        .until(
+            "document.querySelector('.live-status').textContent === 'The session has ended.'",
+            "the live feed's end",
+        )
+        .await;
+
+    // Erasure, after the warning, with the password: the login is gone.
+    patient.open(&url, "#/account", "Account").await;
+    patient.fill("Your password", PASSWORD).await;
+    patient
+        .js("document.getElementById('understand').click();")
+        .await;
+    patient.click("Erase my account").await;
+    patient.wait_heading("Log in").await;
+    let login = http
+        .post(format!("{url}/v1/auth/login"))
+        .json(&json!({ "email": email, "password": PASSWORD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status(), 401);
+
+    patient.client.close().await.unwrap();
+    practitioner.client.close().await.unwrap();
+    drop(driver);
+    process.stop_ok().await;
+}
+
+/// The login cookie over plain HTTP: its flags, the Origin check on changes, logout clearing it,
+/// and the page's hardening headers.
+#[tokio::test]
+async fn the_login_cookie_is_http_only_strict_and_changes_need_this_sites_origin() {
+    let gw = TestGateway::spawn(&[]).await;
+    let person = gw.sign_up("user", 30).await;
+    let origin = gw.url.clone();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(
+                &std::fs::read(crate::helpers::local_ca().unwrap()).unwrap(),
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let login = |origin: Option<&str>| {
+        let mut request = http
+            .post(format!("{}/v1/auth/session", gw.url))
+            .json(&json!({ "email": person.email, "password": PASSWORD }));
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    // Another site's page cannot log a browser in.
+    for bad in [None, Some("https://evil.example")] {
+        let refused = login(bad).await.unwrap();
+        assert_eq!(refused.status(), 403, "{bad:?}");
+        assert!(refused.headers().get("set-cookie").is_none());
+    }
+    let response = login(Some(&origin)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for flag in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
+        assert!(set_cookie.contains(flag), "{set_cookie}");
+    }
+    assert_eq!(
+        set_cookie.contains("Secure"),
+        gw.url.starts_with("https://"),
+        "Secure exactly when served over HTTPS: {set_cookie}"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body.get("token").is_none(),
+        "the token is only in the cookie: {body}"
+    );
+    let cookie = set_cookie.split(';').next().unwrap().to_owned();
+
+    // Reads with the cookie alone.
+    let me = http
+        .get(format!("{}/v1/me", gw.url))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+    // A change with the cookie needs this site's Origin.
+    let register = |origin: Option<&str>| {
+        let mut request = http
+            .post(format!("{}/v1/me/devices", gw.url))
+            .header("cookie", &cookie)
+            .json(&json!({ "model": "strap" }));
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    for bad in [None, Some("https://evil.example"), Some("null")] {
+        let refused = register(bad).await.unwrap();
+        assert_eq!(refused.status(), 403, "{bad:?}");
+        assert_eq!(
+            refused.headers()["content-type"],
+            "application/problem+json"
+        );
+    }
+    assert_eq!(register(Some(&origin)).await.unwrap().status(), 201);
+    // Bearer clients (devices' apps, scripts) are not asked for an Origin.
+    let (status, _) = gw
+        .send(&person, "/v1/me/devices", json!({ "model": "strap 2" }))
+        .await;
+    assert_eq!(status, 201);
+
+    // Logout clears the cookie, and the token in it stops working at once.
+    let out = http
+        .post(format!("{}/v1/auth/logout", gw.url))
+        .header("cookie", &cookie)
+        .header("origin", &origin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 204);
+    assert!(out.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let after = http
+        .get(format!("{}/v1/me", gw.url))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 401);
+
+    // The page and every answer carry the hardening headers.
+    let page = http.get(format!("{}/", gw.url)).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let headers = page.headers().clone();
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "frame-ancestors 'none'",
+        "base-uri 'none'",
+    ] {
+        assert!(csp.contains(directive), "{csp}");
+    }
+    assert!(
+        !csp.contains("unsafe-inline") && !csp.contains("http"),
+        "{csp}"
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    let html = page.text().await.unwrap();
+    assert!(html.contains("/assets/app.js"));
+    assert!(!html.contains("<script>"), "no inline script");
+    let script = http
+        .get(format!("{}/assets/app.js", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(script.status(), 200);
+    assert!(script.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .ends_with("javascript"));
+    let etag = script.headers()["etag"].clone();
+    let again = http
+        .get(format!("{}/assets/app.js", gw.url))
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let missing = http
+        .get(format!("{}/assets/nope.js", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(missing.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .contains("default-src 'none'"));
+}
