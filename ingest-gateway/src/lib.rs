@@ -358,7 +358,7 @@ impl utoipa::Modify for TokenSchemes {
         );
         components.add_security_scheme(
             "login_token",
-            bearer("a login token from `POST /v1/auth/login` (or, from the web app's pages, the same token in the `biofeed_login` cookie of `POST /v1/auth/session`)"),
+            bearer("a login token from `POST /v1/auth/login` (or, from the web app's pages, the same token in the login cookie of `POST /v1/auth/session`)"),
         );
     }
 }

@@ -24,7 +24,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::header::CACHE_CONTROL;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use biofeed_accounts::login::LoginSettings;
@@ -33,6 +34,7 @@ use biofeed_accounts::policy::{Action, Actor};
 use biofeed_accounts::Accounts;
 use biofeed_backends::clickhouse::ClickHouse;
 use sqlx::PgPool;
+use tower_http::set_header::SetResponseHeaderLayer;
 use uuid::Uuid;
 
 use crate::access::Access;
@@ -82,6 +84,11 @@ pub fn routes() -> Router<PeopleState> {
         )
         .route("/v1/relationships/{id}/accept", post(relationships::accept))
         .route("/v1/relationships/{id}/revoke", post(relationships::revoke))
+        // People's data is not for shared caches or the browser's disk cache.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
 }
 
 /// What the people handlers share.

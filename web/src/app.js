@@ -12,8 +12,33 @@ const nav = document.getElementById('nav');
 
 /** The logged-in person (`/v1/me`), everyone they may see (`/v1/me/people`), the catalog. */
 const state = { me: null, people: [], catalog: new Map() };
-/** The open live feed, closed when the page changes. */
-let live = null;
+
+/** A page that was left before it finished: it must not draw over the next one. */
+class Stale extends Error {}
+
+let generation = 0;
+let leaving = [];
+
+/**
+ * The page being shown: it renders only while it is the current one, and what it started
+ * (live feeds, plots, timers, listeners) is stopped when the person leaves it.
+ */
+function newView() {
+  for (const stop of leaving) {
+    try { stop(); } catch { /* stopping one thing never keeps the others running */ }
+  }
+  leaving = [];
+  const mine = ++generation;
+  const alive = () => mine === generation;
+  return {
+    alive,
+    onLeave(stop) { if (alive()) leaving.push(stop); else stop(); },
+    render(title, ...parts) {
+      if (!alive()) throw new Stale();
+      render(title, ...parts);
+    },
+  };
+}
 
 const KEY_METRICS = [
   ['mean_hr_bpm', 'HR', 'bpm', 0],
@@ -61,30 +86,32 @@ const ROUTES = [
 ];
 
 async function route() {
-  const hash = location.hash || '#/';
-  if (!hash.startsWith('#/')) return; // an in-page anchor (the skip link)
-  if (live) { live.close(); live = null; }
+  const hash = location.hash.startsWith('#/') ? location.hash : '#/';
+  const view = newView();
   const found = ROUTES.map(([pattern, page, login]) => [hash.match(pattern), page, login])
     .find(([match]) => match);
   if (!found) {
-    render('Not found', h('p', {}, 'There is no such page. '), h('a', { href: '#/' }, 'Go home'));
+    view.render('Not found', h('p', {}, 'There is no such page. '), h('a', { href: '#/' }, 'Go home'));
     return;
   }
   const [match, page, needsLogin] = found;
-  if (needsLogin && !state.me) {
-    try {
-      await loadMe();
-    } catch {
-      location.replace('#/login');
-      return;
-    }
-  }
-  renderNav(hash);
   try {
-    await page(...match.slice(1));
+    if (needsLogin && !state.me) {
+      try {
+        await loadMe();
+      } catch (error) {
+        if (!(error instanceof ApiError) || error.status !== 401) throw error;
+        if (view.alive()) location.replace('#/login');
+        return;
+      }
+    }
+    if (!view.alive()) return;
+    renderNav(hash);
+    await page(view, ...match.slice(1));
   } catch (error) {
+    if (error instanceof Stale || !view.alive()) return;
     if (error instanceof ApiError && error.status === 401) return;
-    render('Something went wrong', h('p', { class: 'error', role: 'alert' }, error.message));
+    view.render('Something went wrong', h('p', { class: 'error', role: 'alert' }, error.message));
   }
 }
 
@@ -97,16 +124,21 @@ async function loadMe() {
 }
 
 whenLoggedOut(() => {
+  // Only someone who was logged in is told that their login ended.
+  const wasLoggedIn = state.me !== null;
   state.me = null;
   renderNav('');
-  location.hash = '#/login';
-  announce('Your login has ended: please log in again.', 'error');
+  if (wasLoggedIn) {
+    location.hash = '#/login';
+    announce('Your login has ended: please log in again.', 'error');
+  }
 });
 
 /** Puts a page on the screen: its heading, focused (for keyboards and screen readers), and its parts. */
 function render(title, ...parts) {
   document.title = `${title} — biofeed`;
   const heading = h('h1', { tabindex: '-1' }, title);
+  delete main.dataset.ready;
   replace(main, heading, ...parts);
   heading.focus();
 }
@@ -179,9 +211,9 @@ function copyButton(text, label) {
 // ------------------------------------------------------------------------------------------
 // Login and sign-up
 
-async function loginPage() {
+async function loginPage(view) {
   renderNav('');
-  render('Log in',
+  view.render('Log in',
     form('Log in', [
       field('Email', { type: 'email', name: 'email', required: true, autocomplete: 'username' }),
       field('Password', { type: 'password', name: 'password', required: true, autocomplete: 'current-password' }),
@@ -193,10 +225,10 @@ async function loginPage() {
     h('p', {}, 'No account yet? ', h('a', { href: '#/signup' }, 'Sign up')));
 }
 
-async function signupPage() {
+async function signupPage(view) {
   renderNav('');
   const terms = await get('/v1/terms');
-  render('Sign up',
+  view.render('Sign up',
     form('Sign up', [
       field('Email', { type: 'email', name: 'email', required: true, autocomplete: 'email' }),
       field('Password', { type: 'password', name: 'password', required: true, minlength: 10, autocomplete: 'new-password' },
@@ -243,11 +275,33 @@ function keyMetrics(metrics) {
   return parts.length ? parts.join(' · ') : '—';
 }
 
-async function homePage() {
-  const sections = await Promise.all(state.people.map(async (person) => {
-    const sessions = await get(`/v1/users/${person.user_id}/sessions?limit=10`);
-    const metrics = await Promise.all(sessions.map((s) => (s.status === 'completed'
-      ? get(`/v1/sessions/${s.session_id}/metrics`).catch(() => null) : null)));
+/** `work` over `items`, at most `limit` at a time (a practitioner's many patients, politely). */
+async function mapLimit(items, limit, work) {
+  const results = new Array(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      results[i] = await work(items[i], i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return results;
+}
+
+async function homePage(view) {
+  // Whom one may see changes (a revocation, an acceptance): asked again on every visit.
+  state.people = await get('/v1/me/people');
+  const sections = await mapLimit(state.people, 3, async (person) => {
+    let sessions;
+    try {
+      sessions = await get(`/v1/users/${person.user_id}/sessions?limit=10`);
+    } catch (error) {
+      if (error instanceof ApiError && error.status === 404) return null; // no longer visible
+      throw error;
+    }
+    const metrics = await mapLimit(sessions, 4, (s) => (s.status === 'completed'
+      ? get(`/v1/sessions/${s.session_id}/metrics`).catch(() => null) : null));
     const heading = person.relationship === 'self'
       ? 'Your sessions'
       : `${person.first_name || 'Someone without a first name'} (your ${RELATIONSHIPS[person.relationship]?.[1] || 'follower'})`;
@@ -264,9 +318,9 @@ async function homePage() {
         ? table(`Recent sessions of ${person.relationship === 'self' ? 'yours' : person.first_name || 'this person'}`,
           ['Exercise', 'Started', 'Length', 'Status', 'Key metrics'], rows)
         : h('p', {}, 'No sessions yet.'));
-  }));
+  });
   const greeting = state.me.first_name ? `Hello, ${state.me.first_name}` : 'Your sessions';
-  render(greeting, ...sections);
+  view.render(greeting, ...sections.filter(Boolean));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -331,7 +385,7 @@ function spo2Extra() {
   };
 }
 
-async function sessionPage(id) {
+async function sessionPage(view, id) {
   const session = await get(`/v1/sessions/${id}`);
   const metrics = session.status === 'completed' ? await get(`/v1/sessions/${id}/metrics`) : null;
   const whose = session.user_id === state.me.user_id ? '' : ` — ${personName(session.user_id)}`;
@@ -347,30 +401,30 @@ async function sessionPage(id) {
     for (const [key, value] of Object.entries(session.feedback)) facts.push([`Feedback: ${key}`, typeof value === 'string' ? value : JSON.stringify(value)]);
   }
   const details = h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
-  const liveBox = session.status === 'open' ? liveSection(session) : null;
+  const liveBox = session.status === 'open' ? liveSection(view, session) : null;
   const figures = session.status === 'purged' ? [] : types.map((name) => {
     const dataType = state.catalog.get(name);
     if (!dataType) return null;
     const title = name === 'rr_interval' ? 'RR tachogram' : dataType.description;
-    return signalFigure(session, dataType, { spanUs, title, extra: name === 'spo2' ? spo2Extra() : undefined });
+    return signalFigure(view, session, dataType, { spanUs, title, extra: name === 'spo2' ? spo2Extra() : undefined });
   }).filter(Boolean);
-  render(`${exerciseName(session.exercise)}, ${day(session.started_at)}${whose}`,
+  view.render(`${exerciseName(session.exercise)}, ${day(session.started_at)}${whose}`,
     details,
     liveBox,
     metricsSection(session, metrics),
     figures.length ? h('section', { 'aria-label': 'Signals' }, h('h2', {}, 'Signals'), figures) : null,
     exportLinks(session));
   await Promise.all(figures.map((f) => f.ready));
-  main.dataset.ready = 'true';
+  main.dataset.ready = id; // this session's plots are drawn
 }
 
-function liveSection(session) {
+function liveSection(view, session) {
   const status = h('p', { class: 'live-status', role: 'status' }, 'Connecting to the live feed…');
   const boxes = new Map();
   const holder = h('div', { class: 'live-feeds' });
   const section = h('section', { class: 'live', 'aria-label': 'Live feedback' }, h('h2', {}, 'Live'), status, holder);
   const source = new EventSource(`/v1/sessions/${session.session_id}/live`);
-  live = source;
+  view.onLeave(() => source.close());
   source.addEventListener('open', () => { status.textContent = 'Live: updated every second while samples arrive.'; });
   source.addEventListener('feed', (event) => {
     const feed = JSON.parse(event.data);
@@ -381,7 +435,7 @@ function liveSection(session) {
       const plotHolder = h('div', {});
       const el = h('div', { class: 'live-feed', 'data-data-type': feed.data_type }, h('h3', {}, dataType?.description || feed.data_type), list, plotHolder);
       holder.appendChild(el);
-      box = { el, list, plot: linePlot(plotHolder, { label: dataType?.channel_names[0] || feed.data_type, unit: dataType?.unit || '', points: false, height: 160 }) };
+      box = { el, list, plot: linePlot(view, plotHolder, { label: dataType?.channel_names[0] || feed.data_type, unit: dataType?.unit || '', points: false, height: 160 }) };
       boxes.set(feed.data_type, box);
     }
     const rows = feed.metrics.map((m) => {
@@ -415,7 +469,8 @@ function liveSection(session) {
 // ------------------------------------------------------------------------------------------
 // Trends: a metric across a person's sessions
 
-async function trendsPage() {
+async function trendsPage(view) {
+  state.people = await get('/v1/me/people');
   const chart = h('div', { class: 'trend' });
   const listing = h('div', {});
   const personOptions = state.people.map((p) => [p.user_id, p.relationship === 'self' ? 'You' : p.first_name || p.user_id]);
@@ -425,14 +480,14 @@ async function trendsPage() {
     const since = new Date(Date.now() - Number(weeks) * 7 * 86400e3).toISOString();
     const points = await get(`/v1/users/${person}/trend?metric=${metric}&since=${encodeURIComponent(since)}`);
     const [label, unit, digits] = METRICS[metric];
-    if (!plot) plot = linePlot(chart, { label, unit });
+    if (!plot) plot = linePlot(view, chart, { label, unit });
     plot.set(points.map((p) => new Date(p.started_at).getTime() / 1000), points.map((p) => p.value));
     replace(listing, points.length
       ? table(`${label} per session`, ['Session', 'Exercise', label], points.map((p) => [
         h('a', { href: `#/sessions/${p.session_id}` }, when(p.started_at)), exerciseName(p.exercise), `${num(p.value, digits)} ${unit}`]))
       : h('p', {}, 'No completed session of this person has this metric in that time.'));
   };
-  render('Trends',
+  view.render('Trends',
     form('Choose a trend', [
       field('Whose', { name: 'person', options: personOptions }),
       field('Metric', { name: 'metric', options: metricOptions, value: 'rmssd_ms' }),
@@ -445,7 +500,7 @@ async function trendsPage() {
 // ------------------------------------------------------------------------------------------
 // Relationships and consent
 
-async function peoplePage() {
+async function peoplePage(view) {
   const me = state.me.user_id;
   const all = await get('/v1/relationships');
   const minor = state.people.find((p) => p.user_id === me)?.minor;
@@ -458,21 +513,28 @@ async function peoplePage() {
           await post(path);
           announce(done);
           await loadMe();
-          await peoplePage();
+          await peoplePage(view);
         } catch (e) {
           announce(e.message, 'error');
         }
       },
     },
   }, label);
+  const care = (kind) => kind === 'practitioner_patient' || kind === 'coach_athlete';
   const rows = all.map((r) => {
     const [leadName, followerName] = RELATIONSHIPS[r.relationship_type] || ['lead', 'follower'];
     const iLead = r.lead_id === me;
+    const mine = iLead || r.follower_id === me;
+    // Not one's own: a minor ward's care relationship, which their guardian decides.
     const other = iLead ? r.follower_id : r.lead_id;
-    const role = iLead ? `your ${followerName}` : `your ${leadName}`;
+    const role = !mine ? `${personName(r.follower_id)}'s ${leadName} (you decide as their guardian)`
+      : iLead ? `your ${followerName}` : `your ${leadName}`;
     const actions = [];
-    if (!r.consented_at && !r.revoked_at && r.invited_by !== me) actions.push(act('Accept', `/v1/relationships/${r.id}/accept`, 'Accepted.'));
-    if (!r.revoked_at) actions.push(act(r.consented_at ? 'Revoke' : 'Decline', `/v1/relationships/${r.id}/revoke`, 'Revoked: they can no longer see your data.'));
+    const pending = !r.consented_at && !r.revoked_at;
+    const guardianDecides = minor && !iLead && care(r.relationship_type);
+    if (pending && r.invited_by !== me && !guardianDecides) actions.push(act('Accept', `/v1/relationships/${r.id}/accept`, 'Accepted.'));
+    if (pending && guardianDecides) actions.push('your parent or guardian decides');
+    if (!r.revoked_at) actions.push(act(r.consented_at ? 'Revoke' : 'Decline', `/v1/relationships/${r.id}/revoke`, 'Ended: nothing more is shared through it.'));
     return [personName(other), h('code', {}, other), role, status(r), actions];
   });
   const kinds = [];
@@ -480,7 +542,7 @@ async function peoplePage() {
     kinds.push([`follower:${kind}`, `my ${follower} (I am their ${lead})`]);
     kinds.push([`lead:${kind}`, `my ${lead} (I am their ${follower})`]);
   }
-  render('People',
+  view.render('People',
     h('p', {}, 'Your id, for others to invite you: ', h('code', { class: 'id' }, me), ' ', copyButton(me, 'Id')),
     minor ? h('p', { class: 'note' },
       'You are under the age of consent where you live: a practitioner or coach can see your data only once your parent or guardian has accepted their invitation. A parent or guardian you invite must accept too.') : null,
@@ -492,7 +554,7 @@ async function peoplePage() {
         const [side, type] = kind.split(':');
         await post('/v1/relationships', side === 'follower' ? { type, follower_id: other.trim() } : { type, lead_id: other.trim() });
         announce('Invitation sent: nothing is shared until it is accepted.');
-        await peoplePage();
+        await peoplePage(view);
       })),
     h('section', {}, h('h2', {}, 'Your relationships'),
       rows.length ? table('Relationships, newest first', ['Who', 'Id', 'Is', 'Status', 'Actions'], rows) : h('p', {}, 'None yet.')));
@@ -501,7 +563,7 @@ async function peoplePage() {
 // ------------------------------------------------------------------------------------------
 // Devices
 
-async function devicesPage(created) {
+async function devicesPage(view, created) {
   const devices = await get('/v1/me/devices');
   const tokenBox = created ? h('section', { class: 'note', 'aria-label': 'New device token' },
     h('h2', {}, 'Your new device token'),
@@ -517,7 +579,7 @@ async function devicesPage(created) {
           try {
             await post(`/v1/me/devices/${d.id}/revoke`);
             announce(`${d.model} revoked: it can no longer record.`);
-            await devicesPage();
+            await devicesPage(view);
           } catch (e) {
             announce(e.message, 'error');
           }
@@ -525,12 +587,12 @@ async function devicesPage(created) {
       },
     }, `Revoke ${d.model}`),
   ]);
-  render('Devices',
+  view.render('Devices',
     tokenBox,
     h('section', {}, h('h2', {}, 'Register a device'),
       form('Register a device', [field('Model', { name: 'model', required: true, maxlength: 200 })], 'Register', async ({ model }) => {
         const registered = await post('/v1/me/devices', { model });
-        await devicesPage(registered);
+        await devicesPage(view, registered);
       })),
     h('section', {}, h('h2', {}, 'Your devices'),
       rows.length ? table('Your devices', ['Model', 'Id', 'Registered', 'Last seen', 'Status'], rows) : h('p', {}, 'None yet.')));
@@ -539,7 +601,7 @@ async function devicesPage(created) {
 // ------------------------------------------------------------------------------------------
 // Who saw my data
 
-async function accessLogPage() {
+async function accessLogPage(view) {
   const holder = h('div', {});
   const more = h('button', { type: 'button', hidden: true }, 'Older entries');
   let before = null;
@@ -556,17 +618,17 @@ async function accessLogPage() {
   };
   more.addEventListener('click', () => load().catch((e) => announce(e.message, 'error')));
   await load();
-  render('Who saw my data', h('p', {}, 'Every read of your data by anyone, and every refused attempt.'), holder, more);
+  view.render('Who saw my data', h('p', {}, 'Every read of your data by anyone, and every refused attempt.'), holder, more);
 }
 
 // ------------------------------------------------------------------------------------------
 // Account: export and erasure
 
-async function accountPage() {
+async function accountPage(view) {
   const me = state.me;
   const facts = [['Email', me.email], ['First name', me.first_name || '—'], ['Role', me.role],
     ['Date of birth', me.birth_date || '—'], ['Country', me.country || '—'], ['Time zone of this page', Intl.DateTimeFormat().resolvedOptions().timeZone]];
-  render('Account',
+  view.render('Account',
     h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])),
     h('section', {}, h('h2', {}, 'Your data'),
       h('ul', {},
@@ -592,5 +654,10 @@ async function accountPage() {
 // ------------------------------------------------------------------------------------------
 
 document.getElementById('tz').textContent = `Times are shown in ${Intl.DateTimeFormat().resolvedOptions().timeZone}.`;
+// The skip link moves the focus; it never changes the route.
+document.querySelector('.skip').addEventListener('click', (event) => {
+  event.preventDefault();
+  main.focus();
+});
 window.addEventListener('hashchange', route);
 route();

@@ -70,9 +70,11 @@ function describe(label, unit, t, values) {
  * derived series: `{ series: [uPlot series options], values: (t, values) => [arrays] }` (e.g.
  * SpO2 below 90 %).
  */
-export function signalFigure(session, dataType, { spanUs, title, extra } = {}) {
+export function signalFigure(view, session, dataType, { spanUs, title, extra } = {}) {
   const stacked = dataType.channels > 2;
-  const names = dataType.channel_names.length ? dataType.channel_names : ['value'];
+  const names = dataType.channel_names.length === dataType.channels
+    ? dataType.channel_names
+    : Array.from({ length: dataType.channels }, (_, c) => dataType.channel_names[c] || `channel ${c + 1}`);
   const holder = h('div', { class: 'plots' });
   const summary = h('p', { class: 'plot-summary' });
   const figure = h('figure', { class: 'signal', 'data-data-type': dataType.name },
@@ -113,7 +115,7 @@ export function signalFigure(session, dataType, { spanUs, title, extra } = {}) {
       }
       full = [data.t[0], data.t[data.t.length - 1]];
       groups.forEach((channels) => {
-        const box = h('div', { class: 'plot', role: 'img' });
+        const box = h('div', { class: stacked ? 'plot stacked' : 'plot', role: 'img' });
         holder.appendChild(box);
         const series = [{}].concat(channels.map((c) => ({
           label: `${names[c]} (${dataType.unit})`,
@@ -124,11 +126,17 @@ export function signalFigure(session, dataType, { spanUs, title, extra } = {}) {
         if (extra) series.push(...extra.series);
         const rows = rowsFor(data, channels);
         const u = new uPlot({
-          ...sizeOf(holder, stacked ? 110 : 240),
-          cursor: { sync: { key: syncKey, setSeries: false }, drag: { x: true, y: false } },
+          ...sizeOf(holder, stacked ? (channels[0] === names.length - 1 ? 130 : 90) : 240),
+          cursor: {
+            sync: { key: syncKey, setSeries: false },
+            drag: { x: true, y: false },
+            // A double-click shows the whole session again, not just what was loaded for the view.
+            bind: { dblclick: () => () => { setRange(full[0], full[1]); return null; } },
+          },
           scales: { x: { time: true } },
           legend: { live: true },
-          axes: [{}, { label: stacked ? names[channels[0]] : dataType.unit, size: 60 }],
+          // Stacked channels share one time axis, under the last of them.
+          axes: [{ show: !stacked || channels[0] === names.length - 1 }, { label: stacked ? names[channels[0]] : dataType.unit, size: 60 }],
           series,
           hooks: {
             setScale: [(plot, key) => {
@@ -205,6 +213,12 @@ export function signalFigure(session, dataType, { spanUs, title, extra } = {}) {
 
   const resize = () => plots.forEach(({ u }) => u.setSize(sizeOf(holder, u.height)));
   window.addEventListener('resize', resize);
+  view.onLeave(() => {
+    window.removeEventListener('resize', resize);
+    clearTimeout(timer);
+    loading += 1; // an answer still on its way is dropped
+    plots.forEach(({ u }) => u.destroy());
+  });
   figure.ready = load(null, null, spanUs).catch((error) => {
     replace(holder, h('p', { class: 'error' }, `Could not load the samples: ${error.message}`));
   });
@@ -212,7 +226,7 @@ export function signalFigure(session, dataType, { spanUs, title, extra } = {}) {
 }
 
 /** A simple plot of values over time (trends, live feeds): `t` in seconds. */
-export function linePlot(container, { label, unit, points = true, height = 220 }) {
+export function linePlot(view, container, { label, unit, points = true, height = 220 }) {
   const box = h('div', { class: 'plot', role: 'img', 'aria-label': `${label}: no data yet` });
   container.appendChild(box);
   const u = new uPlot({
@@ -222,7 +236,12 @@ export function linePlot(container, { label, unit, points = true, height = 220 }
     series: [{}, { label: `${label} (${unit})`, stroke: COLOURS[0], width: 1.5, points: { show: points } }],
   }, [[], []], box);
   box.uplot = u;
-  window.addEventListener('resize', () => u.setSize(sizeOf(container, height)));
+  const resize = () => u.setSize(sizeOf(container, height));
+  window.addEventListener('resize', resize);
+  view.onLeave(() => {
+    window.removeEventListener('resize', resize);
+    u.destroy();
+  });
   return {
     set(t, values) {
       u.setData([t, values]);

@@ -197,7 +197,7 @@ pub async fn web_log_in(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<([(HeaderName, HeaderValue); 2], Json<WebSession>), ApiError> {
-    same_origin(&headers, &uri)?;
+    same_origin(&headers, &uri, state.inner.secure_cookies)?;
     let Json(token) = log_in(State(state.clone()), extensions, headers, body).await?;
     let expires_at = DateTime::parse_from_rfc3339(&token.expires_at)
         .map_err(|e| ApiError::Internal(e.into()))?

@@ -21,8 +21,20 @@ use crate::bearer::bearer;
 use crate::people::PeopleState;
 use crate::problem::ApiError;
 
-/// The web app's login cookie.
+/// The web app's login cookie over plain HTTP (a development gateway).
 pub const LOGIN_COOKIE: &str = "biofeed_login";
+/// Its name when `Secure`: the `__Host-` prefix makes browsers refuse it unless it was set by
+/// this very host over HTTPS for the whole site, so a sibling subdomain cannot plant one.
+pub const SECURE_LOGIN_COOKIE: &str = "__Host-biofeed_login";
+
+/// The login cookie's name for this gateway.
+pub(crate) fn cookie_name(secure: bool) -> &'static str {
+    if secure {
+        SECURE_LOGIN_COOKIE
+    } else {
+        LOGIN_COOKIE
+    }
+}
 
 /// How a request's login token came.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,9 +65,9 @@ impl FromRequestParts<PeopleState> for UserAuth {
     ) -> Result<Self, Self::Rejection> {
         let (token, via) = if parts.headers.contains_key(AUTHORIZATION) {
             (bearer(parts, "login token")?.to_owned(), Via::Bearer)
-        } else if let Some(token) = login_cookie(&parts.headers) {
+        } else if let Some(token) = login_cookie(&parts.headers, state.inner.secure_cookies) {
             if !is_safe(&parts.method) {
-                same_origin(&parts.headers, &parts.uri)?;
+                same_origin(&parts.headers, &parts.uri, state.inner.secure_cookies)?;
             }
             (token, Via::Cookie)
         } else {
@@ -74,14 +86,15 @@ impl FromRequestParts<PeopleState> for UserAuth {
 }
 
 /// The login cookie's token, if the request has one.
-fn login_cookie(headers: &HeaderMap) -> Option<String> {
+fn login_cookie(headers: &HeaderMap, secure: bool) -> Option<String> {
+    let name = cookie_name(secure);
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(Cookie::split_parse)
         .filter_map(Result::ok)
-        .find(|c| c.name() == LOGIN_COOKIE && !c.value().is_empty())
+        .find(|c| c.name() == name && !c.value().is_empty())
         .map(|c| c.value().to_owned())
 }
 
@@ -91,8 +104,9 @@ fn is_safe(method: &Method) -> bool {
 }
 
 /// Refuses (403) a request whose `Origin` is missing or names another site than the one it was
-/// sent to: its `Host` header (HTTP/1.1) or its URI's authority (HTTP/2's `:authority`).
-pub(crate) fn same_origin(headers: &HeaderMap, uri: &Uri) -> Result<(), ApiError> {
+/// sent to: its `Host` header (HTTP/1.1) or its URI's authority (HTTP/2's `:authority`), and,
+/// where the site is served over HTTPS (`secure`), an `http://` origin.
+pub(crate) fn same_origin(headers: &HeaderMap, uri: &Uri, secure: bool) -> Result<(), ApiError> {
     let refuse = |why: &str| {
         Err(ApiError::Forbidden(format!(
             "{why}: a request that changes something with the login cookie must come from this site's own pages"
@@ -110,7 +124,7 @@ pub(crate) fn same_origin(headers: &HeaderMap, uri: &Uri) -> Result<(), ApiError
     };
     let authority = origin
         .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"));
+        .or_else(|| origin.strip_prefix("http://").filter(|_| !secure));
     match authority {
         Some(authority) if authority.eq_ignore_ascii_case(host) => Ok(()),
         _ => refuse("the Origin header names another site"),
@@ -125,7 +139,7 @@ pub(crate) fn set_login_cookie(
     secure: bool,
 ) -> Result<HeaderValue, ApiError> {
     let max_age = (expires_at - Utc::now()).num_seconds().max(0);
-    let cookie = Cookie::build((LOGIN_COOKIE, token))
+    let cookie = Cookie::build((cookie_name(secure), token))
         .path("/")
         .http_only(true)
         .secure(secure)
@@ -137,7 +151,7 @@ pub(crate) fn set_login_cookie(
 
 /// The `Set-Cookie` value that makes the browser forget its login cookie.
 pub(crate) fn clear_login_cookie(secure: bool) -> HeaderValue {
-    let cookie = Cookie::build((LOGIN_COOKIE, ""))
+    let cookie = Cookie::build((cookie_name(secure), ""))
         .path("/")
         .http_only(true)
         .secure(secure)
@@ -164,32 +178,39 @@ mod tests {
     #[test]
     fn the_login_cookie_is_found_among_others_and_an_empty_one_is_none() {
         let h = headers(&[("cookie", "a=1; biofeed_login=tok123; b=2")]);
-        assert_eq!(login_cookie(&h).as_deref(), Some("tok123"));
+        assert_eq!(login_cookie(&h, false).as_deref(), Some("tok123"));
+        let empty = headers(&[("cookie", "biofeed_login=")]);
+        assert_eq!(login_cookie(&empty, false), None);
         assert_eq!(
-            login_cookie(&headers(&[("cookie", "biofeed_login=")])),
+            login_cookie(&headers(&[("cookie", "other=1")]), false),
             None
         );
-        assert_eq!(login_cookie(&headers(&[("cookie", "other=1")])), None);
+        // Over HTTPS only the __Host- cookie counts: a plain one may have been planted.
+        assert_eq!(login_cookie(&h, true), None);
+        let both = headers(&[("cookie", "biofeed_login=x; __Host-biofeed_login=real")]);
+        assert_eq!(login_cookie(&both, true).as_deref(), Some("real"));
     }
 
     #[test]
     fn only_this_sites_origin_passes() {
+        let none = Uri::from_static("/v1/me");
         let ok = headers(&[
             ("origin", "http://127.0.0.1:8080"),
             ("host", "127.0.0.1:8080"),
         ]);
-        let none = Uri::from_static("/v1/me");
-        assert!(same_origin(&ok, &none).is_ok());
+        assert!(same_origin(&ok, &none, false).is_ok());
+        // A site served over HTTPS takes no http:// origin.
+        assert!(same_origin(&ok, &none, true).is_err());
         let tls = headers(&[
             ("origin", "https://Biofeed.example"),
             ("host", "biofeed.example"),
         ]);
-        assert!(same_origin(&tls, &none).is_ok());
+        assert!(same_origin(&tls, &none, true).is_ok());
         // HTTP/2: no Host header, the authority is the URI's.
         let h2 = headers(&[("origin", "https://127.0.0.1:8443")]);
         let authority = Uri::from_static("https://127.0.0.1:8443/v1/me");
-        assert!(same_origin(&h2, &authority).is_ok());
-        assert!(same_origin(&h2, &none).is_err());
+        assert!(same_origin(&h2, &authority, true).is_ok());
+        assert!(same_origin(&h2, &none, true).is_err());
         for bad in [
             headers(&[("host", "127.0.0.1:8080")]),
             headers(&[("origin", "null"), ("host", "127.0.0.1:8080")]),
@@ -202,10 +223,8 @@ mod tests {
                 ("host", "127.0.0.1:8080"),
             ]),
         ] {
-            assert!(matches!(
-                same_origin(&bad, &none),
-                Err(ApiError::Forbidden(_))
-            ));
+            let refused = same_origin(&bad, &none, false);
+            assert!(matches!(refused, Err(ApiError::Forbidden(_))));
         }
     }
 
@@ -215,7 +234,7 @@ mod tests {
         let v = set_login_cookie("t", later, true).unwrap();
         let v = v.to_str().unwrap();
         for part in [
-            "biofeed_login=t",
+            "__Host-biofeed_login=t",
             "HttpOnly",
             "SameSite=Strict",
             "Secure",
@@ -224,10 +243,18 @@ mod tests {
             assert!(v.contains(part), "{v}");
         }
         let plain = set_login_cookie("t", later, false).unwrap();
-        assert!(!plain.to_str().unwrap().contains("Secure"));
+        let plain = plain.to_str().unwrap();
+        assert!(
+            plain.starts_with("biofeed_login=t") && !plain.contains("Secure"),
+            "{plain}"
+        );
         assert!(clear_login_cookie(false)
             .to_str()
             .unwrap()
             .contains("Max-Age=0"));
+        assert!(clear_login_cookie(true)
+            .to_str()
+            .unwrap()
+            .starts_with("__Host-"));
     }
 }

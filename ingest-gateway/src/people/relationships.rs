@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use biofeed_accounts::policy::{Action, Actor};
+use biofeed_accounts::policy::{Action, Actor, CARE_KINDS, GUARDIAN_KINDS};
 use biofeed_accounts::relationships::{self, Relationship};
 use serde::Deserialize;
 use utoipa::ToSchema;
@@ -64,15 +64,50 @@ pub async fn invite(
     Ok(created(relationships::get(state.pool(), id).await?))
 }
 
-/// The relationships one is part of.
+/// The relationships one is part of, and, for a guardian, the care relationships (practitioner,
+/// coach) of their minor wards, which the guardian accepts or revokes in the ward's place.
 #[utoipa::path(get, path = "/v1/relationships", tag = "relationships",
-    responses((status = 200, description = "newest first", body = Object)), security(("login_token" = [])))]
+    responses((status = 200, description = "one's own newest first, then the minor wards' care relationships", body = Object)), security(("login_token" = [])))]
 pub async fn list_relationships(
     State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
 ) -> Result<Json<Vec<Relationship>>, ApiError> {
     let me = state.allow_own(&actor, "relationships").await?;
-    Ok(Json(relationships::list(state.pool(), Some(me)).await?))
+    let mut all = relationships::list(state.pool(), Some(me)).await?;
+    let mut wards: Vec<Uuid> = all
+        .iter()
+        .filter(|r| {
+            r.lead_id == me
+                && GUARDIAN_KINDS.contains(&r.relationship_type.as_str())
+                && r.consented_at.is_some()
+                && r.revoked_at.is_none()
+        })
+        .map(|r| r.follower_id)
+        .collect();
+    wards.sort_unstable();
+    wards.dedup();
+    for ward in wards {
+        if !state.inner.access.is_minor(ward).await? {
+            continue;
+        }
+        // A read of the ward's data, decided and audited by the policy like any other.
+        let resource = "relationships";
+        match state
+            .allow(&actor, Action::ReadData { resource }, ward)
+            .await
+        {
+            Ok(()) => {}
+            Err(ApiError::NotFound(_) | ApiError::Forbidden(_)) => continue,
+            Err(e) => return Err(e),
+        }
+        for r in relationships::list(state.pool(), Some(ward)).await? {
+            let care = CARE_KINDS.contains(&r.relationship_type.as_str());
+            if care && r.follower_id == ward && !all.iter().any(|x| x.id == r.id) {
+                all.push(r);
+            }
+        }
+    }
+    Ok(Json(all))
 }
 
 /// Accepts (consents to) a relationship.
