@@ -1004,3 +1004,60 @@ async fn the_login_cookie_is_http_only_strict_and_changes_need_this_sites_origin
         .unwrap()
         .contains("default-src 'none'"));
 }
+
+/// A guardian decides a minor ward's care invitations: the web app's People page lists them
+/// (`GET /v1/relationships`), the guardian accepts, and the practitioner may then read; nobody
+/// else sees them, nor an adult ward's.
+#[tokio::test]
+async fn a_guardian_sees_and_decides_a_minor_wards_care_invitations() {
+    let gw = TestGateway::spawn(&[]).await;
+    let guardian = gw.sign_up("guardian", 40).await;
+    let child = gw.sign_up("user", 10).await;
+    let grown = gw.sign_up("user", 30).await;
+    let practitioner = gw.sign_up("practitioner", 50).await;
+    let stranger = gw.sign_up("guardian", 40).await;
+    gw.relate(&guardian, &child, "parent_child").await;
+    gw.relate(&guardian, &grown, "parent_child").await;
+    let invite = |follower: Uuid| {
+        gw.send(
+            &practitioner,
+            "/v1/relationships",
+            json!({ "type": "practitioner_patient", "follower_id": follower }),
+        )
+    };
+    let (status, for_child) = invite(child.id).await;
+    assert_eq!(status, 201, "{for_child}");
+    let (status, for_grown) = invite(grown.id).await;
+    assert_eq!(status, 201, "{for_grown}");
+    let listed = |person: &crate::people::Person| {
+        let person = person.clone();
+        let gw = &gw;
+        async move {
+            let (status, body) = gw.read(&person, "/v1/relationships").await;
+            assert_eq!(status, 200, "{body}");
+            body.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let child_invitation = for_child["id"].as_str().unwrap().to_owned();
+    let grown_invitation = for_grown["id"].as_str().unwrap().to_owned();
+    let guardians = listed(&guardian).await;
+    assert!(guardians.contains(&child_invitation), "{guardians:?}");
+    assert!(
+        !guardians.contains(&grown_invitation),
+        "an adult decides for themself: {guardians:?}"
+    );
+    assert!(!listed(&stranger).await.contains(&child_invitation));
+    // Not yet accepted: the practitioner reads nothing of the child's.
+    let sessions = format!("/v1/users/{}/sessions", child.id);
+    assert_eq!(gw.read(&practitioner, &sessions).await.0, 404);
+    // The child cannot accept it alone; the guardian can.
+    let accept = format!("/v1/relationships/{child_invitation}/accept");
+    assert_eq!(gw.send(&child, &accept, json!({})).await.0, 403);
+    let (status, accepted) = gw.send(&guardian, &accept, json!({})).await;
+    assert_eq!(status, 200, "{accepted}");
+    assert_eq!(gw.read(&practitioner, &sessions).await.0, 200);
+}
