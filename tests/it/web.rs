@@ -284,6 +284,8 @@ struct Device {
     next_hr: i64,
     next_eeg: i64,
     beats: u32,
+    /// Samples posted (and acknowledged) per data type.
+    posted: std::collections::BTreeMap<&'static str, usize>,
 }
 
 impl Device {
@@ -318,13 +320,20 @@ impl Device {
             next_hr: now,
             next_eeg: now,
             beats: 0,
+            posted: std::collections::BTreeMap::new(),
         }
     }
 
-    async fn post(&self, session: Uuid, data_type: &str, samples: Vec<(i64, Vec<f32>)>) {
+    async fn post(
+        &mut self,
+        session: Uuid,
+        data_type: &'static str,
+        samples: Vec<(i64, Vec<f32>)>,
+    ) {
         if samples.is_empty() {
             return;
         }
+        *self.posted.entry(data_type).or_default() += samples.len();
         let response = self
             .http
             .post(format!("{}/v1/sessions/{session}/points", self.url))
@@ -372,9 +381,10 @@ impl Device {
             eeg.push((self.next_eeg, values));
             self.next_eeg += 3906; // 256 Hz
         }
-        self.post(self.hrv, "rr_interval", beats).await;
-        self.post(self.hrv, "heart_rate", heart).await;
-        self.post(self.eeg, "eeg", eeg).await;
+        let (hrv, eeg_session) = (self.hrv, self.eeg);
+        self.post(hrv, "rr_interval", beats).await;
+        self.post(hrv, "heart_rate", heart).await;
+        self.post(eeg_session, "eeg", eeg).await;
     }
 
     async fn complete(&self, session: Uuid) {
@@ -532,8 +542,55 @@ async fn people_use_the_web_app_in_a_real_browser() {
         )
         .await;
 
-    // The jobs compute the metrics; the session page shows the API's numbers.
-    let metrics = computed_metrics(&http, &url, &api_token, session).await;
+    // Every posted sample is stored (the consumer), and the jobs computed the metrics over all of
+    // them; then the session page shows the API's numbers.
+    for (session, data_type) in [
+        (session, "rr_interval"),
+        (session, "heart_rate"),
+        (eeg_session, "eeg"),
+    ] {
+        let posted = device.posted[data_type];
+        crate::helpers::wait_until(
+            Duration::from_secs(60),
+            Duration::from_millis(250),
+            format!("the {posted} {data_type} samples stored"),
+            async || {
+                let points = api_points(
+                    &http,
+                    &url,
+                    &api_token,
+                    session,
+                    &format!("data_type={data_type}&step=24h"),
+                )
+                .await;
+                let stored: u64 = points["buckets"]
+                    .as_array()
+                    .map(|b| b.iter().map(|b| b["count"].as_u64().unwrap_or(0)).sum())
+                    .unwrap_or(0);
+                stored == posted as u64
+            },
+        )
+        .await;
+    }
+    let beats = device.posted["rr_interval"] as u64;
+    let metrics: Value = crate::helpers::eventually(
+        Duration::from_secs(90),
+        Duration::from_millis(250),
+        async || {
+            let m = computed_metrics(&http, &url, &api_token, session).await;
+            let over_all = m["metrics"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["metric"] == "mean_rr_ms" && m["samples"].as_u64() == Some(beats));
+            if over_all {
+                Ok(m)
+            } else {
+                Err(format!("metrics over all {beats} beats: {m}"))
+            }
+        },
+    )
+    .await;
     let rmssd = metrics["metrics"]
         .as_array()
         .unwrap()
@@ -593,7 +650,7 @@ async fn people_use_the_web_app_in_a_real_browser() {
     let samples = points["samples"].as_array().unwrap();
     let xs = plotted["data"][0].as_array().unwrap();
     let ys = plotted["data"][1].as_array().unwrap();
-    assert!(samples.len() >= 25, "{points}");
+    assert_eq!(samples.len(), device.posted["rr_interval"], "{points}");
     assert_eq!(xs.len(), samples.len());
     for ((x, y), sample) in xs.iter().zip(ys).zip(samples) {
         let t = sample["t_us"].as_i64().unwrap() as f64 / 1e6;
@@ -682,15 +739,61 @@ async fn people_use_the_web_app_in_a_real_browser() {
     }
     patient.accessible("EEG session").await;
     patient.screenshot("eeg-session-page.png").await;
-    // Zooming in asks the API again, at a finer step.
+    // Zooming in asks the API again, at a finer step, and draws what it answered.
     patient.click("+ Zoom in").await;
     patient
         .until(
             &format!("(() => {{ const f = document.querySelector('figure[data-data-type=eeg]');
-                      return f.dataset.view === 'zoomed' && (f.dataset.step === 'raw' || Number(f.dataset.step) < {step_us}); }})()"),
+                      return f.dataset.view === 'zoomed' && f.dataset.from !== ''
+                          && (f.dataset.step === 'raw' || Number(f.dataset.step) < {step_us}); }})()"),
             "the zoomed view at a finer step",
         )
         .await;
+    let zoomed = patient
+        .js(
+            "const f = document.querySelector('figure[data-data-type=eeg]');
+             const u = f.querySelector('.plot').uplot;
+             return { from: f.dataset.from, to: f.dataset.to, step: f.dataset.step,
+                      data: u.data, idxs: u.series[0].idxs };",
+        )
+        .await;
+    let step = match zoomed["step"].as_str().unwrap() {
+        "raw" => String::new(),
+        us => format!("&step={}ms", us.parse::<i64>().unwrap() / 1000),
+    };
+    let answer = api_points(
+        &http,
+        &url,
+        &api_token,
+        eeg_session,
+        &format!(
+            "data_type=eeg&from={}&to={}{step}",
+            zoomed["from"].as_str().unwrap(),
+            zoomed["to"].as_str().unwrap()
+        ),
+    )
+    .await;
+    let rows = answer["buckets"]
+        .as_array()
+        .or(answer["samples"].as_array())
+        .unwrap();
+    let plotted_t = zoomed["data"][0].as_array().unwrap();
+    assert_eq!(
+        plotted_t.len(),
+        rows.len(),
+        "the zoomed view holds the API's answer"
+    );
+    for (x, row) in plotted_t.iter().zip(rows) {
+        assert!((x.as_f64().unwrap() - row["t_us"].as_i64().unwrap() as f64 / 1e6).abs() < 1e-6);
+    }
+    // Drawn: what uPlot found in view is (nearly) all of the new data, not the old data's indices.
+    let idxs = zoomed["idxs"].as_array().unwrap();
+    let (i0, i1) = (idxs[0].as_u64().unwrap(), idxs[1].as_u64().unwrap());
+    assert!(
+        i0 <= 1 && i1 + 2 >= rows.len() as u64,
+        "{idxs:?} of {}",
+        rows.len()
+    );
 
     // Trends, the access log, the account page.
     patient.open(&url, "#/trends", "Trends").await;
@@ -891,6 +994,12 @@ async fn the_login_cookie_is_http_only_strict_and_changes_need_this_sites_origin
         gw.url.starts_with("https://"),
         "Secure exactly when served over HTTPS: {set_cookie}"
     );
+    assert_eq!(
+        set_cookie.starts_with("__Host-biofeed_login="),
+        gw.url.starts_with("https://"),
+        "the __Host- name exactly when Secure: {set_cookie}"
+    );
+    assert_eq!(response.headers()["cache-control"], "no-store");
     let body: Value = response.json().await.unwrap();
     assert!(
         body.get("token").is_none(),
@@ -906,6 +1015,22 @@ async fn the_login_cookie_is_http_only_strict_and_changes_need_this_sites_origin
         .await
         .unwrap();
     assert_eq!(me.status(), 200);
+    assert_eq!(
+        me.headers()["cache-control"],
+        "no-store",
+        "people's data is not cached"
+    );
+    if gw.url.starts_with("https://") {
+        // Over HTTPS a cookie without the __Host- prefix (one a sibling host could plant) is none.
+        let planted = cookie.replacen("__Host-", "", 1);
+        let refused = http
+            .get(format!("{}/v1/me", gw.url))
+            .header("cookie", planted)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+    }
     // A change with the cookie needs this site's Origin.
     let register = |origin: Option<&str>| {
         let mut request = http
@@ -917,7 +1042,13 @@ async fn the_login_cookie_is_http_only_strict_and_changes_need_this_sites_origin
         }
         request.send()
     };
-    for bad in [None, Some("https://evil.example"), Some("null")] {
+    // Over HTTPS, this host's address over plain http is another origin too.
+    let plain_origin = origin.replacen("https://", "http://", 1);
+    let mut bad_origins = vec![None, Some("https://evil.example"), Some("null")];
+    if origin.starts_with("https://") {
+        bad_origins.push(Some(plain_origin.as_str()));
+    }
+    for bad in bad_origins {
         let refused = register(bad).await.unwrap();
         assert_eq!(refused.status(), 403, "{bad:?}");
         assert_eq!(

@@ -176,6 +176,7 @@ function form(label, fields, submitText, action, extraProps = {}) {
     try {
       await action(Object.fromEntries(new FormData(el)), el);
     } catch (e) {
+      if (e instanceof Stale) return; // the person went to another page meanwhile
       const where = e.problem?.field ? ` (${e.problem.field})` : '';
       error.textContent = `${e.message}${where}`;
     } finally {
@@ -388,6 +389,8 @@ function spo2Extra() {
 async function sessionPage(view, id) {
   const session = await get(`/v1/sessions/${id}`);
   const metrics = session.status === 'completed' ? await get(`/v1/sessions/${id}/metrics`) : null;
+  // Left meanwhile: open no live feed and draw no plot for a page nobody looks at.
+  if (!view.alive()) throw new Stale();
   const whose = session.user_id === state.me.user_id ? '' : ` — ${personName(session.user_id)}`;
   const spanUs = ((session.ended_at ? new Date(session.ended_at) : new Date()) - new Date(session.started_at)) * 1000;
   const types = [...session.data_types].sort((a, b) => PLOT_ORDER.indexOf(a) - PLOT_ORDER.indexOf(b));
@@ -415,7 +418,7 @@ async function sessionPage(view, id) {
     figures.length ? h('section', { 'aria-label': 'Signals' }, h('h2', {}, 'Signals'), figures) : null,
     exportLinks(session));
   await Promise.all(figures.map((f) => f.ready));
-  main.dataset.ready = id; // this session's plots are drawn
+  if (view.alive()) main.dataset.ready = id; // this session's plots are drawn
 }
 
 function liveSection(view, session) {
@@ -515,7 +518,7 @@ async function peoplePage(view) {
           await loadMe();
           await peoplePage(view);
         } catch (e) {
-          announce(e.message, 'error');
+          if (!(e instanceof Stale)) announce(e.message, 'error');
         }
       },
     },
@@ -581,7 +584,7 @@ async function devicesPage(view, created) {
             announce(`${d.model} revoked: it can no longer record.`);
             await devicesPage(view);
           } catch (e) {
-            announce(e.message, 'error');
+            if (!(e instanceof Stale)) announce(e.message, 'error');
           }
         },
       },

@@ -84,15 +84,20 @@ export function signalFigure(view, session, dataType, { spanUs, title, extra } =
   let full = null; // the whole session's x range, for Reset
   let loading = 0;
   let settled = false; // the plots are made: a change of scale from now on is the person's
+  let left = false; // the page was left: nothing more is loaded or drawn
+  let shown = null; // the x range (s) the data on screen was read for; null: the whole session
   const syncKey = `sync-${dataType.name}-${Math.random().toString(36).slice(2)}`;
 
   async function load(fromUs, toUs, span) {
+    if (left) return;
     const ticket = ++loading;
     figure.setAttribute('aria-busy', 'true');
     try {
       const data = await fetchPoints(session.session_id, dataType, fromUs, toUs, span);
-      if (ticket !== loading) return;
+      if (ticket !== loading || left) return;
       draw(data);
+      figure.dataset.from = fromUs === null ? '' : String(fromUs);
+      figure.dataset.to = toUs === null ? '' : String(toUs);
     } finally {
       if (ticket === loading) figure.removeAttribute('aria-busy');
     }
@@ -105,6 +110,7 @@ export function signalFigure(view, session, dataType, { spanUs, title, extra } =
   }
 
   function draw(data) {
+    if (left) return;
     figure.dataset.points = String(data.t.length);
     figure.dataset.step = data.stepUs ? String(data.stepUs) : 'raw';
     const groups = stacked ? names.map((_, c) => [c]) : [names.map((_, c) => c)];
@@ -160,7 +166,12 @@ export function signalFigure(view, session, dataType, { spanUs, title, extra } =
       settled = true;
     } else {
       plots.forEach(({ u, channels, box }) => {
+        // New data for the same view: setScale makes uPlot find what is in view and draw it
+        // (setData without resetting the scales draws nothing by itself); `shown` keeps the
+        // scale hook from reading the same view again.
+        const { min, max } = u.scales.x;
         u.setData(rowsFor(data, channels), false);
+        u.setScale('x', { min, max });
         box.setAttribute('aria-label', describe(names[channels[0]], dataType.unit, data.t, data.channels[channels[0]]));
       });
     }
@@ -169,14 +180,19 @@ export function signalFigure(view, session, dataType, { spanUs, title, extra } =
   }
 
   let timer = null;
+  const same = (a, b) => Math.abs(a - b) < 1e-6;
   function zoomed(min, max) {
-    // The first drawing sets the scale to the whole session's, which is loaded already.
-    if (full && Math.abs(min - full[0]) < 1e-6 && Math.abs(max - full[1]) < 1e-6 && figure.dataset.view !== 'zoomed') return;
-    figure.dataset.view = 'zoomed';
+    if (left) return;
+    const whole = same(min, full[0]) && same(max, full[1]);
+    // The view on screen already has its data (the first drawing, or a drawing of new data).
+    if (whole ? shown === null : shown && same(min, shown[0]) && same(max, shown[1])) return;
+    shown = whole ? null : [min, max];
+    figure.dataset.view = whole ? 'whole' : 'zoomed';
     clearTimeout(timer);
     timer = setTimeout(() => {
-      const span = (max - min) * 1e6;
-      load(min * 1e6, max * 1e6, span).catch(() => {});
+      // The whole session is read as at first; a view up to and including its last instant.
+      const read = whole ? load(null, null, spanUs) : load(Math.floor(min * 1e6), Math.ceil(max * 1e6) + 1, (max - min) * 1e6);
+      read.catch(() => {});
     }, 200);
   }
 
@@ -214,10 +230,12 @@ export function signalFigure(view, session, dataType, { spanUs, title, extra } =
   const resize = () => plots.forEach(({ u }) => u.setSize(sizeOf(holder, u.height)));
   window.addEventListener('resize', resize);
   view.onLeave(() => {
+    left = true;
     window.removeEventListener('resize', resize);
     clearTimeout(timer);
     loading += 1; // an answer still on its way is dropped
     plots.forEach(({ u }) => u.destroy());
+    plots.length = 0; // the buttons and keys find nothing to move
   });
   figure.ready = load(null, null, spanUs).catch((error) => {
     replace(holder, h('p', { class: 'error' }, `Could not load the samples: ${error.message}`));

@@ -67,7 +67,7 @@ pub async fn invite(
 /// The relationships one is part of, and, for a guardian, the care relationships (practitioner,
 /// coach) of their minor wards, which the guardian accepts or revokes in the ward's place.
 #[utoipa::path(get, path = "/v1/relationships", tag = "relationships",
-    responses((status = 200, description = "one's own newest first, then the minor wards' care relationships", body = Object)), security(("login_token" = [])))]
+    responses((status = 200, description = "one's own and the minor wards' care relationships, newest first", body = Object)), security(("login_token" = [])))]
 pub async fn list_relationships(
     State(state): State<PeopleState>,
     UserAuth { actor, .. }: UserAuth,
@@ -87,8 +87,11 @@ pub async fn list_relationships(
     wards.sort_unstable();
     wards.dedup();
     for ward in wards {
-        if !state.inner.access.is_minor(ward).await? {
-            continue;
+        // A ward erased meanwhile has nothing to list.
+        match state.inner.access.is_minor(ward).await {
+            Ok(true) => {}
+            Ok(false) | Err(ApiError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
         }
         // A read of the ward's data, decided and audited by the policy like any other.
         let resource = "relationships";
@@ -107,6 +110,8 @@ pub async fn list_relationships(
             }
         }
     }
+    // Newest first, one's own and the wards' alike.
+    all.sort_by_key(|r| std::cmp::Reverse(r.invited_at));
     Ok(Json(all))
 }
 
