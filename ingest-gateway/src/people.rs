@@ -137,6 +137,16 @@ impl PeopleState {
         self.inner.access.allow(actor, action, subject).await
     }
 
+    /// Like [`Self::allow`] (asked and audited the same), for listings that leave out what the
+    /// policy refuses: a refusal is `false`, any other failure an error.
+    async fn allows(&self, actor: &Actor, action: Action, subject: Uuid) -> Result<bool, ApiError> {
+        match self.allow(actor, action, subject).await {
+            Ok(()) => Ok(true),
+            Err(ApiError::NotFound(_) | ApiError::Forbidden(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Asks the accounts policy whether `actor` may manage their own `resource` (profile,
     /// devices, …); their id if so.
     async fn allow_own(&self, actor: &Actor, resource: &'static str) -> Result<Uuid, ApiError> {

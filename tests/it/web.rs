@@ -956,15 +956,7 @@ async fn the_login_cookie_is_http_only_strict_and_changes_need_this_sites_origin
     let gw = TestGateway::spawn(&[]).await;
     let person = gw.sign_up("user", 30).await;
     let origin = gw.url.clone();
-    let http = reqwest::Client::builder()
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(
-                &std::fs::read(crate::helpers::local_ca().unwrap()).unwrap(),
-            )
-            .unwrap(),
-        )
-        .build()
-        .unwrap();
+    let http = http_client();
     let login = |origin: Option<&str>| {
         let mut request = http
             .post(format!("{}/v1/auth/session", gw.url))

@@ -186,6 +186,24 @@ function form(label, fields, submitText, action, extraProps = {}) {
   return el;
 }
 
+/** A button that POSTs to `path`, says `done`, then shows the page again with `then()`. */
+function postButton(label, path, done, then) {
+  return h('button', {
+    type: 'button',
+    on: {
+      click: async () => {
+        try {
+          await post(path);
+          announce(done);
+          await then();
+        } catch (e) {
+          if (!(e instanceof Stale)) announce(e.message, 'error');
+        }
+      },
+    },
+  }, label);
+}
+
 function personName(userId) {
   if (state.me && userId === state.me.user_id) return 'you';
   const person = state.people.find((p) => p.user_id === userId);
@@ -508,21 +526,10 @@ async function peoplePage(view) {
   const all = await get('/v1/relationships');
   const minor = state.people.find((p) => p.user_id === me)?.minor;
   const status = (r) => (r.revoked_at ? `ended ${day(r.revoked_at)}` : r.consented_at ? `accepted ${day(r.consented_at)}` : 'waiting for acceptance');
-  const act = (label, path, done) => h('button', {
-    type: 'button',
-    on: {
-      click: async () => {
-        try {
-          await post(path);
-          announce(done);
-          await loadMe();
-          await peoplePage(view);
-        } catch (e) {
-          if (!(e instanceof Stale)) announce(e.message, 'error');
-        }
-      },
-    },
-  }, label);
+  const act = (label, path, done) => postButton(label, path, done, async () => {
+    await loadMe();
+    await peoplePage(view);
+  });
   const care = (kind) => kind === 'practitioner_patient' || kind === 'coach_athlete';
   const rows = all.map((r) => {
     const [leadName, followerName] = RELATIONSHIPS[r.relationship_type] || ['lead', 'follower'];
@@ -575,20 +582,9 @@ async function devicesPage(view, created) {
     copyButton(created.token, 'Token')) : null;
   const rows = devices.map((d) => [
     d.model, h('code', {}, d.id), when(d.created_at), when(d.last_seen_at),
-    d.revoked_at ? `revoked ${day(d.revoked_at)}` : h('button', {
-      type: 'button',
-      on: {
-        click: async () => {
-          try {
-            await post(`/v1/me/devices/${d.id}/revoke`);
-            announce(`${d.model} revoked: it can no longer record.`);
-            await devicesPage(view);
-          } catch (e) {
-            if (!(e instanceof Stale)) announce(e.message, 'error');
-          }
-        },
-      },
-    }, `Revoke ${d.model}`),
+    d.revoked_at ? `revoked ${day(d.revoked_at)}`
+      : postButton(`Revoke ${d.model}`, `/v1/me/devices/${d.id}/revoke`,
+        `${d.model} revoked: it can no longer record.`, () => devicesPage(view)),
   ]);
   view.render('Devices',
     tokenBox,

@@ -7,7 +7,6 @@ use axum::response::IntoResponse;
 use axum::Json;
 use biofeed_accounts::login;
 use biofeed_accounts::users::{self, Email, NewUser, ProfileFields};
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -140,7 +139,24 @@ pub async fn log_in(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Json<Token>, ApiError> {
-    let request: Login = json_body(&headers, body).await?;
+    let logged_in = attempt_login(&state, &extensions, &headers, body).await?;
+    Ok(Json(Token {
+        token: logged_in.token,
+        token_type: "Bearer".to_owned(),
+        expires_at: logged_in.expires_at.to_rfc3339(),
+        user_id: logged_in.user_id,
+    }))
+}
+
+/// One login attempt from a request's body, under the failed-login throttle, counted in the
+/// metrics by outcome: what `/v1/auth/login` and the web login share.
+async fn attempt_login(
+    state: &PeopleState,
+    extensions: &axum::http::Extensions,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<login::LoggedIn, ApiError> {
+    let request: Login = json_body(headers, body).await?;
     let inner = &state.inner;
     let attempt = login::login(
         &inner.accounts,
@@ -148,7 +164,7 @@ pub async fn log_in(
         &inner.login,
         &request.email,
         &request.password,
-        peer_address(&extensions),
+        peer_address(extensions),
     )
     .await;
     let outcome = match &attempt {
@@ -161,13 +177,7 @@ pub async fn log_in(
         .logins
         .get_or_create(&OutcomeLabels { outcome })
         .inc();
-    let logged_in = attempt?;
-    Ok(Json(Token {
-        token: logged_in.token,
-        token_type: "Bearer".to_owned(),
-        expires_at: logged_in.expires_at.to_rfc3339(),
-        user_id: logged_in.user_id,
-    }))
+    Ok(attempt?)
 }
 
 /// A web app login: who, until when (the token itself is only in the cookie).
@@ -198,21 +208,22 @@ pub async fn web_log_in(
     body: axum::body::Body,
 ) -> Result<([(HeaderName, HeaderValue); 2], Json<WebSession>), ApiError> {
     same_origin(&headers, &uri, state.inner.secure_cookies)?;
-    let Json(token) = log_in(State(state.clone()), extensions, headers, body).await?;
-    let expires_at = DateTime::parse_from_rfc3339(&token.expires_at)
-        .map_err(|e| ApiError::Internal(e.into()))?
-        .with_timezone(&Utc);
+    let logged_in = attempt_login(&state, &extensions, &headers, body).await?;
     Ok((
         [
             (
                 SET_COOKIE,
-                set_login_cookie(&token.token, expires_at, state.inner.secure_cookies)?,
+                set_login_cookie(
+                    &logged_in.token,
+                    logged_in.expires_at,
+                    state.inner.secure_cookies,
+                )?,
             ),
             (CACHE_CONTROL, HeaderValue::from_static("no-store")),
         ],
         Json(WebSession {
-            user_id: token.user_id,
-            expires_at: token.expires_at,
+            user_id: logged_in.user_id,
+            expires_at: logged_in.expires_at.to_rfc3339(),
         }),
     ))
 }

@@ -139,28 +139,27 @@ pub(crate) fn set_login_cookie(
     secure: bool,
 ) -> Result<HeaderValue, ApiError> {
     let max_age = (expires_at - Utc::now()).num_seconds().max(0);
-    let cookie = Cookie::build((cookie_name(secure), token))
+    HeaderValue::from_str(&login_cookie_header(token, max_age, secure))
+        .map_err(|e| ApiError::Internal(e.into()))
+}
+
+/// The `Set-Cookie` value that makes the browser forget its login cookie.
+pub(crate) fn clear_login_cookie(secure: bool) -> HeaderValue {
+    HeaderValue::from_str(&login_cookie_header("", 0, secure)).unwrap_or(HeaderValue::from_static(
+        "biofeed_login=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict",
+    ))
+}
+
+/// The login cookie with its attributes, holding `value` for `max_age` seconds.
+fn login_cookie_header(value: &str, max_age: i64, secure: bool) -> String {
+    Cookie::build((cookie_name(secure), value))
         .path("/")
         .http_only(true)
         .secure(secure)
         .same_site(SameSite::Strict)
         .max_age(cookie::time::Duration::seconds(max_age))
-        .build();
-    HeaderValue::from_str(&cookie.to_string()).map_err(|e| ApiError::Internal(e.into()))
-}
-
-/// The `Set-Cookie` value that makes the browser forget its login cookie.
-pub(crate) fn clear_login_cookie(secure: bool) -> HeaderValue {
-    let cookie = Cookie::build((cookie_name(secure), ""))
-        .path("/")
-        .http_only(true)
-        .secure(secure)
-        .same_site(SameSite::Strict)
-        .max_age(cookie::time::Duration::ZERO)
-        .build();
-    HeaderValue::from_str(&cookie.to_string()).unwrap_or(HeaderValue::from_static(
-        "biofeed_login=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict",
-    ))
+        .build()
+        .to_string()
 }
 
 #[cfg(test)]

@@ -471,13 +471,11 @@ pub async fn people(
             continue;
         }
         let resource = "profile";
-        match state
-            .allow(&actor, Action::ReadData { resource }, r.follower_id)
-            .await
+        if !state
+            .allows(&actor, Action::ReadData { resource }, r.follower_id)
+            .await?
         {
-            Ok(()) => {}
-            Err(ApiError::NotFound(_) | ApiError::Forbidden(_)) => continue,
-            Err(e) => return Err(e),
+            continue;
         }
         people.push(Person {
             user_id: r.follower_id,
