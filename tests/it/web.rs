@@ -1184,3 +1184,33 @@ async fn a_guardian_sees_and_decides_a_minor_wards_care_invitations() {
     assert_eq!(status, 200, "{accepted}");
     assert_eq!(gw.read(&practitioner, &sessions).await.0, 200);
 }
+
+/// Bad input to the app's new reads: a malformed metric name or time is a 422 naming the field,
+/// a person one may not see is a 404, and the gateway keeps serving.
+#[tokio::test]
+async fn the_trend_read_answers_bad_input_with_a_problem_naming_it() {
+    let gw = TestGateway::spawn(&[]).await;
+    let person = gw.sign_up("user", 30).await;
+    let stranger = gw.sign_up("user", 30).await;
+    let base = format!("/v1/users/{}/trend", person.id);
+    for (query, field) in [
+        ("metric=RMSSD%3B%20DROP", "metric"),
+        ("metric=", "metric"),
+        ("metric=rmssd_ms&since=last%20week", "since"),
+    ] {
+        let (status, body) = gw.read(&person, &format!("{base}?{query}")).await;
+        assert_eq!(status, 422, "{query}: {body}");
+        assert_eq!(body["field"], field, "{query}: {body}");
+    }
+    let (status, body) = gw
+        .read(&person, &format!("{base}?metric=rmssd_ms&nope=1"))
+        .await;
+    assert_eq!(status, 400, "an unknown parameter: {body}");
+    let (status, _) = gw.read(&stranger, &format!("{base}?metric=rmssd_ms")).await;
+    assert_eq!(
+        status, 404,
+        "another person's trend does not exist for a stranger"
+    );
+    let (status, body) = gw.read(&person, &format!("{base}?metric=rmssd_ms")).await;
+    assert_eq!((status, body), (200, json!([])), "no completed session yet");
+}
