@@ -18,6 +18,7 @@ pub mod clickhouse;
 mod failover;
 pub mod kafka;
 pub mod postgres;
+pub mod registry;
 pub mod secret;
 pub mod shutdown;
 pub mod tls;
@@ -139,6 +140,8 @@ pub enum Service {
     ClickHouse,
     /// Kafka: the points topic and its dead letters.
     Kafka,
+    /// The schema registry: the topics' Avro schemas and their ids.
+    SchemaRegistry,
 }
 
 impl std::fmt::Display for Service {
@@ -147,6 +150,7 @@ impl std::fmt::Display for Service {
             Service::Postgres => "postgres",
             Service::ClickHouse => "clickhouse",
             Service::Kafka => "kafka",
+            Service::SchemaRegistry => "the schema registry",
         })
     }
 }

@@ -149,6 +149,7 @@ impl JobError {
                 Some(biofeed_backends::Service::Postgres) => "postgres",
                 Some(biofeed_backends::Service::ClickHouse) => "clickhouse",
                 Some(biofeed_backends::Service::Kafka) => "kafka",
+                Some(biofeed_backends::Service::SchemaRegistry) => "schema_registry",
                 None => "none",
             },
             JobError::Panicked(_) => "none",

@@ -14,6 +14,7 @@
 pub mod clickhouse;
 pub mod kafka;
 pub mod postgres;
+pub mod registry;
 
 use biofeed_backends::{BackendError, StoreSettings};
 
@@ -28,6 +29,8 @@ pub struct MigrateSettings {
     pub stores: StoreSettings,
     /// The topics' partitions and retention.
     pub layout: TopicLayout,
+    /// The schema registry (none: the step is skipped).
+    pub registry: biofeed_backends::registry::RegistrySettings,
 }
 
 /// A migration could not be applied or inspected.
@@ -42,6 +45,20 @@ pub enum MigrateError {
     /// A Postgres query failed while reading migration state.
     #[error("postgres query failed: {0}")]
     PostgresQuery(#[from] sqlx::Error),
+    /// The schema registry refused a schema version as incompatible with the subject's
+    /// earlier ones (exit 4: the schema file needs fixing, e.g. a default for the new field).
+    #[error(
+        "the schema registry refused version {version} of {subject}: {reason} \
+         (a new field needs a default; a field is never removed or retyped)"
+    )]
+    IncompatibleSchema {
+        /// The subject.
+        subject: String,
+        /// The schema version (`vN` of its file).
+        version: u32,
+        /// The registry's own words.
+        reason: String,
+    },
     /// A ClickHouse migration file was changed after it was applied.
     #[error(
         "clickhouse migration {name} was edited after it was applied (recorded checksum {recorded}, \
@@ -127,6 +144,7 @@ impl MigrateError {
                 | MigrateError::UnknownApplied { .. }
                 | MigrateError::BadFile { .. }
                 | MigrateError::WrongLayout { .. }
+                | MigrateError::IncompatibleSchema { .. }
                 | MigrateError::Postgres(
                     sqlx::migrate::MigrateError::VersionMismatch(_)
                         | sqlx::migrate::MigrateError::VersionMissing(_)
@@ -249,6 +267,13 @@ async fn each_store(
     if step == Step::Apply {
         settings.layout.replication.min_insync_replicas()?;
     }
+    // The registry is asked first too, so that it being away stops migrate before any store changed.
+    let registry = biofeed_backends::registry::Registry::new(&settings.registry)?;
+    if let Some(registry) = &registry {
+        registry
+            .compatibility(&registry::subject(&stores.topics.points))
+            .await?;
+    }
     let Connected { pg, ch, admin } = Connected::to(stores).await?;
     let postgres = match step {
         Step::Apply => postgres::migrate(&pg).await?,
@@ -266,5 +291,17 @@ async fn each_store(
         }
         Step::Report => kafka::topic_status(&admin, &stores.topics, &stores.kafka).await?,
     };
-    Ok(vec![postgres, clickhouse, kafka])
+    let mut reports = vec![postgres, clickhouse, kafka];
+    if let Some(registry) = registry {
+        reports.push(
+            registry::register(
+                &registry,
+                &stores.topics,
+                biofeed_schema::registry::builtin(),
+                step == Step::Apply,
+            )
+            .await?,
+        );
+    }
+    Ok(reports)
 }

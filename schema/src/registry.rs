@@ -30,6 +30,8 @@ pub struct KnownSchema {
     pub schema: Schema,
     /// CRC-64-AVRO fingerprint, as the 8 little-endian header bytes read as a `u64`.
     pub fingerprint: u64,
+    /// The schema's text, as written (defaults and docs kept): what a schema registry holds.
+    pub text: String,
 }
 
 impl KnownSchema {
@@ -47,6 +49,7 @@ impl KnownSchema {
             version,
             schema,
             fingerprint,
+            text: text.to_owned(),
         })
     }
 }
@@ -76,6 +79,11 @@ impl Registry {
         self.versions.push(version);
         self.versions.extend(current);
         self
+    }
+
+    /// Every version, oldest first; the last is the current one.
+    pub fn versions(&self) -> &[KnownSchema] {
+        &self.versions
     }
 
     /// The version new frames are written with.

@@ -144,6 +144,7 @@ pub fn settings_as(role: Role) -> MigrateSettings {
     MigrateSettings {
         stores: args.stores,
         layout: args.layout,
+        registry: args.registry,
     }
 }
 

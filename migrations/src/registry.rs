@@ -1,0 +1,80 @@
+//! The schema registry step of `biofeed migrate`: every version of the points topic's Avro
+//! schema (`schema/avro/sensor_frame.vN.avsc`, oldest first) registered under the subject
+//! `<points topic>-value`, whose compatibility is set to FULL_TRANSITIVE first.
+//!
+//! FULL_TRANSITIVE, the strictest level: a new version must be readable with every older one
+//! and every older one with it. Backward alone would let a new field without a default pass
+//! when old readers are upgraded first; but biofeed's consumers, replay and the analysts' tools
+//! read frames of every version kept in Kafka (replay reads the whole retention), and gateways
+//! and consumers are upgraded one at a time, so frames of a new version reach old readers and
+//! old frames reach new ones. It is the rule `schema/src/registry.rs` states for the repository
+//! (new fields need defaults), now enforced where every tool can see it.
+//!
+//! A version the registry refuses stops `migrate` with exit 4 and the registry's reason.
+
+use biofeed_backends::kafka::TopicNames;
+use biofeed_backends::registry::{Registry, RegistryError};
+use biofeed_schema::registry::Registry as KnownVersions;
+
+use crate::{ItemState, MigrateError, State, StepReport};
+
+/// The compatibility level biofeed's subjects have.
+pub const COMPATIBILITY: &str = "FULL_TRANSITIVE";
+
+/// The subject of a topic's values.
+pub fn subject(topic: &str) -> String {
+    format!("{topic}-value")
+}
+
+/// Sets the points subject's compatibility and registers every known version (`apply`), or only
+/// reports which versions the registry has (`!apply`).
+pub async fn register(
+    registry: &Registry,
+    topics: &TopicNames,
+    known: &KnownVersions,
+    apply: bool,
+) -> Result<StepReport, MigrateError> {
+    let subject = subject(&topics.points);
+    let mut items = Vec::new();
+    let level = registry.compatibility(&subject).await?;
+    if apply && level.as_deref() != Some(COMPATIBILITY) {
+        registry.set_compatibility(&subject, COMPATIBILITY).await?;
+    }
+    for version in known.versions() {
+        let name = format!("{subject} v{}", version.version);
+        let had = registry.id_of(&subject, &version.text).await?;
+        let (state, id) = match (had, apply) {
+            (Some(id), _) => (State::Present, Some(id)),
+            (None, false) => (State::Pending, None),
+            (None, true) => {
+                let id = registry
+                    .register(&subject, &version.text)
+                    .await
+                    .map_err(|e| match e {
+                        RegistryError::Backend(b) => MigrateError::Backend(b),
+                        RegistryError::Incompatible { subject, reason } => {
+                            MigrateError::IncompatibleSchema {
+                                subject,
+                                version: version.version,
+                                reason,
+                            }
+                        }
+                    })?;
+                (State::Applied, Some(id))
+            }
+        };
+        let detail = match id {
+            Some(id) => format!("schema id {id}, {COMPATIBILITY}"),
+            None => format!("compatibility {}", level.as_deref().unwrap_or("not set")),
+        };
+        items.push(ItemState {
+            name,
+            state,
+            detail,
+        });
+    }
+    Ok(StepReport {
+        store: "schema registry",
+        items,
+    })
+}
