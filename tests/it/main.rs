@@ -21,6 +21,7 @@ mod people;
 mod privacy;
 mod private_clickhouse;
 mod private_kafka;
+mod registry;
 mod security;
 mod services;
 mod settings;
