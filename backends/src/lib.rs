@@ -44,6 +44,9 @@ pub struct StoreSettings {
     /// The topics' names.
     #[command(flatten, next_help_heading = "Kafka")]
     pub topics: kafka::TopicNames,
+    /// The schema registry (none: frames are single-object framed only).
+    #[command(flatten, next_help_heading = "Schema registry")]
+    pub registry: registry::RegistrySettings,
 }
 
 impl StoreSettings {
@@ -109,6 +112,7 @@ impl StoreSettings {
             ("BIOFEED_KAFKA_KEY_FILE", kafka.key_file.as_ref().map(path)),
         ];
         env.extend(optional.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))));
+        env.extend(self.registry.child_env());
         env
     }
 
@@ -129,6 +133,7 @@ pub const SECRET_FILE_SETTINGS: &[&str] = &[
     "BIOFEED_POSTGRES_PASSWORD_FILE",
     "BIOFEED_CLICKHOUSE_PASSWORD_FILE",
     "BIOFEED_KAFKA_PASSWORD_FILE",
+    "BIOFEED_SCHEMA_REGISTRY_PASSWORD_FILE",
 ];
 
 /// Which backing service an error is about.

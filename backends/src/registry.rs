@@ -40,12 +40,23 @@ pub struct RegistrySettings {
     )]
     pub user: Option<String>,
 
-    /// A file holding that user's password.
+    /// That user's password. Never logged. Or give BIOFEED_SCHEMA_REGISTRY_PASSWORD_FILE.
+    #[arg(
+        long = "schema-registry-password",
+        id = "schema_registry_password",
+        value_name = "PASSWORD",
+        env = "BIOFEED_SCHEMA_REGISTRY_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password_value: Option<Secret>,
+
+    /// A file holding that user's password (e.g. a mounted secret).
     #[arg(
         long = "schema-registry-password-file",
         id = "schema_registry_password_file",
         value_name = "PATH",
         env = "BIOFEED_SCHEMA_REGISTRY_PASSWORD_FILE",
+        conflicts_with = "schema_registry_password",
         value_parser = secret_file("BIOFEED_SCHEMA_REGISTRY_PASSWORD_FILE")
     )]
     pub password: Option<Secret>,
@@ -78,10 +89,43 @@ impl Default for RegistrySettings {
         Self {
             url: None,
             user: None,
+            password_value: None,
             password: None,
             ca_file: None,
             timeout: Duration::from_secs(5),
         }
+    }
+}
+
+impl RegistrySettings {
+    /// The password, from the value or the file.
+    pub fn password(&self) -> Option<&Secret> {
+        self.password_value.as_ref().or(self.password.as_ref())
+    }
+
+    /// These settings as a child process's environment (the password as a value).
+    pub fn child_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = Vec::new();
+        if let Some(url) = &self.url {
+            env.push((URL_SETTING, url.to_string()));
+        }
+        if let Some(user) = &self.user {
+            env.push(("BIOFEED_SCHEMA_REGISTRY_USER", user.clone()));
+        }
+        if let Some(password) = self.password() {
+            env.push((
+                "BIOFEED_SCHEMA_REGISTRY_PASSWORD",
+                password.expose().to_owned(),
+            ));
+        }
+        if let Some(ca) = &self.ca_file {
+            env.push(("BIOFEED_SCHEMA_REGISTRY_CA_FILE", ca.display().to_string()));
+        }
+        env.push((
+            "BIOFEED_SCHEMA_REGISTRY_TIMEOUT",
+            format!("{}ms", self.timeout.as_millis()),
+        ));
+        env
     }
 }
 
@@ -128,9 +172,10 @@ impl Registry {
             setting: URL_SETTING,
             reason,
         };
-        if settings.password.is_some() != settings.user.is_some() {
+        let password = settings.password().cloned();
+        if password.is_some() != settings.user.is_some() {
             return Err(misconfigured(
-                "BIOFEED_SCHEMA_REGISTRY_USER and BIOFEED_SCHEMA_REGISTRY_PASSWORD_FILE go together"
+                "BIOFEED_SCHEMA_REGISTRY_USER and a password (BIOFEED_SCHEMA_REGISTRY_PASSWORD or _PASSWORD_FILE) go together"
                     .to_owned(),
             ));
         }
@@ -155,7 +200,7 @@ impl Registry {
             address: redacted_address(&base),
             base,
             user: settings.user.clone(),
-            password: settings.password.clone(),
+            password,
         }))
     }
 
@@ -313,5 +358,150 @@ impl Registry {
             404 => Ok(None),
             _ => Err(self.error(format!("subjects/{subject}: {status} {body}"), false)),
         }
+    }
+}
+
+impl Registry {
+    /// The schema text the registry holds under `id` (`GET /schemas/ids/{id}`), if any.
+    pub async fn schema_by_id(&self, id: u32) -> Result<Option<String>, BackendError> {
+        let (status, body) = self
+            .call(reqwest::Method::GET, &format!("schemas/ids/{id}"), None)
+            .await?;
+        match status {
+            200 => Ok(body["schema"].as_str().map(str::to_owned)),
+            404 => Ok(None),
+            _ => Err(self.error(format!("schemas/ids/{id}: {status} {body}"), false)),
+        }
+    }
+
+    /// Deletes `subject` and its versions for good (soft, then permanently, as the Confluent
+    /// API requires); a subject that does not exist is no error.
+    pub async fn delete_subject(&self, subject: &str) -> Result<(), BackendError> {
+        for path in [
+            format!("subjects/{subject}"),
+            format!("subjects/{subject}?permanent=true"),
+        ] {
+            let (status, body) = self.call(reqwest::Method::DELETE, &path, None).await?;
+            if status != 200 && status != 404 {
+                return Err(self.error(format!("{path}: {status} {body}"), false));
+            }
+        }
+        Ok(())
+    }
+
+    /// The id the registry gave this build's current schema version under `subject`; a
+    /// [`BackendError::Rejected`] naming `biofeed migrate` when it has none.
+    pub async fn current_id(&self, subject: &str) -> Result<u32, BackendError> {
+        let current = biofeed_schema::registry::current();
+        self.id_of(subject, &current.text).await?.ok_or_else(|| {
+            self.error(
+                format!(
+                    "the registry has no id for SensorFrame v{} under {subject}: run `biofeed migrate`",
+                    current.version
+                ),
+                true,
+            )
+        })
+    }
+}
+
+/// How long an id the registry did not have is not asked for again.
+const MISSING_FOR: Duration = Duration::from_secs(60);
+
+/// How long an id is not asked for again after the registry could not be asked (by readers
+/// that do not wait for it; the consumers ask again with their own backoff).
+const FAILED_FOR: Duration = Duration::from_secs(5);
+
+/// Writer schemas by registry id, learnt from the registry and kept: what readers of
+/// Confluent-framed frames decode with ([`biofeed_schema::decode_framed`]). Loaded once at
+/// start; an id seen later that is not known yet is asked for once (an id the registry does not
+/// have is not asked for again for a minute, nor one the registry could not be asked about for
+/// 5 s), so the steady state makes no registry call and a registry that goes away later only
+/// matters for ids never seen before.
+#[derive(Debug, Default)]
+pub struct WriterSchemas {
+    registry: Option<Registry>,
+    ids: biofeed_schema::SchemaIds,
+    /// Ids not to ask for again until the instant.
+    not_before: std::collections::HashMap<u32, std::time::Instant>,
+}
+
+impl WriterSchemas {
+    /// Learns the ids of the versions this build knows that the registry holds under
+    /// `subject`. With no registry, nothing: a Confluent-framed frame is then an unknown id.
+    /// A registry that cannot be asked is an error (the caller exits 3).
+    pub async fn load(registry: Option<Registry>, subject: &str) -> Result<Self, BackendError> {
+        let mut ids = biofeed_schema::SchemaIds::default();
+        if let Some(registry) = &registry {
+            for version in biofeed_schema::registry::builtin().versions() {
+                if let Some(id) = registry.id_of(subject, &version.text).await? {
+                    ids.insert(id, version.clone());
+                }
+            }
+        }
+        Ok(Self {
+            registry,
+            ids,
+            not_before: Default::default(),
+        })
+    }
+
+    /// Nothing known yet; ids are asked of `registry` as they come.
+    pub fn from_registry(registry: Option<Registry>) -> Self {
+        Self {
+            registry,
+            ..Self::default()
+        }
+    }
+
+    /// What is known.
+    pub fn ids(&self) -> &biofeed_schema::SchemaIds {
+        &self.ids
+    }
+
+    /// The Confluent schema id `payload` names when it is one to ask the registry for: not
+    /// known, not recently missing, and a registry is configured.
+    pub fn unknown_id(&self, payload: &[u8]) -> Option<u32> {
+        self.registry.as_ref()?;
+        match biofeed_schema::writer_of(payload) {
+            Ok((biofeed_schema::Writer::SchemaId(id), _)) => (self.ids.get(id).is_none()
+                && self
+                    .not_before
+                    .get(&id)
+                    .is_none_or(|at| std::time::Instant::now() >= *at))
+            .then_some(id),
+            _ => None,
+        }
+    }
+
+    /// Asks the registry for schema `id` and keeps the answer (a schema that does not parse
+    /// counts as missing). An error only when the registry cannot answer: the caller retries,
+    /// the frame waits.
+    pub async fn learn(&mut self, id: u32) -> Result<(), BackendError> {
+        let Some(registry) = &self.registry else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        let answer = registry.schema_by_id(id).await.inspect_err(|_| {
+            self.not_before.insert(id, now + FAILED_FOR);
+        })?;
+        match answer {
+            Some(text) => match biofeed_schema::registry::KnownSchema::parse(0, &text) {
+                Ok(schema) => {
+                    tracing::info!(schema_id = id, "learnt a writer schema from the registry");
+                    self.ids.insert(id, schema);
+                    self.not_before.remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(schema_id = id, error = %e, "the registry's schema does not parse");
+                    self.not_before.insert(id, now + MISSING_FOR);
+                }
+            },
+            None => {
+                tracing::warn!(schema_id = id, "the registry has no schema with this id");
+                self.not_before.insert(id, now + MISSING_FOR);
+            }
+        }
+        Ok(())
     }
 }

@@ -17,7 +17,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::harness::OwnStores;
+use crate::harness::{framing_name, OwnStores};
+use biofeed_ingest_gateway::settings::FramingChoice;
+use biofeed_schema::Framing;
 
 /// Settings of `biofeed bench consume`.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,6 +39,16 @@ pub struct BenchConsumeSettings {
     /// Skip the Kafka-engine peer.
     #[arg(long)]
     pub no_peer: bool,
+    /// How the preloaded frames are framed: `confluent` (the schema registered under the bench
+    /// topic's subject, its id in each frame), `single-object`, or `auto` (confluent when a
+    /// schema registry is configured). The peer reads JSON either way.
+    #[arg(
+        long,
+        env = "BIOFEED_BENCH_FRAMING",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub framing: FramingChoice,
     /// Brokers the Kafka-engine peer reads from. ClickHouse 18.16's Kafka engine speaks neither
     /// TLS nor SASL, so against a secured Kafka it needs a plaintext listener (compose/local has
     /// one on loopback whose ACLs let it read the bench's topics only); default
@@ -64,6 +76,8 @@ pub struct ConsumeBenchReport {
     pub bytes_per_point: f64,
     /// Avro bytes per point in Kafka.
     pub kafka_bytes_per_point: f64,
+    /// The frames' framing in Kafka: `single-object` or `confluent`.
+    pub framing: &'static str,
     /// Seconds the consumer took.
     pub consumer_seconds: f64,
     /// Seconds the Kafka engine took.
@@ -111,11 +125,18 @@ pub async fn run(settings: BenchConsumeSettings) -> anyhow::Result<()> {
             json_topic.as_str(),
         ])
         .await?;
+        let framing = own
+            .framing(
+                settings.framing,
+                &consume.stores.registry,
+                &consume.stores.topics.points,
+            )
+            .await?;
         let ch = consume.stores.clickhouse.connect().await?;
         biofeed_migrations::clickhouse::ClickHouseMigrations::embedded_for(&ch)?
             .migrate(&ch)
             .await?;
-        measure(&settings, &consume, &json_topic, &ch).await
+        measure(&settings, &consume, &json_topic, &ch, framing).await
     }
     .await;
     own.clean_up().await;
@@ -261,8 +282,9 @@ async fn measure(
     consume: &ConsumeSettings,
     json_topic: &str,
     ch: &ClickHouse,
+    framing: Framing,
 ) -> anyhow::Result<ConsumeBenchReport> {
-    let (points, kafka_bytes) = load(settings, consume, json_topic).await?;
+    let (points, kafka_bytes) = load(settings, consume, json_topic, framing).await?;
     let consumer_seconds = time_consumer(consume, ch, points).await?;
     let bytes: u64 = ch.bytes_on_disk("points").await?;
     let peer_brokers = settings.peer_brokers();
@@ -292,6 +314,7 @@ async fn measure(
         peer_kafka,
         bytes_per_point: bytes as f64 / points as f64,
         kafka_bytes_per_point: kafka_bytes,
+        framing: framing_name(framing),
         consumer_seconds,
         kafka_engine_seconds,
     })
@@ -303,6 +326,7 @@ async fn load(
     settings: &BenchConsumeSettings,
     consume: &ConsumeSettings,
     json_topic: &str,
+    framing: Framing,
 ) -> anyhow::Result<(u64, f64)> {
     let frames = bench_frames(settings)?;
     let pool = consume.stores.postgres.connect().await?;
@@ -320,7 +344,12 @@ async fn load(
         .create()?;
     let encoded: Vec<(String, Vec<u8>)> = frames
         .iter()
-        .map(|f| (f.session_id.to_string(), biofeed_schema::encode(f)))
+        .map(|f| {
+            (
+                f.session_id.to_string(),
+                biofeed_schema::encode_framed(f, framing),
+            )
+        })
         .collect();
     let kafka_bytes = encoded.iter().map(|(_, v)| v.len() as f64).sum::<f64>() / points as f64;
     eprintln!("preloading {} frames ({points} points)", frames.len());

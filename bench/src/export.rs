@@ -101,7 +101,6 @@ pub async fn run(
                 live_retention: Duration::from_secs(600),
                 replication: settings.replication.clone(),
             },
-            registry: Default::default(),
         })
         .await
         .context("migrating the bench's own databases and topics")?;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use biofeed_accounts::{devices, users, Accounts};
 use biofeed_ingest_gateway::{Application, GatewaySettings};
-use biofeed_schema::{DataTypeName, SensorFrame};
+use biofeed_schema::{DataTypeName, Framing, SensorFrame};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use uuid::Uuid;
@@ -68,6 +68,8 @@ pub struct BenchGatewaySettings {
 /// Figures of one scenario.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioReport {
+    /// How the gateway framed the frames in Kafka (and the direct producer too).
+    pub framing: &'static str,
     /// Encoding posted.
     pub format: BenchFormat,
     /// Values per sample.
@@ -110,7 +112,10 @@ pub async fn run(settings: BenchGatewaySettings) -> anyhow::Result<()> {
         .await?;
     let outcome = async {
         own.create_topics(&[&topic]).await?;
-        run_on(&settings, postgres, &topic).await
+        let framing = own
+            .framing(settings.gateway.framing, &settings.gateway.registry, &topic)
+            .await?;
+        run_on(&settings, postgres, &topic, framing).await
     }
     .await;
     own.clean_up().await;
@@ -122,6 +127,7 @@ pub async fn run(settings: BenchGatewaySettings) -> anyhow::Result<()> {
         .cloned();
     let summary = serde_json::json!({
         "bench": "gateway",
+        "framing": best.as_ref().map(|b| b.framing),
         "devices": settings.devices,
         "duration_s": settings.duration.as_secs_f64(),
         "gateway_points_per_s": best.as_ref().map(|b| b.gateway_points_per_s),
@@ -145,6 +151,7 @@ async fn run_on(
     settings: &BenchGatewaySettings,
     postgres: biofeed_backends::postgres::PostgresSettings,
     topic: &str,
+    framing: Framing,
 ) -> anyhow::Result<Vec<ScenarioReport>> {
     let mut gateway_settings = settings.gateway.clone();
     gateway_settings.postgres = postgres.clone();
@@ -168,7 +175,7 @@ async fn run_on(
     };
     let email = users::Email::parse(&format!("bench-{}@bench.invalid", Uuid::new_v4().simple()))?;
     let outcome = match users::create_user(&accounts, &email, "user").await {
-        Ok(user) => run_scenarios(settings, &accounts, user, &url, topic).await,
+        Ok(user) => run_scenarios(settings, &accounts, user, &url, topic, framing).await,
         Err(e) => Err(e.into()),
     };
     let _ = stop.send(());
@@ -185,6 +192,8 @@ struct Target<'a> {
     url: &'a str,
     topic: &'a str,
     producer: FutureProducer,
+    /// The gateway's framing, which the direct producer uses too.
+    framing: Framing,
 }
 
 async fn run_scenarios(
@@ -193,6 +202,7 @@ async fn run_scenarios(
     user: Uuid,
     url: &str,
     topic: &str,
+    framing: Framing,
 ) -> anyhow::Result<Vec<ScenarioReport>> {
     let device = devices::create_device(&accounts.pool, user, "bench").await?;
     let target = Target {
@@ -202,6 +212,7 @@ async fn run_scenarios(
         url,
         topic,
         producer: direct_producer(&settings.gateway)?,
+        framing,
     };
     let mut reports = Vec::new();
     for &channels in &settings.channels {
@@ -404,6 +415,7 @@ impl Target<'_> {
         let direct_points_per_s = direct_frames as f64 * samples / direct_elapsed;
         let pipelined_points_per_s = pipelined as f64 * samples / pipelined_elapsed;
         Ok(ScenarioReport {
+            framing: crate::harness::framing_name(self.framing),
             format,
             channels,
             samples_per_frame: self.settings.samples,
@@ -436,7 +448,7 @@ impl Target<'_> {
                 let frame =
                     bench_frame(*session, data_type, self.settings.samples, channels, seed)?;
                 let (body, id_at) = template(&frame, format)?;
-                let avro = biofeed_schema::encode(&frame);
+                let avro = biofeed_schema::encode_framed(&frame, self.framing);
                 variants.push(Variant { body, id_at, avro });
             }
             devices.push((*session, variants));

@@ -8,7 +8,10 @@ use anyhow::Context as _;
 use biofeed_backends::clickhouse::ClickHouseSettings;
 use biofeed_backends::kafka::KafkaSettings;
 use biofeed_backends::postgres::PostgresSettings;
+use biofeed_backends::registry::{Registry, RegistrySettings};
+use biofeed_ingest_gateway::settings::FramingChoice;
 use biofeed_migrations::postgres::OwnDatabase;
+use biofeed_schema::Framing;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use uuid::Uuid;
@@ -25,6 +28,8 @@ pub(crate) struct OwnStores {
     postgres: Option<OwnDatabase>,
     clickhouse: Option<ClickHouseSettings>,
     topics: Vec<String>,
+    /// Registry subjects of the run's topics.
+    subjects: Vec<(Registry, String)>,
 }
 
 impl OwnStores {
@@ -36,6 +41,7 @@ impl OwnStores {
             postgres: None,
             clickhouse: None,
             topics: Vec::new(),
+            subjects: Vec::new(),
         }
     }
 
@@ -74,12 +80,40 @@ impl OwnStores {
             .postgres(&stores.postgres, &format!("biofeed_{kind}_{id}"))
             .await?;
         self.clickhouse(&stores.clickhouse);
+        // `biofeed migrate` registers the run's points subject when a registry is configured.
+        if let Some(registry) = Registry::new(&stores.registry)? {
+            self.subjects
+                .push((registry, format!("{}-value", stores.topics.points)));
+        }
         self.topics(&[
             &stores.topics.points,
             &stores.topics.dlq,
             &stores.topics.live,
         ]);
         Ok(stores)
+    }
+
+    /// The framing a run's frames on `topic` take: with a registry configured and `choice` not
+    /// single-object, the current schema registered under `<topic>-value` (deleted at the
+    /// end) and its id, as `biofeed migrate` and a gateway would do for the real topic.
+    pub(crate) async fn framing(
+        &mut self,
+        choice: FramingChoice,
+        registry: &RegistrySettings,
+        topic: &str,
+    ) -> anyhow::Result<Framing> {
+        if let (Some(client), true) = (
+            Registry::new(registry)?,
+            choice != FramingChoice::SingleObject,
+        ) {
+            let subject = format!("{topic}-value");
+            self.subjects.push((client.clone(), subject.clone()));
+            client
+                .register(&subject, &biofeed_schema::registry::current().text)
+                .await
+                .map_err(|e| anyhow::anyhow!("registering the bench's schema: {e}"))?;
+        }
+        biofeed_ingest_gateway::device::publisher::framing(choice, registry, topic).await
     }
 
     /// Records that the ClickHouse database of `settings` is the run's own, to be dropped.
@@ -132,6 +166,11 @@ impl OwnStores {
                 }
             }
         }
+        for (registry, subject) in &self.subjects {
+            if let Err(e) = registry.delete_subject(subject).await {
+                tracing::warn!(error = %e, subject, "cannot delete the bench's registry subject");
+            }
+        }
         if !self.topics.is_empty() {
             if let Ok(admin) = self.admin() {
                 let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
@@ -147,6 +186,14 @@ impl OwnStores {
 
 fn admin_options() -> AdminOptions {
     AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))
+}
+
+/// A framing's name in the reports.
+pub(crate) fn framing_name(framing: Framing) -> &'static str {
+    match framing {
+        Framing::SingleObject => "single-object",
+        Framing::Confluent { .. } => "confluent",
+    }
 }
 
 /// The `q` quantile of sorted values (nearest rank), 0 for none.

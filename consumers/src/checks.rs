@@ -8,7 +8,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use biofeed_schema::SensorFrame;
+use biofeed_backends::registry::WriterSchemas;
+use biofeed_schema::{SchemaIds, SensorFrame};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -72,9 +73,9 @@ impl Checks {
         self.erased.len()
     }
 
-    /// Judges one message's payload.
-    pub fn judge(&self, payload: &[u8]) -> Verdict {
-        let frame = match biofeed_schema::decode(payload) {
+    /// Judges one message's payload, in either framing (Confluent: with the schema ids in `ids`).
+    pub fn judge(&self, ids: &SchemaIds, payload: &[u8]) -> Verdict {
+        let frame = match biofeed_schema::decode_framed(ids, payload) {
             Ok(frame) => frame,
             Err(e) => return Verdict::Dead(format!("undecodable: {e}")),
         };
@@ -100,6 +101,37 @@ impl Checks {
             ));
         }
         Verdict::Write(frame)
+    }
+}
+
+/// Makes sure `writers` knows the schema id a Confluent-framed `payload` names, asking the
+/// registry once (an id it does not have is then an unknown id, a dead letter). While the
+/// registry cannot be asked, asks again with backoff: the frame waits, as a batch waits for
+/// ClickHouse — a registry away never turns valid frames into dead letters. `false`: gave up.
+pub(crate) fn learn_writer(
+    rt: &tokio::runtime::Handle,
+    writers: &mut WriterSchemas,
+    payload: &[u8],
+    mut give_up: impl FnMut() -> bool,
+) -> bool {
+    let Some(id) = writers.unknown_id(payload) else {
+        return true;
+    };
+    let mut backoff = std::time::Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        match rt.block_on(writers.learn(id)) {
+            Ok(()) => return true,
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, schema_id = id, attempt, "cannot ask the schema registry for a frame's schema; holding the frame and retrying");
+                if give_up() {
+                    return false;
+                }
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
     }
 }
 
@@ -178,8 +210,14 @@ mod tests {
     #[test]
     fn a_frame_accepted_with_a_repeated_instant_before_the_gateway_refused_them_is_still_written() {
         let payload = biofeed_schema::encode(&frame(vec![0, 1_000, 1_000]));
-        assert!(matches!(checks().judge(&payload), Verdict::Write(_)));
+        assert!(matches!(
+            checks().judge(&SchemaIds::default(), &payload),
+            Verdict::Write(_)
+        ));
         let payload = biofeed_schema::encode(&frame(vec![0, 1_000, 500]));
-        assert!(matches!(checks().judge(&payload), Verdict::Dead(_)));
+        assert!(matches!(
+            checks().judge(&SchemaIds::default(), &payload),
+            Verdict::Dead(_)
+        ));
     }
 }

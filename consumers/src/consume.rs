@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use biofeed_backends::registry::WriterSchemas;
 use biofeed_backends::shutdown::Shutdown;
 use biofeed_schema::SensorFrame;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -43,6 +44,7 @@ struct Pipeline {
     sink: PointsSink,
     dead: DeadLetters,
     checks: Checks,
+    writers: WriterSchemas,
     pool: PgPool,
     metrics: ConsumerMetrics,
     limits: BatchLimits,
@@ -64,7 +66,15 @@ struct Pipeline {
 impl Pipeline {
     fn handle(&mut self, message: &BorrowedMessage<'_>) {
         let payload = message.payload().unwrap_or_default();
-        match self.checks.judge(payload) {
+        let shutdown = self.shutdown.clone();
+        if !crate::checks::learn_writer(&self.rt, &mut self.writers, payload, || {
+            shutdown.is_fired()
+        }) {
+            // Shutdown while the registry was away: the message is neither judged nor marked
+            // committable, so it is read again (the loop stops before taking another one).
+            return;
+        }
+        match self.checks.judge(self.writers.ids(), payload) {
             Verdict::Write(frame) => {
                 self.rows += frame.samples();
                 self.metrics.batch_pending_rows.set(self.rows as i64);
@@ -281,6 +291,7 @@ pub(crate) struct LoopParts {
     pub limits: BatchLimits,
     pub refresh: Duration,
     pub shutdown: Shutdown,
+    pub writers: WriterSchemas,
 }
 
 /// Runs the loop on the current (blocking) thread until `shutdown` fires.
@@ -295,6 +306,7 @@ pub(crate) fn consume_loop(
         sink: parts.sink,
         dead: parts.dead,
         checks,
+        writers: parts.writers,
         pool: parts.pool.clone(),
         metrics: parts.metrics.clone(),
         limits: parts.limits,

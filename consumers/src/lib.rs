@@ -227,6 +227,7 @@ pub async fn prepare(
     let pool = settings.stores.postgres.connect().await?;
     let ch = settings.stores.clickhouse.connect().await?;
     settings.stores.kafka.connect_admin().await?;
+    let writers = writer_schemas(&settings.stores).await?;
     let parts = consume::LoopParts {
         rt: tokio::runtime::Handle::current(),
         sink: PointsSink::connect(&ch, "points").await?,
@@ -236,6 +237,7 @@ pub async fn prepare(
         limits: settings.options.batch,
         refresh: settings.options.refresh,
         shutdown: Shutdown::new(),
+        writers,
     };
     let mut config = settings.stores.kafka.client_config()?;
     let instance_id = settings
@@ -285,6 +287,19 @@ impl PreparedConsumer {
     }
 }
 
+/// The schema ids of the points topic's subject that the registry holds for the versions this
+/// build knows (none without a registry); a registry that cannot be asked stops the start.
+async fn writer_schemas(
+    stores: &StoreSettings,
+) -> Result<biofeed_backends::registry::WriterSchemas, ConsumeError> {
+    let registry = biofeed_backends::registry::Registry::new(&stores.registry)?;
+    Ok(biofeed_backends::registry::WriterSchemas::load(
+        registry,
+        &format!("{}-value", stores.topics.points),
+    )
+    .await?)
+}
+
 /// Replays, reporting progress as (messages read, messages in range).
 pub async fn replay(
     settings: ReplaySettings,
@@ -293,11 +308,12 @@ pub async fn replay(
     let pool = settings.stores.postgres.connect().await?;
     let ch = settings.stores.clickhouse.connect().await?;
     settings.stores.kafka.connect_admin().await?;
+    let writers = writer_schemas(&settings.stores).await?;
     let checks = Checks::load(&pool).await?;
     let sink = PointsSink::connect(&ch, "points").await?;
     let rt = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        replay::replay_blocking(rt, &settings, sink, checks, pool, &progress)
+        replay::replay_blocking(rt, &settings, sink, checks, writers, pool, &progress)
     })
     .await
     .map_err(|e| ConsumeError::Panicked("replay", e.to_string()))?

@@ -14,6 +14,8 @@ use sqlx::PgPool;
 use tokio::runtime::Handle;
 use uuid::Uuid;
 
+use biofeed_backends::registry::WriterSchemas;
+
 use crate::checks::{Checks, Verdict};
 use crate::sink::PointsSink;
 use crate::{ConsumeError, ReplaySettings};
@@ -62,6 +64,7 @@ pub(crate) fn replay_blocking(
     settings: &ReplaySettings,
     sink: PointsSink,
     checks: Checks,
+    mut writers: WriterSchemas,
     pool: PgPool,
     progress: &dyn Fn(u64, u64),
 ) -> Result<ReplaySummary, ConsumeError> {
@@ -90,6 +93,7 @@ pub(crate) fn replay_blocking(
         &consumer,
         &ranges,
         &checks,
+        (&rt, &mut writers),
         settings.batch.max_rows,
         progress,
         &mut |batch, summary| write(&rt, &pool, &sink, batch, summary),
@@ -213,6 +217,7 @@ fn read_ranges(
     consumer: &BaseConsumer,
     ranges: &[Range],
     checks: &Checks,
+    (rt, writers): (&Handle, &mut WriterSchemas),
     max_rows: usize,
     progress: &dyn Fn(u64, u64),
     flush: &mut Flush<'_>,
@@ -237,7 +242,12 @@ fn read_ranges(
                     done.insert(message.partition(), true);
                 }
                 summary.messages += 1;
-                match checks.judge(message.payload().unwrap_or_default()) {
+                let payload = message.payload().unwrap_or_default();
+                // A replay stops (exit 3) rather than wait for a registry that is away.
+                if let Some(id) = writers.unknown_id(payload) {
+                    rt.block_on(writers.learn(id))?;
+                }
+                match checks.judge(writers.ids(), payload) {
                     Verdict::Write(frame) => {
                         batch_rows += frame.samples();
                         batch.push(frame);

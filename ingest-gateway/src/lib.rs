@@ -113,10 +113,17 @@ impl Application {
         let clickhouse = settings.clickhouse.connect().await?;
         settings.kafka.connect_admin().await?;
         let passwords = biofeed_accounts::passwords::Passwords::new(&settings.passwords)?;
+        let framing = device::publisher::framing(
+            settings.framing,
+            &settings.registry,
+            &settings.topics.points,
+        )
+        .await?;
         let publisher = Publisher::new(
             &settings.kafka,
             &settings.topics.points,
             settings.produce_timeout,
+            framing,
         )?;
         let catalog = CatalogHandle::load(&pool).await?;
         let listener = TcpListener::bind(settings.listen).await.map_err(|e| {

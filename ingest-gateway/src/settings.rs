@@ -113,6 +113,26 @@ pub struct GatewaySettings {
     #[command(flatten, next_help_heading = "Kafka")]
     pub topics: TopicNames,
 
+    /// How frames are framed on the points topic: `confluent` (magic byte 0 and the schema's
+    /// registry id, what Kafka Connect, kcat, ClickHouse's AvroConfluent and Confluent clients
+    /// read; needs the registry), `single-object` (Avro's C3 01 and the schema's fingerprint;
+    /// needs nothing), or `auto`: confluent when a registry is configured. Consumers read both,
+    /// so gateways can switch one at a time.
+    #[arg(
+        long = "framing",
+        id = "gateway_framing",
+        value_name = "FRAMING",
+        env = "BIOFEED_GATEWAY_FRAMING",
+        default_value = "auto",
+        value_enum,
+        help_heading = "Schema registry"
+    )]
+    pub framing: FramingChoice,
+
+    /// The schema registry, where the gateway looks its schema's id up once at start.
+    #[command(flatten, next_help_heading = "Schema registry")]
+    pub registry: biofeed_backends::registry::RegistrySettings,
+
     /// PII keys.
     #[command(flatten, next_help_heading = "Keys")]
     pub keys: AccountKeys,
@@ -126,8 +146,20 @@ impl GatewaySettings {
             clickhouse: self.clickhouse.clone(),
             kafka: self.kafka.clone(),
             topics: self.topics.clone(),
+            registry: self.registry.clone(),
         }
     }
+}
+
+/// The `--framing` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FramingChoice {
+    /// Confluent when a schema registry is configured, else single-object.
+    Auto,
+    /// The Confluent wire format (needs a schema registry).
+    Confluent,
+    /// Avro single-object encoding.
+    SingleObject,
 }
 
 /// HTTPS served by the gateway itself. Without a certificate it serves plain HTTP, for a

@@ -101,6 +101,9 @@ pub struct LiveSettings {
     /// The topics' names.
     #[command(flatten, next_help_heading = "Kafka")]
     pub topics: TopicNames,
+    /// The schema registry, for frames in the Confluent wire format.
+    #[command(flatten, next_help_heading = "Schema registry")]
+    pub registry: biofeed_backends::registry::RegistrySettings,
 }
 
 /// Why the live member or the hub stopped.

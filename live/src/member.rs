@@ -234,6 +234,7 @@ pub struct PreparedMember {
     live_topic: String,
     pool: PgPool,
     shapes: HashMap<String, (u16, f64)>,
+    writers: biofeed_backends::registry::WriterSchemas,
     metrics: LiveMetrics,
 }
 
@@ -247,6 +248,11 @@ pub async fn prepare(
     let pool = settings.postgres.connect().await?;
     settings.kafka.connect_admin().await?;
     let shapes = load_shapes(&pool).await?;
+    let writers = biofeed_backends::registry::WriterSchemas::load(
+        biofeed_backends::registry::Registry::new(&settings.registry)?,
+        &format!("{}-value", settings.topics.points),
+    )
+    .await?;
     let base = settings.kafka.client_config()?;
     let instance_id = settings
         .options
@@ -291,6 +297,7 @@ pub async fn prepare(
         live_topic: settings.topics.live,
         pool,
         shapes,
+        writers,
         metrics: LiveMetrics::register(registry),
     })
 }
@@ -348,7 +355,7 @@ impl PreparedMember {
             for _ in 0..1000 {
                 match consumer.poll(wait) {
                     None => break,
-                    Some(Ok(message)) => self.take(&state, &message),
+                    Some(Ok(message)) => self.take(rt, &state, &message),
                     Some(Err(e)) => {
                         if let Some((code, reason)) = consumer.client().fatal_error() {
                             tracing::error!(?code, reason, "kafka consumer failed for good");
@@ -389,10 +396,23 @@ impl PreparedMember {
     }
 
     /// Adds a points message's samples to its window.
-    fn take(&self, state: &Mutex<Windows>, message: &rdkafka::message::BorrowedMessage<'_>) {
+    fn take(
+        &mut self,
+        rt: &tokio::runtime::Handle,
+        state: &Mutex<Windows>,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+    ) {
         // Every message counts towards the end of a partition's re-read, whatever it holds.
         lock(state).seen(message.partition(), message.offset());
-        let frame = match biofeed_schema::decode(message.payload().unwrap_or_default()) {
+        let payload = message.payload().unwrap_or_default();
+        // A schema id seen for the first time is asked of the registry once; live feedback
+        // does not wait for a registry that is away (the consumers, which store, do).
+        if let Some(id) = self.writers.unknown_id(payload) {
+            if let Err(e) = rt.block_on(self.writers.learn(id)) {
+                tracing::warn!(error = %e, schema_id = id, "cannot ask the schema registry for a frame's schema");
+            }
+        }
+        let frame = match biofeed_schema::decode_framed(self.writers.ids(), payload) {
             Ok(frame) => frame,
             Err(_) => {
                 self.metrics.undecodable.inc();

@@ -29,8 +29,6 @@ pub struct MigrateSettings {
     pub stores: StoreSettings,
     /// The topics' partitions and retention.
     pub layout: TopicLayout,
-    /// The schema registry (none: the step is skipped).
-    pub registry: biofeed_backends::registry::RegistrySettings,
 }
 
 /// A migration could not be applied or inspected.
@@ -268,7 +266,7 @@ async fn each_store(
         settings.layout.replication.min_insync_replicas()?;
     }
     // The registry is asked first too, so that it being away stops migrate before any store changed.
-    let registry = biofeed_backends::registry::Registry::new(&settings.registry)?;
+    let registry = biofeed_backends::registry::Registry::new(&settings.stores.registry)?;
     if let Some(registry) = &registry {
         registry
             .compatibility(&registry::subject(&stores.topics.points))

@@ -1,5 +1,14 @@
-//! Avro single-object encoding of [`SensorFrame`]: `C3 01`, the writer schema's 8-byte
-//! CRC-64-AVRO fingerprint (little-endian), then the Avro binary body.
+//! The two framings of a [`SensorFrame`] on Kafka, each a header naming the writer schema and
+//! then the Avro binary body:
+//!
+//! - **Avro single-object encoding**: `C3 01`, the writer schema's 8-byte CRC-64-AVRO
+//!   fingerprint (little-endian). Needs no registry: the fingerprint is of the schema itself.
+//! - **The Confluent wire format**: `00`, the writer schema's id in a schema registry (4 bytes,
+//!   big-endian). What Kafka Connect, ksqlDB, kcat, ClickHouse's `AvroConfluent` and every
+//!   Confluent client read; the id means something only together with the registry.
+//!
+//! Readers take both ([`decode_framed`]), so a topic can move from one framing to the other
+//! without a stop; the schema ids a reader knows come from the registry ([`SchemaIds`]).
 //!
 //! The body of the current schema version is written and read by a codec specialised to its
 //! layout, because the generic path (`apache_avro::types::Value`) allocates a value per sample
@@ -13,7 +22,7 @@
 use uuid::Uuid;
 
 use crate::frame::{DataTypeName, SensorFrame};
-use crate::registry;
+use crate::registry::{self, SchemaIds};
 
 /// The two bytes every Avro single-object message starts with.
 pub const MAGIC: [u8; 2] = [0xC3, 0x01];
@@ -21,18 +30,79 @@ pub const MAGIC: [u8; 2] = [0xC3, 0x01];
 /// Header length: magic plus fingerprint.
 pub const HEADER_LEN: usize = 10;
 
+/// The byte every Confluent wire-format message starts with.
+pub const CONFLUENT_MAGIC: u8 = 0;
+
+/// Confluent header length: magic plus the schema id.
+pub const CONFLUENT_HEADER_LEN: usize = 5;
+
+/// How a frame's bytes name their writer schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Avro single-object encoding: `C3 01` and the schema's fingerprint.
+    SingleObject,
+    /// The Confluent wire format: `00` and the schema's id in the registry.
+    Confluent {
+        /// The id the registry gave the current schema version under the topic's subject.
+        schema_id: u32,
+    },
+}
+
+/// The writer schema a frame's header names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// Single-object: the schema's CRC-64-AVRO fingerprint.
+    Fingerprint(u64),
+    /// Confluent: the schema's id in the registry.
+    SchemaId(u32),
+}
+
+/// The writer schema named by `bytes`' header, and the body after it.
+pub fn writer_of(bytes: &[u8]) -> Result<(Writer, &[u8]), DecodeError> {
+    match bytes.first() {
+        Some(&CONFLUENT_MAGIC) => {
+            let header = bytes
+                .get(..CONFLUENT_HEADER_LEN)
+                .ok_or(DecodeError::TooShort(bytes.len()))?;
+            let id = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+            Ok((Writer::SchemaId(id), &bytes[CONFLUENT_HEADER_LEN..]))
+        }
+        Some(&b) if b == MAGIC[0] => {
+            if bytes.len() < HEADER_LEN {
+                return Err(DecodeError::TooShort(bytes.len()));
+            }
+            if bytes[..2] != MAGIC {
+                return Err(DecodeError::BadMagic);
+            }
+            let mut fingerprint = [0u8; 8];
+            fingerprint.copy_from_slice(&bytes[2..HEADER_LEN]);
+            Ok((
+                Writer::Fingerprint(u64::from_le_bytes(fingerprint)),
+                &bytes[HEADER_LEN..],
+            ))
+        }
+        Some(_) => Err(DecodeError::BadMagic),
+        None => Err(DecodeError::TooShort(0)),
+    }
+}
+
 /// Why bytes are not a frame. Each names the field where decoding stopped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
     /// Fewer bytes than a header.
-    #[error("{0} bytes are too short for an Avro single-object header (10 bytes)")]
+    #[error("{0} bytes are too short for a frame header (Avro single-object: 10 bytes, Confluent wire format: 5)")]
     TooShort(usize),
-    /// The first two bytes are not `C3 01`.
-    #[error("not Avro single-object encoding: the first bytes are not C3 01")]
+    /// The first bytes are neither `C3 01` nor `00`.
+    #[error("neither Avro single-object encoding (C3 01) nor the Confluent wire format (00): unknown magic byte")]
     BadMagic,
     /// The fingerprint is of no schema this build knows.
     #[error("unknown writer schema fingerprint {0:016x}")]
     UnknownFingerprint(u64),
+    /// The Confluent schema id is of no schema the reader could get from the registry.
+    #[error(
+        "unknown schema id {0}: the schema registry has no such schema, or none is configured"
+    )]
+    UnknownSchemaId(u32),
     /// The body ended inside a field.
     #[error("truncated: the body ends inside field {0}")]
     Truncated(&'static str),
@@ -68,18 +138,36 @@ pub enum DecodeError {
     Resolution(String),
 }
 
-/// Encodes a frame with the current schema version.
+/// Encodes a frame with the current schema version, single-object framed.
 pub fn encode(frame: &SensorFrame) -> Vec<u8> {
+    encode_framed(frame, Framing::SingleObject)
+}
+
+/// Encodes a frame with the current schema version in `framing`.
+pub fn encode_framed(frame: &SensorFrame, framing: Framing) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(HEADER_LEN + 200 + frame.offsets_us.len() * 3 + frame.values.len() * 4);
-    encode_into(frame, &mut out);
+    encode_into_framed(frame, framing, &mut out);
     out
 }
 
-/// Appends the encoding of a frame to `out`.
+/// Appends the single-object encoding of a frame to `out`.
 pub fn encode_into(frame: &SensorFrame, out: &mut Vec<u8>) {
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&registry::current().fingerprint.to_le_bytes());
+    encode_into_framed(frame, Framing::SingleObject, out);
+}
+
+/// Appends the encoding of a frame in `framing` to `out`.
+pub fn encode_into_framed(frame: &SensorFrame, framing: Framing, out: &mut Vec<u8>) {
+    match framing {
+        Framing::SingleObject => {
+            out.extend_from_slice(&MAGIC);
+            out.extend_from_slice(&registry::current().fingerprint.to_le_bytes());
+        }
+        Framing::Confluent { schema_id } => {
+            out.push(CONFLUENT_MAGIC);
+            out.extend_from_slice(&schema_id.to_be_bytes());
+        }
+    }
     put_uuid(out, frame.frame_id);
     put_uuid(out, frame.session_id);
     put_uuid(out, frame.user_id);
@@ -105,35 +193,44 @@ pub fn encode_into(frame: &SensorFrame, out: &mut Vec<u8>) {
     out.push(0);
 }
 
-/// Decodes a single-object encoded frame written with any schema version this build knows.
+/// Decodes a single-object encoded frame written with any schema version this build knows (a
+/// Confluent-framed one is [`DecodeError::UnknownSchemaId`]: use [`decode_framed`]).
 pub fn decode(bytes: &[u8]) -> Result<SensorFrame, DecodeError> {
-    decode_with(registry::builtin(), bytes)
+    decode_with(registry::builtin(), &SchemaIds::default(), bytes)
 }
 
-/// Decodes with a given registry of known versions.
+/// Decodes a frame in either framing: single-object with any version this build knows,
+/// Confluent with any schema id in `ids` (whose schemas resolve into the current version).
+pub fn decode_framed(ids: &SchemaIds, bytes: &[u8]) -> Result<SensorFrame, DecodeError> {
+    decode_with(registry::builtin(), ids, bytes)
+}
+
+/// Decodes with a given registry of known versions and of registry ids.
 pub(crate) fn decode_with(
     registry: &registry::Registry,
+    ids: &SchemaIds,
     bytes: &[u8],
 ) -> Result<SensorFrame, DecodeError> {
-    if bytes.len() < HEADER_LEN {
-        return Err(DecodeError::TooShort(bytes.len()));
-    }
-    if bytes[..2] != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    let mut fingerprint = [0u8; 8];
-    fingerprint.copy_from_slice(&bytes[2..HEADER_LEN]);
-    let fingerprint = u64::from_le_bytes(fingerprint);
-    let body = &bytes[HEADER_LEN..];
-    // The specialised codec reads the version this build writes; others resolve generically.
-    if fingerprint == registry::current().fingerprint {
-        decode_body(body)
-    } else {
-        let writer = registry
-            .by_fingerprint(fingerprint)
-            .ok_or(DecodeError::UnknownFingerprint(fingerprint))?;
-        registry::resolve(registry, writer, body)
-    }
+    let (writer, body) = writer_of(bytes)?;
+    let writer = match writer {
+        Writer::Fingerprint(fingerprint) => {
+            // The specialised codec reads the version this build writes; others resolve.
+            if fingerprint == registry.current().fingerprint {
+                return decode_body(body);
+            }
+            registry
+                .by_fingerprint(fingerprint)
+                .ok_or(DecodeError::UnknownFingerprint(fingerprint))?
+        }
+        Writer::SchemaId(id) => {
+            let writer = ids.get(id).ok_or(DecodeError::UnknownSchemaId(id))?;
+            if writer.fingerprint == registry.current().fingerprint {
+                return decode_body(body);
+            }
+            writer
+        }
+    };
+    registry::resolve(registry, writer, body)
 }
 
 /// Decodes a body written with the current schema version.
@@ -358,7 +455,7 @@ mod tests {
         let bytes = encode(&sample_frame());
         assert_eq!(decode(&bytes[..5]), Err(DecodeError::TooShort(5)));
         let mut wrong_magic = bytes.clone();
-        wrong_magic[0] = 0x00;
+        wrong_magic[0] = 0x01;
         assert_eq!(decode(&wrong_magic), Err(DecodeError::BadMagic));
         let mut unknown = bytes.clone();
         unknown[2..10].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);

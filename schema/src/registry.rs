@@ -7,6 +7,7 @@
 //! make it current, and keep every older version listed: frames written with them may still be
 //! in Kafka for the retention window, and replay reads them.
 
+use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use apache_avro::rabin::Rabin;
@@ -98,7 +99,43 @@ impl Registry {
 
     /// Decodes a single-object encoded frame of any version in this registry.
     pub fn decode(&self, bytes: &[u8]) -> Result<SensorFrame, DecodeError> {
-        crate::codec::decode_with(self, bytes)
+        crate::codec::decode_with(self, &SchemaIds::default(), bytes)
+    }
+
+    /// Decodes a frame in either framing, resolving it into this registry's current version.
+    pub fn decode_framed(&self, ids: &SchemaIds, bytes: &[u8]) -> Result<SensorFrame, DecodeError> {
+        crate::codec::decode_with(self, ids, bytes)
+    }
+}
+
+/// Writer schemas by their id in a schema registry: what a reader of Confluent-framed frames
+/// has learnt from the registry. A schema here need not be one this build knows: with the
+/// subject's compatibility rule, any version the registry took resolves into the current one
+/// (a newer writer's extra fields are skipped, as Avro resolution does).
+#[derive(Debug, Clone, Default)]
+pub struct SchemaIds {
+    by_id: HashMap<u32, KnownSchema>,
+}
+
+impl SchemaIds {
+    /// Records the schema the registry holds under `id`.
+    pub fn insert(&mut self, id: u32, schema: KnownSchema) {
+        self.by_id.insert(id, schema);
+    }
+
+    /// The schema with this id, if learnt.
+    pub fn get(&self, id: u32) -> Option<&KnownSchema> {
+        self.by_id.get(&id)
+    }
+
+    /// How many ids are known.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether no id is known.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
     }
 }
 
@@ -305,5 +342,81 @@ mod tests {
             crate::codec::decode(&v2_bytes),
             Err(DecodeError::UnknownFingerprint(v2.fingerprint))
         );
+
+        // The same v2 body, Confluent-framed with the id a registry gave v2: a reader that
+        // learnt v2 from the registry resolves it though this build never knew v2.
+        let mut confluent = vec![0, 0, 0, 0x01, 0x02];
+        confluent.extend_from_slice(&v2_bytes[10..]);
+        let mut ids = SchemaIds::default();
+        assert_eq!(
+            crate::codec::decode_framed(&ids, &confluent),
+            Err(DecodeError::UnknownSchemaId(258))
+        );
+        ids.insert(258, v2);
+        assert_eq!(crate::codec::decode_framed(&ids, &confluent), Ok(frame()));
+    }
+
+    #[test]
+    fn both_framings_carry_the_same_body_and_read_back() {
+        let frame = frame();
+        let single = encode(&frame);
+        let confluent =
+            crate::codec::encode_framed(&frame, crate::codec::Framing::Confluent { schema_id: 7 });
+        assert_eq!(&confluent[..5], &[0, 0, 0, 0, 7]);
+        assert_eq!(&confluent[5..], &single[10..]);
+        let mut ids = SchemaIds::default();
+        ids.insert(7, current().clone());
+        assert_eq!(
+            crate::codec::decode_framed(&ids, &confluent),
+            Ok(frame.clone())
+        );
+        assert_eq!(
+            crate::codec::decode_framed(&ids, &single),
+            Ok(frame.clone())
+        );
+        // Another id, a short header, a magic byte of neither framing: typed errors.
+        let mut other = confluent.clone();
+        other[4] = 8;
+        assert_eq!(
+            crate::codec::decode_framed(&ids, &other),
+            Err(DecodeError::UnknownSchemaId(8))
+        );
+        assert_eq!(
+            crate::codec::decode_framed(&ids, &confluent[..3]),
+            Err(DecodeError::TooShort(3))
+        );
+        for magic in [0x01, 0x7b, 0xc2, 0xff] {
+            let mut bad = confluent.clone();
+            bad[0] = magic;
+            assert_eq!(
+                crate::codec::decode_framed(&ids, &bad),
+                Err(DecodeError::BadMagic),
+                "magic {magic:#x}"
+            );
+        }
+        let mut half = single.clone();
+        half[1] = 0x02;
+        assert_eq!(
+            crate::codec::decode_framed(&ids, &half),
+            Err(DecodeError::BadMagic)
+        );
+        assert_eq!(
+            crate::codec::decode_framed(&ids, &[]),
+            Err(DecodeError::TooShort(0))
+        );
+        // A schema id naming a schema that is not a SensorFrame: a resolution error.
+        ids.insert(
+            9,
+            KnownSchema::parse(
+                0,
+                r#"{"type":"record","name":"Other","fields":[{"name":"x","type":"int"}]}"#,
+            )
+            .unwrap(),
+        );
+        other[4] = 9;
+        assert!(matches!(
+            crate::codec::decode_framed(&ids, &other),
+            Err(DecodeError::Resolution(_))
+        ));
     }
 }

@@ -22,17 +22,12 @@ pub struct MigrateArgs {
     /// The topics' partitions and retention.
     #[command(flatten, next_help_heading = "Kafka topics")]
     pub layout: TopicLayout,
-
-    /// The schema registry, where each topic's schema versions are registered.
-    #[command(flatten, next_help_heading = "Schema registry")]
-    pub registry: biofeed_backends::registry::RegistrySettings,
 }
 
 pub(crate) async fn run(args: MigrateArgs) -> ExitCode {
     let settings = MigrateSettings {
         stores: args.stores,
         layout: args.layout,
-        registry: args.registry,
     };
     let outcome = if args.status {
         biofeed_migrations::status(&settings).await

@@ -66,6 +66,7 @@ pub(crate) async fn run(args: UpArgs) -> anyhow::Result<()> {
                     postgres: gateway.postgres.clone(),
                     kafka: gateway.kafka.clone(),
                     topics: gateway.topics.clone(),
+                    registry: gateway.registry.clone(),
                 },
                 &mut registry,
                 "up",

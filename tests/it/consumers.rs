@@ -69,7 +69,7 @@ pub(crate) fn frames(
         .collect()
 }
 
-async fn produce(
+pub(crate) async fn produce(
     kafka: &biofeed_backends::kafka::KafkaSettings,
     topic: &str,
     payloads: impl IntoIterator<Item = (String, Vec<u8>)>,
@@ -193,7 +193,7 @@ pub(crate) fn points_of(frames: &[SensorFrame]) -> u64 {
     frames.iter().map(|f| f.samples() as u64).sum()
 }
 
-async fn migrated() -> Isolated {
+pub(crate) async fn migrated() -> Isolated {
     Isolated::migrated().await
 }
 
@@ -443,7 +443,7 @@ async fn poison_goes_to_the_dlq_with_its_reason_and_replay_dlq_brings_it_in_once
 }
 
 /// (reason, source topic, source offset) of each dead letter.
-async fn dead_letters(stores: &Isolated) -> Vec<(String, String, Option<i64>)> {
+pub(crate) async fn dead_letters(stores: &Isolated) -> Vec<(String, String, Option<i64>)> {
     crate::gateway_app::read_messages(
         &stores.settings.stores.kafka,
         &stores.settings.stores.topics.dlq,
@@ -842,7 +842,7 @@ async fn frames_of_a_person_erased_while_they_waited_in_kafka_never_land() {
 }
 
 /// Waits until the group committed the end of every partition (a watchdog, not a timing).
-async fn wait_until_committed(stores: &Isolated, group: &str) {
+pub(crate) async fn wait_until_committed(stores: &Isolated, group: &str) {
     eventually(
         Duration::from_secs(60),
         Duration::from_millis(200),

@@ -8,7 +8,7 @@ use crate::gateway_app::{now_us, TestGateway};
 use crate::helpers::{metrics_text, send_expecting};
 
 /// A JSON frame of `n` samples, 1 ms apart, ending now, with `channels` values each.
-fn json_frame(data_type: &str, n: usize, channels: usize, value: f32) -> (Uuid, Value) {
+pub(crate) fn json_frame(data_type: &str, n: usize, channels: usize, value: f32) -> (Uuid, Value) {
     let frame_id = Uuid::new_v4();
     let end = now_us();
     let timestamps: Vec<i64> = (0..n as i64)
@@ -95,7 +95,7 @@ async fn posted_frames_reach_kafka_exactly_as_sent_keyed_by_session() {
         .iter()
         .map(|(key, value)| {
             assert_eq!(key, &session.to_string(), "keyed by session");
-            biofeed_schema::decode(value).unwrap()
+            crate::helpers::decode_frame(value)
         })
         .collect();
     let from_json = frames
@@ -153,7 +153,8 @@ async fn posted_frames_reach_kafka_exactly_as_sent_keyed_by_session() {
 
 #[tokio::test]
 async fn a_message_from_the_topic_decodes_with_python_fastavro_using_only_the_avsc() {
-    let gw = TestGateway::spawn(&[]).await;
+    // Single-object framing names its schema by fingerprint: no registry needed to read it.
+    let gw = TestGateway::spawn(&["--framing", "single-object"]).await;
     let session = gw.open_session("breath_hold", &["spo2", "ppg"]).await;
     let (frame_id, body) = json_frame("ppg", 5, 2, 100.0);
     let response = gw
@@ -165,6 +166,7 @@ async fn a_message_from_the_topic_decodes_with_python_fastavro_using_only_the_av
     assert_eq!(response.status(), 202);
     let messages = gw.topic_messages().await;
     assert_eq!(messages.len(), 1);
+    assert_eq!(&messages[0].1[..2], &[0xC3, 0x01], "single-object framing");
 
     let dir = std::env::temp_dir().join(format!("biofeed-fastavro-{}", gw.stores.id));
     std::fs::create_dir_all(&dir).unwrap();
@@ -509,7 +511,7 @@ async fn every_bad_input_gets_its_problem_and_produces_nothing() {
         .topic_messages()
         .await
         .iter()
-        .map(|(_, v)| biofeed_schema::decode(v).unwrap())
+        .map(|(_, v)| crate::helpers::decode_frame(v))
         .collect();
     let ids: Vec<Uuid> = frames.iter().map(|f| f.frame_id).collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
@@ -1032,7 +1034,7 @@ async fn kafka_away_means_503_and_the_gateway_recovers_when_it_returns() {
     )
     .await
     .iter()
-    .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
+    .map(|(_, v)| crate::helpers::decode_frame(v).frame_id)
     .collect();
     assert!(
         ids.contains(&before_id) && ids.contains(&after_id),
@@ -1186,7 +1188,7 @@ async fn a_retry_while_the_first_post_waits_for_kafka_is_never_told_duplicate_be
     )
     .await
     .iter()
-    .map(|(_, v)| biofeed_schema::decode(v).unwrap().frame_id)
+    .map(|(_, v)| crate::helpers::decode_frame(v).frame_id)
     .collect();
     assert!(ids.contains(&frame_id), "{ids:?}");
 }

@@ -71,7 +71,13 @@ impl TestGateway {
         let mut args: Vec<String> = ["biofeed", "gateway", "--listen", "127.0.0.1:0"]
             .map(str::to_owned)
             .into();
-        args.extend(as_arguments(&["gateway"], &env));
+        // An option given overrides the identity's setting of the same name.
+        let from_env: Vec<String> = as_arguments(&["gateway"], &env);
+        for pair in from_env.chunks(2) {
+            if !options.contains(&pair[0].as_str()) {
+                args.extend(pair.iter().cloned());
+            }
+        }
         args.extend(
             [
                 "--master-key",

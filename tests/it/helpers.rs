@@ -144,7 +144,6 @@ pub fn settings_as(role: Role) -> MigrateSettings {
     MigrateSettings {
         stores: args.stores,
         layout: args.layout,
-        registry: args.registry,
     }
 }
 
@@ -468,6 +467,10 @@ impl Drop for Isolated {
                         drop_clickhouse(&stores.clickhouse, &database)
                     ),
                     tokio::time::timeout(CLEANUP_TIMEOUT, delete_topics(&stores.kafka, &topics)),
+                    tokio::time::timeout(
+                        CLEANUP_TIMEOUT,
+                        delete_subject(&stores.registry, &topics[0])
+                    ),
                 )
             });
         });
@@ -506,6 +509,51 @@ async fn drop_clickhouse(settings: &ClickHouseSettings, database: &str) {
             .execute()
             .await;
     }
+}
+
+/// Deletes the registry subject of a test's points topic (`biofeed migrate` registered it).
+async fn delete_subject(
+    settings: &biofeed_backends::registry::RegistrySettings,
+    points_topic: &str,
+) {
+    if let Ok(Some(registry)) = biofeed_backends::registry::Registry::new(settings) {
+        let _ = registry
+            .delete_subject(&format!("{points_topic}-value"))
+            .await;
+    }
+}
+
+/// Decodes a points message as any reader would: either framing, a Confluent schema id looked
+/// up in the registry the tests' settings name (once per id).
+pub fn decode_frame(bytes: &[u8]) -> biofeed_schema::SensorFrame {
+    use std::sync::{Mutex, OnceLock};
+    static WRITERS: OnceLock<Mutex<biofeed_backends::registry::WriterSchemas>> = OnceLock::new();
+    let writers = WRITERS.get_or_init(|| {
+        let registry =
+            biofeed_backends::registry::Registry::new(&default_settings().stores.registry)
+                .expect("registry settings");
+        Mutex::new(biofeed_backends::registry::WriterSchemas::from_registry(
+            registry,
+        ))
+    });
+    let mut writers = writers.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(id) = writers.unknown_id(bytes) {
+        // A runtime of its own on a thread of its own: callers are async tests.
+        let writers = &mut *writers;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(writers.learn(id))
+                    .expect("the registry answers")
+            })
+            .join()
+            .unwrap()
+        });
+    }
+    biofeed_schema::decode_framed(writers.ids(), bytes).expect("a points message decodes")
 }
 
 /// Deletes a test's topics.

@@ -23,7 +23,7 @@ fn v1_plus_field(default: bool) -> String {
 async fn migrate_registers_the_frame_schema_full_transitive_and_the_registry_refuses_an_incompatible_edit(
 ) {
     let stores = Isolated::new().await;
-    let registry = Registry::new(&stores.settings.registry)
+    let registry = Registry::new(&stores.settings.stores.registry)
         .unwrap()
         .expect("compose/local gives the migrate role a registry");
     let subject = format!("{}-value", stores.settings.stores.topics.points);
@@ -68,7 +68,9 @@ async fn migrate_registers_the_frame_schema_full_transitive_and_the_registry_ref
 #[tokio::test]
 async fn a_schema_version_the_registry_refuses_stops_migrate_with_exit_4_and_its_reason() {
     let stores = Isolated::new().await;
-    let registry = Registry::new(&stores.settings.registry).unwrap().unwrap();
+    let registry = Registry::new(&stores.settings.stores.registry)
+        .unwrap()
+        .unwrap();
     let subject = format!("{}-value", stores.settings.stores.topics.points);
     // The subject already holds a version that biofeed's v1 cannot read all data of: v1 lacks a
     // field it requires.
@@ -111,4 +113,333 @@ async fn a_registry_away_stops_migrate_before_any_store_changes_naming_the_setti
         "{away:?}"
     );
     assert_eq!(stores.postgres_tables().await, 0, "nothing was migrated");
+}
+
+/// The Python block of docs/schema-registry.md, as it stands there.
+fn documented_python_reader() -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/schema-registry.md")).unwrap();
+    let start = doc.find("```python\n").expect("a python block") + "```python\n".len();
+    let end = start + doc[start..].find("```").unwrap();
+    doc[start..end].to_owned()
+}
+
+/// The gateway's Confluent framing: `00`, the schema id, the body.
+fn confluent_id(message: &[u8]) -> u32 {
+    assert_eq!(message[0], 0, "Confluent magic byte");
+    u32::from_be_bytes(message[1..5].try_into().unwrap())
+}
+
+#[tokio::test]
+async fn the_gateway_publishes_the_confluent_wire_format_which_a_confluent_client_reads_with_only_the_registry(
+) {
+    let gw = crate::gateway_app::TestGateway::spawn(&[]).await;
+    let settings = &gw.stores.settings.stores;
+    let registry = Registry::new(&settings.registry).unwrap().unwrap();
+    let subject = format!("{}-value", settings.topics.points);
+    let id = registry.current_id(&subject).await.unwrap();
+    let session = gw.open_session("breath_hold", &["spo2", "ppg"]).await;
+    let mut sent = Vec::new();
+    for (data_type, channels) in [("ppg", 2), ("spo2", 1), ("ppg", 2)] {
+        let (frame_id, body) = crate::gateway::json_frame(data_type, 6, channels, 90.0);
+        let response = gw
+            .post(&format!("/v1/sessions/{session}/points"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        sent.push((frame_id, body));
+    }
+    let messages = gw.topic_messages().await;
+    assert_eq!(messages.len(), 3);
+    for (_, value) in &messages {
+        assert_eq!(confluent_id(value), id, "the registry's id for v1");
+    }
+
+    // An independent reader: Python's confluent-kafka, with the registry and the test's topic,
+    // as the consumers' Kafka user.
+    let mut env: Vec<(&str, String)> = gw.stores.env_as(crate::helpers::Role::Consume);
+    env.push((
+        "READER_GROUP",
+        format!("biofeed-doc-reader-{}", gw.stores.id),
+    ));
+    let python = std::env::var("BIOFEED_TEST_PYTHON")
+        .unwrap_or_else(|_| ".state/venv/bin/python".to_owned());
+    let output = tokio::process::Command::new(&python)
+        .arg("-c")
+        .arg(documented_python_reader())
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{python} runs (compose/local test installs it): {e}"));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let decoded: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(decoded.len(), 3, "{decoded:?}");
+    for (frame_id, body) in &sent {
+        let frame = decoded
+            .iter()
+            .find(|d| d["frame_id"] == frame_id.to_string())
+            .unwrap_or_else(|| panic!("frame {frame_id} read: {decoded:?}"));
+        assert_eq!(frame["session_id"], session.to_string());
+        assert_eq!(frame["user_id"], gw.user.to_string());
+        assert_eq!(frame["data_type"], body["data_type"]);
+        let values: Vec<f64> = frame["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let sent_values: Vec<f64> = body["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| match s {
+                Value::Array(a) => a.iter().map(|v| v.as_f64().unwrap()).collect::<Vec<_>>(),
+                v => vec![v.as_f64().unwrap()],
+            })
+            .collect();
+        assert_eq!(values, sent_values);
+        let times: Vec<i64> = frame["offsets_us"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| frame["t0_us"].as_i64().unwrap() + o.as_i64().unwrap())
+            .collect();
+        let sent_times: Vec<i64> = body["timestamps_us"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_i64().unwrap())
+            .collect();
+        assert_eq!(times, sent_times);
+    }
+}
+
+/// A TCP forwarder to the registry that can be cut: what the registry going away looks like to
+/// its clients. Dropping it closes the listener and every connection.
+struct Cuttable {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    async fn to(target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = target.to_owned();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { port, task }
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_registry_away_stops_a_gateway_at_start_with_exit_3_and_not_once_it_has_the_id() {
+    let stores = Isolated::migrated().await;
+    let brokers = stores.settings.stores.kafka.brokers.clone();
+    let url = stores.settings.stores.registry.url.clone().unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+
+    // At start: nothing listens where the registry should be.
+    let closed = crate::helpers::free_port();
+    let mut away = url.clone();
+    away.set_port(Some(closed)).unwrap();
+    let mut env = stores.env_as(crate::helpers::Role::Gateway);
+    env = crate::helpers::with(env, "BIOFEED_SCHEMA_REGISTRY_URL", away.to_string());
+    env.extend(crate::helpers::key_env(
+        &biofeed_accounts::AccountKeys::generate(),
+    ));
+    env.push(("BIOFEED_GATEWAY_LISTEN", "127.0.0.1:0".to_owned()));
+    let run = crate::helpers::run_biofeed(&["gateway"], &env).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(
+        run.stderr.contains("BIOFEED_SCHEMA_REGISTRY_URL")
+            && run.stderr.contains(&format!("localhost:{closed}")),
+        "{run:?}"
+    );
+
+    // Once started through a registry that then goes away, it publishes on with the id it has.
+    let proxy = Cuttable::to(&target).await;
+    let mut through = url.clone();
+    through.set_port(Some(proxy.port)).unwrap();
+    let mut stores = stores;
+    stores.settings.stores.registry.url = Some(through.clone());
+    let gw = crate::gateway_app::TestGateway::spawn_on(
+        stores,
+        &brokers,
+        &["--schema-registry-url", through.as_str()],
+    )
+    .await;
+    drop(proxy);
+    let refused = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+        .get(through.clone())
+        .send()
+        .await;
+    assert!(refused.is_err(), "the registry is away now");
+    let session = gw.open_session("breath_hold", &["spo2"]).await;
+    let (_, body) = crate::gateway::json_frame("spo2", 4, 1, 95.0);
+    let response = gw
+        .post(&format!("/v1/sessions/{session}/points"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let messages = gw.topic_messages().await;
+    assert_eq!(messages.len(), 1);
+    let real = Registry::new(&crate::helpers::default_settings().stores.registry)
+        .unwrap()
+        .unwrap();
+    let subject = format!("{}-value", gw.stores.settings.stores.topics.points);
+    assert_eq!(
+        confluent_id(&messages[0].1),
+        real.current_id(&subject).await.unwrap()
+    );
+}
+
+#[tokio::test]
+async fn consumers_and_replay_store_a_topic_of_both_framings_and_a_newer_writer_once_and_dead_letter_unknown_ids(
+) {
+    use biofeed_schema::{encode, encode_framed, Framing};
+
+    use crate::consumers::*;
+    let stores = migrated().await;
+    let settings = &stores.settings.stores;
+    let registry = Registry::new(&settings.registry).unwrap().unwrap();
+    let subject = format!("{}-value", settings.topics.points);
+    let v1 = registry.current_id(&subject).await.unwrap();
+    // A newer version (a field with a default, at the end) registered by a newer build: this
+    // build knows it only through the registry.
+    let v2 = registry
+        .register(&subject, &v1_plus_field(true))
+        .await
+        .unwrap();
+    assert_ne!(v1, v2);
+
+    let user = uuid::Uuid::new_v4();
+    let sent = frames(user, 3, 60, 40);
+    register_sessions(&stores, &sent).await;
+    let framed = |i: usize, f: &biofeed_schema::SensorFrame| match i % 3 {
+        0 => encode(f),
+        1 => encode_framed(f, Framing::Confluent { schema_id: v1 }),
+        _ => {
+            // v2's body: v1's plus the new string field ("x").
+            let mut bytes = encode_framed(f, Framing::Confluent { schema_id: v2 });
+            bytes.extend_from_slice(&[2, b'x']);
+            bytes
+        }
+    };
+    let mut payloads: Vec<(String, Vec<u8>)> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.session_id.to_string(), framed(i, f)))
+        .collect();
+    // The first ten again in another framing: a gateway switched framing while devices retried.
+    payloads.extend(
+        sent[..10]
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.session_id.to_string(), framed(i + 1, f))),
+    );
+    // A schema id the registry never gave, and a magic byte of neither framing.
+    let mut unknown_id = encode_framed(
+        &sent[0],
+        Framing::Confluent {
+            schema_id: 2_147_483_000,
+        },
+    );
+    unknown_id.truncate(40);
+    payloads.push(("poison".to_owned(), unknown_id));
+    let mut neither = encode(&sent[1]);
+    neither[0] = b'{';
+    payloads.push(("poison".to_owned(), neither));
+    produce(&settings.kafka, &settings.topics.points, payloads).await;
+
+    let group = format!("biofeed-test-group-{}", stores.id);
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(&sent)).await;
+    wait_until_committed(&stores, &group).await;
+    let stderr = consumer.stop_ok().await;
+    assert!(stderr.contains("2 frames dead-lettered"), "{stderr}");
+    let dlq = dead_letters(&stores).await;
+    let reasons: Vec<&str> = dlq.iter().map(|d| d.0.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("unknown schema id 2147483000")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("neither Avro single-object encoding")),
+        "{reasons:?}"
+    );
+    let distinct = "SELECT count() FROM (SELECT DISTINCT session_id, t_us FROM points)";
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
+        points_of(&sent)
+    );
+    assert_eq!(clickhouse_count(&stores, distinct).await, points_of(&sent));
+
+    // A replay of the whole topic: every frame in either framing written, the poison skipped,
+    // still every point once and exactly as sent.
+    let run = stores.biofeed(&["replay"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let summary: Value = serde_json::from_str(run.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (
+            summary["messages"].as_u64(),
+            summary["frames"].as_u64(),
+            summary["skipped"].as_u64()
+        ),
+        (Some(72), Some(70), Some(2)),
+        "{run:?}"
+    );
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
+        points_of(&sent)
+    );
+    let sum_sent: f64 = sent
+        .iter()
+        .flat_map(|f| f.values.iter().map(|v| f64::from(*v)))
+        .sum();
+    let ch = settings.clickhouse.connect().await.unwrap();
+    let sum_stored: f64 = ch
+        .client()
+        .query("SELECT sum(toFloat64(arraySum(values))) FROM points FINAL")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert!(
+        (sum_stored - sum_sent).abs() < 1e-6 * sum_sent.abs().max(1.0),
+        "{sum_stored} vs {sum_sent}"
+    );
 }

@@ -361,7 +361,7 @@ async fn publish_frame(
 ) -> Result<(StatusCode, Json<FrameAccepted>), ApiError> {
     let metrics = &state.inner.metrics;
     let points = frame.samples();
-    let payload = biofeed_schema::encode(frame);
+    let payload = state.inner.publisher.encode(frame);
     let (status, duplicate) =
         match publish_once(state, session_id, frame.frame_id, payload, in_flight).await? {
             Publication::Published => {

@@ -4,17 +4,50 @@
 use std::time::{Duration, Instant};
 
 use biofeed_backends::kafka::KafkaSettings;
+use biofeed_backends::registry::{Registry, RegistrySettings};
+use biofeed_schema::{Framing, SensorFrame};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::metrics::Metrics;
 use crate::problem::ApiError;
+use crate::settings::FramingChoice;
 
 /// Publishes frames to one topic.
 pub struct Publisher {
     producer: FutureProducer,
     topic: String,
     produce_timeout: Duration,
+    framing: Framing,
+}
+
+/// The framing the gateway publishes with: for Confluent, the registry is asked once, here,
+/// for the current schema's id under `<topic>-value`, and the id is kept for the gateway's
+/// life (the hot path makes no registry call; a registry that goes away later changes nothing).
+/// A registry that cannot be asked is an error naming the setting and the address (exit 3);
+/// one that does not have the schema names `biofeed migrate` (exit 2).
+pub async fn framing(
+    choice: FramingChoice,
+    registry: &RegistrySettings,
+    topic: &str,
+) -> anyhow::Result<Framing> {
+    let client = Registry::new(registry)?;
+    match (choice, client) {
+        (FramingChoice::SingleObject, _) | (FramingChoice::Auto, None) => Ok(Framing::SingleObject),
+        (FramingChoice::Confluent, None) => Err(anyhow::Error::new(
+            biofeed_backends::BackendError::Misconfigured {
+                setting: "BIOFEED_GATEWAY_FRAMING",
+                reason: "confluent framing needs a schema registry (BIOFEED_SCHEMA_REGISTRY_URL)"
+                    .to_owned(),
+            },
+        )),
+        (FramingChoice::Confluent | FramingChoice::Auto, Some(client)) => {
+            let subject = format!("{topic}-value");
+            let schema_id = client.current_id(&subject).await?;
+            tracing::info!(%subject, schema_id, "publishing in the Confluent wire format");
+            Ok(Framing::Confluent { schema_id })
+        }
+    }
 }
 
 impl Publisher {
@@ -24,6 +57,7 @@ impl Publisher {
         kafka: &KafkaSettings,
         topic: &str,
         produce_timeout: Duration,
+        framing: Framing,
     ) -> anyhow::Result<Self> {
         let producer: FutureProducer = frame_producer_config(kafka, "biofeed-gateway")?
             .set("queue.buffering.max.kbytes", "262144")
@@ -36,7 +70,13 @@ impl Publisher {
             producer,
             topic: topic.to_owned(),
             produce_timeout,
+            framing,
         })
+    }
+
+    /// A frame's bytes as this publisher frames them.
+    pub fn encode(&self, frame: &SensorFrame) -> Vec<u8> {
+        biofeed_schema::encode_framed(frame, self.framing)
     }
 
     /// Sends one frame and waits for Kafka's acknowledgement.
