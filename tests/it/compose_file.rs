@@ -64,6 +64,7 @@ fn docker_compose_sets_only_settings_the_cli_knows() {
         "BIOFEED_POSTGRES_URL",
         "BIOFEED_CLICKHOUSE_URL",
         "BIOFEED_KAFKA_BROKERS",
+        "BIOFEED_SCHEMA_REGISTRY_URL",
     ] {
         assert!(used.contains(needed), "compose sets {needed}");
     }
