@@ -272,6 +272,14 @@ impl Registry {
         if status >= 500 {
             return Err(self.error(format!("{status}: {value}"), false));
         }
+        // A Confluent-compatible API says what is missing with an error code (40401 subject,
+        // 40402 version, 40403 schema); a 404 without one is a wrong URL, not a missing schema.
+        if status == 404 && value["error_code"].as_u64().is_none() {
+            return Err(self.error(
+                format!("{path}: 404 without a Confluent error code: is {URL_SETTING} the registry's Confluent-compatible API (…/apis/ccompat/v7 for Apicurio)?"),
+                true,
+            ));
+        }
         Ok((status, value))
     }
 
@@ -328,7 +336,8 @@ impl Registry {
                     )
                     .into()
                 }),
-            409 => Err(RegistryError::Incompatible {
+            // 409: incompatible with the subject's versions; 422: not a valid schema.
+            409 | 422 => Err(RegistryError::Incompatible {
                 subject: subject.to_owned(),
                 reason: body["message"]
                     .as_str()
@@ -408,6 +417,9 @@ impl Registry {
 /// How long an id the registry did not have is not asked for again.
 const MISSING_FOR: Duration = Duration::from_secs(60);
 
+/// At most this many ids remembered as missing (then the expired ones are forgotten).
+const MAX_NOT_BEFORE: usize = 4096;
+
 /// How long an id is not asked for again after the registry could not be asked (by readers
 /// that do not wait for it; the consumers ask again with their own backoff).
 const FAILED_FOR: Duration = Duration::from_secs(5);
@@ -460,9 +472,8 @@ impl WriterSchemas {
     }
 
     /// The Confluent schema id `payload` names when it is one to ask the registry for: not
-    /// known, not recently missing, and a registry is configured.
+    /// known and not recently missing (with no registry configured, every unknown id).
     pub fn unknown_id(&self, payload: &[u8]) -> Option<u32> {
-        self.registry.as_ref()?;
         match biofeed_schema::writer_of(payload) {
             Ok((biofeed_schema::Writer::SchemaId(id), _)) => (self.ids.get(id).is_none()
                 && self
@@ -475,13 +486,29 @@ impl WriterSchemas {
     }
 
     /// Asks the registry for schema `id` and keeps the answer (a schema that does not parse
-    /// counts as missing). An error only when the registry cannot answer: the caller retries,
-    /// the frame waits.
+    /// counts as missing). An error when the registry cannot answer (retryable: the caller
+    /// asks again, the frame waits), or when no registry is configured (a
+    /// [`BackendError::Misconfigured`]: a Confluent-framed frame needs one, and dead-lettering
+    /// every such frame would hide the mistake).
     pub async fn learn(&mut self, id: u32) -> Result<(), BackendError> {
         let Some(registry) = &self.registry else {
-            return Ok(());
+            self.not_before
+                .insert(id, std::time::Instant::now() + FAILED_FOR);
+            return Err(BackendError::Misconfigured {
+                setting: URL_SETTING,
+                reason: format!(
+                    "a frame is in the Confluent wire format (schema id {id}) and no schema registry is configured"
+                ),
+            });
         };
         let now = std::time::Instant::now();
+        if self.not_before.len() >= MAX_NOT_BEFORE {
+            // Hostile or broken frames with ever new ids must not grow this without bound.
+            self.not_before.retain(|_, at| *at > now);
+            if self.not_before.len() >= MAX_NOT_BEFORE {
+                self.not_before.clear();
+            }
+        }
         let answer = registry.schema_by_id(id).await.inspect_err(|_| {
             self.not_before.insert(id, now + FAILED_FOR);
         })?;

@@ -104,31 +104,46 @@ impl Checks {
     }
 }
 
+/// Why [`learn_writer`] did not learn.
+pub(crate) enum NotLearnt {
+    /// Shutdown came while the registry was away.
+    GaveUp,
+    /// No registry is configured, or it refuses us: a retry cannot help (exit 2).
+    Refused(biofeed_backends::BackendError),
+}
+
 /// Makes sure `writers` knows the schema id a Confluent-framed `payload` names, asking the
 /// registry once (an id it does not have is then an unknown id, a dead letter). While the
 /// registry cannot be asked, asks again with backoff: the frame waits, as a batch waits for
-/// ClickHouse — a registry away never turns valid frames into dead letters. `false`: gave up.
+/// ClickHouse — a registry away never turns valid frames into dead letters.
 pub(crate) fn learn_writer(
     rt: &tokio::runtime::Handle,
     writers: &mut WriterSchemas,
     payload: &[u8],
-    mut give_up: impl FnMut() -> bool,
-) -> bool {
+    give_up: impl Fn() -> bool,
+    failures: &prometheus_client::metrics::counter::Counter,
+) -> Result<(), NotLearnt> {
     let Some(id) = writers.unknown_id(payload) else {
-        return true;
+        return Ok(());
     };
     let mut backoff = std::time::Duration::from_millis(100);
     let mut attempt = 0u32;
     loop {
         match rt.block_on(writers.learn(id)) {
-            Ok(()) => return true,
+            Ok(()) => return Ok(()),
+            Err(e) if !e.is_retryable() => return Err(NotLearnt::Refused(e)),
             Err(e) => {
                 attempt += 1;
+                failures.inc();
                 tracing::warn!(error = %e, schema_id = id, attempt, "cannot ask the schema registry for a frame's schema; holding the frame and retrying");
-                if give_up() {
-                    return false;
+                // Sleep in short steps, so that shutdown is not kept waiting.
+                let until = std::time::Instant::now() + backoff;
+                while std::time::Instant::now() < until {
+                    if give_up() {
+                        return Err(NotLearnt::GaveUp);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
-                std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }
         }

@@ -61,18 +61,33 @@ struct Pipeline {
     abandoned: bool,
     /// Frames not written because of that (in batches handed to an insert).
     frames_abandoned: usize,
+    /// Set when a frame needs a schema registry that is not configured or refuses us: the
+    /// consumer stops (exit 2) rather than dead-letter every such frame.
+    refused: Option<biofeed_backends::BackendError>,
 }
 
 impl Pipeline {
     fn handle(&mut self, message: &BorrowedMessage<'_>) {
         let payload = message.payload().unwrap_or_default();
         let shutdown = self.shutdown.clone();
-        if !crate::checks::learn_writer(&self.rt, &mut self.writers, payload, || {
-            shutdown.is_fired()
-        }) {
-            // Shutdown while the registry was away: the message is neither judged nor marked
-            // committable, so it is read again (the loop stops before taking another one).
-            return;
+        let failures = &self.metrics.registry_failures;
+        match crate::checks::learn_writer(
+            &self.rt,
+            &mut self.writers,
+            payload,
+            || shutdown.is_fired(),
+            failures,
+        ) {
+            Ok(()) => {}
+            // The message is neither judged nor marked committable, so it is read again (the
+            // loop stops before taking another one).
+            Err(crate::checks::NotLearnt::GaveUp) => return,
+            Err(crate::checks::NotLearnt::Refused(e)) => {
+                tracing::error!(error = %e, "a frame needs the schema registry; stopping");
+                self.refused = Some(e);
+                self.shutdown.fire();
+                return;
+            }
         }
         match self.checks.judge(self.writers.ids(), payload) {
             Verdict::Write(frame) => {
@@ -319,6 +334,7 @@ pub(crate) fn consume_loop(
         in_flight: std::collections::VecDeque::new(),
         abandoned: false,
         frames_abandoned: 0,
+        refused: None,
     }));
     let consumer: BaseConsumer<FlushOnRevoke> = config.create_with_context(FlushOnRevoke {
         pipeline: Arc::clone(&pipeline),
@@ -388,6 +404,9 @@ pub(crate) fn consume_loop(
         return Err(ConsumeError::Abandoned {
             frames: p.frames_abandoned + p.frames.len(),
         });
+    }
+    if let Some(e) = p.refused.take() {
+        return Err(ConsumeError::Backend(e));
     }
     drop(p);
     consumer.unsubscribe();

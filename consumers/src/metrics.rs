@@ -33,6 +33,8 @@ pub struct ConsumerMetrics {
     pub insert_failures: Counter,
     /// Frames sent to the dead-letter topic.
     pub dead_lettered: Counter,
+    /// Failed questions to the schema registry (a frame with a schema id never seen waits).
+    pub registry_failures: Counter,
     /// Frames dropped because their user is erased.
     pub dropped_erased: Counter,
     /// Frames dropped at write time because their session was no longer open or completed
@@ -63,6 +65,7 @@ impl ConsumerMetrics {
             insert_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             insert_failures: Counter::default(),
             dead_lettered: Counter::default(),
+            registry_failures: Counter::default(),
             dropped_erased: Counter::default(),
             dropped_closed: Counter::default(),
             batch_pending_rows: Gauge::default(),
@@ -76,6 +79,9 @@ impl ConsumerMetrics {
             "insert_latency_seconds", "time per insert, retries included", metrics.insert_latency;
             "insert_failures", "failed insert attempts, each retried", metrics.insert_failures;
             "dead_lettered", "frames sent to the dead-letter topic", metrics.dead_lettered;
+            "registry_failures",
+                "failed questions to the schema registry, each retried while the frame waits",
+                metrics.registry_failures;
             "dropped_erased", "frames dropped because their user is erased", metrics.dropped_erased;
             "dropped_closed",
                 "frames dropped at write time because their session is no longer open or completed",

@@ -47,7 +47,7 @@ pub enum MigrateError {
     /// earlier ones (exit 4: the schema file needs fixing, e.g. a default for the new field).
     #[error(
         "the schema registry refused version {version} of {subject}: {reason} \
-         (a new field needs a default; a field is never removed or retyped)"
+         (a new field needs a default; a field without one is never removed; none is retyped)"
     )]
     IncompatibleSchema {
         /// The subject.
@@ -265,13 +265,20 @@ async fn each_store(
     if step == Step::Apply {
         settings.layout.replication.min_insync_replicas()?;
     }
-    // The registry is asked first too, so that it being away stops migrate before any store changed.
-    let registry = biofeed_backends::registry::Registry::new(&settings.stores.registry)?;
-    if let Some(registry) = &registry {
-        registry
-            .compatibility(&registry::subject(&stores.topics.points))
-            .await?;
-    }
+    // The registry's step comes first, so that the registry being away, or refusing a schema
+    // version, stops migrate before any store changed (registering again is a no-op).
+    let registry = match biofeed_backends::registry::Registry::new(&settings.stores.registry)? {
+        Some(registry) => Some(
+            registry::register(
+                &registry,
+                &stores.topics,
+                biofeed_schema::registry::builtin(),
+                step == Step::Apply,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let Connected { pg, ch, admin } = Connected::to(stores).await?;
     let postgres = match step {
         Step::Apply => postgres::migrate(&pg).await?,
@@ -290,16 +297,6 @@ async fn each_store(
         Step::Report => kafka::topic_status(&admin, &stores.topics, &stores.kafka).await?,
     };
     let mut reports = vec![postgres, clickhouse, kafka];
-    if let Some(registry) = registry {
-        reports.push(
-            registry::register(
-                &registry,
-                &stores.topics,
-                biofeed_schema::registry::builtin(),
-                step == Step::Apply,
-            )
-            .await?,
-        );
-    }
+    reports.extend(registry);
     Ok(reports)
 }

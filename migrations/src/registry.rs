@@ -2,15 +2,18 @@
 //! schema (`schema/avro/sensor_frame.vN.avsc`, oldest first) registered under the subject
 //! `<points topic>-value`, whose compatibility is set to FULL_TRANSITIVE first.
 //!
-//! FULL_TRANSITIVE, the strictest level: a new version must be readable with every older one
-//! and every older one with it. Backward alone would let a new field without a default pass
-//! when old readers are upgraded first; but biofeed's consumers, replay and the analysts' tools
-//! read frames of every version kept in Kafka (replay reads the whole retention), and gateways
-//! and consumers are upgraded one at a time, so frames of a new version reach old readers and
-//! old frames reach new ones. It is the rule `schema/src/registry.rs` states for the repository
-//! (new fields need defaults), now enforced where every tool can see it.
+//! FULL_TRANSITIVE, the strictest level: a new version must read every older one's frames
+//! (BACKWARD) and every older version must read the new one's (FORWARD), against all versions,
+//! not just the last. BACKWARD_TRANSITIVE alone guarantees only the first: it would let a
+//! version drop a field that has no default, and then readers not yet upgraded could not read
+//! the new frames. biofeed needs both directions: gateways and consumers are upgraded one at a
+//! time, so frames of a new version reach old readers while old frames reach new ones, and
+//! consumers, replay and the analysts' tools read every version kept in Kafka (replay reads the
+//! whole retention). It is the rule `schema/src/registry.rs` states for the repository (new
+//! fields need defaults), now enforced where every tool can see it.
 //!
-//! A version the registry refuses stops `migrate` with exit 4 and the registry's reason.
+//! The step runs before any store is changed: a version the registry refuses stops `migrate`
+//! with exit 4 and the registry's reason, and nothing else was migrated.
 
 use biofeed_backends::kafka::TopicNames;
 use biofeed_backends::registry::{Registry, RegistryError};

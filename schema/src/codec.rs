@@ -68,11 +68,11 @@ pub fn writer_of(bytes: &[u8]) -> Result<(Writer, &[u8]), DecodeError> {
             Ok((Writer::SchemaId(id), &bytes[CONFLUENT_HEADER_LEN..]))
         }
         Some(&b) if b == MAGIC[0] => {
+            if bytes.get(1).is_some_and(|b| *b != MAGIC[1]) {
+                return Err(DecodeError::BadMagic);
+            }
             if bytes.len() < HEADER_LEN {
                 return Err(DecodeError::TooShort(bytes.len()));
-            }
-            if bytes[..2] != MAGIC {
-                return Err(DecodeError::BadMagic);
             }
             let mut fingerprint = [0u8; 8];
             fingerprint.copy_from_slice(&bytes[2..HEADER_LEN]);

@@ -587,7 +587,7 @@ async fn the_consumers_uuid_order_is_the_servers() {
 }
 
 /// The consumer's Prometheus text at `addr`, or empty while it is not serving yet.
-async fn metrics_text(addr: &str) -> String {
+pub(crate) async fn metrics_text(addr: &str) -> String {
     match reqwest::get(format!("http://{addr}/metrics")).await {
         Ok(response) => response.text().await.unwrap_or_default(),
         Err(_) => String::new(),

@@ -84,6 +84,7 @@ async fn a_schema_version_the_registry_refuses_stops_migrate_with_exit_4_and_its
         .unwrap();
     let run = stores.biofeed(&["migrate"]).await;
     assert_eq!(run.code, 4, "{run:?}");
+    assert_eq!(stores.postgres_tables().await, 0, "no store was changed");
     assert!(
         run.stderr
             .contains(&format!("refused version 1 of {subject}"))
@@ -232,7 +233,21 @@ struct Cuttable {
 
 impl Cuttable {
     async fn to(target: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on(0, target).await
+    }
+
+    /// On `port` (0: any); a port just given up by another forwarder may take a moment.
+    async fn on(port: u16, target: &str) -> Self {
+        let listener = crate::helpers::eventually(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(50),
+            async || {
+                tokio::net::TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .map_err(|e| e.to_string())
+            },
+        )
+        .await;
         let port = listener.local_addr().unwrap().port();
         let target = target.to_owned();
         let task = tokio::spawn(async move {
@@ -285,8 +300,6 @@ async fn a_registry_away_stops_a_gateway_at_start_with_exit_3_and_not_once_it_ha
     let proxy = Cuttable::to(&target).await;
     let mut through = url.clone();
     through.set_port(Some(proxy.port)).unwrap();
-    let mut stores = stores;
-    stores.settings.stores.registry.url = Some(through.clone());
     let gw = crate::gateway_app::TestGateway::spawn_on(
         stores,
         &brokers,
@@ -442,4 +455,135 @@ async fn consumers_and_replay_store_a_topic_of_both_framings_and_a_newer_writer_
         (sum_stored - sum_sent).abs() < 1e-6 * sum_sent.abs().max(1.0),
         "{sum_stored} vs {sum_sent}"
     );
+}
+
+#[tokio::test]
+async fn a_consumer_holds_a_frame_while_the_registry_is_away_and_stores_it_once_when_it_is_back() {
+    use biofeed_schema::{encode_framed, Framing};
+
+    use crate::consumers::*;
+    let stores = migrated().await;
+    let settings = &stores.settings.stores;
+    let registry = Registry::new(&settings.registry).unwrap().unwrap();
+    let subject = format!("{}-value", settings.topics.points);
+    // A version the consumer learns only from the registry, when its first frame comes.
+    let v2 = registry
+        .register(&subject, &v1_plus_field(true))
+        .await
+        .unwrap();
+    let url = settings.registry.url.clone().unwrap();
+    let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
+    let proxy = Cuttable::to(&target).await;
+    let port = proxy.port;
+    let mut through = url.clone();
+    through.set_port(Some(port)).unwrap();
+    let metrics = format!("127.0.0.1:{}", crate::helpers::free_port());
+    let env = consumer_env(
+        &stores,
+        &[
+            ("BIOFEED_SCHEMA_REGISTRY_URL", through.to_string()),
+            ("BIOFEED_CONSUMER_METRICS_LISTEN", metrics.clone()),
+        ],
+    );
+    let consumer = ConsumerProcess::start(&env);
+    let every = std::time::Duration::from_millis(100);
+    let minute = std::time::Duration::from_secs(60);
+    crate::helpers::wait_until(minute, every, "the consumer serves", async || {
+        !metrics_text(&metrics).await.is_empty()
+    })
+    .await;
+    // The registry goes away; then frames of the new version come.
+    drop(proxy);
+    let sent = frames(uuid::Uuid::new_v4(), 2, 20, 30);
+    register_sessions(&stores, &sent).await;
+    let payloads = sent.iter().map(|f| {
+        let mut bytes = encode_framed(f, Framing::Confluent { schema_id: v2 });
+        bytes.extend_from_slice(&[0]); // the new field, an empty string
+        (f.session_id.to_string(), bytes)
+    });
+    produce(
+        &settings.kafka,
+        &settings.topics.points,
+        payloads.collect::<Vec<_>>(),
+    )
+    .await;
+    crate::helpers::wait_until(minute, every, "the consumer asked in vain", async || {
+        metrics_text(&metrics).await.lines().any(|l| {
+            l.strip_prefix("biofeed_consumer_registry_failures_total ")
+                .is_some_and(|n| n.trim().parse::<f64>().is_ok_and(|n| n >= 2.0))
+        })
+    })
+    .await;
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points").await,
+        0,
+        "held, not written"
+    );
+    assert!(
+        dead_letters(&stores).await.is_empty(),
+        "held, not dead-lettered"
+    );
+
+    // The registry is back: every frame stored once, none dead-lettered.
+    let _back = Cuttable::on(port, &target).await;
+    wait_for_points(&stores, points_of(&sent)).await;
+    wait_until_committed(&stores, &format!("biofeed-test-group-{}", stores.id)).await;
+    consumer.stop_ok().await;
+    assert!(dead_letters(&stores).await.is_empty());
+    assert_eq!(
+        clickhouse_count(&stores, "SELECT count() FROM points FINAL").await,
+        points_of(&sent)
+    );
+}
+
+#[tokio::test]
+async fn a_consumer_without_a_registry_stops_with_exit_2_at_a_confluent_frame_and_dead_letters_nothing(
+) {
+    use biofeed_schema::{encode_framed, Framing};
+
+    use crate::consumers::*;
+    let stores = migrated().await;
+    let settings = &stores.settings.stores;
+    let registry = Registry::new(&settings.registry).unwrap().unwrap();
+    let subject = format!("{}-value", settings.topics.points);
+    let v1 = registry.current_id(&subject).await.unwrap();
+    let sent = frames(uuid::Uuid::new_v4(), 1, 5, 20);
+    register_sessions(&stores, &sent).await;
+    let payloads = sent.iter().map(|f| {
+        (
+            f.session_id.to_string(),
+            encode_framed(f, Framing::Confluent { schema_id: v1 }),
+        )
+    });
+    produce(
+        &settings.kafka,
+        &settings.topics.points,
+        payloads.collect::<Vec<_>>(),
+    )
+    .await;
+
+    let registry_settings = [
+        "BIOFEED_SCHEMA_REGISTRY_URL",
+        "BIOFEED_SCHEMA_REGISTRY_USER",
+        "BIOFEED_SCHEMA_REGISTRY_PASSWORD",
+        "BIOFEED_SCHEMA_REGISTRY_PASSWORD_FILE",
+        "BIOFEED_SCHEMA_REGISTRY_CA_FILE",
+    ];
+    let mut env = consumer_env(&stores, &[]);
+    env.retain(|(k, _)| !registry_settings.contains(k));
+    let run = crate::helpers::BiofeedProcess::start_without(&["consume"], &env, &registry_settings)
+        .wait_within(std::time::Duration::from_secs(60), "the consumer stops")
+        .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("BIOFEED_SCHEMA_REGISTRY_URL")
+            && run.stderr.contains("Confluent wire format"),
+        "{run:?}"
+    );
+    assert!(dead_letters(&stores).await.is_empty());
+    // Configured, a consumer of the same group then stores every frame.
+    let consumer = ConsumerProcess::start(&consumer_env(&stores, &[]));
+    wait_for_points(&stores, points_of(&sent)).await;
+    consumer.stop_ok().await;
+    assert!(dead_letters(&stores).await.is_empty());
 }

@@ -277,10 +277,13 @@ fn from_avro(
     received_at_us: i64,
 ) -> Result<SensorFrame, (ApiError, usize)> {
     let mut frame = biofeed_schema::decode(bytes).map_err(|e| {
-        (
-            ApiError::malformed(format!("the Avro body is not a SensorFrame: {e}")),
-            0,
-        )
+        let detail = match e {
+            biofeed_schema::DecodeError::UnknownSchemaId(_) => {
+                "the Avro body is in the Confluent wire format; devices post Avro single-object encoding (C3 01 and the schema's fingerprint)".to_owned()
+            }
+            e => format!("the Avro body is not a SensorFrame: {e}"),
+        };
+        (ApiError::malformed(detail), 0)
     })?;
     if frame.session_id != session_id {
         return Err((

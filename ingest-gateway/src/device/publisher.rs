@@ -31,8 +31,10 @@ pub async fn framing(
     registry: &RegistrySettings,
     topic: &str,
 ) -> anyhow::Result<Framing> {
-    let client = Registry::new(registry)?;
-    match (choice, client) {
+    if choice == FramingChoice::SingleObject {
+        return Ok(Framing::SingleObject);
+    }
+    match (choice, Registry::new(registry)?) {
         (FramingChoice::SingleObject, _) | (FramingChoice::Auto, None) => Ok(Framing::SingleObject),
         (FramingChoice::Confluent, None) => Err(anyhow::Error::new(
             biofeed_backends::BackendError::Misconfigured {
