@@ -587,3 +587,124 @@ async fn a_consumer_without_a_registry_stops_with_exit_2_at_a_confluent_frame_an
     consumer.stop_ok().await;
     assert!(dead_letters(&stores).await.is_empty());
 }
+
+/// The first SQL block of docs/schema-registry.md that reads a file, as it stands there.
+fn documented_clickhouse_query() -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/schema-registry.md")).unwrap();
+    doc.split("```sql\n")
+        .skip(1)
+        .map(|block| block.split("```").next().unwrap())
+        .find(|block| block.contains("FROM file("))
+        .expect("a SQL block reading a file")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_current_clickhouse_reads_the_gateways_messages_as_avro_confluent_with_the_registry() {
+    let gw = crate::gateway_app::TestGateway::spawn(&[]).await;
+    let session = gw.open_session("breath_hold", &["spo2", "ppg"]).await;
+    let mut sent = Vec::new();
+    for (data_type, channels) in [("spo2", 1), ("ppg", 2)] {
+        let (frame_id, body) = crate::gateway::json_frame(data_type, 5, channels, 80.0);
+        let response = gw
+            .post(&format!("/v1/sessions/{session}/points"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let values: Vec<f64> = body["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|sample| {
+                sample
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+            })
+            .collect();
+        sent.push((frame_id, data_type, channels, values));
+    }
+    // The topic's raw values, one after another, as any Kafka client dumps them.
+    let dir = std::env::temp_dir().join(format!("biofeed-avroconfluent-{}", gw.stores.id));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("points.avro");
+    let values: Vec<u8> = gw
+        .topic_messages()
+        .await
+        .into_iter()
+        .flat_map(|(_, v)| v)
+        .collect();
+    std::fs::write(&file, values).unwrap();
+
+    let settings = &gw.stores.settings.stores.registry;
+    let password = std::fs::read_to_string(
+        crate::helpers::role_env(crate::helpers::Role::Consume)
+            .iter()
+            .find(|(k, _)| *k == "BIOFEED_SCHEMA_REGISTRY_PASSWORD_FILE")
+            .map(|(_, v)| v.clone())
+            .expect("the registry's password file"),
+    )
+    .unwrap();
+    let url = settings.url.as_ref().unwrap();
+    let query = documented_clickhouse_query()
+        .replace("'points.avro'", &format!("'{}'", file.display()))
+        .replace("PASSWORD", password.trim())
+        .replace(
+            "https://biofeed:",
+            &format!("{}://{}:", url.scheme(), settings.user.as_deref().unwrap()),
+        )
+        .replace(
+            "@localhost:8081/apis/ccompat/v7",
+            &format!(
+                "@{}:{}{}",
+                url.host_str().unwrap(),
+                url.port().unwrap(),
+                url.path().trim_end_matches('/')
+            ),
+        );
+    let python = std::env::var("BIOFEED_TEST_PYTHON")
+        .unwrap_or_else(|_| ".state/venv/bin/python".to_owned());
+    let output = tokio::process::Command::new(&python)
+        .args([
+            "-c",
+            "import chdb, sys\nprint(chdb.query(sys.argv[1], 'JSONEachRow'), end='')",
+        ])
+        .arg(&query)
+        .env("SSL_CERT_FILE", settings.ca_file.as_ref().unwrap())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{python} runs (compose/local test installs chdb): {e}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && !stdout.trim().is_empty(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rows: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), sent.len(), "{rows:?}");
+    for (frame_id, data_type, channels, values) in &sent {
+        let row = rows
+            .iter()
+            .find(|r| r["frame_id"] == frame_id.to_string())
+            .unwrap_or_else(|| panic!("{frame_id} in {rows:?}"));
+        assert_eq!(row["session_id"], session.to_string());
+        assert_eq!(row["data_type"], *data_type);
+        assert_eq!(row["channels"], *channels);
+        let read: Vec<f32> = row["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let values: Vec<f32> = values.iter().map(|v| *v as f32).collect();
+        assert_eq!(read, values);
+    }
+}
