@@ -708,3 +708,30 @@ async fn a_current_clickhouse_reads_the_gateways_messages_as_avro_confluent_with
         assert_eq!(read, values);
     }
 }
+
+#[tokio::test]
+async fn a_registry_away_at_start_stops_consume_replay_and_live_with_exit_3_naming_the_setting() {
+    let stores = crate::consumers::migrated().await;
+    let url = stores.settings.stores.registry.url.clone().unwrap();
+    let closed = crate::helpers::free_port();
+    let mut away = url.clone();
+    away.set_port(Some(closed)).unwrap();
+    for (role, args) in [
+        (crate::helpers::Role::Consume, &["consume"][..]),
+        (crate::helpers::Role::Replay, &["replay"][..]),
+        (crate::helpers::Role::Live, &["live"][..]),
+    ] {
+        let env = crate::helpers::with(
+            stores.env_as(role),
+            "BIOFEED_SCHEMA_REGISTRY_URL",
+            away.to_string(),
+        );
+        let run = crate::helpers::run_biofeed(args, &env).await;
+        assert_eq!(run.code, 3, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains("BIOFEED_SCHEMA_REGISTRY_URL")
+                && run.stderr.contains(&format!("localhost:{closed}")),
+            "{args:?}: {run:?}"
+        );
+    }
+}
