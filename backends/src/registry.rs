@@ -274,7 +274,10 @@ impl Registry {
         }
         // A Confluent-compatible API says what is missing with an error code (40401 subject,
         // 40402 version, 40403 schema); a 404 without one is a wrong URL, not a missing schema.
-        if status == 404 && value["error_code"].as_u64().is_none() {
+        let confluent_404 = value["error_code"]
+            .as_u64()
+            .is_some_and(|code| (40400..=40499).contains(&code));
+        if status == 404 && !confluent_404 {
             return Err(self.error(
                 format!("{path}: 404 without a Confluent error code: is {URL_SETTING} the registry's Confluent-compatible API (…/apis/ccompat/v7 for Apicurio)?"),
                 true,
@@ -491,16 +494,6 @@ impl WriterSchemas {
     /// [`BackendError::Misconfigured`]: a Confluent-framed frame needs one, and dead-lettering
     /// every such frame would hide the mistake).
     pub async fn learn(&mut self, id: u32) -> Result<(), BackendError> {
-        let Some(registry) = &self.registry else {
-            self.not_before
-                .insert(id, std::time::Instant::now() + FAILED_FOR);
-            return Err(BackendError::Misconfigured {
-                setting: URL_SETTING,
-                reason: format!(
-                    "a frame is in the Confluent wire format (schema id {id}) and no schema registry is configured"
-                ),
-            });
-        };
         let now = std::time::Instant::now();
         if self.not_before.len() >= MAX_NOT_BEFORE {
             // Hostile or broken frames with ever new ids must not grow this without bound.
@@ -509,6 +502,15 @@ impl WriterSchemas {
                 self.not_before.clear();
             }
         }
+        let Some(registry) = &self.registry else {
+            self.not_before.insert(id, now + FAILED_FOR);
+            return Err(BackendError::Misconfigured {
+                setting: URL_SETTING,
+                reason: format!(
+                    "a frame is in the Confluent wire format (schema id {id}) and no schema registry is configured"
+                ),
+            });
+        };
         let answer = registry.schema_by_id(id).await.inspect_err(|_| {
             self.not_before.insert(id, now + FAILED_FOR);
         })?;

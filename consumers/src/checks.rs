@@ -120,7 +120,7 @@ pub(crate) fn learn_writer(
     rt: &tokio::runtime::Handle,
     writers: &mut WriterSchemas,
     payload: &[u8],
-    give_up: impl Fn() -> bool,
+    shutdown: &biofeed_backends::shutdown::Shutdown,
     failures: &prometheus_client::metrics::counter::Counter,
 ) -> Result<(), NotLearnt> {
     let Some(id) = writers.unknown_id(payload) else {
@@ -129,7 +129,17 @@ pub(crate) fn learn_writer(
     let mut backoff = std::time::Duration::from_millis(100);
     let mut attempt = 0u32;
     loop {
-        match rt.block_on(writers.learn(id)) {
+        // A registry that does not answer must not keep shutdown waiting either.
+        let answer = rt.block_on(async {
+            tokio::select! {
+                answer = writers.learn(id) => Some(answer),
+                () = shutdown.fired() => None,
+            }
+        });
+        let Some(answer) = answer else {
+            return Err(NotLearnt::GaveUp);
+        };
+        match answer {
             Ok(()) => return Ok(()),
             Err(e) if !e.is_retryable() => return Err(NotLearnt::Refused(e)),
             Err(e) => {
@@ -137,12 +147,13 @@ pub(crate) fn learn_writer(
                 failures.inc();
                 tracing::warn!(error = %e, schema_id = id, attempt, "cannot ask the schema registry for a frame's schema; holding the frame and retrying");
                 // Sleep in short steps, so that shutdown is not kept waiting.
-                let until = std::time::Instant::now() + backoff;
-                while std::time::Instant::now() < until {
-                    if give_up() {
-                        return Err(NotLearnt::GaveUp);
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+                let waited = rt.block_on(async {
+                    tokio::time::timeout(backoff, shutdown.fired())
+                        .await
+                        .is_ok()
+                });
+                if waited {
+                    return Err(NotLearnt::GaveUp);
                 }
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }

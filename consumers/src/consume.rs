@@ -69,14 +69,12 @@ struct Pipeline {
 impl Pipeline {
     fn handle(&mut self, message: &BorrowedMessage<'_>) {
         let payload = message.payload().unwrap_or_default();
-        let shutdown = self.shutdown.clone();
-        let failures = &self.metrics.registry_failures;
         match crate::checks::learn_writer(
             &self.rt,
             &mut self.writers,
             payload,
-            || shutdown.is_fired(),
-            failures,
+            &self.shutdown,
+            &self.metrics.registry_failures,
         ) {
             Ok(()) => {}
             // The message is neither judged nor marked committable, so it is read again (the
@@ -400,13 +398,14 @@ pub(crate) fn consume_loop(
     if !p.abandoned && !p.drain(&consumer) {
         p.abandoned = true;
     }
+    // The reason the consumer stopped first: a frame that needs a registry it cannot have.
+    if let Some(e) = p.refused.take() {
+        return Err(ConsumeError::Backend(e));
+    }
     if p.abandoned {
         return Err(ConsumeError::Abandoned {
             frames: p.frames_abandoned + p.frames.len(),
         });
-    }
-    if let Some(e) = p.refused.take() {
-        return Err(ConsumeError::Backend(e));
     }
     drop(p);
     consumer.unsubscribe();

@@ -13,7 +13,10 @@
 //! fields need defaults), now enforced where every tool can see it.
 //!
 //! The step runs before any store is changed: a version the registry refuses stops `migrate`
-//! with exit 4 and the registry's reason, and nothing else was migrated.
+//! with exit 4 and the registry's reason (only registering gives one: the compatibility check
+//! of Apicurio 3 answers a bare `false`), and nothing was migrated. A version registered by a
+//! run whose stores then failed to migrate promises nothing about them: the next run registers
+//! nothing new and migrates the stores.
 
 use biofeed_backends::kafka::TopicNames;
 use biofeed_backends::registry::{Registry, RegistryError};

@@ -224,49 +224,56 @@ async fn the_gateway_publishes_the_confluent_wire_format_which_a_confluent_clien
     }
 }
 
-/// A TCP forwarder to the registry that can be cut: what the registry going away looks like to
-/// its clients. Dropping it closes the listener and every connection.
+/// A TCP forwarder to the registry that can be cut and restored: what the registry going away
+/// looks like to its clients. Its listener stays bound throughout (no other socket can take the
+/// port meanwhile); cut, it closes every connection and drops new ones at once.
 struct Cuttable {
     port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Cuttable {
     async fn to(target: &str) -> Self {
-        Self::on(0, target).await
-    }
-
-    /// On `port` (0: any); a port just given up by another forwarder may take a moment.
-    async fn on(port: u16, target: &str) -> Self {
-        let listener = crate::helpers::eventually(
-            std::time::Duration::from_secs(10),
-            std::time::Duration::from_millis(50),
-            async || {
-                tokio::net::TcpListener::bind(("127.0.0.1", port))
-                    .await
-                    .map_err(|e| e.to_string())
-            },
-        )
-        .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let target = target.to_owned();
+        let (cut, watch) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
+                if *watch.borrow() {
+                    continue; // dropped: closed at once
+                }
                 let target = target.clone();
+                let mut watch = watch.clone();
                 connections.spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = watch.wait_for(|cut| *cut) => {}
+                        }
                     }
                 });
             }
         });
-        Self { port, task }
+        Self { port, cut, task }
+    }
+
+    /// The registry is away from now on (until [`Cuttable::restore`]).
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// The registry is back.
+    fn restore(&self) {
+        self.cut.send_replace(false);
     }
 }
 
 impl Drop for Cuttable {
     fn drop(&mut self) {
+        self.cut();
         self.task.abort();
     }
 }
@@ -306,7 +313,7 @@ async fn a_registry_away_stops_a_gateway_at_start_with_exit_3_and_not_once_it_ha
         &["--schema-registry-url", through.as_str()],
     )
     .await;
-    drop(proxy);
+    proxy.cut();
     let refused = reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
         .build()
@@ -474,9 +481,8 @@ async fn a_consumer_holds_a_frame_while_the_registry_is_away_and_stores_it_once_
     let url = settings.registry.url.clone().unwrap();
     let target = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap());
     let proxy = Cuttable::to(&target).await;
-    let port = proxy.port;
     let mut through = url.clone();
-    through.set_port(Some(port)).unwrap();
+    through.set_port(Some(proxy.port)).unwrap();
     let metrics = format!("127.0.0.1:{}", crate::helpers::free_port());
     let env = consumer_env(
         &stores,
@@ -493,7 +499,7 @@ async fn a_consumer_holds_a_frame_while_the_registry_is_away_and_stores_it_once_
     })
     .await;
     // The registry goes away; then frames of the new version come.
-    drop(proxy);
+    proxy.cut();
     let sent = frames(uuid::Uuid::new_v4(), 2, 20, 30);
     register_sessions(&stores, &sent).await;
     let payloads = sent.iter().map(|f| {
@@ -525,7 +531,7 @@ async fn a_consumer_holds_a_frame_while_the_registry_is_away_and_stores_it_once_
     );
 
     // The registry is back: every frame stored once, none dead-lettered.
-    let _back = Cuttable::on(port, &target).await;
+    proxy.restore();
     wait_for_points(&stores, points_of(&sent)).await;
     wait_until_committed(&stores, &format!("biofeed-test-group-{}", stores.id)).await;
     consumer.stop_ok().await;
@@ -671,9 +677,10 @@ async fn a_current_clickhouse_reads_the_gateways_messages_as_avro_confluent_with
     let output = tokio::process::Command::new(&python)
         .args([
             "-c",
-            "import chdb, sys\nprint(chdb.query(sys.argv[1], 'JSONEachRow'), end='')",
+            "import chdb, os\nprint(chdb.query(os.environ['QUERY'], 'JSONEachRow'), end='')",
         ])
-        .arg(&query)
+        // In the environment, not the command line: the query holds the registry's password.
+        .env("QUERY", &query)
         .env("SSL_CERT_FILE", settings.ca_file.as_ref().unwrap())
         .output()
         .await
@@ -734,4 +741,185 @@ async fn a_registry_away_at_start_stops_consume_replay_and_live_with_exit_3_nami
             "{args:?}: {run:?}"
         );
     }
+}
+
+/// The `n`th properties block of docs/schema-registry.md, as it stands there.
+fn documented_properties(n: usize) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/schema-registry.md")).unwrap();
+    doc.split("```properties\n")
+        .nth(n + 1)
+        .and_then(|block| block.split("```").next())
+        .unwrap_or_else(|| panic!("properties block {n}"))
+        .to_owned()
+}
+
+/// The password in the file a role's setting names.
+fn role_secret(role: crate::helpers::Role, setting: &str) -> String {
+    let path = crate::helpers::role_env(role)
+        .iter()
+        .find(|(k, _)| *k == setting)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("{setting} in the role's settings"));
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn kafka_connect_reads_the_gateways_messages_with_apicurios_converter_and_the_registry() {
+    use crate::helpers::Role;
+    let classpath = std::fs::read_to_string(
+        std::env::var("BIOFEED_TEST_CONNECT_CLASSPATH")
+            .expect("BIOFEED_TEST_CONNECT_CLASSPATH (compose/local test sets it)"),
+    )
+    .expect("Kafka Connect's classpath (compose/local test resolves it)");
+    let gw = crate::gateway_app::TestGateway::spawn(&[]).await;
+    let session = gw.open_session("breath_hold", &["spo2", "ppg"]).await;
+    let mut sent = Vec::new();
+    for (data_type, channels) in [("spo2", 1), ("ppg", 2)] {
+        let (frame_id, body) = crate::gateway::json_frame(data_type, 4, channels, 70.0);
+        let response = gw
+            .post(&format!("/v1/sessions/{session}/points"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        sent.push((frame_id, data_type));
+    }
+
+    let stores = &gw.stores.settings.stores;
+    let registry_url = stores.registry.url.as_ref().unwrap();
+    let registry_base = format!(
+        "{}://{}:{}",
+        registry_url.scheme(),
+        registry_url.host_str().unwrap(),
+        registry_url.port().unwrap()
+    );
+    let ca = stores
+        .registry
+        .ca_file
+        .as_ref()
+        .unwrap()
+        .display()
+        .to_string();
+    // The worker's files hold passwords: a directory only we may read, gone however the test ends.
+    let own = crate::helpers::ServerProcess::new("connect");
+    let dir = own.dir.clone();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = dir.join("points.txt");
+    let truststore = dir.join("registry-ca.p12");
+    let keytool = std::process::Command::new("keytool")
+        .args([
+            "-importcert",
+            "-noprompt",
+            "-alias",
+            "biofeed-local-ca",
+            "-file",
+        ])
+        .arg(&ca)
+        .arg("-keystore")
+        .arg(&truststore)
+        .args(["-storetype", "PKCS12", "-storepass", "changeit"])
+        .output()
+        .expect("keytool runs (it comes with Java)");
+    assert!(
+        keytool.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keytool.stderr)
+    );
+    let fill = |text: String| {
+        text.replace(
+            "KAFKA-PASSWORD",
+            &role_secret(Role::Consume, "BIOFEED_KAFKA_PASSWORD_FILE"),
+        )
+        .replace(
+            "REGISTRY-PASSWORD",
+            &role_secret(Role::Consume, "BIOFEED_SCHEMA_REGISTRY_PASSWORD_FILE"),
+        )
+        .replace(".state/tls/ca.pem", &ca)
+        .replace("localhost:9092", &stores.kafka.brokers)
+        .replace("https://localhost:8081", &registry_base)
+        .replace("=biofeed.points.v1", &format!("={}", stores.topics.points))
+        .replace(
+            "connect.offsets",
+            &dir.join("connect.offsets").display().to_string(),
+        )
+        .replace("=points.txt", &format!("={}", out.display()))
+        .replace("=registry-ca.p12", &format!("={}", truststore.display()))
+        .replace("127.0.0.1:8083", "127.0.0.1:0")
+        .replace(
+            "biofeed-connect-points-to-file",
+            &format!("biofeed-connect-points-to-file-{}", gw.stores.id),
+        )
+    };
+    let worker = dir.join("connect-worker.properties");
+    let connector = dir.join("points-to-file.properties");
+    for (path, text) in [
+        (&worker, fill(documented_properties(0))),
+        (&connector, fill(documented_properties(1))),
+    ] {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    }
+    let log = dir.join("connect.log");
+    let mut java = tokio::process::Command::new("java")
+        .arg("-cp")
+        .arg(classpath.trim())
+        .arg("org.apache.kafka.connect.cli.ConnectStandalone")
+        .arg(&worker)
+        .arg(&connector)
+        .current_dir(&dir)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.join("connect.err")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("java runs (compose/local installs it)");
+    let logs = || {
+        let text = ["connect.log", "connect.err"]
+            .map(|f| std::fs::read_to_string(dir.join(f)).unwrap_or_default())
+            .join("\n");
+        // The end says why.
+        let start = text.len().saturating_sub(4000);
+        let start = (start..=text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
+        text[start..].to_owned()
+    };
+    let lines = crate::helpers::eventually(
+        std::time::Duration::from_secs(120),
+        std::time::Duration::from_millis(250),
+        async || {
+            if let Ok(Some(status)) = java.try_wait() {
+                return Ok(Err(status));
+            }
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            if lines.len() >= sent.len() {
+                Ok(Ok(lines))
+            } else {
+                Err(format!(
+                    "{} of {} frames written; the worker's log ends:\n{}",
+                    lines.len(),
+                    sent.len(),
+                    logs()
+                ))
+            }
+        },
+    )
+    .await;
+    let _ = java.kill().await;
+    let lines =
+        lines.unwrap_or_else(|status| panic!("Kafka Connect stopped ({status}):\n{}", logs()));
+    assert_eq!(lines.len(), sent.len(), "{lines:?}");
+    for (frame_id, data_type) in &sent {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(&frame_id.to_string()))
+            .unwrap_or_else(|| panic!("{frame_id} in {lines:?}"));
+        assert!(line.starts_with("Struct{"), "{line}");
+        assert!(line.contains(&format!("data_type={data_type}")), "{line}");
+        assert!(line.contains(&format!("session_id={session}")), "{line}");
+    }
+    drop(own);
 }
