@@ -67,6 +67,15 @@ pub struct BenchE2eSettings {
     #[arg(long = "no-peers", id = "e2e_no_peers")]
     pub no_peers: bool,
 
+    /// Find the ceiling: the highest offered load the stack sustains for `--duration` with
+    /// stored/offered ≥ 0.99 and device-to-queryable p99 < 1 s. Starts at `--devices` (each run
+    /// on fresh stores), raises the devices by a quarter while each run holds, then halves the
+    /// gap between the last load held and the first not held until it is under a tenth (while
+    /// no load holds, it halves the devices). The report gives the first run (at `--devices`) in full and every probe.
+    #[arg(long = "find-ceiling", id = "e2e_find_ceiling", env = "BIOFEED_BENCH_E2E_FIND_CEILING",
+          action = clap::ArgAction::SetTrue)]
+    pub find_ceiling: bool,
+
     /// Serve the bench's gateway over HTTPS: the CA (PEM) the simulated devices trust. The
     /// gateway then uses BIOFEED_GATEWAY_TLS_CERT_FILE and BIOFEED_GATEWAY_TLS_KEY_FILE, which
     /// must be set; without this setting it serves plain HTTP.
@@ -155,6 +164,67 @@ pub struct E2eFigures {
     pub gateway_peer: Option<serde_json::Value>,
     /// `biofeed bench consume`'s last line, if run.
     pub consume_peer: Option<serde_json::Value>,
+    /// `--find-ceiling`: the offered points/s of the highest load sustained (None: not even the
+    /// lowest probe was).
+    pub ceiling_points_per_s: Option<f64>,
+    /// `--find-ceiling`: every probe, in the order run.
+    pub probes: Vec<Probe>,
+}
+
+/// One run of the ceiling search.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    /// Devices posting.
+    pub devices: u32,
+    /// Points/s offered, stored, and their ratio.
+    pub offered_points_per_s: f64,
+    /// Points/s that became queryable.
+    pub stored_points_per_s: f64,
+    /// stored / offered.
+    pub ratio: f64,
+    /// Device send → queryable, 99th percentile, ms.
+    pub e2e_p99_ms: f64,
+    /// Gateway request latency, 99th percentile, ms.
+    pub gateway_p99_ms: f64,
+    /// Points accepted but never queryable.
+    pub lost: i64,
+    /// Whether the load was sustained (ratio ≥ 0.99, p99 < 1 s, nothing lost).
+    pub sustained: bool,
+}
+
+impl Probe {
+    /// The probe a run's figures make.
+    fn of(f: &E2eFigures) -> Self {
+        Self {
+            devices: f.devices,
+            offered_points_per_s: f.offered_points_per_s,
+            stored_points_per_s: f.stored_points_per_s,
+            ratio: f.ratio,
+            e2e_p99_ms: f.e2e_p99_ms,
+            gateway_p99_ms: f.gateway_p99_ms,
+            lost: f.lost,
+            sustained: sustained(f),
+        }
+    }
+}
+
+/// Whether a run held its load: stored/offered ≥ 0.99, device-to-queryable p99 under 1 s, and
+/// every accepted point queryable.
+pub fn sustained(f: &E2eFigures) -> bool {
+    f.ratio >= 0.99 && f.e2e_p99_ms > 0.0 && f.e2e_p99_ms < 1_000.0 && f.lost == 0
+}
+
+/// The devices of the next probe, or None when the search is over: up by a quarter while every
+/// probe held, halved while none did, then halving the gap between the highest held
+/// (`held`) and the lowest not held (`failed`) until it is at most a tenth of `held`.
+pub fn next_probe(held: Option<u32>, failed: Option<u32>) -> Option<u32> {
+    const MAX_DEVICES: u32 = 100_000;
+    match (held, failed) {
+        (Some(h), None) => Some((h + h / 4).max(h + 1)).filter(|d| *d <= MAX_DEVICES),
+        (None, Some(f)) => (f > 1).then_some(f / 2),
+        (Some(h), Some(f)) => (f - h > (h / 10).max(1)).then(|| h + (f - h) / 2),
+        (None, None) => None,
+    }
 }
 
 /// Removing several variables from a child's environment.
@@ -222,38 +292,11 @@ pub async fn run(
     settings: &BenchE2eSettings,
     progress: impl Fn(&str) + Send + Sync + 'static,
 ) -> anyhow::Result<E2eFigures> {
-    let mut own = OwnStores::new(&settings.stores.kafka, 10);
-    let id = own.id.clone();
-    // The devices' users, sessions and the jobs' bookkeeping, the points and the topics go to
-    // stores of the bench's own, dropped whole at the end: nothing lands in the configured ones.
-    let stores = own.all_stores(&settings.stores, "e2e").await?;
-    let outcome = async {
-        biofeed_migrations::migrate(&biofeed_migrations::MigrateSettings {
-            stores: stores.clone(),
-            layout: biofeed_migrations::TopicLayout {
-                points_partitions: 6,
-                points_retention: Duration::from_secs(86_400),
-                dlq_retention: Duration::from_secs(86_400),
-                live_retention: Duration::from_secs(600),
-                replication: settings.replication.clone(),
-            },
-        })
-        .await
-        .context("migrating the bench's own databases and topics")?;
-        let accounts = Accounts {
-            pool: stores.postgres.connect().await?,
-            keys: settings.keys.clone(),
-        };
-        let outcome = measure(settings, &stores, &accounts, &id, &progress).await;
-        accounts.pool.close().await;
-        outcome
-    }
-    .await;
-
-    // Clean up whatever happened.
-    progress("cleaning up the bench's databases and topics");
-    own.clean_up().await;
-    let mut figures = outcome?;
+    let mut figures = if settings.find_ceiling {
+        find_ceiling(settings, &progress).await?
+    } else {
+        run_once(settings, &progress).await?
+    };
     if !settings.no_peers {
         let env = child_env(&settings.stores, &settings.keys);
         progress(
@@ -280,6 +323,96 @@ pub async fn run(
     }
     report::write_report(settings, &figures)?;
     Ok(figures)
+}
+
+/// The ceiling search (`--find-ceiling`): runs at one load after another ([`next_probe`]), each
+/// on fresh stores; the figures of the first (at `--devices`) with the ceiling and every probe.
+async fn find_ceiling(
+    settings: &BenchE2eSettings,
+    progress: &(impl Fn(&str) + Send + Sync),
+) -> anyhow::Result<E2eFigures> {
+    let (mut held, mut failed) = (None::<u32>, None::<u32>);
+    let mut first: Option<E2eFigures> = None;
+    let mut ceiling: Option<f64> = None;
+    let mut probes = Vec::new();
+    let mut devices = Some(settings.devices);
+    while let Some(n) = devices {
+        let probe_settings = BenchE2eSettings {
+            devices: n,
+            ..settings.clone()
+        };
+        progress(&format!(
+            "ceiling probe {}: {n} devices, {:.2} M points/s offered",
+            probes.len() + 1,
+            f64::from(n) * f64::from(settings.rate_hz) / 1e6
+        ));
+        let figures = run_once(&probe_settings, progress).await?;
+        let probe = Probe::of(&figures);
+        progress(&format!(
+            "ceiling probe {}: {:.0} points/s offered, {:.0} stored (ratio {:.3}), p99 {:.0} ms, {} lost: {}",
+            probes.len() + 1,
+            probe.offered_points_per_s,
+            probe.stored_points_per_s,
+            probe.ratio,
+            probe.e2e_p99_ms,
+            probe.lost,
+            if probe.sustained { "sustained" } else { "not sustained" }
+        ));
+        if probe.sustained {
+            held = Some(n);
+            ceiling = Some(ceiling.map_or(probe.offered_points_per_s, |c: f64| {
+                c.max(probe.offered_points_per_s)
+            }));
+        } else {
+            failed = Some(failed.map_or(n, |f: u32| f.min(n)));
+        }
+        probes.push(probe);
+        first.get_or_insert(figures);
+        devices = next_probe(held, failed);
+    }
+    let mut figures = first.context("the ceiling search ran no probe")?;
+    figures.ceiling_points_per_s = ceiling;
+    figures.probes = probes;
+    Ok(figures)
+}
+
+/// One measured run on stores of its own, dropped at the end (no peers, no report).
+async fn run_once(
+    settings: &BenchE2eSettings,
+    progress: &(impl Fn(&str) + Send + Sync),
+) -> anyhow::Result<E2eFigures> {
+    let mut own = OwnStores::new(&settings.stores.kafka, 10);
+    let id = own.id.clone();
+    // The devices' users, sessions and the jobs' bookkeeping, the points and the topics go to
+    // stores of the bench's own, dropped whole at the end: nothing lands in the configured ones.
+    let stores = own.all_stores(&settings.stores, "e2e").await?;
+    let outcome = async {
+        biofeed_migrations::migrate(&biofeed_migrations::MigrateSettings {
+            stores: stores.clone(),
+            layout: biofeed_migrations::TopicLayout {
+                points_partitions: 6,
+                points_retention: Duration::from_secs(86_400),
+                dlq_retention: Duration::from_secs(86_400),
+                live_retention: Duration::from_secs(600),
+                replication: settings.replication.clone(),
+            },
+        })
+        .await
+        .context("migrating the bench's own databases and topics")?;
+        let accounts = Accounts {
+            pool: stores.postgres.connect().await?,
+            keys: settings.keys.clone(),
+        };
+        let outcome = measure(settings, &stores, &accounts, &id, progress).await;
+        accounts.pool.close().await;
+        outcome
+    }
+    .await;
+
+    // Clean up whatever happened.
+    progress("cleaning up the bench's databases and topics");
+    own.clean_up().await;
+    outcome
 }
 
 /// Starts `biofeed up` on the bench's own stores, drives the devices through a warm-up and the
@@ -415,6 +548,8 @@ async fn measure(
         live_window_bytes: live_gauges.1,
         gateway_peer: None,
         consume_peer: None,
+        ceiling_points_per_s: None,
+        probes: Vec::new(),
     })
 }
 
@@ -676,5 +811,61 @@ async fn topology(ch: &ClickHouse, stores: &StoreSettings, replicas: i32) -> Str
             cluster.name
         ),
         Err(_) => format!("ClickHouse cluster {}; {kafka}", cluster.name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_probe;
+
+    /// The search against a stack whose true ceiling is `limit` devices: the probes it makes
+    /// and the highest load it found held.
+    fn search(start: u32, limit: u32) -> (Vec<u32>, Option<u32>) {
+        let (mut held, mut failed, mut probes) = (None, None, Vec::new());
+        let mut next = Some(start);
+        while let Some(n) = next {
+            probes.push(n);
+            if n <= limit {
+                held = Some(held.map_or(n, |h: u32| h.max(n)));
+            } else {
+                failed = Some(failed.map_or(n, |f: u32| f.min(n)));
+            }
+            next = next_probe(held, failed);
+            assert!(probes.len() < 16, "the search ends soon: {probes:?}");
+        }
+        (probes, held)
+    }
+
+    #[test]
+    fn the_search_ends_within_a_tenth_below_the_ceiling() {
+        for (start, limit) in [
+            (1100, 1600),
+            (1100, 1100),
+            (1100, 5000),
+            (1100, 300),
+            (10, 11),
+        ] {
+            let (probes, held) = search(start, limit);
+            let held = held.expect("a load held");
+            assert!(held <= limit, "{probes:?}");
+            assert!(
+                limit - held <= (held / 10).max(1) || probes.contains(&(held + 1)),
+                "{start}→{limit}: held {held} after {probes:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_stack_that_holds_nothing_ends_at_one_device() {
+        let (probes, held) = search(1100, 0);
+        assert_eq!(held, None);
+        assert_eq!(probes.last(), Some(&1));
+    }
+
+    #[test]
+    fn the_search_stops_at_the_devices_the_bench_allows() {
+        let (probes, held) = search(90_000, u32::MAX);
+        assert_eq!(held, probes.last().copied());
+        assert!(probes.iter().all(|d| *d <= 100_000), "{probes:?}");
     }
 }

@@ -87,6 +87,18 @@ pub(crate) async fn run_e2e(settings: biofeed_bench::e2e::BenchE2eSettings) -> a
         figures.stored,
         settings.report.display()
     );
+    if settings.find_ceiling {
+        match figures.ceiling_points_per_s {
+            Some(c) => eprintln!(
+                "ceiling: {c:.0} points/s offered sustained (stored/offered ≥ 0.99, p99 < 1 s) over {} probes",
+                figures.probes.len()
+            ),
+            None => eprintln!(
+                "ceiling: none of {} probes was sustained (stored/offered ≥ 0.99, p99 < 1 s)",
+                figures.probes.len()
+            ),
+        }
+    }
     if figures.live_sessions > 0 {
         eprintln!(
             "live feedback: {} sessions watched, sample → feedback p50 {:.0} ms, p99 {:.0} ms; {} windows in {} bytes ({:.0} B each); {} viewers lost",

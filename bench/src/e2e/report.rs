@@ -79,6 +79,47 @@ fn live_rows(f: &E2eFigures) -> String {
     )
 }
 
+/// The ceiling section (`--find-ceiling`), or nothing.
+fn ceiling_section(settings: &BenchE2eSettings, f: &E2eFigures) -> String {
+    if !settings.find_ceiling {
+        return String::new();
+    }
+    let ceiling = match f.ceiling_points_per_s {
+        Some(c) => format!("**{c:.0} points/s offered**"),
+        None => "**none**: not even the lowest load probed was".to_owned(),
+    };
+    let rows: String = f
+        .probes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!(
+                "| {} | {} | {:.0} | {:.0} | {:.3} | {:.0} ms | {:.1} ms | {} | {} |\n",
+                i + 1,
+                p.devices,
+                p.offered_points_per_s,
+                p.stored_points_per_s,
+                p.ratio,
+                p.e2e_p99_ms,
+                p.gateway_p99_ms,
+                p.lost,
+                if p.sustained { "yes" } else { "no" }
+            )
+        })
+        .collect();
+    format!(
+        "## Ceiling\n\n\
+         The highest offered load sustained for {secs:.0} s with stored/offered ≥ 0.99, \
+         device-to-queryable p99 < 1 s and nothing lost: {ceiling}. Each probe ran on fresh \
+         stores; the devices rose by a quarter while a load held, then the gap between the \
+         highest held and the lowest not held was halved until under a tenth. The figures above \
+         are the first probe's.\n\n\
+         | probe | devices | offered points/s | stored points/s | stored / offered | p99 device → queryable | gateway p99 | lost | sustained |\n\
+         |---|---|---|---|---|---|---|---|---|\n{rows}\n",
+        secs = settings.duration.as_secs_f64(),
+    )
+}
+
 /// A figure of a peer benchmark's last-line JSON (NaN when it is missing).
 fn number(v: &serde_json::Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
@@ -142,8 +183,11 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | requests retried after 429/503 | {retried} | |\n\
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
          | bytes per point on disk (one replica's copy) | {bpp:.2} | |\n{live}\n\
+         {ceiling}\
          ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
-         Reproduce: `{up} && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{live_arg}{ca}{peers}`.\n",
+         Reproduce: `{up} && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{live_arg}{ca}{find}{peers}`.\n",
+        ceiling = ceiling_section(settings, f),
+        find = if settings.find_ceiling { " --find-ceiling" } else { "" },
         up = if settings.stores.clickhouse.cluster.is_some() {
             "compose/local up --cluster"
         } else {
