@@ -739,30 +739,43 @@ async fn sustain(
         }
         live.measuring.store(true, Ordering::Relaxed);
     }
-    let (offered0, accepted0, stored0, t0) = (
+    // Stored points are counted over a window as long as the offered one but `STORED_LAG`
+    // later: what was in flight at either edge (the pipeline's latency) then counts alike at
+    // both, and stored / offered measures whether the stack keeps up, not its latency.
+    const STORED_LAG: u64 = 2;
+    let (offered0, accepted0, t0) = (
         load.offered.load(Ordering::Relaxed),
         load.accepted.load(Ordering::Relaxed),
-        count().await?,
         Instant::now(),
     );
+    let mut stored0 = 0;
     progress(&format!("sustained load for {:?}", settings.duration));
-    let secs = settings.duration.as_secs();
+    let secs = settings.duration.as_secs().max(STORED_LAG + 1);
     for s in 1..=secs {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if s % 10 == 0 || s == secs {
+        if s == STORED_LAG {
+            stored0 = count().await?;
+        }
+        if s > STORED_LAG && (s % 10 == 0 || s == secs) {
             let stored = count().await.unwrap_or(stored0);
             progress(&format!(
                 "{s}/{secs} s: {:.0} points/s accepted, {:.0} stored",
                 (load.accepted.load(Ordering::Relaxed) - accepted0) as f64
                     / t0.elapsed().as_secs_f64(),
-                (stored.saturating_sub(stored0)) as f64 / t0.elapsed().as_secs_f64()
+                (stored.saturating_sub(stored0)) as f64
+                    / (t0.elapsed().as_secs_f64() - STORED_LAG as f64)
             ));
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
+    let (offered, accepted) = (
+        load.offered.load(Ordering::Relaxed) - offered0,
+        load.accepted.load(Ordering::Relaxed) - accepted0,
+    );
+    tokio::time::sleep(Duration::from_secs(STORED_LAG)).await;
     Ok(Window {
-        offered: load.offered.load(Ordering::Relaxed) - offered0,
-        accepted: load.accepted.load(Ordering::Relaxed) - accepted0,
+        offered,
+        accepted,
         stored: count().await?.saturating_sub(stored0),
         seconds,
     })
