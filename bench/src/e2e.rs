@@ -222,7 +222,7 @@ pub fn next_probe(held: Option<u32>, failed: Option<u32>) -> Option<u32> {
     match (held, failed) {
         (Some(h), None) => Some((h + h / 4).max(h + 1)).filter(|d| *d <= MAX_DEVICES),
         (None, Some(f)) => (f > 1).then_some(f / 2),
-        (Some(h), Some(f)) => (f - h > (h / 10).max(1)).then(|| h + (f - h) / 2),
+        (Some(h), Some(f)) => (f.saturating_sub(h) > (h / 10).max(1)).then(|| h + (f - h) / 2),
         (None, None) => None,
     }
 }
