@@ -29,7 +29,7 @@ pub struct BenchE2eSettings {
     /// Simulated devices posting at once, each in its own session. The default offers 10 % more
     /// than the 1,000,000 points/s target, so that storing at least that much can show.
     #[arg(long = "devices", id = "e2e_devices", value_name = "N", env = "BIOFEED_BENCH_E2E_DEVICES",
-          default_value_t = 1100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+          default_value_t = 1100, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_DEVICES)))]
     pub devices: u32,
 
     /// Samples per second of each device (single-channel ECG-like stream).
@@ -68,10 +68,13 @@ pub struct BenchE2eSettings {
     pub no_peers: bool,
 
     /// Find the ceiling: the highest offered load the stack sustains for `--duration` with
-    /// stored/offered ≥ 0.99 and device-to-queryable p99 < 1 s. Starts at `--devices` (each run
-    /// on fresh stores), raises the devices by a quarter while each run holds, then halves the
-    /// gap between the last load held and the first not held until it is under a tenth (while
-    /// no load holds, it halves the devices). The report gives the first run (at `--devices`) in full and every probe.
+    /// stored/offered ≥ 0.99, device-to-queryable p99 < 1 s and nothing lost. Starts at
+    /// `--devices` (each run on fresh stores), raises the devices by a quarter while each run
+    /// holds (up to the 100,000 devices the bench allows, where the ceiling is reported as "at
+    /// least"), then halves the gap between the last load held and the first not held until it
+    /// is under a tenth (while no load holds, it halves the devices). A probe that fails to run
+    /// counts as not held (the first one ends the search). The report gives the first run (at
+    /// `--devices`) in full and every probe. Exit code 1 if any probe lost a point.
     #[arg(long = "find-ceiling", id = "e2e_find_ceiling", env = "BIOFEED_BENCH_E2E_FIND_CEILING",
           action = clap::ArgAction::SetTrue)]
     pub find_ceiling: bool,
@@ -167,6 +170,9 @@ pub struct E2eFigures {
     /// `--find-ceiling`: the offered points/s of the highest load sustained (None: not even the
     /// lowest probe was).
     pub ceiling_points_per_s: Option<f64>,
+    /// `--find-ceiling`: the ceiling was held at the most devices the bench allows, so the
+    /// stack's true ceiling is at least that (not measured above it).
+    pub ceiling_at_device_cap: bool,
     /// `--find-ceiling`: every probe, in the order run.
     pub probes: Vec<Probe>,
 }
@@ -190,6 +196,8 @@ pub struct Probe {
     pub lost: i64,
     /// Whether the load was sustained (ratio ≥ 0.99, p99 < 1 s, nothing lost).
     pub sustained: bool,
+    /// Why the probe could not run (it then counts as not sustained).
+    pub error: Option<String>,
 }
 
 impl Probe {
@@ -204,6 +212,22 @@ impl Probe {
             gateway_p99_ms: f.gateway_p99_ms,
             lost: f.lost,
             sustained: sustained(f),
+            error: None,
+        }
+    }
+
+    /// A probe that failed to run at `devices`.
+    fn failed(devices: u32, error: &anyhow::Error) -> Self {
+        Self {
+            devices,
+            offered_points_per_s: 0.0,
+            stored_points_per_s: 0.0,
+            ratio: 0.0,
+            e2e_p99_ms: 0.0,
+            gateway_p99_ms: 0.0,
+            lost: 0,
+            sustained: false,
+            error: Some(format!("{error:#}")),
         }
     }
 }
@@ -214,13 +238,16 @@ pub fn sustained(f: &E2eFigures) -> bool {
     f.ratio >= 0.99 && f.e2e_p99_ms > 0.0 && f.e2e_p99_ms < 1_000.0 && f.lost == 0
 }
 
+/// The most devices `bench e2e` simulates.
+pub const MAX_DEVICES: u32 = 100_000;
+
 /// The devices of the next probe, or None when the search is over: up by a quarter while every
-/// probe held, halved while none did, then halving the gap between the highest held
-/// (`held`) and the lowest not held (`failed`) until it is at most a tenth of `held`.
+/// probe held (the last step clamped to [`MAX_DEVICES`], where the search ends), halved while
+/// none did, then halving the gap between the highest held (`held`) and the lowest not held
+/// (`failed`) until it is at most a tenth of `held`.
 pub fn next_probe(held: Option<u32>, failed: Option<u32>) -> Option<u32> {
-    const MAX_DEVICES: u32 = 100_000;
     match (held, failed) {
-        (Some(h), None) => Some((h + h / 4).max(h + 1)).filter(|d| *d <= MAX_DEVICES),
+        (Some(h), None) => (h < MAX_DEVICES).then(|| (h + h / 4).clamp(h + 1, MAX_DEVICES)),
         (None, Some(f)) => (f > 1).then_some(f / 2),
         (Some(h), Some(f)) => (f.saturating_sub(h) > (h / 10).max(1)).then(|| h + (f - h) / 2),
         (None, None) => None,
@@ -346,7 +373,21 @@ async fn find_ceiling(
             probes.len() + 1,
             f64::from(n) * f64::from(settings.rate_hz) / 1e6
         ));
-        let figures = run_once(&probe_settings, progress).await?;
+        let figures = match run_once(&probe_settings, progress).await {
+            Ok(figures) => figures,
+            // The first probe failing is the bench failing; a later one is a load not held.
+            Err(e) if first.is_none() => return Err(e),
+            Err(e) => {
+                progress(&format!(
+                    "ceiling probe {}: failed to run ({e:#}): not sustained",
+                    probes.len() + 1
+                ));
+                failed = Some(failed.map_or(n, |f: u32| f.min(n)));
+                probes.push(Probe::failed(n, &e));
+                devices = next_probe(held, failed);
+                continue;
+            }
+        };
         let probe = Probe::of(&figures);
         progress(&format!(
             "ceiling probe {}: {:.0} points/s offered, {:.0} stored (ratio {:.3}), p99 {:.0} ms, {} lost: {}",
@@ -372,6 +413,7 @@ async fn find_ceiling(
     }
     let mut figures = first.context("the ceiling search ran no probe")?;
     figures.ceiling_points_per_s = ceiling;
+    figures.ceiling_at_device_cap = held == Some(MAX_DEVICES);
     figures.probes = probes;
     Ok(figures)
 }
@@ -549,6 +591,7 @@ async fn measure(
         gateway_peer: None,
         consume_peer: None,
         ceiling_points_per_s: None,
+        ceiling_at_device_cap: false,
         probes: Vec::new(),
     })
 }
@@ -719,9 +762,11 @@ async fn sustain(
     e2e: &Mutex<Vec<f64>>,
     progress: &(impl Fn(&str) + Send + Sync),
 ) -> anyhow::Result<Window> {
+    // `FINAL`: a frame retried (or redelivered) while its first copy was already stored counts
+    // once, as it does for a reader.
     let count = || async {
         ch.client()
-            .query("SELECT count() FROM points WHERE data_type = 'ecg'")
+            .query("SELECT count() FROM points FINAL WHERE data_type = 'ecg'")
             .fetch_one::<u64>()
             .await
     };
@@ -830,7 +875,7 @@ async fn topology(ch: &ClickHouse, stores: &StoreSettings, replicas: i32) -> Str
 
 #[cfg(test)]
 mod tests {
-    use super::next_probe;
+    use super::{next_probe, MAX_DEVICES};
 
     /// The search against a stack whose true ceiling is `limit` devices: the probes it makes
     /// and the highest load it found held.
@@ -880,6 +925,9 @@ mod tests {
     fn the_search_stops_at_the_devices_the_bench_allows() {
         let (probes, held) = search(90_000, u32::MAX);
         assert_eq!(held, probes.last().copied());
-        assert!(probes.iter().all(|d| *d <= 100_000), "{probes:?}");
+        assert!(probes.iter().all(|d| *d <= MAX_DEVICES), "{probes:?}");
+        // The last step is clamped to the cap, not skipped: the cap itself is probed.
+        assert_eq!(held, Some(MAX_DEVICES), "{probes:?}");
+        assert_eq!(next_probe(Some(MAX_DEVICES), None), None);
     }
 }

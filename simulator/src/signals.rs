@@ -9,11 +9,38 @@
 //!   (red, infrared) pulsing at the heart rate.
 //! - **EEG**: 8 channels (10–20 positions Fp1…O2) of background activity with a roughly 1/f
 //!   spectrum plus an alpha rhythm (8–12 Hz) strongest over the occipital channels.
+//!
+//! Every value is quantised as the device it imitates reports it ([`resolution`]): a real
+//! device never sends more precision than its sensor has, and a lossless store can only shrink
+//! a signal down to that precision, so a simulator that invented digits would make every
+//! storage figure measured with it too high.
 
 use std::f64::consts::TAU;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// The step each imitated device reports its values in (what one least significant bit is
+/// worth, in the data type's unit).
+pub mod resolution {
+    /// `rr_interval` (ms): chest straps (Polar H10, Garmin HRM-Pro, the Bluetooth Heart Rate
+    /// Profile) report RR intervals in units of 1/1024 s.
+    pub const RR_INTERVAL_MS: f64 = 1000.0 / 1024.0;
+    /// `heart_rate` (bpm): whole beats per minute (the Heart Rate Profile's 8- or 16-bit field).
+    pub const HEART_RATE_BPM: f64 = 1.0;
+    /// `spo2` (%): pulse oximeters report whole percent.
+    pub const SPO2_PERCENT: f64 = 1.0;
+    /// `ppg` (a.u.): the raw photodiode ADC counts.
+    pub const PPG_COUNTS: f64 = 1.0;
+    /// `eeg` (µV): a 24-bit front end (TI ADS1299 at gain 24, 4.5 V reference): one LSB is
+    /// 4.5 V / 24 / 2²³ ≈ 0.0224 µV.
+    pub const EEG_UV: f64 = 4.5e6 / 24.0 / 8_388_608.0;
+}
+
+/// `value` rounded to a whole number of `step`s, as a device with that resolution reports it.
+pub fn quantise(value: f64, step: f64) -> f32 {
+    ((value / step).round() * step) as f32
+}
 
 /// A standard normal draw (Box–Muller).
 fn gaussian(rng: &mut StdRng) -> f64 {
@@ -82,7 +109,7 @@ impl Heart {
         loop {
             let rr = match self.pending.take() {
                 Some(rr) => rr,
-                None => self.draw(),
+                None => f64::from(quantise(self.draw(), resolution::RR_INTERVAL_MS)),
             };
             let at = self.next_beat_us + (rr * 1000.0) as i64;
             if at >= until_us {
@@ -96,7 +123,7 @@ impl Heart {
 
     /// The current heart rate in bpm.
     pub fn rate_bpm(&mut self, t_us: i64) -> f32 {
-        (60_000.0 / self.rr_at(t_us)) as f32
+        quantise(60_000.0 / self.rr_at(t_us), resolution::HEART_RATE_BPM)
     }
 }
 
@@ -141,7 +168,10 @@ impl Oximeter {
             }
             None => 0.0,
         };
-        (self.baseline - dip + 0.3 * gaussian(&mut self.rng)).clamp(50.0, 100.0) as f32
+        quantise(
+            (self.baseline - dip + 0.3 * gaussian(&mut self.rng)).clamp(50.0, 100.0),
+            resolution::SPO2_PERCENT,
+        )
     }
 
     /// The red and infrared PPG values at `t_us`, pulsing at `bpm`.
@@ -150,8 +180,8 @@ impl Oximeter {
         let pulse = (TAU * phase).sin() + 0.3 * (2.0 * TAU * phase).sin();
         let noise = gaussian(&mut self.rng);
         [
-            (20_000.0 + 1_500.0 * pulse + 50.0 * noise) as f32,
-            (30_000.0 + 2_500.0 * pulse + 50.0 * noise) as f32,
+            quantise(20_000.0 + 1_500.0 * pulse + 50.0 * noise, resolution::PPG_COUNTS),
+            quantise(30_000.0 + 2_500.0 * pulse + 50.0 * noise, resolution::PPG_COUNTS),
         ]
     }
 }
@@ -205,7 +235,10 @@ impl Eeg {
                 .sum::<f64>()
                 / 4.0;
             let noise = 3.0 * gaussian(&mut self.rng);
-            *value = (ALPHA_GAIN[c] * alpha + background + noise).clamp(-1_900.0, 1_900.0) as f32;
+            *value = quantise(
+                (ALPHA_GAIN[c] * alpha + background + noise).clamp(-1_900.0, 1_900.0),
+                resolution::EEG_UV,
+            );
         }
         out
     }
@@ -257,5 +290,37 @@ mod tests {
         assert!(samples.iter().flatten().all(|v| v.abs() <= 2_000.0));
         let power = |c: usize| samples.iter().map(|s| f64::from(s[c]).powi(2)).sum::<f64>();
         assert!(power(7) > power(0), "O2 carries more alpha than Fp1");
+    }
+
+    /// Whether every value is a whole number of `step`s (to float32's precision).
+    fn on_grid(values: impl IntoIterator<Item = f32>, step: f64) -> bool {
+        values.into_iter().all(|v| {
+            let steps = f64::from(v) / step;
+            (steps - steps.round()).abs() < 1e-3
+        })
+    }
+
+    #[test]
+    fn every_signal_is_quantised_as_its_device_reports_it() {
+        let mut heart = Heart::new(11, 0);
+        let beats = heart.beats_until(120_000_000);
+        assert!(on_grid(beats.iter().map(|(_, rr)| *rr), resolution::RR_INTERVAL_MS));
+        // A beat comes exactly one reported interval after the one before it (to the µs).
+        assert!(beats
+            .windows(2)
+            .all(|w| ((w[1].0 - w[0].0) as f64 - f64::from(w[1].1) * 1e3).abs() <= 1.0));
+        let rates: Vec<f32> = (0..120).map(|s| heart.rate_bpm(s * 1_000_000)).collect();
+        assert!(on_grid(rates, resolution::HEART_RATE_BPM));
+        let mut ox = Oximeter::new(11);
+        let spo2: Vec<f32> = (0..120).map(|s| ox.spo2(s * 1_000_000)).collect();
+        assert!(on_grid(spo2, resolution::SPO2_PERCENT));
+        let ppg: Vec<f32> = (0..1_000).flat_map(|i| ox.ppg(i * 10_000, 70.0)).collect();
+        assert!(on_grid(ppg, resolution::PPG_COUNTS));
+        let mut eeg = Eeg::new(11);
+        let eeg: Vec<f32> = (0..2_560).flat_map(|i| eeg.sample(i * 3_906)).collect();
+        assert!(on_grid(eeg.iter().copied(), resolution::EEG_UV));
+        // Not trivially: the EEG still uses its resolution (many distinct values).
+        let distinct: std::collections::HashSet<u32> = eeg.iter().map(|v| v.to_bits()).collect();
+        assert!(distinct.len() > 1_000, "{}", distinct.len());
     }
 }

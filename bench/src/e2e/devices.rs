@@ -214,6 +214,9 @@ impl Device {
     /// Posts one frame of `points` points, up to 20 times while the gateway answers 429/503 or
     /// not at all; a probed device's accepted frame becomes a probe.
     async fn post(&self, body: Vec<u8>, points: u64, last_t: i64, latencies: &mut Vec<f64>) {
+        // The device's latency runs from its first try: a frame retried after a 429 waited as
+        // long as the retries took.
+        let first_sent = Instant::now();
         for _ in 0..20 {
             let sent = Instant::now();
             let response = self
@@ -230,7 +233,7 @@ impl Device {
                     self.accepted.fetch_add(points, Ordering::Relaxed);
                     if self.probed {
                         if let Ok(mut p) = self.probes.lock() {
-                            p.push_back((self.session, last_t, sent));
+                            p.push_back((self.session, last_t, first_sent));
                         }
                     }
                     return;

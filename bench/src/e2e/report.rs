@@ -85,6 +85,10 @@ fn ceiling_section(settings: &BenchE2eSettings, f: &E2eFigures) -> String {
         return String::new();
     }
     let ceiling = match f.ceiling_points_per_s {
+        Some(c) if f.ceiling_at_device_cap => format!(
+            "**at least {c:.0} points/s offered** (held at the {} devices the bench allows; not measured above)",
+            super::MAX_DEVICES
+        ),
         Some(c) => format!("**{c:.0} points/s offered**"),
         None => "**none**: not even the lowest load probed was".to_owned(),
     };
@@ -103,7 +107,11 @@ fn ceiling_section(settings: &BenchE2eSettings, f: &E2eFigures) -> String {
                 p.e2e_p99_ms,
                 p.gateway_p99_ms,
                 p.lost,
-                if p.sustained { "yes" } else { "no" }
+                match &p.error {
+                    Some(e) => format!("no: failed to run ({})", e.replace('|', "\\|")),
+                    None if p.sustained => "yes".to_owned(),
+                    None => "no".to_owned(),
+                }
             )
         })
         .collect();
