@@ -79,6 +79,28 @@ pub struct BenchE2eSettings {
           action = clap::ArgAction::SetTrue)]
     pub find_ceiling: bool,
 
+    /// A Python with chdb (compose/local makes one: .state/venv/bin/python): after the load, the
+    /// bench runs `--storage-script` on its own stores, which measures bytes per point of the
+    /// same rows on this ClickHouse and, via chdb, on a current one under each DDL it tries; the
+    /// report gives both. Without it, only this ClickHouse's bytes per point are measured.
+    #[arg(
+        long = "chdb-python",
+        id = "e2e_chdb_python",
+        value_name = "PATH",
+        env = "BIOFEED_BENCH_CHDB_PYTHON"
+    )]
+    pub chdb_python: Option<std::path::PathBuf>,
+
+    /// The storage measurement `--chdb-python` runs.
+    #[arg(
+        long = "storage-script",
+        id = "e2e_storage_script",
+        value_name = "PATH",
+        env = "BIOFEED_BENCH_STORAGE_SCRIPT",
+        default_value = "compose/bench/storage-bytes"
+    )]
+    pub storage_script: std::path::PathBuf,
+
     /// Serve the bench's gateway over HTTPS: the CA (PEM) the simulated devices trust. The
     /// gateway then uses BIOFEED_GATEWAY_TLS_CERT_FILE and BIOFEED_GATEWAY_TLS_KEY_FILE, which
     /// must be set; without this setting it serves plain HTTP.
@@ -163,6 +185,9 @@ pub struct E2eFigures {
     pub live_windows: u64,
     /// Bytes those windows' samples took.
     pub live_window_bytes: u64,
+    /// `--chdb-python`: compose/bench/storage-bytes' last line (bytes per point of the run's
+    /// rows on this ClickHouse and on a current one, per DDL), if run.
+    pub storage: Option<serde_json::Value>,
     /// `biofeed bench gateway`'s last line, if run.
     pub gateway_peer: Option<serde_json::Value>,
     /// `biofeed bench consume`'s last line, if run.
@@ -298,6 +323,32 @@ fn child_env(stores: &StoreSettings, keys: &AccountKeys) -> Vec<(&'static str, S
         ),
     ]);
     env
+}
+
+/// Runs compose/bench/storage-bytes on the run's own ClickHouse database (40 sessions of it:
+/// whole runs of samples, a few million points) and returns its last line.
+fn storage_bytes(
+    python: &std::path::Path,
+    script: &std::path::Path,
+    stores: &StoreSettings,
+) -> anyhow::Result<serde_json::Value> {
+    let output = std::process::Command::new(python)
+        .arg(script)
+        .args(["--sessions", "40"])
+        .envs(stores.child_env().iter().map(|(k, v)| (*k, v.as_str())))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} {}", python.display(), script.display()))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "{} {} failed ({})",
+        python.display(),
+        script.display(),
+        output.status
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or("{}"))
+        .with_context(|| format!("reading the last line of {}", script.display()))
 }
 
 /// Runs a peer benchmark as a child process and returns its last line.
@@ -545,6 +596,13 @@ async fn measure(
     let bytes: u64 = ch.bytes_on_disk("points").await.unwrap_or(0);
     let topology = topology(&ch, stores, settings.replication.replication_factor).await;
     drop(up);
+    let storage = match &settings.chdb_python {
+        Some(python) => {
+            progress("measuring bytes per point on this ClickHouse and (chdb) a current one");
+            Some(storage_bytes(python, &settings.storage_script, stores)?)
+        }
+        None => None,
+    };
 
     let mut gateway = load.latencies.lock().map(|l| l.clone()).unwrap_or_default();
     gateway.sort_by(f64::total_cmp);
@@ -588,6 +646,7 @@ async fn measure(
         live_unanswered,
         live_windows: live_gauges.0,
         live_window_bytes: live_gauges.1,
+        storage,
         gateway_peer: None,
         consume_peer: None,
         ceiling_points_per_s: None,
@@ -719,6 +778,10 @@ async fn probe(
         if wanted.is_empty() {
             continue;
         }
+        // A row the query finds was queryable when the query began (ClickHouse reads the parts
+        // there were then), so that is when it counts as seen: the query's own time under load
+        // is not the pipeline's latency.
+        let seen = Instant::now();
         let stored: Vec<Stored> = match client
             .query(&format!(
                 "SELECT session_id, t_us FROM points WHERE {wanted}"
@@ -729,7 +792,6 @@ async fn probe(
             Ok(rows) => rows,
             Err(_) => continue,
         };
-        let seen = Instant::now();
         if let (Ok(mut probes), Ok(mut e2e)) = (probes.lock(), e2e.lock()) {
             probes.retain(|(session, last_t, sent)| {
                 let found = stored
@@ -762,11 +824,13 @@ async fn sustain(
     e2e: &Mutex<Vec<f64>>,
     progress: &(impl Fn(&str) + Send + Sync),
 ) -> anyhow::Result<Window> {
-    // `FINAL`: a frame retried (or redelivered) while its first copy was already stored counts
-    // once, as it does for a reader.
+    // Rows as inserted, without `FINAL`: on ClickHouse 18.16 a `FINAL` count over tens of
+    // millions of rows in many parts takes minutes on one thread, and the window would measure
+    // it. A copy can only be doubled by a device retrying a frame whose answer it lost (counted
+    // in `retried`); the drain below counts with `FINAL`, so `lost` is exact.
     let count = || async {
         ch.client()
-            .query("SELECT count() FROM points FINAL WHERE data_type = 'ecg'")
+            .query("SELECT count() FROM points WHERE data_type = 'ecg'")
             .fetch_one::<u64>()
             .await
     };

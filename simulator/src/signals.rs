@@ -180,8 +180,14 @@ impl Oximeter {
         let pulse = (TAU * phase).sin() + 0.3 * (2.0 * TAU * phase).sin();
         let noise = gaussian(&mut self.rng);
         [
-            quantise(20_000.0 + 1_500.0 * pulse + 50.0 * noise, resolution::PPG_COUNTS),
-            quantise(30_000.0 + 2_500.0 * pulse + 50.0 * noise, resolution::PPG_COUNTS),
+            quantise(
+                20_000.0 + 1_500.0 * pulse + 50.0 * noise,
+                resolution::PPG_COUNTS,
+            ),
+            quantise(
+                30_000.0 + 2_500.0 * pulse + 50.0 * noise,
+                resolution::PPG_COUNTS,
+            ),
         ]
     }
 }
@@ -304,7 +310,10 @@ mod tests {
     fn every_signal_is_quantised_as_its_device_reports_it() {
         let mut heart = Heart::new(11, 0);
         let beats = heart.beats_until(120_000_000);
-        assert!(on_grid(beats.iter().map(|(_, rr)| *rr), resolution::RR_INTERVAL_MS));
+        assert!(on_grid(
+            beats.iter().map(|(_, rr)| *rr),
+            resolution::RR_INTERVAL_MS
+        ));
         // A beat comes exactly one reported interval after the one before it (to the µs).
         assert!(beats
             .windows(2)

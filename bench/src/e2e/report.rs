@@ -128,6 +128,60 @@ fn ceiling_section(settings: &BenchE2eSettings, f: &E2eFigures) -> String {
     )
 }
 
+/// The bytes-per-point section: this ClickHouse as configured, and (`--chdb-python`) the same
+/// rows on a current ClickHouse under each DDL compose/bench/storage-bytes tries.
+fn storage_section(f: &E2eFigures) -> String {
+    let Some(storage) = &f.storage else {
+        return format!(
+            "## Bytes per point\n\n{:.2} bytes per point on disk right after the run (its parts as \
+             inserted and merged so far). The same rows on a current ClickHouse were not measured \
+             (run with `--chdb-python .state/venv/bin/python`).\n\n",
+            f.bytes_per_point
+        );
+    };
+    let server = storage["server_version"].as_str().unwrap_or("?");
+    let current = storage["current_version"].as_str().unwrap_or("?");
+    let mut rows = String::new();
+    for d in storage["data_types"].as_array().into_iter().flatten() {
+        let line = |v: &serde_json::Value, name: &str| {
+            format!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                d["data_type"].as_str().unwrap_or("?"),
+                name,
+                number(v, "bytes_per_point"),
+                number(v, "bytes_per_value"),
+                number(v, "t_us_bytes_per_point"),
+                number(v, "values_bytes_per_value"),
+            )
+        };
+        rows.push_str(&line(
+            &d["server"],
+            &format!("ClickHouse {server}, the server's compression (compose/local: ZSTD level 1)"),
+        ));
+        for v in d["current"].as_array().into_iter().flatten() {
+            rows.push_str(&line(
+                v,
+                &format!(
+                    "ClickHouse {current} (chdb): {}",
+                    v["variant"].as_str().unwrap_or("?")
+                ),
+            ));
+        }
+    }
+    let points = storage["data_types"][0]["points"].as_u64().unwrap_or(0);
+    format!(
+        "## Bytes per point\n\n{:.2} bytes per point on disk right after the run (its parts as \
+         inserted and merged so far). Below, {points} of the run's points (40 whole sessions) \
+         copied and merged into one part (`OPTIMIZE … FINAL`), measured with \
+         `system.parts_columns` by `compose/bench/storage-bytes`: on this server, and on a \
+         current ClickHouse (chdb, in-process) under each DDL the script gives. Lossless: the \
+         same Float32 values in each.\n\n\
+         | data type | stored as | bytes/point | bytes/value | `t_us` bytes/point | `values` bytes/value |\n\
+         |---|---|---|---|---|---|\n{rows}\n",
+        f.bytes_per_point
+    )
+}
+
 /// A figure of a peer benchmark's last-line JSON (NaN when it is missing).
 fn number(v: &serde_json::Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
@@ -192,9 +246,11 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
          | bytes per point on disk (one replica's copy) | {bpp:.2} | |\n{live}\n\
          {ceiling}\
+         {storage}\
          ## Peers, same run\n\n| benchmark | biofeed | peer | ratio | |\n|---|---|---|---|---|\n{gp}{cp}\n\
-         Reproduce: `{up} && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{live_arg}{ca}{find}{peers}`.\n",
+         Reproduce: `{up} && eval \"$(compose/local env migrate)\" && biofeed migrate && {env}{tls}biofeed bench e2e --devices {devices} --rate {rate} --duration {duration:?}{live_arg}{ca}{find}{peers}{chdb}`.\n",
         ceiling = ceiling_section(settings, f),
+        storage = storage_section(f),
         find = if settings.find_ceiling { " --find-ceiling" } else { "" },
         up = if settings.stores.clickhouse.cluster.is_some() {
             "compose/local up --cluster"
@@ -202,6 +258,11 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
             "compose/local up"
         },
         peers = if settings.no_peers { " --no-peers" } else { "" },
+        chdb = if settings.chdb_python.is_some() {
+            " --chdb-python .state/venv/bin/python"
+        } else {
+            ""
+        },
         live_arg = if settings.live_sessions > 0 {
             format!(" --live-sessions {}", settings.live_sessions)
         } else {
