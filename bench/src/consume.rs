@@ -172,16 +172,24 @@ fn bench_frames(settings: &BenchConsumeSettings) -> anyhow::Result<Vec<SensorFra
         .collect();
     let t0 = 1_764_000_000_000_000i64;
     let samples = settings.samples as usize;
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
     Ok((0..settings.frames as usize)
         .map(|i| {
-            let n = samples * usize::from(channels);
-            let values = (0..n)
-                .map(|j| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    ((j as f32) * 0.05).sin() * 2.0 + (state % 1000) as f32 / 1000.0 - 0.5
+            let t0_us = t0 + (i / sessions.len()) as i64 * samples as i64 * 1_000;
+            let seed = sessions[i % sessions.len()].as_u64_pair().0;
+            // One channel: a person's ECG in whole µV, as chest devices report it. Eight: the
+            // same waves at EEG scale (×20: tens of µV) in a 24-bit EEG front end's steps (the
+            // simulator's EEG costs too much per sample for millions of them).
+            let values = (0..samples as i64)
+                .flat_map(|s| {
+                    (0..u64::from(channels)).map(move |c| {
+                        let mv = biofeed_simulator::signals::ecg_mv(seed ^ c, t0_us + s * 1_000);
+                        if channels == 1 {
+                            mv
+                        } else {
+                            use biofeed_simulator::signals::{quantise, resolution};
+                            quantise(f64::from(mv) * 20.0, resolution::EEG_UV)
+                        }
+                    })
                 })
                 .collect();
             SensorFrame {
@@ -193,7 +201,7 @@ fn bench_frames(settings: &BenchConsumeSettings) -> anyhow::Result<Vec<SensorFra
                     .unwrap_or_else(|_| unreachable!("constant names are valid")),
                 channels,
                 received_at_us: t0,
-                t0_us: t0 + (i / sessions.len()) as i64 * samples as i64 * 1_000,
+                t0_us,
                 offsets_us: (0..samples as i64).map(|s| s * 1_000).collect(),
                 values,
             }

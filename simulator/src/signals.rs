@@ -9,6 +9,8 @@
 //!   (red, infrared) pulsing at the heart rate.
 //! - **EEG**: 8 channels (10–20 positions Fp1…O2) of background activity with a roughly 1/f
 //!   spectrum plus an alpha rhythm (8–12 Hz) strongest over the occipital channels.
+//! - **ECG** ([`ecg_mv`], for the benchmarks' 1 kHz single-lead devices): P, QRS and T waves at
+//!   a breathing-modulated rate on a wandering baseline, with noise.
 //!
 //! Every value is quantised as the device it imitates reports it ([`resolution`]): a real
 //! device never sends more precision than its sensor has, and a lossless store can only shrink
@@ -35,6 +37,67 @@ pub mod resolution {
     /// `eeg` (µV): a 24-bit front end (TI ADS1299 at gain 24, 4.5 V reference): one LSB is
     /// 4.5 V / 24 / 2²³ ≈ 0.0224 µV.
     pub const EEG_UV: f64 = 4.5e6 / 24.0 / 8_388_608.0;
+    /// `ecg` (mV): chest ECG devices (Polar H10, Movesense) report whole microvolts.
+    pub const ECG_MV: f64 = 0.001;
+}
+
+/// The P, Q, R, S and T waves of one beat: (phase in the beat, amplitude in mV, width in
+/// phase), after McSharry et al.'s dynamical ECG model.
+const ECG_WAVES: [(f64, f64, f64); 5] = [
+    (0.20, 0.15, 0.025),
+    (0.36, -0.10, 0.010),
+    (0.40, 1.20, 0.012),
+    (0.44, -0.25, 0.012),
+    (0.65, 0.30, 0.050),
+];
+
+/// One beat sampled at 4096 phases (computed once: the benchmarks ask for a million samples a
+/// second).
+fn ecg_beat() -> &'static [f64; 4096] {
+    static BEAT: std::sync::OnceLock<Box<[f64; 4096]>> = std::sync::OnceLock::new();
+    BEAT.get_or_init(|| {
+        let mut beat = Box::new([0.0; 4096]);
+        for (i, value) in beat.iter_mut().enumerate() {
+            let phase = i as f64 / 4096.0;
+            *value = ECG_WAVES
+                .iter()
+                .map(|(at, amplitude, width)| {
+                    amplitude * (-((phase - at) / width).powi(2) / 2.0).exp()
+                })
+                .sum();
+        }
+        beat
+    })
+}
+
+/// SplitMix64: a well-mixed 64-bit hash of `x` (stateless noise).
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// A single-lead ECG (mV) at `t_us`, as a chest device reports it (whole µV): beats at a
+/// personal rate of 55–85 bpm, sped up and slowed by breathing (±5 % at 0.2 Hz), on a wandering
+/// baseline (±0.05 mV at 0.3 Hz), with ~10 µV of noise. Stateless — a function of the person
+/// (`seed`) and the time — so that the benchmarks' devices can compute any sample cheaply.
+pub fn ecg_mv(seed: u64, t_us: i64) -> f32 {
+    let mixed = splitmix64(seed);
+    let bpm = 55.0 + (mixed % 30) as f64;
+    let t = t_us as f64 / 1e6;
+    let (breath_hz, rsa) = (0.2, 0.05);
+    // The beat phase: the integral of a rate modulated by breathing.
+    let beats = t * bpm / 60.0
+        - rsa * bpm / 60.0 / (std::f64::consts::TAU * breath_hz)
+            * (std::f64::consts::TAU * breath_hz * t).cos();
+    let beat = ecg_beat()[((beats.rem_euclid(1.0)) * 4096.0) as usize % 4096];
+    let wander = 0.05 * (std::f64::consts::TAU * 0.3 * t + (mixed >> 32) as f64).sin();
+    // Triangular noise from two uniform draws: σ ≈ 10 µV.
+    let bits = splitmix64(mixed ^ t_us as u64);
+    let uniform = |b: u64| (b & 0xFFFF_FFFF) as f64 / 4_294_967_296.0 - 0.5;
+    let noise = 0.0245 * (uniform(bits) + uniform(bits >> 32));
+    quantise(beat + wander + noise, resolution::ECG_MV)
 }
 
 /// `value` rounded to a whole number of `step`s, as a device with that resolution reports it.
@@ -331,5 +394,38 @@ mod tests {
         // Not trivially: the EEG still uses its resolution (many distinct values).
         let distinct: std::collections::HashSet<u32> = eeg.iter().map(|v| v.to_bits()).collect();
         assert!(distinct.len() > 1_000, "{}", distinct.len());
+    }
+
+    #[test]
+    fn the_ecg_beats_at_a_heart_rate_in_whole_microvolts() {
+        let samples: Vec<f32> = (0..60_000).map(|i| ecg_mv(3, i * 1_000)).collect();
+        assert!(on_grid(samples.iter().copied(), resolution::ECG_MV));
+        assert!(
+            samples.iter().all(|v| (-10.0..=10.0).contains(v)),
+            "inside ecg's range"
+        );
+        // R peaks: local maxima above 0.8 mV, at least 300 ms apart.
+        let mut peaks = Vec::new();
+        for (i, w) in samples.windows(3).enumerate() {
+            if w[1] > 0.8
+                && w[1] >= w[0]
+                && w[1] >= w[2]
+                && peaks.last().is_none_or(|p| i - p > 300)
+            {
+                peaks.push(i);
+            }
+        }
+        assert!(
+            (50..=90).contains(&peaks.len()),
+            "{} beats in a minute",
+            peaks.len()
+        );
+        // Noisy, not a clean template: neighbouring samples differ.
+        let distinct: std::collections::HashSet<u32> =
+            samples.iter().map(|v| v.to_bits()).collect();
+        assert!(distinct.len() > 500, "{}", distinct.len());
+        // Stateless: the same person and time give the same sample; another person differs.
+        assert_eq!(ecg_mv(3, 123_000), samples[123]);
+        assert!((0..1_000).any(|i| ecg_mv(4, i * 1_000) != samples[i as usize]));
     }
 }

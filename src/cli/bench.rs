@@ -119,7 +119,12 @@ pub(crate) async fn run_e2e(settings: biofeed_bench::e2e::BenchE2eSettings) -> a
     println!("{}", serde_json::to_string(&figures)?);
     // A search's probes each ran on stores of their own: a point lost in any of them counts.
     let lost = if settings.find_ceiling {
-        figures.probes.iter().map(|p| p.lost.max(0)).sum()
+        figures
+            .probes
+            .iter()
+            .filter_map(|p| p.lost)
+            .map(|l| l.max(0))
+            .sum()
     } else {
         figures.lost
     };

@@ -130,6 +130,9 @@ async fn bench_e2e_reports_its_figures_and_loses_no_point() {
     let stores = Isolated::new().await;
     let dir = crate::helpers::ServerProcess::new("e2e-report");
     let report = dir.dir.join("bench-e2e.md");
+    let python = std::env::var("BIOFEED_TEST_PYTHON")
+        .expect("BIOFEED_TEST_PYTHON: a Python with chdb (compose/local test sets it)");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/compose/bench/storage-bytes");
     let figures = bench(
         &stores,
         &[
@@ -141,6 +144,10 @@ async fn bench_e2e_reports_its_figures_and_loses_no_point() {
             "--duration",
             "2s",
             "--no-peers",
+            "--chdb-python",
+            &python,
+            "--storage-script",
+            script,
             "--report",
             report.to_str().unwrap(),
         ],
@@ -164,6 +171,34 @@ async fn bench_e2e_reports_its_figures_and_loses_no_point() {
         text.contains("points/s stored") && text.contains("none lost: met"),
         "{text}"
     );
+    // The same rows measured on this ClickHouse and, via chdb, on a current one: every way of
+    // storing them has a size, and the integer codes gave every row back (the script refuses a
+    // variant that loses one, and the bench then reports an error instead).
+    let storage = &figures["storage"];
+    assert!(storage["error"].is_null(), "{storage}");
+    let ecg = &storage["data_types"][0];
+    assert_eq!(ecg["data_type"], "ecg", "{storage}");
+    assert_eq!(
+        ecg["points"], figures["stored"],
+        "every stored point measured: {storage}"
+    );
+    assert!(
+        ecg["server"]["bytes_per_point"].as_f64().unwrap() > 0.0,
+        "{storage}"
+    );
+    let variants: Vec<&str> = ecg["current"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .inspect(|v| assert!(v["bytes_per_value"].as_f64().unwrap() > 0.0, "{v}"))
+        .map(|v| v["variant"].as_str().unwrap())
+        .collect();
+    assert!(
+        variants.iter().any(|v| v.contains("integer codes")),
+        "{variants:?}"
+    );
+    assert!(text.contains("## Bytes per point"), "{text}");
+    assert!(text.contains("(chdb): DoubleDelta times"), "{text}");
     // The bench cleaned up after itself: no bench database is left.
     let ch = stores.settings.stores.clickhouse.connect().await.unwrap();
     let left: u64 = ch

@@ -192,9 +192,11 @@ impl Device {
         latencies
     }
 
-    /// `n` samples of a sawtooth from `t0_us` on.
+    /// `n` samples of the device's person's ECG from `t0_us` on, in whole µV as chest devices
+    /// report it (`biofeed_simulator::signals::ecg_mv`).
     fn frame(&self, t0_us: i64, n: usize) -> SensorFrame {
         let step_us = self.step_us;
+        let seed = self.session.as_u64_pair().0;
         SensorFrame {
             frame_id: Uuid::new_v4(),
             session_id: self.session,
@@ -206,7 +208,7 @@ impl Device {
             t0_us,
             offsets_us: (0..n as i64).map(|i| i * step_us).collect(),
             values: (0..n)
-                .map(|i| ((t0_us / step_us + i as i64) % 2000) as f32 / 200.0 - 5.0)
+                .map(|i| biofeed_simulator::signals::ecg_mv(seed, t0_us + i as i64 * step_us))
                 .collect(),
         }
     }
