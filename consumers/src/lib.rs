@@ -116,8 +116,9 @@ impl ConsumeError {
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct BatchLimits {
     /// Write the batch when it holds this many rows (points). Half a million rows or half a
-    /// second keeps device-to-queryable latency under a second at a million points/s on two
-    /// cores; larger batches make fewer parts to merge but wait longer.
+    /// second: on two cores with every service beside it, device-to-queryable p99 stays under a
+    /// second up to ~0.58 M points/s and is ~2 s at 1 M (docs/bench-e2e.md); smaller batches
+    /// make more parts to merge and store less, larger ones wait longer.
     #[arg(
         long = "batch-max-rows",
         id = "batch_max_rows",

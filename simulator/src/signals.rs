@@ -83,16 +83,25 @@ fn splitmix64(mut x: u64) -> u64 {
 /// baseline (±0.05 mV at 0.3 Hz), with ~10 µV of noise. Stateless — a function of the person
 /// (`seed`) and the time — so that the benchmarks' devices can compute any sample cheaply.
 pub fn ecg_mv(seed: u64, t_us: i64) -> f32 {
+    use std::f64::consts::TAU;
     let mixed = splitmix64(seed);
     let bpm = 55.0 + (mixed % 30) as f64;
-    let t = t_us as f64 / 1e6;
-    let (breath_hz, rsa) = (0.2, 0.05);
-    // The beat phase: the integral of a rate modulated by breathing.
-    let beats = t * bpm / 60.0
-        - rsa * bpm / 60.0 / (std::f64::consts::TAU * breath_hz)
-            * (std::f64::consts::TAU * breath_hz * t).cos();
-    let beat = ecg_beat()[((beats.rem_euclid(1.0)) * 4096.0) as usize % 4096];
-    let wander = 0.05 * (std::f64::consts::TAU * 0.3 * t + (mixed >> 32) as f64).sin();
+    // Every periodic term is reduced to its period in integer µs first: at today's timestamps
+    // (1.8e9 s) sin and cos of the raw phase would take glibc's slow argument reduction, a
+    // million times a second in the benchmarks' devices.
+    const BREATH_US: i64 = 5_000_000; // 0.2 Hz
+    const WANDER_US: i64 = 10_000_000 / 3; // 0.3 Hz
+    let rsa = 0.05;
+    let breath = TAU * t_us.rem_euclid(BREATH_US) as f64 / BREATH_US as f64;
+    // The beat phase: the integral of a rate modulated by breathing, in beats (mod 1). Beats
+    // elapsed are counted in integer µs × bpm, exactly, before the fraction is taken.
+    let steady = (i128::from(t_us) * (bpm as i128)).rem_euclid(60_000_000) as f64 / 60_000_000.0;
+    let beats = steady - rsa * bpm / 60.0 * (BREATH_US as f64 / 1e6) / TAU * breath.cos();
+    let beat = ecg_beat()[(beats.rem_euclid(1.0) * 4096.0) as usize % 4096];
+    let wander = 0.05
+        * (TAU * t_us.rem_euclid(WANDER_US) as f64 / WANDER_US as f64
+            + ((mixed >> 32) % 628) as f64 / 100.0)
+            .sin();
     // Triangular noise from two uniform draws: σ ≈ 10 µV.
     let bits = splitmix64(mixed ^ t_us as u64);
     let uniform = |b: u64| (b & 0xFFFF_FFFF) as f64 / 4_294_967_296.0 - 0.5;
@@ -398,7 +407,9 @@ mod tests {
 
     #[test]
     fn the_ecg_beats_at_a_heart_rate_in_whole_microvolts() {
-        let samples: Vec<f32> = (0..60_000).map(|i| ecg_mv(3, i * 1_000)).collect();
+        // At today's timestamps, as the benchmarks call it.
+        let t0 = 1_795_000_000_000_000;
+        let samples: Vec<f32> = (0..60_000).map(|i| ecg_mv(3, t0 + i * 1_000)).collect();
         assert!(on_grid(samples.iter().copied(), resolution::ECG_MV));
         assert!(
             samples.iter().all(|v| (-10.0..=10.0).contains(v)),
@@ -425,7 +436,7 @@ mod tests {
             samples.iter().map(|v| v.to_bits()).collect();
         assert!(distinct.len() > 500, "{}", distinct.len());
         // Stateless: the same person and time give the same sample; another person differs.
-        assert_eq!(ecg_mv(3, 123_000), samples[123]);
-        assert!((0..1_000).any(|i| ecg_mv(4, i * 1_000) != samples[i as usize]));
+        assert_eq!(ecg_mv(3, t0 + 123_000), samples[123]);
+        assert!((0..1_000).any(|i| ecg_mv(4, t0 + i * 1_000) != samples[i as usize]));
     }
 }

@@ -124,8 +124,8 @@ fn ceiling_section(settings: &BenchE2eSettings, f: &E2eFigures) -> String {
          highest held and the lowest not held was halved until under a tenth. The figures above \
          are the first probe's. A probe row counts as queryable when the query that found it \
          answered (an upper bound, which the 1 s test judges); in brackets the same p99 counted \
-         from when that query was sent, a lower bound: the gap is the probe query's own time \
-         under load.\n\n\
+         from when the query before it was sent, which had not found it yet (a lower bound): the \
+         gap is the probing's resolution under load.\n\n\
          | probe | devices | offered points/s | stored points/s | stored / offered | p99 device → queryable | gateway p99 | lost | sustained |\n\
          |---|---|---|---|---|---|---|---|---|\n{rows}\n",
         secs = settings.duration.as_secs_f64(),
@@ -253,7 +253,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | points/s accepted (202) | {accepted_rate:.0} | |\n\
          | points/s stored (queryable in ClickHouse) | {stored_rate:.0} | ≥ 1,000,000: {t1} |\n\
          | stored / offered | {ratio:.3} | |\n\
-         | end-to-end latency p50 / p99 (device send → queryable; p99 at least, counted from the probe query's start) | {e50:.0} ms / {e99:.0} ms (≥ {e99lo:.0} ms) | p99 < 2 s: {t2} |\n\
+         | end-to-end latency p50 / p99 (device send → queryable: found by a probe query; in brackets the p99 counted from the query before, which had not found it) | {e50:.0} ms / {e99:.0} ms (≥ {e99lo:.0} ms) | p99 < 2 s: {t2} |\n\
          | gateway request latency p50 / p99 | {g50:.1} ms / {g99:.1} ms | |\n\
          | points accepted / stored after draining | {acc} / {sto} | none lost: {t3} |\n\
          | requests retried after 429/503 | {retried} | |\n\
@@ -319,7 +319,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
         sto = f.stored,
         t3 = verdict(f.lost == 0),
         retried = f.retried,
-        duplicates = f.duplicates,
+        duplicates = f.duplicates.map_or_else(|| "? (not counted)".to_owned(), |d| d.to_string()),
         rss = f.peak_rss_mib,
         bpp = f.bytes_per_point,
         gp = gateway_peer,
@@ -440,13 +440,15 @@ mod tests {
         f.storage = Some(serde_json::json!({
             "server_version": "18.16.1", "current_version": "26.9",
             "data_types": [{ "data_type": "ecg", "points": 4000, "values": 4000,
-                "server": figures("ClickHouse 18.16.1: one part of 20.0 MB, so LZ4", 5.7),
+                "server": figures("ClickHouse 18.16.1: merged from 20.0 MB of parts, so LZ4", 5.7),
                 "current": [figures("DoubleDelta times, ZSTD(1) values", 1.9)] }],
         }));
         let text = storage_section(&f);
         assert!(text.contains("4000 of the run's points"), "{text}");
         assert!(
-            text.contains("| ecg | ClickHouse 18.16.1: one part of 20.0 MB, so LZ4 | 5.70 |"),
+            text.contains(
+                "| ecg | ClickHouse 18.16.1: merged from 20.0 MB of parts, so LZ4 | 5.70 |"
+            ),
             "{text}"
         );
         assert!(
