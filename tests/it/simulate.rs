@@ -186,6 +186,11 @@ async fn bench_e2e_reports_its_figures_and_loses_no_point() {
         ecg["server"]["bytes_per_point"].as_f64().unwrap() > 0.0,
         "{storage}"
     );
+    // The values as integer codes on this server too (no codecs there: a layout change).
+    assert!(
+        ecg["server_codes"]["bytes_per_value"].as_f64().unwrap() > 0.0,
+        "{storage}"
+    );
     let variants: Vec<&str> = ecg["current"]
         .as_array()
         .unwrap()

@@ -170,6 +170,12 @@ fn storage_section(f: &E2eFigures) -> String {
             &d["server"],
             d["server"]["variant"].as_str().unwrap_or(server),
         ));
+        if d["server_codes"].is_object() {
+            rows.push_str(&line(
+                &d["server_codes"],
+                d["server_codes"]["variant"].as_str().unwrap_or(server),
+            ));
+        }
         for v in d["current"].as_array().into_iter().flatten() {
             rows.push_str(&line(
                 v,
