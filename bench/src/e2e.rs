@@ -350,6 +350,8 @@ fn storage_bytes(
         .output()
         .with_context(|| format!("running {} {}", python.display(), script.display()))?;
     let stderr = String::from_utf8_lossy(&output.stderr);
+    // Its progress and warnings, as they would have been shown.
+    eprint!("{stderr}");
     anyhow::ensure!(
         output.status.success(),
         "{} {} failed ({}): {}",
@@ -638,14 +640,15 @@ async fn measure(
         .fetch_one::<u64>()
         .await
     {
-        Ok(distinct) => Ok(metrics(
+        Ok(distinct) => metrics(
             &http,
             &metrics_url,
             &["biofeed_consumer_rows_written_total"],
         )
         .await[0]
-            .saturating_sub(distinct)),
-        Err(e) => Err(e),
+            .map(|written| written.saturating_sub(distinct))
+            .ok_or(()),
+        Err(_) => Err(()),
     };
     let duplicates = match (unmerged, counted) {
         (Ok(a), Ok(b)) => Some(a.max(b)),
@@ -744,12 +747,12 @@ async fn live_gauges(http: &reqwest::Client, metrics_url: &str) -> (u64, u64) {
         &["biofeed_live_windows", "biofeed_live_window_bytes"],
     )
     .await;
-    (values[0], values[1])
+    (values[0].unwrap_or(0), values[1].unwrap_or(0))
 }
 
-/// The values of unlabelled metrics `names` on the `biofeed up` child's metrics endpoint (0 for
-/// each it does not give).
-async fn metrics(http: &reqwest::Client, metrics_url: &str, names: &[&str]) -> Vec<u64> {
+/// The values of unlabelled metrics `names` on the `biofeed up` child's metrics endpoint (None
+/// for each it does not give).
+async fn metrics(http: &reqwest::Client, metrics_url: &str, names: &[&str]) -> Vec<Option<u64>> {
     let text = match http.get(format!("{metrics_url}/metrics")).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
@@ -765,7 +768,7 @@ async fn metrics(http: &reqwest::Client, metrics_url: &str, names: &[&str]) -> V
                         .parse::<f64>()
                         .ok()
                 })
-                .unwrap_or(0.0) as u64
+                .map(|v| v as u64)
         })
         .collect()
 }
@@ -848,32 +851,32 @@ async fn probe(
         t_us: i64,
     }
     let client = ch.client();
-    // When the previous query was sent: a probe row a query finds, the one before did not, so
-    // it became queryable after that one began.
-    let mut previous: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Each pending probe's last sample by its whole sort key (user, session, data type,
         // time): ClickHouse reads one granule per probe, so probing does not compete with the
         // load it measures.
-        let wanted = probes.lock().map_or_else(
-            |_| String::new(),
+        let asked_for: Vec<(Uuid, i64)> = probes.lock().map_or_else(
+            |_| Vec::new(),
             |p| {
                 p.iter()
-                    .filter_map(|(session, last_t, _)| {
-                        users.get(session).map(|user| {
-                            format!("(user_id = toUUID('{user}') AND session_id = toUUID('{session}') AND data_type = 'ecg' AND t_us = {last_t})")
-                        })
-                    })
-                    .collect::<Vec<_>>()
-                    .join(" OR ")
+                    .map(|probe| (probe.session, probe.last_t))
+                    .collect()
             },
         );
+        let wanted = asked_for
+            .iter()
+            .filter_map(|(session, last_t)| {
+                users.get(session).map(|user| {
+                    format!("(user_id = toUUID('{user}') AND session_id = toUUID('{session}') AND data_type = 'ecg' AND t_us = {last_t})")
+                })
+            })
+            .collect::<Vec<_>>()
+            .join(" OR ");
         if wanted.is_empty() {
             continue;
         }
         let asked = Instant::now();
-        let before = previous.replace(asked);
         let stored: Vec<Stored> = match client
             .query(&format!(
                 "SELECT session_id, t_us FROM points WHERE {wanted}"
@@ -884,23 +887,31 @@ async fn probe(
             Ok(rows) => rows,
             Err(_) => continue,
         };
-        // When the answer is back: an upper bound (the row was queryable somewhere between the
-        // previous query and this one's start), so that p99 < 1 s is never measured in our favour.
+        // When the answer is back: an upper bound, so that p99 < 1 s is never measured in our
+        // favour. The lower bound is the start of the last query that asked for the row and did
+        // not find it (ClickHouse reads the parts there are when a query starts): the row became
+        // queryable after that.
         let seen = Instant::now();
         if let (Ok(mut probes), Ok(mut e2e)) = (probes.lock(), e2e.lock()) {
-            probes.retain(|(session, last_t, sent)| {
+            probes.retain_mut(|probe| {
+                if !asked_for.contains(&(probe.session, probe.last_t)) {
+                    return true;
+                }
                 let found = stored
                     .iter()
-                    .any(|r| r.session_id == *session && r.t_us == *last_t);
+                    .any(|r| r.session_id == probe.session && r.t_us == probe.last_t);
                 if found {
                     e2e.push((
-                        before
-                            .unwrap_or(asked)
-                            .saturating_duration_since(*sent)
+                        probe
+                            .missed
+                            .unwrap_or(probe.sent)
+                            .saturating_duration_since(probe.sent)
                             .as_secs_f64()
                             * 1e3,
-                        (seen - *sent).as_secs_f64() * 1e3,
+                        (seen - probe.sent).as_secs_f64() * 1e3,
                     ));
+                } else {
+                    probe.missed = Some(asked);
                 }
                 !found
             });

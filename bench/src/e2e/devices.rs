@@ -19,8 +19,20 @@ use crate::harness::now_us;
 /// Devices whose accepted frames are probed for their end-to-end latency.
 const PROBED_DEVICES: usize = 8;
 
-/// Probe frames accepted and not yet seen in ClickHouse: (session, last sample time, sent at).
-pub(super) type Probes = Mutex<VecDeque<(Uuid, i64, Instant)>>;
+/// Probe frames accepted and not yet seen in ClickHouse.
+pub(super) type Probes = Mutex<VecDeque<Probe>>;
+
+/// A probed frame accepted and not yet seen in ClickHouse.
+pub(super) struct Probe {
+    /// Its session.
+    pub(super) session: Uuid,
+    /// The time of its last sample (what the prober looks for).
+    pub(super) last_t: i64,
+    /// When the device first tried to post it.
+    pub(super) sent: Instant,
+    /// When the last probe query that asked for it and did not find it was sent.
+    pub(super) missed: Option<Instant>,
+}
 
 /// A device made for the run, its session open.
 pub(super) struct Registered {
@@ -235,7 +247,12 @@ impl Device {
                     self.accepted.fetch_add(points, Ordering::Relaxed);
                     if self.probed {
                         if let Ok(mut p) = self.probes.lock() {
-                            p.push_back((self.session, last_t, first_sent));
+                            p.push_back(Probe {
+                                session: self.session,
+                                last_t,
+                                sent: first_sent,
+                                missed: None,
+                            });
                         }
                     }
                     return;

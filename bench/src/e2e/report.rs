@@ -263,7 +263,7 @@ pub(super) fn write_report(settings: &BenchE2eSettings, f: &E2eFigures) -> anyho
          | gateway request latency p50 / p99 | {g50:.1} ms / {g99:.1} ms | |\n\
          | points accepted / stored after draining | {acc} / {sto} | none lost: {t3} |\n\
          | requests retried after 429/503 | {retried} | |\n\
-         | rows written beyond the distinct points (taken off the stored rate) | {duplicates} | |\n\
+         | rows written beyond the distinct points (taken off the stored rate when counted) | {duplicates} | |\n\
          | peak RSS of `biofeed up` | {rss:.0} MiB | |\n\
          | bytes per point on disk (one replica's copy) | {bpp:.2} | |\n{live}\n\
          {ceiling}\
@@ -447,10 +447,12 @@ mod tests {
             "server_version": "18.16.1", "current_version": "26.9",
             "data_types": [{ "data_type": "ecg", "points": 4000, "values": 4000,
                 "server": figures("ClickHouse 18.16.1: merged from 20.0 MB of parts, so LZ4", 5.7),
+                "server_codes": figures("ClickHouse 18.16.1, values as Int32 integer codes: merged from 5.0 MB of parts, so LZ4", 3.6),
                 "current": [figures("DoubleDelta times, ZSTD(1) values", 1.9)] }],
         }));
         let text = storage_section(&f);
         assert!(text.contains("4000 of the run's points"), "{text}");
+        assert!(text.contains("| ecg | ClickHouse 18.16.1, values as Int32 integer codes: merged from 5.0 MB of parts, so LZ4 | 3.60 |"), "{text}");
         assert!(
             text.contains(
                 "| ecg | ClickHouse 18.16.1: merged from 20.0 MB of parts, so LZ4 | 5.70 |"
