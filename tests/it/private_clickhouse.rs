@@ -39,7 +39,9 @@ impl PrivateClickHouse {
             .replace("@STATE@", &dir.display().to_string())
             .replace("@HTTPS_PORT@", &http_port.to_string())
             .replace("@TCP_PORT@", &free_port().to_string())
-            .replace("@INTERSERVER_PORT@", &free_port().to_string());
+            .replace("@INTERSERVER_PORT@", &free_port().to_string())
+            // compose/local's default (BIOFEED_LOCAL_CH_ZSTD_MIN_PART_BYTES).
+            .replace("@ZSTD_MIN_PART_BYTES@", "1073741824");
         // Passwords the configuration names (`@PASSWORD_<user>@`), as compose/local fills them.
         let mut from = 0;
         while let Some(found) = config[from..].find("@PASSWORD_") {
